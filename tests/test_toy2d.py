@@ -1,0 +1,250 @@
+"""Tests of toy2d.py: the closed-form pieces against independent computations, each DMD2 ingredient
+on its own, and a short end-to-end run with quality thresholds."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import toy2d
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+# ---- the mixture and its exact denoiser ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ring", "grid"])
+def test_mixture_definition(name):
+    mix = toy2d.make_mixture(name)
+    K = {"ring": 8, "grid": 25}[name]
+    assert mix.means.shape == (K, 2) and mix.stds.shape == (K,) and mix.weights.shape == (K,)
+    assert torch.isclose(mix.weights.sum(), torch.tensor(1.0))
+    assert float(mix.weights.max() / mix.weights.min()) == pytest.approx(4.0, rel=1e-5)  # weights differ 4x
+    # Sampling follows the weights (binomial 5-sigma band on 200k draws).
+    x = toy2d.sample_mixture(mix, 200_000, generator=torch.Generator().manual_seed(0))
+    d = torch.cdist(x, mix.means).argmin(1)
+    found = torch.bincount(d, minlength=K).double() / len(x)
+    assert (found - mix.weights.double()).abs().max() < 5 * math.sqrt(0.25 / len(x)) + 1e-3
+
+
+def test_exact_denoiser_matches_monte_carlo():
+    """E[x0 | x0 + sigma*eps = x] estimated by self-normalised importance sampling from the prior."""
+    mix = toy2d.make_mixture("ring")
+    g = torch.Generator().manual_seed(1)
+    x0 = toy2d.sample_mixture(mix, 400_000, generator=g).double()                          # [N, 2]
+    points = torch.tensor([[0.0, 0.0], [2.0, 0.3], [1.0, 1.0], [-1.5, 0.2], [0.3, -2.4]], dtype=torch.float64)
+    for sigma in [0.3, 1.0, 3.0]:
+        logw = -((points[:, None] - x0[None]) ** 2).sum(-1) / (2 * sigma**2)                 # [P, N]
+        w = torch.softmax(logw, dim=1)
+        mc = w @ x0                                                                          # [P, 2]
+        ess = 1 / (w**2).sum(1)                                                              # effective sample size
+        exact = toy2d.exact_denoiser(mix, points.float(), sigma).double()
+        tol = 6 * x0.std() / ess.sqrt()[:, None] + 1e-3
+        assert ((mc - exact).abs() < tol).all(), (sigma, mc, exact, tol)
+
+
+def test_exact_denoiser_is_tweedie_of_exact_log_density():
+    """D(x; sigma) = x + sigma^2 grad log p_sigma(x), with the gradient from autograd of the log density."""
+    mix = toy2d.make_mixture("grid")
+    x = (torch.randn(64, 2) * 2).requires_grad_(True)
+    for sigma in [0.01, 0.2, 1.0, 10.0]:
+        (score,) = torch.autograd.grad(toy2d.mixture_log_prob(mix, x, sigma).sum(), x)
+        expected = x + sigma**2 * score
+        assert torch.allclose(toy2d.exact_denoiser(mix, x.detach(), sigma), expected, atol=2e-4 * (1 + sigma))
+
+
+def test_karras_grid_and_sigma_range():
+    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)
+    assert grid[0] == pytest.approx(0.002) and grid[-1] == pytest.approx(80.0)
+    assert (grid[1:] > grid[:-1]).all()
+    # The DM gradient's range, grid indices 20..980 (dmd2.md lists sigma 0.00323 and 72.1 there).
+    assert grid[20] == pytest.approx(0.00323, rel=2e-2) and grid[980] == pytest.approx(72.1, rel=1e-2)
+
+
+# ---- the four DMD2 ingredients ---------------------------------------------------------------
+
+
+def gaussian_denoiser(mean, sigma_data=1.0):
+    """Exact denoiser of N(mean, I) in 2D: D(x; sigma) = (x + sigma^2 mean) / (1 + sigma^2)."""
+    def D(x, sigma, features=False):
+        s2 = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1) ** 2
+        return (x + s2 * torch.as_tensor(mean, dtype=x.dtype)) / (1 + s2)
+    return D
+
+
+def test_dm_gradient_sign_and_scale():
+    """Real N(0, I) and fake N(m, I): D_fake - D_real = sigma^2 m / (1 + sigma^2) for every x_t,
+    so the normalised grad is known in closed form, and descending the surrogate moves x toward the real mean."""
+    m = torch.tensor([1.5, -0.5])
+    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)
+    torch.manual_seed(0)
+    x = (torch.randn(256, 2) + m).requires_grad_(True)       # generator samples, currently around m
+    torch.manual_seed(1)
+    loss, grad = toy2d.dm_loss(x, gaussian_denoiser(torch.zeros(2)), gaussian_denoiser(m), grid, 20, 980)
+    # Recompute with the same sigmas and noise: grad * mean|x - D_real| must equal sigma^2 m / (1 + sigma^2).
+    torch.manual_seed(1)
+    idx = torch.randint(20, 981, (256,))
+    sigma = grid[idx].unsqueeze(1)
+    x_t = x.detach() + sigma * torch.randn(256, 2)
+    w = (x.detach() - gaussian_denoiser(torch.zeros(2))(x_t, sigma)).abs().mean(1, keepdim=True)
+    assert torch.allclose(grad * w, sigma**2 * m / (1 + sigma**2), atol=1e-5)
+    # The surrogate's autograd gradient is grad / numel(x): DMD2's "mean" reduction.
+    loss.backward()
+    assert torch.allclose(x.grad, grad / x.numel(), atol=1e-9)
+    # Sign: a gradient-descent step moves every sample toward the real mean (0), i.e. along -m.
+    assert ((x.grad @ m) > 0).all()
+    # Identical real and fake scores give no gradient at all.
+    _, zero = toy2d.dm_loss(x.detach(), gaussian_denoiser(m), gaussian_denoiser(m), grid, 20, 980)
+    assert zero.abs().max() == 0
+
+
+def test_fake_score_loss_goes_down():
+    """The critic learns the distribution of (fixed) generator samples: its loss on fixed noise falls, and
+    it approaches the exact denoiser of that distribution (here a shifted ring, known in closed form)."""
+    torch.manual_seed(0)
+    fake_mix = toy2d.make_mixture("ring")
+    fake_mix.means = fake_mix.means + torch.tensor([0.5, -0.3])
+    D_fake = toy2d.Denoiser(toy2d.mixture_std(fake_mix), width=64, depth=2)
+    opt = torch.optim.Adam(D_fake.parameters(), lr=3e-3)
+    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)
+    x_eval = toy2d.sample_mixture(fake_mix, 4096)
+    sig_eval = grid[torch.randint(300, 900, (4096,))].unsqueeze(1)        # sigma ~ 0.05..20
+    x_t = x_eval + sig_eval * torch.randn(4096, 2)
+    weight = 1 / sig_eval**2 + 1 / D_fake.sigma_data**2
+
+    def fixed_noise_loss_and_error():
+        with torch.no_grad():
+            D = D_fake(x_t, sig_eval)
+            loss = (weight * (D - x_eval) ** 2).mean()
+            error = (weight * (D - toy2d.exact_denoiser(fake_mix, x_t, sig_eval)) ** 2).mean()
+        return loss.item(), error.item()
+
+    loss0, err0 = fixed_noise_loss_and_error()
+    for _ in range(300):
+        loss, _ = toy2d.fake_score_loss(D_fake, toy2d.sample_mixture(fake_mix, 512), grid)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    loss1, err1 = fixed_noise_loss_and_error()
+    assert loss1 < loss0 and err1 < err0 / 2, (loss0, loss1, err0, err1)
+
+
+def test_gan_losses_and_head():
+    """The discriminator loss is log 4 at chance and falls when the head separates real from fake."""
+    assert toy2d.gan_discriminator_loss(torch.zeros(8), torch.zeros(8)).item() == pytest.approx(2 * math.log(2))
+    assert toy2d.gan_generator_loss(torch.zeros(8)).item() == pytest.approx(math.log(2))
+    torch.manual_seed(0)
+    mix = toy2d.make_mixture("ring")
+    D_fake = toy2d.Denoiser(toy2d.mixture_std(mix), width=64, depth=2)
+    head = toy2d.make_head(64)
+    opt = torch.optim.Adam([*D_fake.parameters(), *head.parameters()], lr=3e-3)
+    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)[:500]     # sigma <= ~1: the two sets stay distinguishable
+    losses = []
+    for _ in range(200):
+        real = toy2d.sample_mixture(mix, 256)
+        fake = 0.3 * torch.randn(256, 2)                           # a collapsed "generator" at the origin
+        loss = toy2d.gan_discriminator_loss(toy2d.gan_logits(D_fake, head, real, grid),
+                                            toy2d.gan_logits(D_fake, head, fake, grid))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 0.5 * 2 * math.log(2)
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in generator that records the sigma of each call and returns a constant x0."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value, self.calls = value, []
+
+    def forward(self, x, sigma):
+        self.calls.append(float(sigma))
+        return torch.full_like(x, self.value)
+
+
+def test_backward_simulation_feeds_the_right_sigmas():
+    sigmas = [80.0, 1.5, 0.5, 0.15]
+    z = torch.randn(20_000, 2)
+    for k in range(4):
+        G = Recorder(0.7)
+        x_k = toy2d.backward_simulation(G, z, sigmas, k)
+        assert G.calls == sigmas[:k]                                   # the chain runs steps 0..k-1, as at inference
+        if k == 0:
+            assert torch.equal(x_k, sigmas[0] * z)                     # step 0 sees pure noise
+        else:                                                          # re-noised last x0: mean 0.7, std sigma_k
+            assert x_k.mean().item() == pytest.approx(0.7, abs=0.02 * sigmas[k] + 1e-3)
+            assert x_k.std().item() == pytest.approx(sigmas[k], rel=0.03)
+    # generate() is the same chain run to the end.
+    G = Recorder(0.7)
+    assert torch.equal(toy2d.generate(G, z[:4], sigmas), torch.full((4, 2), 0.7)) and G.calls == sigmas
+
+
+def test_distill_trains_kstep_generator_on_backward_simulated_inputs(monkeypatch):
+    """Inside the training loop, each generator call is at sigma_k with the input from backward simulation."""
+    seen = []
+    real_bs = toy2d.backward_simulation
+
+    def spy(G, z, sigmas, k, generator=None):
+        x = real_bs(G, z, sigmas, k, generator)
+        seen.append(k)
+        return x
+
+    monkeypatch.setattr(toy2d, "backward_simulation", spy)
+    cfg = toy2d.Config(width=32, depth=2, iters=12, batch=64, eval_every=1000, quiet=True)
+    mix = toy2d.make_mixture("ring")
+    teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
+    torch.manual_seed(0)
+    toy2d.distill(cfg, mix, teacher, teacher, 4, [80.0, 1.5, 0.5, 0.15], torch.device("cpu"), progress=False)
+    assert len(seen) == 12 and set(seen) <= {0, 1, 2, 3} and len(set(seen)) > 1
+
+
+# ---- whole runs ------------------------------------------------------------------------------
+
+TINY = ["--teacher_iters", "150", "--iters", "60", "--batch", "128", "--width", "32", "--depth", "2",
+        "--num_eval", "2000", "--eval_every", "30", "--heun_steps", "8", "--quiet"]
+
+
+def test_seed_makes_runs_bit_for_bit_repeatable(tmp_path):
+    def run(seed, name):
+        toy2d.main(TINY + ["--seed", str(seed), "--out", str(tmp_path / name)])
+        return np.load(tmp_path / name / "samples.npz")
+    a, b, c = run(0, "a"), run(0, "b"), run(1, "c")
+    for key in ("teacher", "student_1step", "student_4step"):
+        assert np.array_equal(a[key], b[key])
+        assert not np.array_equal(a[key], c[key])
+
+
+def test_bad_options_get_clear_errors():
+    with pytest.raises(SystemExit, match="--kstep_sigmas has 3 values but --ksteps is 4"):
+        toy2d.main(["--kstep_sigmas", "80,1,0.1"])
+    with pytest.raises(SystemExit, match="--dataset must be 'ring' or 'grid'"):
+        toy2d.main(["--dataset", "moons"])
+    with pytest.raises(SystemExit, match="strictly decreasing"):
+        toy2d.main(["--kstep_sigmas", "80,1,2,0.1"])
+
+
+def test_end_to_end_quality(tmp_path):
+    """A shortened default run: files as documented, and both students near the data on every metric."""
+    out = tmp_path / "run"
+    toy2d.main(["--iters", "1500", "--teacher_iters", "1500", "--quiet", "--out", str(out)])
+    s = np.load(out / "samples.npz")
+    assert s["means"].shape == (8, 2) and s["stds"].shape == (8,) and s["weights"].shape == (8,)
+    for key in ("data", "teacher", "student_1step", "student_4step"):
+        assert s[key].shape == (10_000, 2) and np.isfinite(s[key]).all()
+    result = json.loads((out / "metrics.json").read_text())
+    m = result["metrics"]
+    assert result["wall_time_s"] > 0
+    for key in ("teacher", "student_1step", "student_4step"):
+        assert m[key]["modes_covered"] == 8, (key, m[key])
+        assert m[key]["weight_tv"] < 0.1, (key, m[key])
+        assert m[key]["log_likelihood"] > m["data"]["log_likelihood"] - 1.0, (key, m[key])
+        assert m[key]["energy_distance"] < 0.05, (key, m[key])
+    for png in ("samples.png", "dm_field.png", "curves.png"):
+        assert (out / png).stat().st_size > 1000

@@ -1,0 +1,786 @@
+"""
+toy2d.py: all of DMD2 on a 2D Gaussian mixture, on a CPU, in seconds, with pictures and exact metrics.
+
+DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis",
+arXiv 2405.14867) distills a many-step diffusion model (the teacher) into a generator that samples in
+1 or K steps. Its four ideas, each written out below in this order:
+  1. the distribution-matching (DM) gradient: move generator samples along D_real - D_fake (Sec. 3),
+  2. the fake score, trained on the generator's own samples, updated 5x per generator update:
+     the two time-scale update rule, TTUR (Sec. 4.2),
+  3. a GAN head on the fake score's features, trained on real data (Sec. 4.3),
+  4. backward simulation: a K-step generator is trained on inputs made by its own earlier steps (Sec. 4.5).
+Here the data is a 2D Gaussian mixture known in closed form, so every metric is exact and every
+failure (dropped modes, wrong mode weights, blur between modes) can be seen and counted.
+
+Run it:
+  python toy2d.py                     # teacher + 1-step + 4-step students, ~30-60 s on 2 CPU cores
+  python toy2d.py --dataset grid      # the harder 5x5 grid
+  python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
+  python toy2d.py --ablation          # the paper's ablations at toy scale (a few minutes): table + figure
+  python toy2d.py --help              # every option
+Outputs go to --out (default out/toy2d): samples.npz, metrics.json, samples.png, dm_field.png, curves.png.
+The same code runs under bf16 autocast when CUDA is present (--device cuda); the CPU path is fp32.
+"""
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# Defaults. Every field is a command-line flag (python toy2d.py --help).
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "ring"            # "ring": 8 modes on a circle, weights differ 4x; "grid": 5x5 modes
+    # EDM noise levels (Karras et al. 2022); the same constants as ImageNet-64 in imagenet64.py
+    sigma_min: float = 0.002         # smallest noise level of the 1000-point grid
+    sigma_max: float = 80.0          # largest noise level; the 1-step generator sees sigma_max * z
+    rho: float = 7.0                 # Karras schedule exponent (EDM Eq. 5)
+    # teacher: an EDM-preconditioned MLP trained on samples with the EDM loss
+    width: int = 128                 # hidden width of every MLP (teacher, fake score, generator)
+    depth: int = 3                   # hidden layers of every MLP
+    teacher_iters: int = 3000        # EDM-loss training steps of the teacher
+    teacher_batch: int = 2048        # teacher batch size
+    teacher_lr: float = 3e-3         # teacher Adam learning rate (cosine-decayed to 0)
+    heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
+    real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
+    # DMD2 distillation
+    iters: int = 2000                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
+    batch: int = 1024                # generator batch (the same number of real samples for the GAN)
+    lr: float = 1e-3                 # AdamW learning rate of generator and fake score (equal, as the paper)
+    dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
+    min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
+    max_step_percent: float = 0.98
+    gen_gan_weight: float = 0.1      # weight of the generator's GAN loss (ImageNet: 3e-3; see README)
+    disc_gan_weight: float = 0.1     # weight of the discriminator loss in the fake-score update (ImageNet: 1e-2)
+    dm: bool = True                  # use the DM gradient (False: a GAN-only run, the paper's ablation)
+    max_grad_norm: float = 10.0      # gradient clipping, as the official runs
+    ksteps: int = 4                  # steps of the multi-step student
+    kstep_sigmas: str = "80,1.5,0.5,0.15"  # its fixed noise levels, first = sigma_max (pure noise)
+    backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
+    # evaluation and run
+    num_eval: int = 10000            # samples per row of the metrics table
+    eval_every: int = 100            # iterations between quick metric points on the training curves
+    out: str = "out/toy2d"           # output folder
+    seed: int = 0                    # seeds everything: a CPU run is bit-for-bit repeatable
+    device: str = "auto"             # "auto", "cpu" or "cuda"
+    amp: str = "auto"                # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (with GradScaler), "fp32"
+    threads: int = 1                 # CPU threads; tiny MLPs run fastest on one
+    ablation: bool = False           # run the ablation table instead of the main run
+    ablation_seeds: int = 3          # seeds per ablation row
+    quiet: bool = False              # no progress bars
+
+
+def check_config(cfg):
+    """Refuse impossible options with a message that says which option and why."""
+    errors = []
+    if cfg.dataset not in ("ring", "grid"):
+        errors.append(f"--dataset must be 'ring' or 'grid', not {cfg.dataset!r}")
+    if cfg.real_score not in ("teacher", "exact"):
+        errors.append(f"--real_score must be 'teacher' or 'exact', not {cfg.real_score!r}")
+    if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
+        errors.append(f"--amp must be auto, bf16, fp16 or fp32, not {cfg.amp!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        errors.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        errors.append("--device cuda was asked for but torch.cuda.is_available() is False")
+    if not 0 < cfg.sigma_min < cfg.sigma_max:
+        errors.append(f"need 0 < --sigma_min < --sigma_max, got {cfg.sigma_min} and {cfg.sigma_max}")
+    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
+        errors.append("need 0 <= --min_step_percent < --max_step_percent <= 1")
+    for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "iters", "batch",
+                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "threads", "ablation_seeds"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    try:
+        sig = parse_sigmas(cfg.kstep_sigmas)
+        if len(sig) != cfg.ksteps:
+            errors.append(f"--kstep_sigmas has {len(sig)} values but --ksteps is {cfg.ksteps}")
+        if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
+            errors.append(f"--kstep_sigmas must be positive and strictly decreasing, got {cfg.kstep_sigmas}")
+        if abs(sig[0] - cfg.sigma_max) > 1e-9:
+            errors.append(f"--kstep_sigmas must start at --sigma_max={cfg.sigma_max} (pure noise), got {sig[0]}")
+    except ValueError:
+        errors.append(f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}")
+    if cfg.num_eval < 100:
+        errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
+    if errors:
+        raise ValueError("invalid options:\n  " + "\n  ".join(errors))
+
+
+def parse_sigmas(text):
+    return [float(s) for s in text.split(",")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a 2D Gaussian mixture p0 = sum_k pi_k N(mu_k, s_k^2 I), known in closed form.
+
+
+@dataclass
+class Mixture:
+    means: torch.Tensor    # [K, 2]
+    stds: torch.Tensor     # [K]
+    weights: torch.Tensor  # [K], sums to 1
+
+
+def make_mixture(name):
+    """The default ring makes dropped modes and wrong weights obvious: weights 1..4 around the circle."""
+    if name == "ring":
+        k = torch.arange(8, dtype=torch.float64)
+        angle = 2 * math.pi * k / 8
+        means = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+        stds = torch.where(k % 2 == 0, 0.10, 0.15).double()
+        weights = 1.0 + 3.0 * k / 7              # the heaviest mode is 4x the lightest
+    elif name == "grid":
+        i, j = torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij")
+        means = 1.2 * torch.stack([i.flatten() - 2, j.flatten() - 2], dim=1).double()
+        stds = torch.full((25,), 0.08, dtype=torch.float64)
+        weights = 1.0 + ((3 * i + 2 * j) % 4).flatten().double()  # four weight levels, 1..4
+    else:
+        raise ValueError(f"unknown dataset {name!r}: use 'ring' or 'grid'")
+    return Mixture(means.float(), stds.float(), (weights / weights.sum()).float())
+
+
+def sample_mixture(mix, n, generator=None):
+    k = torch.multinomial(mix.weights, n, replacement=True, generator=generator)             # [n]
+    eps = torch.randn(n, 2, generator=generator)
+    return mix.means[k] + mix.stds[k, None] * eps                                            # [n, 2]
+
+
+def mixture_log_prob(mix, x, sigma=0.0):
+    """log p_sigma(x) of the mixture convolved with N(0, sigma^2 I): variances add. x [n, 2] -> [n]."""
+    var = mix.stds**2 + sigma**2                                                             # [K]
+    sq = ((x[:, None, :] - mix.means[None]) ** 2).sum(-1)                                    # [n, K]
+    log_comp = torch.log(mix.weights) - torch.log(2 * math.pi * var) - sq / (2 * var)      # [n, K]
+    return torch.logsumexp(log_comp, dim=1)
+
+
+def exact_denoiser(mix, x, sigma):
+    """The closed-form D(x; sigma) = E[x0 | x0 + sigma*eps = x] of the mixture (Tweedie's formula).
+
+    Responsibilities w_k = softmax_k(log pi_k + log N(x; mu_k, (s_k^2 + sigma^2) I)), then
+    D = sum_k w_k (s_k^2 x + sigma^2 mu_k) / (s_k^2 + sigma^2). x [n, 2], sigma [n] or float -> [n, 2].
+    """
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1)            # [n or 1, 1]
+    means, stds, weights = (t.to(x.device, x.dtype) for t in (mix.means, mix.stds, mix.weights))
+    var = stds[None] ** 2 + sigma**2                                                         # [n, K]
+    sq = ((x[:, None, :] - means[None]) ** 2).sum(-1)                                        # [n, K]
+    w = torch.softmax(torch.log(weights) - torch.log(var) - sq / (2 * var), dim=1)          # [n, K]
+    post_mean = (stds[None, :, None] ** 2 * x[:, None] + sigma[:, :, None] ** 2 * means[None]) / var[..., None]
+    return (w[..., None] * post_mean).sum(1)                                                 # [n, 2]
+
+
+def mixture_std(mix):
+    """Per-coordinate standard deviation of the data: EDM's sigma_data for this dataset."""
+    second = (mix.weights[:, None] * (mix.means**2 + mix.stds[:, None] ** 2)).sum(0)          # [2]
+    mean = (mix.weights[:, None] * mix.means).sum(0)
+    return float(torch.sqrt((second - mean**2).mean()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models. Teacher, fake score and generator are the same EDM-preconditioned MLP: the paper
+# initialises the fake score and the generator from the teacher's weights.
+
+
+def karras_sigmas(n, sigma_min, sigma_max, rho):
+    """EDM Eq. 5, ascending: index 0 is sigma_min, index n-1 is sigma_max (DMD2's 1000-point grid)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    sigmas = (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+    return sigmas.float()
+
+
+class Denoiser(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Table 1), with F an MLP.
+
+    forward(x [B, 2], sigma [B] or float, features=False) -> D [B, 2] (and the last hidden layer
+    [B, width] when features=True: the GAN head of DMD2 reads the fake score's features).
+    """
+
+    def __init__(self, sigma_data, width=128, depth=3, num_freqs=8):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs) * math.pi)   # noise-level Fourier features
+        self.inp = nn.Linear(2 + 2 * num_freqs, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x, sigma, features=False):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)                                    # EDM Eq. 7
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        c_noise = sigma.log() / 4
+        angles = c_noise * self.freqs                                          # [B, num_freqs]
+        h = F.silu(self.inp(torch.cat([c_in * x, angles.cos(), angles.sin()], dim=1)))
+        for layer in self.hidden:
+            h = h + F.silu(layer(h))                                           # residual MLP
+        F_x = self.out(h)
+        D_x = c_skip * x + c_out * F_x.float()
+        return (D_x, h) if features else D_x
+
+
+class ExactDenoiser(nn.Module):
+    """The closed-form mixture denoiser with the Denoiser call signature (no parameters)."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.mix = mix
+
+    def forward(self, x, sigma, features=False):
+        return exact_denoiser(self.mix, x.float(), sigma)
+
+
+def make_head(width):
+    """DMD2's GAN classifier, on the fake score's last hidden layer: features [B, width] -> logit [B]."""
+    return nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1), nn.Flatten(0))
+
+
+def generate(G, z, sigmas, generator=None):
+    """The student sampler: denoise to x0, re-noise to the next level with fresh noise (paper Sec. 4.4).
+
+    z [B, 2] ~ N(0, I); sigmas: the K fixed levels, sigmas[0] = sigma_max. K = 1 is G(sigma_max z).
+    """
+    x = sigmas[0] * z
+    for i, sigma in enumerate(sigmas):
+        x0 = G(x, sigma)
+        if i + 1 < len(sigmas):
+            x = x0 + sigmas[i + 1] * torch.randn(x0.shape, generator=generator, device=x0.device)
+    return x0
+
+
+@torch.no_grad()
+def heun_sampler(D, z, num_steps, sigma_min, sigma_max, rho):
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Heun steps on the probability-flow ODE."""
+    t = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho).flip(0), torch.zeros(1)]).tolist()
+    x = z * t[0]
+    for i in range(num_steps):
+        d = (x - D(x, t[i])) / t[i]                                 # dx/dsigma = (x - D(x; sigma)) / sigma
+        x_next = x + (t[i + 1] - t[i]) * d                          # Euler step
+        if t[i + 1] > 0:                                            # 2nd-order correction
+            d_next = (x_next - D(x_next, t[i + 1])) / t[i + 1]
+            x_next = x + (t[i + 1] - t[i]) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+def edm_loss(D, x0, P_mean=-1.2, P_std=1.2):
+    """EDM training loss (Karras et al. 2022, Eq. 8 with Table 1's lognormal sigma and weighting)."""
+    sigma = (torch.randn(x0.shape[0], 1, device=x0.device) * P_std + P_mean).exp()          # [B, 1]
+    weight = (sigma**2 + D.sigma_data**2) / (sigma * D.sigma_data) ** 2
+    D_x = D(x0 + sigma * torch.randn_like(x0), sigma)
+    return (weight * (D_x - x0) ** 2).mean()
+
+
+def train_teacher(cfg, mix, device, progress=True):
+    """The many-step model DMD2 distills: an MLP denoiser trained on mixture samples."""
+    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth).to(device)
+    opt = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.teacher_iters)
+    for _ in tqdm(range(cfg.teacher_iters), desc="teacher", disable=not progress, leave=False):
+        loss = edm_loss(teacher, sample_mixture(mix, cfg.teacher_batch).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return teacher.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# DMD2's losses, in the paper's order. Each takes the networks and returns a scalar loss.
+
+
+def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
+    """1. Distribution-matching gradient (DMD Eq. 7-8 as DMD2's code computes it).
+
+    The generator should move each sample x along the difference of the real and fake scores of
+    the noised sample, i.e. along D_real - D_fake (Tweedie: score = (D - x_t) / sigma^2):
+      sigma   ~ grid[U{min_idx..max_idx}]        (2%-98% of the 1000-point grid)
+      x_t     = x + sigma * eps
+      p_real  = x - D_real(x_t; sigma),  p_fake = x - D_fake(x_t; sigma)
+      grad    = (p_real - p_fake) / mean|p_real|   (per-sample normaliser)
+      loss    = 0.5 * MSE(x, stopgrad(x - grad))   (its gradient w.r.t. x is grad / numel(x))
+    x [B, 2] with grad -> (loss, grad [B, 2]).
+    """
+    idx = torch.randint(min_idx, max_idx + 1, (x.shape[0],), device=x.device)
+    sigma = sigma_grid[idx].unsqueeze(1)                                       # [B, 1]
+    with torch.no_grad():
+        x_t = x + sigma * torch.randn_like(x)
+        p_real = x - D_real(x_t, sigma)
+        p_fake = x - D_fake(x_t, sigma)
+        grad = (p_real - p_fake) / p_real.abs().mean(dim=1, keepdim=True)
+        grad = torch.nan_to_num(grad)
+    loss = 0.5 * F.mse_loss(x, (x - grad).detach())
+    return loss, grad
+
+
+def fake_score_loss(D_fake, x_fake, sigma_grid):
+    """2. Fake-score (critic) denoising loss on detached generator samples, over the whole grid.
+
+      sigma ~ grid[U{0..999}],  lambda(sigma) = 1/sigma^2 + 1/sigma_data^2  (EDM weighting; DMD Alg. 3)
+      loss  = mean lambda(sigma) * (D_fake(x + sigma*eps; sigma) - x)^2
+    Returns (loss, features [B, width], sigma): the same forward also feeds the GAN head's fake logit.
+    The two time-scale rule lives in the loop: this loss is minimised every iteration, the
+    generator's loss only every dfake_gen_update_ratio-th, so D_fake keeps up with the generator.
+    """
+    sigma = sigma_grid[torch.randint(0, len(sigma_grid), (x_fake.shape[0],), device=x_fake.device)].unsqueeze(1)
+    D_x, h = D_fake(x_fake + sigma * torch.randn_like(x_fake), sigma, features=True)
+    weight = 1 / sigma**2 + 1 / D_fake.sigma_data**2
+    return (weight * (D_x.float() - x_fake) ** 2).mean(), h
+
+
+def gan_logits(D_fake, head, x, sigma_grid):
+    """3. GAN head: noise x at a random grid sigma (diffusion GAN), classify the fake score's features."""
+    sigma = sigma_grid[torch.randint(0, len(sigma_grid), (x.shape[0],), device=x.device)].unsqueeze(1)
+    _, h = D_fake(x + sigma * torch.randn_like(x), sigma, features=True)
+    return head(h).float()
+
+
+def gan_generator_loss(logits_fake):
+    """Non-saturating generator loss softplus(-D(G(z))) = -log sigmoid(D) (paper Eq. 4, logit form)."""
+    return F.softplus(-logits_fake).mean()
+
+
+def gan_discriminator_loss(logits_real, logits_fake):
+    """softplus(D(fake)) + softplus(-D(real)): the head learns real -> +, generated -> -."""
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+@torch.no_grad()
+def backward_simulation(G, z, sigmas, k, generator=None):
+    """4. Backward simulation (paper Sec. 4.5): the input the K-step generator sees at step k.
+
+    Run the current generator from pure noise through steps 0..k-1, exactly as at inference, then
+    re-noise its last x0 to sigmas[k]. Step 0's input is pure noise sigmas[0] * z. Without this, a
+    multi-step student is trained on noised *real* data but sampled from its own outputs: a mismatch.
+    z [B, 2] -> x_k [B, 2] at noise level sigmas[k].
+    """
+    x = sigmas[0] * z
+    for i in range(k):
+        x0 = G(x, sigmas[i])
+        x = x0 + sigmas[i + 1] * torch.randn(x0.shape, generator=generator, device=x0.device)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop: one function, top to bottom.
+
+
+def amp_settings(cfg, device):
+    """bf16 autocast on CUDA (DMD2 trains in bf16; fp16 diverged for the authors), fp32 on CPU."""
+    mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
+    return autocast, scaler
+
+
+def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, record_field_at=None):
+    """DMD2: returns the trained generator and a history of losses and quick metrics.
+
+    ksteps = 1: the one-step generator G(sigma_max z). ksteps = K: the K-step generator on `sigmas`.
+    """
+    sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)   # [1000] ascending
+    min_idx, max_idx = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
+    # The generator and the fake score both start as copies of the teacher (paper Sec. 5).
+    G = Denoiser(teacher.sigma_data, cfg.width, cfg.depth).to(device)
+    G.load_state_dict(teacher.state_dict())
+    D_fake = Denoiser(teacher.sigma_data, cfg.width, cfg.depth).to(device)
+    D_fake.load_state_dict(teacher.state_dict())
+    head = make_head(cfg.width).to(device)
+    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01)
+    opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=cfg.lr,
+                                 betas=(0.9, 0.999), weight_decay=0.01)
+    autocast, scaler = amp_settings(cfg, device)
+    use_gan = cfg.gen_gan_weight > 0 or cfg.disc_gan_weight > 0
+    eval_real = sample_mixture(mix, 2000).to(device)
+    history, field = [], None
+    for it in tqdm(range(cfg.iters), desc=f"DMD2 {ksteps}-step", disable=not progress, leave=False):
+        z = torch.randn(cfg.batch, 2, device=device)
+        # The generator's input: pure noise for one step; for K steps, one step index k per batch and
+        # an input made by backward simulation (4.), or by noising real data (the ablation).
+        k = int(torch.randint(0, ksteps, ()))
+        if cfg.backward_simulation or k == 0:
+            x_in = backward_simulation(G, z, sigmas, k)
+        else:
+            x_in = sample_mixture(mix, cfg.batch).to(device) + sigmas[k] * z
+        gen_step = it % cfg.dfake_gen_update_ratio == 0
+        log = {"iter": it}
+
+        # Generator update (every dfake_gen_update_ratio-th iteration), before the critic's.
+        if gen_step:
+            D_fake.requires_grad_(False), head.requires_grad_(False)   # the GAN gradient flows into G only
+            with autocast():
+                x = G(x_in, sigmas[k]).float()                         # [B, 2]
+                loss_G = torch.zeros((), device=device)
+                if cfg.dm:                                             # 1. distribution matching
+                    loss_dm, grad = dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx)
+                    loss_G = loss_G + loss_dm
+                    log["loss_dm"] = loss_dm.item()
+                    if record_field_at is not None and it >= record_field_at and field is None:
+                        field = dm_field(D_real, D_fake, sigma_grid, min_idx, max_idx, x.detach(), mix)
+                if cfg.gen_gan_weight > 0:                             # 3. GAN, generator side
+                    loss_gan = gan_generator_loss(gan_logits(D_fake, head, x, sigma_grid))
+                    loss_G = loss_G + cfg.gen_gan_weight * loss_gan
+                    log["loss_g_gan"] = loss_gan.item()
+            opt_G.zero_grad(set_to_none=True)
+            scaler.scale(loss_G).backward()
+            scaler.unscale_(opt_G)
+            torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.max_grad_norm)
+            scaler.step(opt_G)
+            scaler.update()
+            D_fake.requires_grad_(True), head.requires_grad_(True)
+            x_fake = x.detach()
+        else:
+            with torch.no_grad(), autocast():
+                x_fake = G(x_in, sigmas[k]).float()
+
+        # 2. Fake-score update, every iteration (TTUR), on the detached generator samples;
+        # 3. the GAN head learns from the same forward on fakes and a forward on noised real data.
+        with autocast():
+            loss_fake, h_fake = fake_score_loss(D_fake, x_fake, sigma_grid)
+            loss_critic = loss_fake
+            if use_gan and cfg.disc_gan_weight > 0:
+                logits_real = gan_logits(D_fake, head, sample_mixture(mix, cfg.batch).to(device), sigma_grid)
+                loss_d = gan_discriminator_loss(logits_real, head(h_fake).float())
+                loss_critic = loss_critic + cfg.disc_gan_weight * loss_d
+                log["loss_d_gan"] = loss_d.item()
+        opt_fake.zero_grad(set_to_none=True)
+        scaler.scale(loss_critic).backward()
+        scaler.unscale_(opt_fake)
+        torch.nn.utils.clip_grad_norm_([*D_fake.parameters(), *head.parameters()], cfg.max_grad_norm)
+        scaler.step(opt_fake)
+        scaler.update()
+        log["loss_fake"] = loss_fake.item()
+        if not all(math.isfinite(v) for v in log.values()):
+            raise FloatingPointError(f"non-finite loss at iteration {it}: {log}")
+
+        if it % cfg.eval_every == 0 or it == cfg.iters - 1:
+            with torch.no_grad():
+                xs = generate(G, torch.randn(2000, 2, device=device), sigmas)
+            log["energy"] = energy_distance(xs.float().cpu(), eval_real.cpu())
+        history.append(log)
+    return G.eval().requires_grad_(False), history, field
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: exact metrics against the known mixture.
+
+
+def energy_distance(x, y, chunk=2048):
+    """2 E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely): zero iff the distributions match; no bandwidth to pick."""
+    def mean_dist(a, b):
+        total = sum(torch.cdist(a[i:i + chunk].double(), b.double()).sum() for i in range(0, len(a), chunk))
+        return float(total) / (len(a) * len(b))
+    return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
+
+
+def evaluate(mix, x, reference):
+    """Metrics of samples x [N, 2] against the mixture, and an energy distance to fresh data `reference`."""
+    x = x.float().cpu()
+    log_comp = torch.log(mix.weights) - torch.log(2 * math.pi * mix.stds**2) - \
+        ((x[:, None] - mix.means[None]) ** 2).sum(-1) / (2 * mix.stds**2)                  # [N, K]
+    assign = log_comp.argmax(1)                                  # the component most likely to have made x
+    found = torch.bincount(assign, minlength=len(mix.weights)).float() / len(x)           # [K]
+    return {
+        "log_likelihood": float(torch.logsumexp(log_comp, 1).mean()),                   # mean log p0(x)
+        "modes_covered": int((found >= 0.5 * mix.weights).sum()),  # a mode counts at half its expected share
+        "num_modes": len(mix.weights),
+        "weight_tv": float(0.5 * (found - mix.weights).abs().sum()),  # total variation of mode weights
+        "energy_distance": energy_distance(x, reference),
+    }
+
+
+@torch.no_grad()
+def dm_field(D_real, D_fake, sigma_grid, min_idx, max_idx, samples, mix, n=21, draws=64):
+    """The DM update direction -grad = (D_real - D_fake) / mean|x - D_real|, averaged over sigma and
+    noise, on an n x n grid of points covering the data: where DMD2 pushes a sample at each place."""
+    lim = float(mix.means.abs().max()) + 1.0
+    g = torch.linspace(-lim, lim, n, device=sigma_grid.device)
+    pts = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)               # [n*n, 2]
+    x = pts.repeat(draws, 1)                                                                 # [draws*n*n, 2]
+    _, grad = dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx)
+    return {"points": pts.cpu(), "direction": -grad.reshape(draws, -1, 2).mean(0).cpu(), "samples": samples.cpu()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures, drawn with Pillow (no plotting library needed).
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def density_image(mix, size, lim):
+    """Grey background: the true density, so dropped or shifted modes stand out."""
+    g = torch.linspace(-lim, lim, size)
+    yy, xx = torch.meshgrid(-g, g, indexing="ij")
+    logp = mixture_log_prob(mix, torch.stack([xx, yy], -1).reshape(-1, 2)).reshape(size, size)
+    shade = (255 - 110 * torch.exp(logp - logp.max()).sqrt()).byte().numpy()
+    return Image.fromarray(shade, "L").convert("RGB")
+
+
+def to_px(p, lim, size):
+    return ((p[..., 0] + lim) / (2 * lim) * (size - 1), (lim - p[..., 1]) / (2 * lim) * (size - 1))
+
+
+def scatter_panel(mix, x, title, lim, size=320, color=(31, 119, 180), max_points=4000):
+    img = density_image(mix, size, lim)
+    draw = ImageDraw.Draw(img)
+    px, py = to_px(x[:max_points].float(), lim, size)
+    for a, b in zip(px.tolist(), py.tolist()):
+        draw.point((a, b), fill=color)
+    draw.text((6, 4), title, fill=(0, 0, 0))
+    return img
+
+
+def save_samples_figure(path, mix, rows, lim):
+    """Data, teacher, 1-step and K-step samples side by side."""
+    panels = [scatter_panel(mix, x, name, lim, color=PALETTE[i % 6]) for i, (name, x) in enumerate(rows.items())]
+    fig = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), panels[0].height), "white")
+    for i, p in enumerate(panels):
+        fig.paste(p, (i * (p.width + 4), 0))
+    fig.save(path)
+
+
+def save_field_figure(path, mix, field, lim, size=480):
+    """Arrows: the DM direction over the plane; dots: the generator's samples at that iteration."""
+    img = scatter_panel(mix, field["samples"], "DM direction -grad over the plane (early iteration)", lim,
+                        size, color=(214, 39, 40), max_points=1000)
+    draw = ImageDraw.Draw(img)
+    d = field["direction"]
+    scale = 0.6 * (2 * lim / 20) / max(float(d.norm(dim=1).max()), 1e-8)     # longest arrow ~ 0.6 cells
+    for p, v in zip(field["points"], d * scale):
+        (x0, y0), (x1, y1) = [tuple(float(c) for c in to_px(q, lim, size)) for q in (p, p + v)]
+        draw.line((x0, y0, x1, y1), fill=(0, 0, 0), width=1)
+        ang = math.atan2(y1 - y0, x1 - x0)
+        for s in (2.6, -2.6):                                         # two barbs, 30 degrees off the shaft
+            draw.line((x1, y1, x1 + 4 * math.cos(ang + s), y1 + 4 * math.sin(ang + s)), fill=(0, 0, 0))
+    img.save(path)
+
+
+def line_panel(series, title, size=(360, 220), log_y=False):
+    """A tiny line plot: series = {name: (xs, ys)}; y on a log scale when log_y."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 46, 18, w - 8, h - 18
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    tf = (lambda v: math.log10(max(v, 1e-12))) if log_y else (lambda v: v)
+    ok = (lambda v: math.isfinite(v) and v > 0) if log_y else math.isfinite
+    ys = [tf(v) for _, (_, vs) in series.items() for v in vs if ok(v)]
+    xs = [v for _, (us, _) in series.items() for v in us]
+    if not ys:
+        return img
+    y0, y1 = min(ys), max(ys) + 1e-12
+    x0, x1 = min(xs), max(xs) + 1e-12
+    for i, (name, (us, vs)) in enumerate(series.items()):
+        pts = [(left + (u - x0) / (x1 - x0) * (right - left), bottom - (tf(v) - y0) / (y1 - y0) * (bottom - top))
+               for u, v in zip(us, vs) if ok(v)]
+        if len(pts) > 1:
+            draw.line(pts, fill=PALETTE[i % 6], width=1)
+        draw.text((left + 6, top + 4 + 12 * i), name, fill=PALETTE[i % 6])
+    fmt = (lambda v: f"1e{v:.1f}") if log_y else (lambda v: f"{v:.3g}")
+    draw.text((2, top - 2), fmt(y1), fill=(0, 0, 0))
+    draw.text((2, bottom - 10), fmt(y0), fill=(0, 0, 0))
+    draw.text((left, bottom + 3), f"{title}  (iteration {x0:.0f}..{x1:.0f})", fill=(0, 0, 0))
+    return img
+
+
+def save_curves_figure(path, histories):
+    """Training curves of each distillation run: losses, and energy distance to data on 2,000 samples."""
+    rows = []
+    for name, hist in histories.items():
+        def col(key):
+            pts = [(h["iter"], h[key]) for h in hist if key in h]
+            return ([p[0] for p in pts], [p[1] for p in pts])
+        losses = {k: col(k) for k in ("loss_dm", "loss_fake", "loss_g_gan", "loss_d_gan") if col(k)[0]}
+        panels = [line_panel(losses, f"{name}: losses", log_y=True),
+                  line_panel({"energy": col("energy")}, f"{name}: energy distance", log_y=True)]
+        rows.append(panels)
+    fig = Image.new("RGB", (2 * 364, 224 * len(rows)), "white")
+    for r, panels in enumerate(rows):
+        for c, p in enumerate(panels):
+            fig.paste(p, (c * 364, r * 224))
+    fig.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main run and ablation.
+
+
+def setup(cfg):
+    check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    return device
+
+
+def run(cfg):
+    """Teacher, then the 1-step and K-step students, then exact metrics and pictures. Returns metrics."""
+    device = setup(cfg)
+    start = time.time()
+    mix = make_mixture(cfg.dataset)
+    progress = not cfg.quiet
+    teacher = train_teacher(cfg, mix, device, progress)
+    D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
+    one = [cfg.sigma_max]
+    many = parse_sigmas(cfg.kstep_sigmas)
+    G1, hist1, field = distill(cfg, mix, teacher, D_real, 1, one, device, progress,
+                               record_field_at=cfg.iters // 10)
+    GK, histK, _ = distill(cfg, mix, teacher, D_real, cfg.ksteps, many, device, progress)
+
+    n = cfg.num_eval
+    with torch.no_grad():
+        rows = {
+            "data": sample_mixture(mix, n),
+            "teacher": heun_sampler(teacher, torch.randn(n, 2, device=device), cfg.heun_steps,
+                                    cfg.sigma_min, cfg.sigma_max, cfg.rho).cpu(),
+            "student_1step": generate(G1, torch.randn(n, 2, device=device), one).cpu(),
+            f"student_{cfg.ksteps}step": generate(GK, torch.randn(n, 2, device=device), many).cpu(),
+        }
+    reference = sample_mixture(mix, n)     # fresh data: the "data" row's distance is the noise floor
+    metrics = {name: evaluate(mix, x, reference) for name, x in rows.items()}
+    metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
+    metrics["student_1step"]["nfe"] = 1
+    metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps
+    result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": asdict(cfg)}
+
+    os.makedirs(cfg.out, exist_ok=True)
+    np.savez(os.path.join(cfg.out, "samples.npz"), means=mix.means.numpy(), stds=mix.stds.numpy(),
+             weights=mix.weights.numpy(), **{k: v.float().numpy() for k, v in rows.items()})
+    lim = float(mix.means.abs().max()) + 1.0
+    save_samples_figure(os.path.join(cfg.out, "samples.png"), mix, rows, lim)
+    if field is not None:
+        save_field_figure(os.path.join(cfg.out, "dm_field.png"), mix, field, lim)
+    save_curves_figure(os.path.join(cfg.out, "curves.png"), {"1-step": hist1, f"{cfg.ksteps}-step": histK})
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def format_table(metrics):
+    lines = ["| samples | NFE | log-likelihood | modes covered | weight TV | energy distance |",
+             "|---|---|---|---|---|---|"]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | {m.get('nfe', '-')} | {m['log_likelihood']:.3f} | "
+                     f"{m['modes_covered']}/{m['num_modes']} | {m['weight_tv']:.3f} | {m['energy_distance']:.4f} |")
+    return "\n".join(lines)
+
+
+ABLATIONS = [  # (name, overrides, K-step?)
+    ("DMD2, 1-step", {}, False),
+    ("without TTUR (ratio 1)", {"dfake_gen_update_ratio": 1}, False),
+    ("without GAN", {"gen_gan_weight": 0.0, "disc_gan_weight": 0.0}, False),
+    ("GAN only (no DM)", {"dm": False}, False),
+    ("DMD2, 4-step", {}, True),
+    ("4-step without backward simulation", {"backward_simulation": False}, True),
+]
+
+
+def run_ablation(cfg):
+    """The paper's ablations (DMD2 Table 3 and Table 4) at toy scale, averaged over seeds.
+
+    Every row keeps the same number of generator updates, so "without TTUR" trains the fake score
+    dfake_gen_update_ratio times less, which is exactly what the rule is about.
+    """
+    device = setup(cfg)
+    mix = make_mixture(cfg.dataset)
+    gen_updates = cfg.iters // cfg.dfake_gen_update_ratio
+    results = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.ablation_seeds):
+        torch.manual_seed(seed)
+        teacher = train_teacher(cfg, mix, device, not cfg.quiet)
+        D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
+        reference = sample_mixture(mix, cfg.num_eval)
+        for name, over, multi in ABLATIONS:
+            c = Config(**{**asdict(cfg), **over})
+            c.iters = gen_updates * c.dfake_gen_update_ratio
+            sig = parse_sigmas(c.kstep_sigmas) if multi else [c.sigma_max]
+            torch.manual_seed(seed)
+            G, _, _ = distill(c, mix, teacher, D_real, len(sig), sig, device, not cfg.quiet)
+            with torch.no_grad():
+                x = generate(G, torch.randn(cfg.num_eval, 2, device=device), sig)
+            results.setdefault(name, []).append(evaluate(mix, x, reference))
+            results.setdefault((name, "samples"), x.cpu())
+    table = ["| run | log-likelihood | modes covered | weight TV | energy distance |", "|---|---|---|---|---|"]
+    summary = {}
+    for name, _, _ in ABLATIONS:
+        ms = results[name]
+        agg = {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms])))
+               for k in ("log_likelihood", "modes_covered", "weight_tv", "energy_distance")}
+        summary[name] = {"mean": {k: v[0] for k, v in agg.items()}, "std": {k: v[1] for k, v in agg.items()},
+                         "per_seed": ms}
+        table.append(f"| {name} | {agg['log_likelihood'][0]:.3f} ± {agg['log_likelihood'][1]:.3f} | "
+                     f"{agg['modes_covered'][0]:.1f}/{ms[0]['num_modes']} | "
+                     f"{agg['weight_tv'][0]:.3f} ± {agg['weight_tv'][1]:.3f} | "
+                     f"{agg['energy_distance'][0]:.4f} ± {agg['energy_distance'][1]:.4f} |")
+    os.makedirs(cfg.out, exist_ok=True)
+    text = (f"Ablation on '{cfg.dataset}', real score '{cfg.real_score}', {gen_updates} generator updates per run, "
+            f"mean ± std over {cfg.ablation_seeds} seeds, {cfg.num_eval} samples each.\n\n" + "\n".join(table) + "\n")
+    with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(cfg.out, "ablation.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    lim = float(mix.means.abs().max()) + 1.0
+    save_samples_figure(os.path.join(cfg.out, "ablation.png"), mix,
+                        {name: results[(name, "samples")] for name, _, _ in ABLATIONS}, lim)
+    return summary, text
+
+
+def parse_args(argv=None):
+    """Every Config field becomes a flag; its end-of-line comment above becomes its help text."""
+    helps = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        kind = parse_bool if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, nargs="?" if kind is parse_bool else None,
+                            const=True if kind is parse_bool else None,
+                            help=f"{helps.get(f.name, '')} (default: {f.default})")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        raise SystemExit(f"toy2d.py: {e}")
+    if cfg.ablation:
+        _, text = run_ablation(cfg)
+        print(text)
+        print(f"wrote {cfg.out}/ablation.md, ablation.json, ablation.png")
+        return
+    result = run(cfg)
+    print(format_table(result["metrics"]))
+    print(f"wall time {result['wall_time_s']} s; wrote {cfg.out}/samples.npz, metrics.json, samples.png, "
+          f"dm_field.png, curves.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,593 @@
+"""The networks of minDMD2 and the small utilities the training scripts share.
+
+Section 1 is NVIDIA EDM's class-conditional ImageNet-64 model (`edm-imagenet-64x64-cond-adm.pkl`): the ADM UNet of
+Dhariwal & Nichol (2021) as EDM's `DhariwalUNet` computes it, wrapped in EDM's preconditioning `EDMPrecond`
+(Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"). The state-dict keys are EDM's,
+so EDM weights load with strict=True and no renaming table. Section 2 reads EDM's pickle WITHOUT executing anything
+stored in it (EDM's own loader execs the Python source embedded in the file). Section 3 saves/loads our own
+checkpoints as plain state dicts. Section 4 is EDM's Heun sampler (Algorithm 2), used to draw teacher samples.
+
+Library use (the training scripts do this):
+    import torch, unet
+    net = unet.load_edm_pickle("edm-imagenet-64x64-cond-adm.pkl")                # 295,899,267 params, eval, no grad
+    y = torch.nn.functional.one_hot(torch.arange(8) % 1000, 1000).float()       # [8, 1000] class labels
+    D_x = net(80 * torch.randn(8, 3, 64, 64), 80.0, y)                          # denoised images D(x; sigma, y)
+    D_x, h = net(x, sigma, y, return_bottleneck=True)                           # + encoder output h [8, 768, 8, 8]
+    with torch.autocast("cuda", dtype=torch.bfloat16): D_x = net(x, sigma, y)   # mixed precision on GPU (DMD2 trains in bf16)
+    x0 = unet.edm_sampler(net, torch.randn(8, 3, 64, 64), y, num_steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+
+Command line (check a downloaded pickle, convert it to a plain checkpoint, draw a grid of teacher samples):
+    python unet.py edm-imagenet-64x64-cond-adm.pkl --out edm_imagenet64.pt                # ~20 s on CPU, writes 1.2 GB
+    python unet.py edm-imagenet-64x64-cond-adm.pkl --grid teacher.png --num 4 --steps 18   # CPU: ~15 min; one GPU: seconds
+    python unet.py edm-imagenet-64x64-cond-adm.pkl --grid teacher.png --num 64 --steps 256 --churn 40 --s_min 0.05 --s_max 50 --s_noise 1.003
+        # EDM's FID-1.36 settings (NFE 511) on one GPU
+One forward pass costs 219 GFLOP per 64x64 image (measured: ~6 s at batch 1 on one busy CPU core).
+"""
+import argparse
+import collections
+import contextlib
+import functools
+import io
+import math
+import os
+import pickle
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------------------------------
+# 1. EDM's ImageNet-64 network: DhariwalUNet (ADM) inside EDMPrecond, as in NVlabs/edm training/networks.py.
+
+# The kwargs of EDMPrecond for `edm-imagenet-64x64-cond-adm.pkl` (EDM train.py --cond=1 --arch=adm --dropout=0.10 --augment=0).
+EDM_IMAGENET64 = dict(
+    img_resolution=64,          # 64x64 RGB images
+    img_channels=3,
+    label_dim=1000,             # one-hot ImageNet class
+    model_channels=192,         # widths 192/384/576/768 at 64/32/16/8 px; embedding width 192*4 = 768
+    channel_mult=[1, 2, 3, 4],
+    channel_mult_emb=4,
+    num_blocks=3,               # 3 blocks per level in the encoder, 4 in the decoder
+    attn_resolutions=[32, 16, 8],
+    dropout=0.10,               # what the pickle stores; inactive in eval(). DMD2 rebuilds its nets with 0.0
+    label_dropout=0,            # not trained for classifier-free guidance
+    augment_dim=0,              # no augmentation conditioning, so no map_augment weights
+)
+
+
+def _uniform(shape, fan_in, zero=False):
+    """EDM's init for DhariwalUNet: kaiming_uniform * sqrt(1/3) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), or zeros (init_zero)."""
+    return torch.zeros(shape) if zero else (torch.rand(shape) * 2 - 1) / math.sqrt(fan_in)
+
+
+def no_autocast(device):
+    """Context that turns autocast off, so the ops inside run in the dtype of their inputs (a no-op on the meta device)."""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else contextlib.nullcontext()
+
+
+def group_norm(num_channels, eps=1e-5):
+    """EDM's GroupNorm: 32 groups, but at least 4 channels per group (so 16 groups at 64 channels)."""
+    return nn.GroupNorm(min(32, num_channels // 4), num_channels, eps=eps)
+
+
+class Linear32(nn.Linear):
+    """nn.Linear that stays in float32 under autocast. EDM casts only the image path to fp16 (DMD2: bf16); the noise/label
+    embedding and every block's affine(emb) are computed from fp32 inputs, hence in fp32.
+    nn.Linear's default init U(+-1/sqrt(fan_in)) is exactly EDM's `init` for DhariwalUNet."""
+
+    def forward(self, x):
+        with no_autocast(x.device):
+            return super().forward(x.float())
+
+
+class Conv2d(nn.Module):
+    """EDM's Conv2d: an optional 2x up- or down-sampling BEFORE a k x k convolution; kernel=0 means resampling only.
+    The resampling filter f = outer([1,1], [1,1]) / 4 is kept as the buffer `resample_filter` because EDM's state dict has it."""
+
+    def __init__(self, in_channels, out_channels, kernel, up=False, down=False, init_zero=False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.up, self.down = in_channels, out_channels, up, down
+        fan_in = in_channels * kernel * kernel
+        self.weight = nn.Parameter(_uniform([out_channels, in_channels, kernel, kernel], fan_in, init_zero)) if kernel else None
+        self.bias = nn.Parameter(_uniform([out_channels], fan_in, init_zero)) if kernel else None
+        self.register_buffer("resample_filter", torch.full([1, 1, 2, 2], 0.25) if up or down else None)
+
+    def forward(self, x):                                                          # x [B, C, H, W]
+        C = x.shape[1]
+        if self.up:    # depthwise transposed conv with 4f = ones(2,2), stride 2: nearest-neighbour upsampling -> [B, C, 2H, 2W]
+            x = F.conv_transpose2d(x, (4 * self.resample_filter).tile([C, 1, 1, 1]), groups=C, stride=2)
+        if self.down:  # depthwise conv with f = 0.25 ones(2,2), stride 2: 2x2 average pooling -> [B, C, H/2, W/2]
+            x = F.conv2d(x, self.resample_filter.tile([C, 1, 1, 1]), groups=C, stride=2)
+        if self.weight is not None:
+            x = F.conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2)
+        return x
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of c_noise with frequencies f_i = 10000^(-i/(C/2)); COS FIRST, then sin (as ADM's
+    timestep_embedding; only EDM's SongUNet flips it). Computed in float32. No parameters."""
+
+    def __init__(self, num_channels, max_positions=10000):
+        super().__init__()
+        self.num_channels, self.max_positions = num_channels, max_positions
+
+    def forward(self, x):                                                          # x [B] -> [B, num_channels]
+        half = self.num_channels // 2
+        freqs = (1 / self.max_positions) ** (torch.arange(half, dtype=torch.float32, device=x.device) / half)  # [half]
+        x = torch.outer(x.float(), freqs)                                          # [B, half]
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+def attention_fp32(q, k, v):
+    """softmax(q^T k / sqrt(c)) applied to v, the attention weights in float32 as EDM's AttentionOp does even in fp16/bf16.
+    q, k, v: [N, c, L] (N = batch * heads, c = channels per head, L = H*W) -> [N, c, L]."""
+    with no_autocast(q.device):                                                    # autocast would run the einsum in bf16
+        w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1])).softmax(dim=2)  # [N, L, L]
+    return torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
+
+
+class UNetBlock(nn.Module):
+    """One ADM residual block (+ optional self-attention), as EDM's UNetBlock with DhariwalUNet's settings
+    (adaptive_scale=True, skip_scale=1, resample_filter [1,1], resample_proj=False, 64 channels per head).
+    Children are registered in EDM's order so that state_dict() lists the keys as EDM's does."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, dropout=0.0, eps=1e-5):
+        super().__init__()
+        self.in_channels, self.out_channels, self.dropout = in_channels, out_channels, dropout
+        self.num_heads = out_channels // 64 if attention else 0
+        self.norm0 = group_norm(in_channels, eps)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down)
+        self.affine = Linear32(emb_channels, 2 * out_channels)                    # -> [scale, shift]
+        self.norm1 = group_norm(out_channels, eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, init_zero=True)
+        self.skip = None                                                           # identity when shapes agree
+        if out_channels != in_channels or up or down:                             # 1x1 conv if widths differ, else resample only
+            self.skip = Conv2d(in_channels, out_channels, 1 if out_channels != in_channels else 0, up=up, down=down)
+        if self.num_heads:
+            self.norm2 = group_norm(out_channels, eps)
+            self.qkv = Conv2d(out_channels, 3 * out_channels, 1)
+            self.proj = Conv2d(out_channels, out_channels, 1, init_zero=True)
+
+    def forward(self, x, emb):                                                     # x [B, C_in, H, W], emb [B or 1, E]
+        h = self.conv0(F.silu(self.norm0(x)))                                      # [B, C, H', W'] (resampled first)
+        scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)          # [B, C, 1, 1] each; the SCALE comes first
+        h = F.silu(shift + self.norm1(h) * (scale + 1))                            # ADM's scale-shift norm
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        h = h + (self.skip(x) if self.skip is not None else x)
+        if self.num_heads:
+            B, C, H, W = h.shape
+            # EDM's qkv layout: inside each head's 3*C/heads channels, channel c*3 + j is q (j=0), k (j=1) or v (j=2).
+            q, k, v = self.qkv(self.norm2(h)).reshape(B * self.num_heads, C // self.num_heads, 3, H * W).unbind(2)
+            h = h + self.proj(attention_fp32(q, k, v).reshape(B, C, H, W))
+        return h
+
+
+class DhariwalUNet(nn.Module):
+    """The ADM architecture as EDM's DhariwalUNet builds and runs it; constructor arguments are EDM's.
+    forward(x, noise_labels, class_labels) -> F_x [B, out_channels, H, W], the raw network output of EDM eq. 7."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=192,
+                 channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10,
+                 label_dropout=0.0):
+        super().__init__()
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        block = functools.partial(UNetBlock, emb_channels=emb_channels, dropout=dropout)
+
+        # Mapping network: c_noise -> sinusoids -> 2-layer MLP, + class embedding, then SiLU.
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = Linear32(augment_dim, model_channels, bias=False) if augment_dim else None
+        self.map_layer0 = Linear32(model_channels, emb_channels)
+        self.map_layer1 = Linear32(emb_channels, emb_channels)
+        self.map_label = Linear32(label_dim, emb_channels, bias=False) if label_dim else None  # no bias, no sqrt(label_dim) scaling
+        with torch.no_grad():                                                      # EDM's init for these two
+            if self.map_augment is not None:
+                self.map_augment.weight.zero_()
+            if self.map_label is not None:
+                self.map_label.weight.normal_()                                    # kaiming_normal * sqrt(label_dim) = N(0, 1)
+
+        # Encoder: per level, a downsampling block (a 3x3 conv at the top level), then num_blocks blocks.
+        self.enc = nn.ModuleDict()
+        c = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = Conv2d(c, model_channels * mult, 3)
+                c = model_channels * mult
+            else:
+                self.enc[f"{res}x{res}_down"] = block(c, c, down=True)
+            for i in range(num_blocks):
+                self.enc[f"{res}x{res}_block{i}"] = block(c, model_channels * mult, attention=res in attn_resolutions)
+                c = model_channels * mult
+        skips = [m.out_channels for m in self.enc.values()]                        # every encoder output is a skip
+
+        # Decoder: two blocks at the bottom (or an upsampling block), then num_blocks+1 blocks that each take a skip.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(c, c, attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(c, c)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(c, c, up=True)
+            for i in range(num_blocks + 1):
+                self.dec[f"{res}x{res}_block{i}"] = block(c + skips.pop(), model_channels * mult, attention=res in attn_resolutions)
+                c = model_channels * mult
+        self.out_norm = group_norm(c)
+        self.out_conv = Conv2d(c, out_channels, 3, init_zero=True)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_bottleneck=False,
+                bottleneck_only=False):
+        # x [B, C, H, W]; noise_labels [B] or [1]; class_labels [B, label_dim] or [1, label_dim]
+        emb = self.map_noise(noise_labels)                                         # [B, model_channels]
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))                        # [B, E]
+        if self.map_label is not None:
+            y = class_labels
+            if self.training and self.label_dropout:                              # drop whole label vectors (CFG training)
+                y = y * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(y.dtype)
+            emb = emb + self.map_label(y)                                          # the class is added BEFORE the last SiLU
+        emb = F.silu(emb)
+
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        bottleneck = x                                                             # [B, 768, 8, 8] at full size: DMD2's GAN input
+        if bottleneck_only:                                                        # the GAN head needs no decoder
+            return bottleneck
+
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:                                   # true for every _block{i}, never for in0/in1/up
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        x = self.out_conv(F.silu(self.out_norm(x)))                                # [B, out_channels, H, W]
+        return (x, bottleneck) if return_bottleneck else x
+
+
+class EDMPrecond(nn.Module):
+    """EDM's preconditioned denoiser D(x; sigma, y) = c_skip x + c_out F(c_in x; c_noise, y) (EDM eq. 7 and Table 1).
+    It has no tensors of its own; the network is self.model, so every state-dict key starts with `model.`.
+    Mixed precision comes from the caller's autocast; unlike EDM there is no use_fp16 switch."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, **model_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim, self.sigma_data = img_resolution, img_channels, label_dim, sigma_data
+        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                                sigma_data=sigma_data, **model_kwargs)             # to rebuild the net from a checkpoint
+        self.model = DhariwalUNet(img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+                                  label_dim=label_dim, **model_kwargs)
+
+    def forward(self, x, sigma, class_labels=None, return_bottleneck=False, augment_labels=None, bottleneck_only=False):
+        # bottleneck_only=True returns just the encoder output h [B, C_b, H/8, W/8] and skips the decoder, as DMD2's
+        # GAN branch does (about half the cost of a full forward).
+        x = x.float()                                                              # [B, C, H, W]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)  # [B or 1, 1, 1, 1]
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:                                                 # "no class": a zero label row, broadcast
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.float().reshape(-1, self.label_dim)       # [B, label_dim]
+
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)                                  # EDM Table 1
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        out = self.model(c_in * x, c_noise.flatten(), class_labels, augment_labels=augment_labels,
+                         return_bottleneck=return_bottleneck, bottleneck_only=bottleneck_only)
+        if bottleneck_only:
+            return out
+        F_x, bottleneck = out if return_bottleneck else (out, None)
+        D_x = c_skip * x + c_out * F_x.float()                                     # EDM eq. 7; float32 even under autocast
+        return (D_x, bottleneck) if return_bottleneck else D_x
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# 2. Reading EDM's pickle without executing it (format: NVlabs/edm torch_utils/persistence.py, training/training_loop.py).
+#
+# EDM's snapshot is pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...)). Every EDM class is
+# pickled by torch_utils.persistence as _reconstruct_persistent_obj(meta), meta = dict(type='class', version=6,
+# module_src=<source of training/networks.py>, class_name=..., state=<the object's __dict__>). EDM's loader execs
+# module_src; we keep only class_name and state. Tensors arrive as torch._utils._rebuild_tensor_v2(storage, ...) whose
+# storage is torch.storage._load_from_bytes(<a legacy torch.save of it>), which we decode with weights_only=True.
+# Any other global in the file is refused.
+
+class _Node:
+    """Data-only stand-in for one pickled object: its class name and its state (the object's __dict__)."""
+    class_name, state = None, None
+
+    def __setstate__(self, state):                                                 # BUILD opcode of an object pickled by reference
+        self.state = state
+
+
+class _ModuleDictNode(_Node):
+    class_name = "ModuleDict"                                                     # DhariwalUNet.enc / .dec
+
+
+def _persistent_node(meta):
+    """Replaces torch_utils.persistence._reconstruct_persistent_obj: keeps class_name and state, never runs module_src."""
+    if not (isinstance(meta, dict) and meta.get("type") == "class" and meta.get("version") == 6 and "state" in meta):
+        raise pickle.UnpicklingError("unsupported torch_utils.persistence record (expected type 'class', version 6)")
+    node = _Node()
+    node.class_name, node.state = str(meta.get("class_name")), meta["state"]
+    return node
+
+
+def _load_storage(data):
+    """Replaces torch.storage._load_from_bytes, which would run torch.load(weights_only=False) on bytes from the file."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError("a tensor storage record does not hold bytes")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """torch._utils._rebuild_tensor_v2 without backward hooks or metadata: a plain tensor viewing `storage`, which must
+    contain the whole view (torch would silently grow the storage instead)."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError(f"a tensor record refers to a {type(storage).__name__}, not a tensor storage")
+    size, stride = tuple(size), tuple(stride)
+    if not (len(size) == len(stride) and all(isinstance(v, int) and v >= 0 for v in (storage_offset, *size, *stride))):
+        raise pickle.UnpicklingError(f"malformed tensor record: offset {storage_offset}, size {size}, stride {stride}")
+    if math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.size():
+        raise pickle.UnpicklingError(f"a tensor of size {size} reaches past the end of its storage ({storage.size()} elements)")
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    return data                                                                    # we only need the values
+
+
+def _numpy_dtype(name, align=False, copy=False):
+    if name not in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1"):
+        raise pickle.UnpicklingError(f"numpy dtype {name!r} is not a plain numeric type")
+    return np.dtype(name, False, True)                                             # a copy: BUILD then calls its __setstate__
+
+
+def _numpy_scalar(dtype, data):
+    """numpy scalars (EDM's init kwargs hold np.sqrt(1/3)) decoded from their raw bytes into a Python number."""
+    if not (isinstance(dtype, np.dtype) and isinstance(data, bytes) and len(data) == dtype.itemsize):
+        raise pickle.UnpicklingError("malformed numpy scalar")
+    return np.frombuffer(data, dtype=dtype)[0].item()
+
+
+_ALLOWED_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_node,
+    ("torch.nn.modules.container", "ModuleDict"): _ModuleDictNode,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("numpy", "dtype"): _numpy_dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,                           # numpy 1.x name
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,                          # numpy 2.x name
+}
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a function or class that the restricted unpickler does not allow."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals in _ALLOWED_GLOBALS (to our data-only stand-ins); anything else is refused by name."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[module, name]
+        raise ForbiddenGlobal(f"{self.path}: refusing to load the global '{module}.{name}': an EDM network pickle needs "
+                              "only tensors, plain containers and torch_utils.persistence records")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+
+
+def load_persistence_pickle(path):
+    """Unpickle an EDM network pickle (torch_utils.persistence format) into plain data: dicts, lists, tensors and _Node
+    objects. No code from the file runs. Raises ForbiddenGlobal naming any global outside _ALLOWED_GLOBALS, ValueError if
+    the file is not such a pickle."""
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")       # the file's storages are typed ones
+        try:
+            return _RestrictedUnpickler(f, path).load()
+        except ForbiddenGlobal:
+            raise
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable network pickle ({type(e).__name__}: {e}); "
+                             "torch.save checkpoints go through load_checkpoint") from None
+
+
+def persistent_state_dict(node, prefix=""):
+    """The state_dict() of a pickled module tree, computed from the data alone, in Module.state_dict()'s order:
+    own parameters, own persistent buffers, then children (None entries are skipped, as torch does)."""
+    state = node.state if isinstance(node, _Node) else None
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))):
+        raise ValueError(f"'{prefix.rstrip('.') or 'root'}' is not a pickled torch module")
+    out = {}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    tensors = list(state["_parameters"].items()) + [(k, v) for k, v in state["_buffers"].items() if k not in skip]
+    for name, t in tensors:
+        if t is not None:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"'{prefix}{name}' is a {type(t).__name__}, not a tensor")
+            out[prefix + name] = t
+    for name, child in state["_modules"].items():
+        if child is not None:
+            out.update(persistent_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+def load_edm_pickle(path, device="cpu", dropout=None):
+    """Our EDMPrecond with the `ema` weights of an EDM network pickle (e.g. edm-imagenet-64x64-cond-adm.pkl), built from the
+    constructor arguments stored in the file; eval mode, requires_grad False. `dropout` overrides the stored value
+    (0.10 for ImageNet-64; DMD2 uses 0.0 for the nets it trains). Errors name the file and the problem."""
+    data = load_persistence_pickle(path)
+    ema = data.get("ema") if isinstance(data, dict) else None
+    if not isinstance(ema, _Node) or ema.class_name != "EDMPrecond" or not isinstance(ema.state, dict):
+        found = f"a {type(data).__name__}" if not isinstance(data, dict) else f"'ema' = {getattr(ema, 'class_name', ema)!r}"
+        raise ValueError(f"{path}: not an EDM network pickle: expected a dict whose 'ema' is a persistent EDMPrecond, found {found}")
+
+    # Constructor arguments, as recorded by persistence.persistent_class; drop the ones our EDMPrecond does not take.
+    kwargs = ema.state.get("_init_kwargs")
+    if not isinstance(kwargs, dict) or ema.state.get("_init_args"):
+        raise ValueError(f"{path}: the EDMPrecond in 'ema' has no usable recorded constructor arguments (_init_kwargs)")
+    kwargs = dict(kwargs)
+    if kwargs.pop("model_type", "DhariwalUNet") != "DhariwalUNet":
+        raise ValueError(f"{path}: only EDM's DhariwalUNet (ADM) is supported, this pickle holds a {ema.state['_init_kwargs']['model_type']}")
+    kwargs.pop("use_fp16", None)                                                   # EDM's fp16 switch; we use autocast instead
+    for name, default in (("sigma_min", 0), ("sigma_max", float("inf"))):       # EDMPrecond's defaults, never changed by EDM
+        if kwargs.pop(name, default) != default:
+            raise ValueError(f"{path}: {name}={ema.state['_init_kwargs'][name]} is not supported (only EDM's default {default})")
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    try:
+        with torch.device("meta"):                                                 # no memory, no init: weights come from the file
+            net = EDMPrecond(**kwargs)
+    except (TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: cannot build EDMPrecond from the pickle's arguments {kwargs}: {e}") from None
+
+    try:
+        sd = persistent_state_dict(ema)
+    except ValueError as e:
+        raise ValueError(f"{path}: not an EDM network pickle: {e}") from None
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [f"{k}: file {tuple(sd[k].shape)}, network {tuple(expected[k].shape)}"
+                  for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path}: the 'ema' weights do not fit EDMPrecond({kwargs}):\n"
+                         f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {mismatched}")
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)  # assign: replaces the meta tensors
+    return net.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# 3. Our own checkpoints: plain dicts of tensors and plain data, e.g.
+#    save_checkpoint({"init_kwargs": net.init_kwargs, "state_dict": net.state_dict()}, "gen.pt")
+#    ck = load_checkpoint("gen.pt"); net = EDMPrecond(**ck["init_kwargs"]); net.load_state_dict(ck["state_dict"])
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash never leaves a half-written file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True): tensors and plain containers only, nothing in the file is executed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a weights-only torch checkpoint (EDM .pkl files go through load_edm_pickle): "
+                         f"{type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# 4. EDM's sampler (Karras et al. 2022, Algorithm 2), to draw teacher samples.
+
+def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1.
+    Descending float64 [N], without the final sigma_N = 0."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+@torch.no_grad()
+def edm_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, generator=None):
+    """Heun's 2nd-order sampler with optional churn (EDM Algorithm 2); NFE = 2 num_steps - 1. S_churn=0 is the
+    deterministic probability-flow ODE. latents ~ N(0, I) [B, C, H, W]; returns x_0 in float64 (as EDM)."""
+    t_steps = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)]).to(latents.device)
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):          # i = 0..N-1
+        x_cur = x_next
+        # Increase the noise level temporarily: t_hat = t (1 + gamma), adding fresh noise of the missing variance.
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur
+        if gamma > 0:
+            eps = torch.randn(x_cur.shape, generator=generator, dtype=torch.float64, device=x_cur.device)
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * eps
+        # Euler step from t_hat to t_next along dx/dt = (x - D(x; t)) / t.
+        d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        # 2nd-order (trapezoidal) correction, except on the last step to t = 0.
+        if i < num_steps - 1:
+            d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# ---- SDXL UNet
+# (section reserved for the SDXL UNet)
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# Command line: check and convert an EDM pickle, draw teacher samples.
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Load an EDM network pickle safely; convert it or sample from it.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("pkl", help="EDM network pickle, e.g. edm-imagenet-64x64-cond-adm.pkl")
+    p.add_argument("--out", default=None, help="write {'init_kwargs', 'state_dict'} here (load with load_checkpoint)")
+    p.add_argument("--grid", default=None, help="write a PNG grid of teacher samples here")
+    p.add_argument("--num", type=int, default=16, help="number of samples in the grid")
+    p.add_argument("--steps", type=int, default=18, help="Heun steps (NFE = 2 steps - 1)")
+    p.add_argument("--churn", type=float, default=0.0, help="S_churn (0: deterministic ODE sampler)")
+    p.add_argument("--s_min", type=float, default=0.0, help="S_min")
+    p.add_argument("--s_max", type=float, default=float("inf"), help="S_max")
+    p.add_argument("--s_noise", type=float, default=1.0, help="S_noise")
+    p.add_argument("--seed", type=int, default=0, help="seed for latents, labels and churn noise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    net = load_edm_pickle(args.pkl, device=args.device)
+    print(f"{args.pkl}: EDMPrecond {net.init_kwargs}, {sum(t.numel() for t in net.parameters()):,} parameters")
+    if args.out:
+        save_checkpoint({"init_kwargs": net.init_kwargs, "state_dict": net.state_dict()}, args.out)
+        print(f"wrote {args.out}")
+    if args.grid:
+        from PIL import Image
+        g = torch.Generator(args.device).manual_seed(args.seed)
+        res, C = net.img_resolution, net.img_channels
+        latents = torch.randn([args.num, C, res, res], generator=g, device=args.device)
+        labels = None
+        if net.label_dim:                                                          # random classes, as EDM's generate.py
+            labels = F.one_hot(torch.randint(net.label_dim, [args.num], generator=g, device=args.device), net.label_dim).float()
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
+            x = edm_sampler(net, latents, labels, num_steps=args.steps, S_churn=args.churn, S_min=args.s_min,
+                            S_max=args.s_max, S_noise=args.s_noise, generator=g)
+        x = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()                  # EDM's rounding to uint8
+        n = math.ceil(math.sqrt(args.num))
+        x = torch.cat([x, torch.zeros([n * n - args.num, C, res, res], dtype=torch.uint8)])
+        x = x.reshape(n, n, C, res, res).permute(0, 3, 1, 4, 2).reshape(n * res, n * res, C)  # [n*res, n*res, C]
+        Image.fromarray(x.squeeze(-1).numpy() if C == 1 else x.numpy()).save(args.grid)
+        print(f"wrote {args.grid}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from diffusers.models.embeddings import get_timestep_embedding
 
-from _wip_sdxl_unet import (SDXLUNet, SDXLUNetConfig, TransformerBlock, ResBlock, diffusers_to_sgm_unet,
+from unet import (SDXLUNet, SDXLUNetConfig, TransformerBlock, ResBlock, diffusers_to_sgm_unet,
                             load_sdxl_unet_state, sgm_key, timestep_embedding)
 
 # Two tiny configurations: SDXL-like (no attention at level 0), and one with attention at level 0,

@@ -1,36 +1,118 @@
-"""SDXL in plain PyTorch, for DMD2 text-to-image distillation (Yin et al. 2024, Sec. 5 and App. C).
+"""SDXL in plain PyTorch, and DMD2's 4-step text-to-image distillation of it (Yin et al. 2024, Sec. 4.4-4.5, 5, App. C, F.4).
 
 Reads Stability's single-file checkpoint `sd_xl_base_1.0.safetensors` with a hand-written safetensors reader
 and rebuilds the two text encoders (CLIP ViT-L/14, OpenCLIP ViT-bigG/14), their BPE tokenizer, the
 micro-conditioning vector and the VAE, with module names equal to the checkpoint's keys so that loading
-needs no renaming table. Only torch, numpy, pillow, tqdm and scipy are imported.
+needs no renaming table; the UNet is in unet.py. Then: the DDPM schedule, DMD2's 4-step / 1-step samplers and
+the teacher's Euler sampler with classifier-free guidance, and DMD2 training (distribution matching, fake-score
+update with TTUR, GAN head on the fake UNet, backward simulation). Only torch, numpy, pillow, tqdm and scipy are imported.
 Upstream sources of each part are named where it is built: Stability-AI/generative-models ("sgm"), openai/CLIP,
 mlfoundations/open_clip, huggingface transformers/diffusers (test references), tianweiy/DMD2.
 
-Run it (CPU is fine for these; no weights are needed for `tokenize`):
-    python sdxl.py tokenize "a photo of a cat"               # CLIP BPE ids for both encoders (< 1 s)
-    python sdxl.py inspect sd_xl_base_1.0.safetensors        # tensor counts, dtypes and bytes per prefix (< 1 s)
+Generate (one GPU; ~7 GB of weights: bf16 UNet and text encoders, fp32 VAE; the UNet file is tianweiy/DMD2's release):
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin \
+        --prompt "a photo of a cat" --steps 4 --seed 0 --out cat.png            # DMD2: t = 999, 749, 499, 249
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_1step_unet_fp16.bin --steps 1 ...   # t = 399
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --prompt "..." --steps 30 --guidance 8 --out base.png  # the teacher: Euler + CFG
+Train (DMD2 SDXL 4-step; three 2.6B UNets + two AdamW do not fit one 80 GB GPU: FSDP over N GPUs, 2 images per GPU;
+the paper used 64 A100 for ~60 h, batch 128, 20k iterations):
+    python sdxl.py encode --ckpt sd_xl_base_1.0.safetensors --images laion_images/ --out latents/   # once: cat.png + cat.txt -> latents
+    torchrun --nproc_per_node=8 sdxl.py train --ckpt sd_xl_base_1.0.safetensors --prompts prompts.txt --latents latents/
+    torchrun --nproc_per_node=8 sdxl.py train ... --resume                                          # continue from --outdir
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet out/sdxl/generator.safetensors --prompt "..." --out img.png
+Tiny CPU mode (random tiny text encoders / VAE / UNet built from configs, no weights needed; seconds on a laptop):
+    python sdxl.py encode --preset tiny --images my_images/ --out out/tiny_latents       # any images with .txt captions
+    python sdxl.py train --preset tiny --latents out/tiny_latents                        # 10 iterations, backward simulation
+    python sdxl.py generate --preset tiny --unet out/sdxl_tiny/generator.safetensors --prompt "a cat" --out tiny.png
+Latency and peak memory at 1024x1024, 4 steps, bf16, ours vs diffusers' StableDiffusionXLPipeline on the same weights (CUDA):
+    python sdxl.py bench --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin
+Inspect (CPU, < 1 s):
+    python sdxl.py tokenize "a photo of a cat"               # CLIP BPE ids for both encoders
+    python sdxl.py inspect sd_xl_base_1.0.safetensors        # tensor counts, dtypes and bytes per prefix
 In Python (one GPU; ~1.7 GB of text encoders in fp16 + 0.33 GB of VAE in fp32):
     clip_l, clip_g, vae = load_sdxl_parts("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.float16)
     context, pooled = encode_prompt(clip_l, clip_g, ["a photo of a cat"])     # [1, 77, 2048], [1, 1280]
     y = vector_cond(pooled, (1024, 1024), (0, 0), (1024, 1024))               # [1, 2816]
     images = vae.decode(latents)                                              # [B, 3, 8h, 8w] in about [-1, 1]
+
+Expected (the PAPER's figures, not measured by us): DMD2 4-step COCO-10k FID 19.32, 1-step 19.01, teacher (100 NFE, CFG 8) 20.39.
 """
 import argparse
+import dataclasses
 import functools
+import glob
 import gzip
 import html
+import inspect
 import json
 import math
 import mmap
 import os
 import re
+import time
 import unicodedata
 from dataclasses import dataclass
 
+import numpy as np
+import PIL.Image
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+try:  # FSDP2; torch >= 2.6 exports it here, 2.4-2.5 only under _composable
+    from torch.distributed.fsdp import fully_shard
+except ImportError:
+    from torch.distributed._composable.fsdp import fully_shard
+
+import unet
+from unet import SDXLUNet, SDXLUNetConfig, diffusers_to_sgm_unet, load_sdxl_unet_state, timestep_embedding
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults: the official SDXL 4-step run (tianweiy/DMD2 experiments/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_scratch.sh, paper App. F.4).
+
+@dataclass
+class Config:
+    preset: str = ""                      # "" = SDXL base 1.0 from --ckpt; "tiny" = random tiny models on CPU, seconds
+    ckpt: str = ""                        # sd_xl_base_1.0.safetensors: teacher, generator and fake-score init, text encoders, VAE
+    prompts: str = ""                     # generator prompts, one per line ("" = the captions stored in --latents)
+    latents: str = ""                     # folder written by `sdxl.py encode`: real latents + captions for the GAN's real branch
+    outdir: str = "out/sdxl"              # checkpoint.pt (resume), generator.safetensors (generate --unet), samples_*.png, log.txt
+    seed: int = 0                         # prompts, noise, t and k are a pure function of (seed, step, rank): resuming is exact
+    device: str = ""                      # "" = cuda:LOCAL_RANK if available, else cpu
+    total_steps: int = 20_000             # iterations (paper F.4: 20k for 4 steps; the released UNet is from 19k)
+    batch_gpu: int = 2                    # images per GPU and iteration (x 64 GPUs = 128 in the paper)
+    resolution: int = 1024                # image side in pixels; latents are resolution / 8
+    num_denoising_step: int = 4           # generator steps: 4 -> t = 999, 749, 499, 249; 1 -> t = conditioning_timestep
+    conditioning_timestep: int = 399      # t given to a 1-step generator on pure noise (DMD2's 1-step SDXL)
+    guidance_scale: float = 8.0           # teacher CFG: eps_u + s (eps_c - eps_u) (official real_guidance_scale)
+    dfake_gen_update_ratio: int = 5       # TTUR: critic updates per generator update (DMD2 Sec. 4.2)
+    generator_lr: float = 5e-7            # AdamW learning rate of the generator
+    guidance_lr: float = 5e-7             # AdamW learning rate of the fake score + GAN head
+    beta1: float = 0.9                    # AdamW beta1
+    beta2: float = 0.999                  # AdamW beta2
+    weight_decay: float = 0.01            # AdamW weight decay
+    warmup_steps: int = 500               # linear warm-up from 0 (diffusers' constant_with_warmup, as official)
+    max_grad_norm: float = 10.0           # gradient clipping of both networks
+    min_step_percent: float = 0.02        # DM gradient: t from 0.02 * 1000 = 20 ...
+    max_step_percent: float = 0.98        # ... to 0.98 * 1000 = 980 (inclusive)
+    gen_cls_loss_weight: float = 5e-3     # GAN weight in the generator loss
+    guidance_cls_loss_weight: float = 1e-2  # GAN (discriminator) weight in the critic loss
+    precision: str = "bf16"               # "bf16": autocast + bf16 teacher, fake UNet in fp32 inside the DM loss; "fp32": none
+    tf32: bool = True                     # allow TF32 matmuls/convs on Ampere+ (official does)
+    checkpointing: bool = True            # activation checkpointing in the generator and the fake UNet
+    log_every: int = 10                   # print losses every N iterations
+    ckpt_every: int = 500                 # write checkpoint.pt + generator.safetensors every N iterations (0 = only at the end)
+    sample_every: int = 500               # write a 4-image PNG of fixed prompts and noise every N iterations (0 = never)
+    resume: bool = False                  # continue from outdir/checkpoint.pt
+
+
+PRESETS = {
+    "tiny": dict(outdir="out/sdxl_tiny", total_steps=10, resolution=128, generator_lr=1e-4, guidance_lr=1e-4,
+                 warmup_steps=0, precision="fp32", log_every=1, ckpt_every=5, sample_every=5),
+}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB_PATH = os.path.join(HERE, "bpe_simple_vocab_16e6.txt.gz")  # CLIP's BPE merges (MIT, from open_clip/openai CLIP)
@@ -416,19 +498,14 @@ def encode_prompt(clip_l, clip_g, prompts, vocab_path=VOCAB_PATH):
     return torch.cat([clip_l(ids_l).to(context_g.dtype), context_g], dim=-1), pooled
 
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding with the cos half first (sgm's util.timestep_embedding). t [N] -> [N, dim]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)  # [half]
-    args = t.float()[:, None] * freqs[None]                                                                   # [N, half]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+SIZE_COND_DIM = 6 * 256  # the six size embeddings that follow the pooled text embedding in y
 
 
 def vector_cond(pooled, original_size=(1024, 1024), crop_coords=(0, 0), target_size=(1024, 1024)):
     """SDXL micro-conditioning y (SDXL paper Sec. 2.2; sgm ConcatTimestepEmbedderND): [pooled bigG | E(orig h) E(orig w) E(crop top) E(crop left) E(target h) E(target w)],
     each E a 256-d embedding of the raw pixel number. pooled [B, 1280] -> y [B, 1280 + 6*256 = 2816]; sizes are (height, width)."""
     sizes = torch.tensor([*original_size, *crop_coords, *target_size], dtype=torch.float32, device=pooled.device)  # [6]
-    emb = timestep_embedding(sizes, 256).reshape(1, 6 * 256).expand(len(pooled), -1)                               # [B, 1536]
+    emb = timestep_embedding(sizes, 256).reshape(1, SIZE_COND_DIM).expand(len(pooled), -1)                          # [B, 1536]
     return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)
 
 
@@ -604,7 +681,792 @@ def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.flo
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line. Sampling and DMD2 training sub-commands come with their sections.
+# The UNet's weights from any of the files people have, and the CPU mode's tiny models.
+
+def load_unet_state(path, cfg=SDXLUNetConfig()):
+    """sgm-named UNet state dict (CPU tensors, memory-mapped for .safetensors) from any of: sd_xl_base_1.0.safetensors
+    (its model.diffusion_model. subtree), our generator.safetensors or checkpoint.pt, or DMD2's diffusers-named
+    dmd2_sdxl_{4,1}step_unet_fp16.bin / .safetensors (renamed by diffusers_to_sgm_unet)."""
+    if path.endswith(".safetensors"):
+        state = read_safetensors(path)
+    else:
+        state = unet.load_checkpoint(path)                     # torch.load(weights_only=True): nothing in the file is executed
+        if isinstance(state, dict) and isinstance(state.get("generator"), dict):
+            state = state["generator"]                         # our checkpoint.pt
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"{path}: expected a UNet state dict (name -> tensor)")
+    if any(k.startswith(PREFIX_UNET) for k in state):
+        state = {k[len(PREFIX_UNET):]: v for k, v in state.items() if k.startswith(PREFIX_UNET)}
+    if "conv_in.weight" in state:                              # diffusers names (DMD2's release)
+        state = diffusers_to_sgm_unet(state, cfg, path)
+    return state
+
+
+def build_unet(state, cfg, device, dtype, source):
+    """A frozen SDXLUNet holding state, built on the meta device: only the (device, dtype) copy is ever allocated."""
+    with torch.device("meta"):
+        net = SDXLUNet(cfg)
+    load_sdxl_unet_state(net, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, source, assign=True)
+    return net.eval().requires_grad_(False)
+
+
+# --preset tiny: the real tokenizer (hence CLIP's 49,408 tokens and 77 positions), everything else small and random.
+TINY_CLIP_L = TextConfig(width=32, layers=2, heads=2)
+TINY_CLIP_G = TextConfig(width=32, layers=2, heads=2, act="gelu", embed_dim=32)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)          # still 8x smaller latents
+TINY_UNET = SDXLUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
+                           num_head_channels=32, context_dim=32 + 32, adm_in_channels=32 + SIZE_COND_DIM)
+
+
+def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float32):
+    """{clip_l, clip_g, vae (frozen, on device), unet_state, unet_cfg, vae_cfg, source}: SDXL base from ckpt, or
+    with preset "tiny" random tiny modules from a fixed seed, so that encode, train and generate all see the same ones."""
+    if preset == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip_l, clip_g, vae = CLIPTextModel(TINY_CLIP_L), OpenCLIPTextModel(TINY_CLIP_G), AutoencoderKL(TINY_VAE)
+            state = SDXLUNet(TINY_UNET).state_dict()
+        clip_l, clip_g = (m.to(device, dtype).eval().requires_grad_(False) for m in (clip_l, clip_g))
+        vae = vae.to(device, vae_dtype).eval().requires_grad_(False)
+        return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=state, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE,
+                    source="the tiny random UNet")
+    if preset:
+        raise ValueError(f"unknown preset {preset!r} (known: tiny)")
+    if not ckpt:
+        raise ValueError("--ckpt sd_xl_base_1.0.safetensors is required (or --preset tiny for random tiny models)")
+    clip_l, clip_g, vae = load_sdxl_parts(ckpt, device, dtype, vae_dtype)
+    return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
+                unet_cfg=SDXLUNetConfig(), vae_cfg=VAEConfig(), source=ckpt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data. Generator prompts: a text file, one per line. Real images for the GAN (DMD2 Sec. 4.3, App. F.4: LAION images
+# as SDXL-VAE latents, each with its own caption): `encode` turns a folder of images with captions (cat.png + cat.txt)
+# into shards latents_00000.safetensors, ... holding "latents" [N, 4, R/8, R/8] (fp16) and the N captions as JSON
+# in the metadata.
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_prompts(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the prompts ({e})") from None
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (expected one per line)")
+    return prompts
+
+
+def image_caption_pairs(folder):
+    """[(image path, caption)] for every image in folder, each with a caption file of the same name: cat.png + cat.txt."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXT))
+    if not names:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXT)})")
+    pairs = []
+    for name in names:
+        image, txt = os.path.join(folder, name), os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+        if not os.path.isfile(txt):
+            raise ValueError(f"{image}: no caption (expected the text file {txt})")
+        with open(txt, encoding="utf-8") as f:
+            caption = f.read().strip()
+        if not caption:
+            raise ValueError(f"{txt}: empty caption")
+        pairs.append((image, caption))
+    return pairs
+
+
+def load_image(path, resolution):
+    """RGB image -> [3, R, R] in [-1, 1]: shorter side resized to R (Lanczos), then the center R x R crop."""
+    try:
+        with PIL.Image.open(path) as f:
+            image = f.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"{path}: cannot read the image ({e})") from None
+    scale = resolution / min(image.size)
+    w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((w, h), PIL.Image.LANCZOS)
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = np.asarray(image.crop((left, top, left + resolution, top + resolution)))  # [R, R, 3] uint8
+    return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_folder(vae, folder, out, resolution, batch=8, shard_size=1000, seed=0):
+    """Encode every captioned image of folder once (VAE posterior SAMPLES, as DMD2's generate_vae_latents.py) into
+    out/latents_00000.safetensors, ...; each shard is written atomically. Returns the number of images."""
+    pairs = image_caption_pairs(folder)
+    if glob.glob(os.path.join(glob.escape(out), "latents_*.safetensors")):
+        raise ValueError(f"{out}: already holds latents_*.safetensors shards; choose an empty folder")
+    os.makedirs(out, exist_ok=True)
+    device = vae.quant_conv.weight.device
+    g = torch.Generator(device).manual_seed(seed)
+    for s in range(0, len(pairs), shard_size):
+        chunk, latents = pairs[s:s + shard_size], []
+        for i in range(0, len(chunk), batch):
+            images = torch.stack([load_image(path, resolution) for path, _ in chunk[i:i + batch]]).to(device)  # [b, 3, R, R]
+            latents.append(vae.encode(images, sample=True, generator=g).float().cpu())                         # [b, 4, R/8, R/8]
+        write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"), {"latents": torch.cat(latents).half()},
+                          {"captions": json.dumps([c for _, c in chunk]), "resolution": str(resolution)})
+    return len(pairs)
+
+
+class LatentDataset:
+    """The shards written by encode_folder, memory-mapped: sample(n, g) -> (latents [n, 4, R/8, R/8] float32, n captions)."""
+
+    def __init__(self, folder, resolution):
+        paths = sorted(glob.glob(os.path.join(glob.escape(folder), "latents_*.safetensors")))
+        if not paths:
+            raise ValueError(f"{folder}: no latents_*.safetensors shards (write them with `python sdxl.py encode`)")
+        side, self.shards, self.captions, self.rows = resolution // 8, [], [], []
+        for path in paths:
+            latents, metadata = read_safetensors(path).get("latents"), read_safetensors_header(path)[1]
+            if latents is None or latents.ndim != 4 or tuple(latents.shape[1:]) != (4, side, side):
+                got = "no tensor 'latents'" if latents is None else f"'latents' {list(latents.shape)}"
+                raise ValueError(f"{path}: expected 'latents' [N, 4, {side}, {side}] for --resolution {resolution}, found {got}")
+            try:
+                captions = json.loads(metadata.get("captions", "null"))
+            except ValueError:
+                captions = None
+            if not (isinstance(captions, list) and len(captions) == len(latents) and all(isinstance(c, str) for c in captions)):
+                raise ValueError(f"{path}: metadata 'captions' must be a JSON list of {len(latents)} strings")
+            self.rows += [(len(self.shards), i) for i in range(len(latents))]
+            self.shards.append(latents)
+            self.captions += captions
+
+    def sample(self, n, g):
+        """n latents drawn uniformly with replacement: a pure function of g, so resuming needs no loader position."""
+        idx = torch.randint(len(self.rows), (n,), generator=g, device=g.device).tolist()
+        latents = torch.stack([self.shards[s][i] for s, i in (self.rows[j] for j in idx)]).to(g.device, torch.float32)
+        return latents, [self.captions[j] for j in idx]
+
+
+@torch.no_grad()
+def encode_condition(clip_l, clip_g, prompts, height, width):
+    """prompts -> context [B, 77, 2048], y [B, 2816] in float32, with the text-to-image micro-conditioning DMD2 uses:
+    original size = target size = (height, width), crop (0, 0)."""
+    context, pooled = encode_prompt(clip_l, clip_g, prompts)
+    return context.float(), vector_cond(pooled.float(), (height, width), (0, 0), (height, width))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise schedule and samplers (sdxl.md §7). SDXL is a discrete DDPM predicting eps, t = 0..999:
+#   x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def ddpm_alphas_cumprod(beta_start=0.00085, beta_end=0.012, n=NUM_TRAIN_TIMESTEPS):
+    """SDXL's "scaled linear" betas (sgm LegacyDDPMDiscretization, diffusers scaled_linear), float64 [n]:
+    beta_t = (sqrt(0.00085) + t/999 (sqrt(0.012) - sqrt(0.00085)))^2,  alpha_bar_t = prod_{i<=t} (1 - beta_i)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def alpha_bar(alphas_cumprod, t):
+    """alpha_bar_t for an int or a [B] tensor of t, shaped [B or 1, 1, 1, 1] to broadcast over latents."""
+    return alphas_cumprod[torch.as_tensor(t, device=alphas_cumprod.device)].reshape(-1, 1, 1, 1)
+
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise, in float32 as diffusers' scheduler.add_noise."""
+    ab = alpha_bar(alphas_cumprod, t).float()
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def x0_from_eps(x_t, eps, t, alphas_cumprod):
+    """x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), in float64 as DMD2's get_x0_from_noise
+    (1/sqrt(alpha_bar_999) = 14.6 amplifies rounding). -> float32, differentiable in eps."""
+    ab = alpha_bar(alphas_cumprod, t)
+    return ((x_t.double() - (1 - ab).sqrt() * eps.double()) / ab.sqrt()).float()
+
+
+def randn(shape, g, device):
+    """N(0, I) drawn by generator g on its own device, then moved: a CPU generator gives the same numbers on any device."""
+    return torch.randn(shape, generator=g, device=g.device).to(device)
+
+
+def unet_fn(net):
+    """eps_fn(x, t, context, y) that runs net in its own dtype (bf16/fp16 weights need bf16/fp16 inputs) -> float32."""
+    dtype = next(net.parameters()).dtype
+    return lambda x, t, context, y: net(x.to(dtype), t, context.to(dtype), y.to(dtype)).float()
+
+
+def cfg_eps(eps_fn, x_t, t, context, y, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u), one batched call on
+    [uncond, cond]. SDXL's unconditional input is ZERO text context and ZERO pooled text embedding, with the size
+    embeddings kept (sgm force_uc_zero_embeddings=["txt"]; DMD2 sd_unified_model.py)."""
+    t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(len(x_t))                        # [B]
+    y_u = torch.cat([torch.zeros_like(y[:, :-SIZE_COND_DIM]), y[:, -SIZE_COND_DIM:]], dim=1)     # [B, 2816]
+    eps_u, eps_c = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([torch.zeros_like(context), context]),
+                          torch.cat([y_u, y])).chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def dmd2_timesteps(steps, conditioning_timestep=399):
+    """The generator's t: range(999, 0, -1000 // steps), i.e. [999, 749, 499, 249] for 4 steps (DMD2's
+    denoising_step_list); a 1-step generator is told conditioning_timestep (399) on pure noise."""
+    if steps == 1:
+        return [conditioning_timestep]
+    return list(range(NUM_TRAIN_TIMESTEPS - 1, 0, -(NUM_TRAIN_TIMESTEPS // steps)))[:steps]
+
+
+def sample_dmd2(eps_fn, noise, context, y, timesteps, alphas_cumprod, generator):
+    """DMD2's few-step sampler (Sec. 4.4; demo/text_to_image_sdxl.py; = diffusers' LCMScheduler with these timesteps):
+    x = pure noise at timesteps[0]; at each t predict x0, then re-noise it with FRESH noise to the next t.
+    noise [B, 4, h, w] ~ N(0, I); eps_fn(x_t, t [B], context, y) -> eps. Returns the last x0 [B, 4, h, w]."""
+    x = noise
+    for i, t in enumerate(timesteps):
+        t_batch = torch.full((len(x),), t, device=x.device)                                   # one t for the whole batch
+        x0 = x0_from_eps(x, eps_fn(x, t_batch, context, y), t_batch, alphas_cumprod)
+        if i + 1 < len(timesteps):
+            x = add_noise(x0, randn(x.shape, generator, x.device), timesteps[i + 1], alphas_cumprod)
+    return x0
+
+
+def sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, alphas_cumprod, spacing="trailing"):
+    """The base model's sampler (the teacher): Euler steps of the probability-flow ODE dx/dsigma = eps in sigma-space,
+    x_sigma = x_t / sqrt(alpha_bar_t), sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), with CFG at every step
+    (Karras et al. 2022, Alg. 1 without churn; k-diffusion sample_euler; diffusers EulerDiscreteScheduler).
+    spacing "trailing": t_i = round(1000 - i * 1000/steps) - 1, so it starts at 999 (DMD2's ODE pairs);
+    "leading": t_i = i * (1000 // steps) + 1 in descending order (SDXL's diffusers default, steps_offset 1).
+    noise [B, 4, h, w] ~ N(0, I) -> x0 [B, 4, h, w]."""
+    if spacing == "trailing":
+        ts = [round(NUM_TRAIN_TIMESTEPS - i * NUM_TRAIN_TIMESTEPS / steps) - 1 for i in range(steps)]
+    elif spacing == "leading":
+        ts = [i * (NUM_TRAIN_TIMESTEPS // steps) + 1 for i in reversed(range(steps))]
+    else:
+        raise ValueError(f"spacing must be 'trailing' or 'leading', got {spacing!r}")
+    ab = alphas_cumprod[ts]
+    sigmas = ((1 - ab) / ab).sqrt().tolist() + [0.0]
+    x = noise * math.sqrt(1 + sigmas[0] ** 2)        # x_sigma = x_t / sqrt(alpha_bar) with x_t ~ N(0, I): std sqrt(1 + sigma^2) (sgm)
+    for i, t in enumerate(ts):
+        eps = cfg_eps(eps_fn, x / math.sqrt(1 + sigmas[i] ** 2), t, context, y, guidance_scale)  # the UNet sees x_t (c_in)
+        x = x + (sigmas[i + 1] - sigmas[i]) * eps                                                  # Euler step, d = eps
+    return x                                                                                       # at sigma = 0, x = x0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DMD2's losses (tianweiy/DMD2 main/sd_guidance.py, sd_unified_model.py). teacher: the frozen base UNet (mu_real);
+# guidance: the fake score (fake_unet, mu_fake) and the GAN head on its middle block (cls_pred_branch). All UNets
+# predict eps; x0_from_eps turns that into the x0-predictions mu_real, mu_fake. g: this iteration's RNG.
+
+def loss_distribution_matching(x, context, y, teacher, guidance, alphas_cumprod, cfg, g):
+    """1) The distribution-matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3) as the official code computes it: noise
+    the generator's x0 to t ~ UniformInt[20, 980], take the teacher's CFG prediction mu_real and the fake score's
+    mu_fake there, and push x along (mu_fake - mu_real) / mean|x - mu_real|, with NO alpha_t factor (dmd2.md §2.1).
+    x [B, 4, h, w] float32 -> a scalar whose gradient w.r.t. x is grad / x.numel() (the "mean" reduction)."""
+    lo, hi = int(cfg.min_step_percent * NUM_TRAIN_TIMESTEPS), int(cfg.max_step_percent * NUM_TRAIN_TIMESTEPS)
+    with torch.no_grad():
+        t = torch.randint(lo, hi + 1, (len(x),), generator=g, device=g.device).to(x.device)     # [B]
+        x_t = add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod)
+        eps_real = cfg_eps(teacher, x_t, t, context, y, cfg.guidance_scale).float()            # bf16 teacher under autocast
+        with torch.autocast(x.device.type, enabled=False):                                      # fake UNet in fp32, as official
+            eps_fake = guidance(x_t, t, context, y).float()
+        D_real = x0_from_eps(x_t, eps_real, t, alphas_cumprod)                                  # mu_real [B, 4, h, w]
+        D_fake = x0_from_eps(x_t, eps_fake, t, alphas_cumprod)                                  # mu_fake
+        p_real = x - D_real
+        p_fake = x - D_fake
+        w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                                      # per-sample normaliser
+        grad = torch.nan_to_num((p_real - p_fake) / w)                                          # = (D_fake - D_real) / w
+    return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+def loss_fake_score(guidance, x, context, y, alphas_cumprod, g):
+    """2) The fake score's denoising loss on the detached generator output (official compute_loss_fake):
+    t ~ UniformInt[0, 999], plain eps-prediction MSE, conditional only. It runs every iteration while the generator
+    steps every dfake_gen_update_ratio-th (TTUR, DMD2 Sec. 4.2), so mu_fake keeps up with the moving generator."""
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
+    noise = randn(x.shape, g, x.device)
+    eps_fake = guidance(add_noise(x, noise, t, alphas_cumprod), t, context, y).float()
+    return F.mse_loss(eps_fake, noise)
+
+
+def gan_head(channels, resolution):
+    """cls_pred_branch (DMD2 Sec. 4.3, sd_guidance.py): on the fake UNet's middle-block output ([B, 1280, 32, 32] at
+    1024^2), (conv 4x4/2, GroupNorm 32, SiLU) down to 4x4, then conv 4x4/4 + GroupNorm + SiLU to 1x1, then a 1x1 conv
+    to one logit. Smaller maps (the tiny preset) skip stride-2 stages; the Sequential indices match the official head."""
+    if resolution < 4 or resolution & (resolution - 1):
+        raise ValueError(f"the GAN head needs a square middle block of 4 * 2^n pixels, got {resolution} "
+                         f"(SDXL: --resolution 1024 -> 128 latent -> 32)")
+    layers = []
+    while resolution > 4:
+        layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(32, channels), nn.SiLU()]
+        resolution //= 2
+    layers += [nn.Conv2d(channels, channels, 4, stride=4), nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
+    return nn.Sequential(*layers)
+
+
+class Guidance(nn.Module):
+    """What the critic update trains (the official guidance_model minus its frozen teacher): the fake score
+    (fake_unet) and the GAN head on its middle block (cls_pred_branch). One module for one AdamW and one FSDP root;
+    FSDP gathers a root's parameters in its forward hook, so both uses go through forward()."""
+
+    def __init__(self, fake_unet, cls_pred_branch):
+        super().__init__()
+        self.fake_unet, self.cls_pred_branch = fake_unet, cls_pred_branch
+
+    def forward(self, x, t, context, y, classify=False):
+        if not classify:
+            return self.fake_unet(x, t, context, y)                          # eps_fake [B, 4, h, w]
+        rep = self.fake_unet.mid_features(x, t, context, y)                 # [B, 1280, h/4, w/4], no decoder
+        with torch.autocast(x.device.type, enabled=False):                  # the head runs in fp32, as official
+            return self.cls_pred_branch(rep.float()).sum(dim=[2, 3])        # logits [B, 1] (a new tensor, not a view: FSDP hooks it)
+
+
+def gan_logits(guidance, x, context, y, alphas_cumprod, g):
+    """3) The GAN classifier, a diffusion GAN (DMD2 Sec. 4.3): noise x to t ~ UniformInt[0, 999] and classify the fake
+    UNet's middle block there. Non-saturating losses on these logits (Eq. 4 in softplus form): discriminator
+    softplus(D(fake)) + softplus(-D(real)), generator softplus(-D(fake)). -> logits [B, 1]"""
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
+    return guidance(add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod), t, context, y, classify=True)
+
+
+def shared_step_index(n, g, world):
+    """k ~ UniformInt[0, n) for backward simulation, drawn on rank 0 and broadcast (official sample_backward): the
+    whole global batch trains the same step, and every rank calls the (FSDP-sharded) generator equally often."""
+    k = torch.randint(n, (1,), generator=g, device=g.device)
+    if world > 1:
+        dist.broadcast(k, src=0)
+    return int(k)
+
+
+@torch.no_grad()
+def backward_simulation(eps_fn, shape, context, y, k, timesteps, alphas_cumprod, g):
+    """4) Backward simulation (DMD2 Sec. 4.5; official sample_backward): the generator's input at step k is made the
+    way inference makes it: its own first k steps from pure noise (sample_dmd2 on timesteps[:k]), the last x0
+    re-noised to timesteps[k] with fresh noise. k = 0 is pure noise at t = 999 (the schedule is not zero-terminal-SNR,
+    so noising a clean latent there would leak signal: sqrt(alpha_bar_999) = 0.068). The losses then act on the
+    single-step x0 of step k only: no backpropagation through the chain. -> x_{t_k} [B, 4, h, w]"""
+    noise = randn(shape, g, g.device)
+    if k == 0:
+        return noise
+    x0 = sample_dmd2(eps_fn, noise, context, y, timesteps[:k], alphas_cumprod, g)
+    return add_noise(x0, randn(shape, g, g.device), timesteps[k], alphas_cumprod)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run management: processes, FSDP, checkpoints.
+
+def init_distributed(device=""):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process. -> rank, world, device"""
+    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def batch_generator(seed, step, rank, device):
+    """This iteration's RNG on this rank: a pure function of (seed, step, rank), so resuming needs no RNG state."""
+    s = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device).manual_seed(int(s[0]) << 31 ^ int(s[1]))
+
+
+def fsdp_units(net):
+    """The layers of an SDXLUNet that FSDP shards one by one: the ones its forward CALLS (ResBlocks, transformer blocks,
+    SpatialTransformers, convs, up/downsamplers); FSDP2 gathers a unit's weights in a forward hook, and the blocks
+    themselves are iterated over, never called."""
+    for block in [*net.input_blocks, net.middle_block, *net.output_blocks]:
+        for layer in block:
+            yield from getattr(layer, "transformer_blocks", [])
+            yield layer
+
+
+def make_trainable(module, state, device, world):
+    """module built on the meta device -> sharded with FSDP2 when world > 1 (each rank keeps 1/world of every weight,
+    gradient and AdamW moment; a layer's full weights exist only while it runs) -> allocated on device -> state
+    (a full, unsharded state dict, e.g. memory-mapped fp16 from the checkpoint) copied in."""
+    if world > 1:
+        for net in [m for m in module.modules() if isinstance(m, SDXLUNet)]:
+            for layer in fsdp_units(net):
+                fully_shard(layer)
+        fully_shard(module)
+    module.to_empty(device=device)
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+    return module.train()
+
+
+def clip_grad(module, max_norm):
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def check_finite(stats, step, world, ckpt_path):
+    """Average logged values over ranks and stop every rank together on NaN/inf, BEFORE the optimiser step, so that
+    neither the weights in memory nor the last checkpoint on disk see the bad update."""
+    t = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    out = dict(zip(stats, t.tolist()))
+    if not all(math.isfinite(v) for v in out.values()):
+        kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+        raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(f'{k}={v}' for k, v in out.items())}; "
+                            f"stopping. Last good checkpoint: {kept}")
+    return out
+
+
+def load_training_checkpoint(path):
+    """checkpoint.pt, memory-mapped (every rank reads it without a private copy), weights_only: nothing is executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_strip(images, path):
+    """uint8 [B, H, W, 3] -> one PNG, side by side."""
+    PIL.Image.fromarray(np.concatenate(list(images), axis=1)).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop (official train_sd.py train_one_step, SDXL 4-step with backward simulation).
+
+def train(cfg):
+    rank, world, device = init_distributed(cfg.device)
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ValueError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    if cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    frozen_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    ckpt_path, gen_path = os.path.join(cfg.outdir, "checkpoint.pt"), os.path.join(cfg.outdir, "generator.safetensors")
+    resume = cfg.resume and os.path.exists(ckpt_path)
+
+    # Frozen, replicated on every rank: text encoders, VAE (for the sample strips), the teacher (official: bf16).
+    parts = load_parts(cfg.preset, cfg.ckpt, device, frozen_dtype)
+    clip_l, clip_g, vae, state, unet_cfg = (parts[k] for k in ("clip_l", "clip_g", "vae", "unet_state", "unet_cfg"))
+    teacher = build_unet(state, unet_cfg, device, frozen_dtype, parts["source"])
+    data = LatentDataset(cfg.latents, cfg.resolution)
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else data.captions
+    latent = cfg.resolution // 8
+    channels, mid = unet_cfg.model_channels * unet_cfg.channel_mult[-1], latent // 2 ** (len(unet_cfg.channel_mult) - 1)
+
+    # Trained: generator and fake score both start as the base UNet (fp32 master weights), the GAN head is new
+    # (seeded, so every rank starts with the same head).
+    torch.manual_seed(cfg.seed)
+    head = gan_head(channels, mid)
+    with torch.device("meta"):
+        generator = SDXLUNet(unet_cfg, checkpointing=cfg.checkpointing)
+        guidance = Guidance(SDXLUNet(unet_cfg, checkpointing=cfg.checkpointing), gan_head(channels, mid))
+    generator = make_trainable(generator, state, device, world)
+    guidance = make_trainable(guidance, {**{"fake_unet." + k: v for k, v in state.items()},
+                                         **{"cls_pred_branch." + k: v for k, v in head.state_dict().items()}}, device, world)
+    del parts, state, head
+    adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **adamw)
+    opt_d = torch.optim.AdamW(guidance.parameters(), lr=cfg.guidance_lr, **adamw)
+    full = StateDictOptions(full_state_dict=True)
+    start_step = 0
+    if resume:
+        ckpt = load_training_checkpoint(ckpt_path)
+        set_model_state_dict(generator, ckpt["generator"], options=full)
+        set_model_state_dict(guidance, ckpt["guidance"], options=full)
+        set_optimizer_state_dict(generator, opt_g, ckpt["opt_g"], options=full)
+        set_optimizer_state_dict(guidance, opt_d, ckpt["opt_d"], options=full)
+        start_step = ckpt["step"]
+        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["cfg"].items() if getattr(cfg, k, v) != v and k not in ("resume", "total_steps")}
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at step {start_step}" + (f"; changed settings: {changed}" if changed else ""))
+        del ckpt
+
+    timesteps = dmd2_timesteps(cfg.num_denoising_step, cfg.conditioning_timestep)
+    ab = ddpm_alphas_cumprod().to(device)                                    # alpha_bar_t, float64 [1000]
+    shape = (cfg.batch_gpu, unet_cfg.in_channels, latent, latent)            # [B, 4, h, w]
+    os.makedirs(cfg.outdir, exist_ok=True)
+    log = open(os.path.join(cfg.outdir, "log.txt"), "a") if rank == 0 else None
+    history, t_log, step_log = [], time.time(), start_step
+
+    def save(step):  # every rank takes part in gathering the shards; rank 0 writes (atomically: temp file + rename)
+        gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = dict(generator=get_model_state_dict(generator, options=gathered),
+                     guidance=get_model_state_dict(guidance, options=gathered),
+                     opt_g=get_optimizer_state_dict(generator, opt_g, options=gathered),
+                     opt_d=get_optimizer_state_dict(guidance, opt_d, options=gathered))
+        if rank == 0:
+            unet.save_checkpoint(dict(step=step, cfg=dataclasses.asdict(cfg), **state), ckpt_path)
+            write_safetensors(gen_path, {k: v.half() for k, v in state["generator"].items()},
+                              {"step": str(step), "format": "SDXL UNet, sgm names without model.diffusion_model."})
+
+    for step in range(start_step, cfg.total_steps):
+        t0 = time.time()
+        # Constant learning rate after a linear warm-up from 0 (diffusers' "constant_with_warmup", as official).
+        for opt, lr in ((opt_g, cfg.generator_lr), (opt_d, cfg.guidance_lr)):
+            opt.param_groups[0]["lr"] = lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else lr
+        g = batch_generator(cfg.seed, step, rank, device)
+        COMPUTE_GENERATOR_GRADIENT = step % cfg.dfake_gen_update_ratio == 0   # TTUR: 1 generator update per 5 critic updates
+        k = shared_step_index(len(timesteps), g, world)                       # this iteration's step of the 4-step chain
+        t = torch.full((cfg.batch_gpu,), timesteps[k], device=device)         # [B], the same t for the whole batch
+        prompt_ids = torch.randint(len(prompts), (cfg.batch_gpu,), generator=g, device=device).tolist()
+        context, y = encode_condition(clip_l, clip_g, [prompts[i] for i in prompt_ids], cfg.resolution, cfg.resolution)
+
+        # Generator turn: the step-k x0 of a backward-simulated chain. On generator steps, minimise
+        # loss_dm + w_G * loss_g_gan with the guidance weights frozen (the GAN gradient reaches G only).
+        stats = {}
+        guidance.requires_grad_(False)
+        with amp:
+            x_t = backward_simulation(generator, shape, context, y, k, timesteps, ab, g)       # [B, 4, h, w], no grad
+            with torch.set_grad_enabled(COMPUTE_GENERATOR_GRADIENT):
+                x_fake = x0_from_eps(x_t, generator(x_t, t, context, y), t, ab)           # [B, 4, h, w] float32
+            if COMPUTE_GENERATOR_GRADIENT:
+                loss_dm = loss_distribution_matching(x_fake, context, y, teacher, guidance, ab, cfg, g)
+                loss_g_gan = F.softplus(-gan_logits(guidance, x_fake, context, y, ab, g)).mean()
+        if COMPUTE_GENERATOR_GRADIENT:
+            (loss_dm + cfg.gen_cls_loss_weight * loss_g_gan).backward()
+            stats.update(loss_dm=loss_dm, loss_g_gan=loss_g_gan, grad_norm_g=clip_grad(generator, cfg.max_grad_norm))
+            check_finite(stats, step, world, ckpt_path)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+        guidance.requires_grad_(True)
+
+        # Critic turn, every iteration, on the same detached x0: the fake score's eps loss plus the discriminator
+        # loss on noised fake latents and noised real latents, each with its own caption.
+        x_fake = x_fake.detach()
+        x_real, captions = data.sample(cfg.batch_gpu, g)                                     # [B, 4, h, w], B captions
+        context_real, y_real = encode_condition(clip_l, clip_g, captions, cfg.resolution, cfg.resolution)
+        with amp:
+            loss_fake = loss_fake_score(guidance, x_fake, context, y, ab, g)
+            logits_fake = gan_logits(guidance, x_fake, context, y, ab, g)                       # [B, 1]
+            logits_real = gan_logits(guidance, x_real, context_real, y_real, ab, g)             # [B, 1]
+            loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
+        (loss_fake + cfg.guidance_cls_loss_weight * loss_d).backward()
+        stats.update(loss_fake=loss_fake, loss_d=loss_d, grad_norm_d=clip_grad(guidance, cfg.max_grad_norm))
+        stats = check_finite(stats, step, world, ckpt_path)
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        history.append(dict(step=step, k=k, seconds=time.time() - t0, **stats))
+
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.total_steps):
+            line = "  ".join([f"step {done:7d}", f"k {k}"] + [f"{name} {v:.4g}" for name, v in stats.items()] +
+                             [f"{cfg.batch_gpu * world * (done - step_log) / (time.time() - t_log):.2f} img/s"])
+            t_log, step_log = time.time(), done
+            print(line, flush=True)
+            log.write(line + "\n")
+            log.flush()
+        if cfg.sample_every and done % cfg.sample_every == 0:  # every rank runs the sharded generator, rank 0 writes
+            with amp:
+                images = generate(generator, clip_l, clip_g, vae, prompts[:4], cfg.resolution, cfg.resolution, seed=1,
+                                  steps=cfg.num_denoising_step, conditioning_timestep=cfg.conditioning_timestep)
+            if rank == 0:
+                save_strip(images, os.path.join(cfg.outdir, f"samples_{done:07d}.png"))
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.total_steps:
+            save(done)
+    if log is not None:
+        log.close()
+    return dict(generator=generator, guidance=guidance, history=history)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation.
+
+@torch.no_grad()
+def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="dmd2", steps=4, guidance_scale=8.0,
+             conditioning_timestep=399):
+    """prompts -> uint8 images [B, H, W, 3]. sampler "dmd2": DMD2's generator (steps 4 -> t = 999, 749, 499, 249;
+    1 -> t = conditioning_timestep); "euler": the base model, Euler + CFG guidance_scale. The initial noise and every
+    re-noise come from one CPU generator seeded with seed (as DMD2's demo), so an image does not depend on the device."""
+    factor = 8 * 2 ** (len(net.cfg.channel_mult) - 1)
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor} (the VAE's 8 x the UNet's downsampling), got {height}x{width}")
+    device = clip_l.embeddings.token_embedding.weight.device
+    context, y = encode_condition(clip_l, clip_g, prompts, height, width)
+    g = torch.Generator().manual_seed(seed)
+    noise = randn((len(prompts), 4, height // 8, width // 8), g, device)               # [B, 4, h, w]
+    ab = ddpm_alphas_cumprod().to(device)
+    eps_fn = unet_fn(net)
+    if sampler == "dmd2":
+        x0 = sample_dmd2(eps_fn, noise, context, y, dmd2_timesteps(steps, conditioning_timestep), ab, g)
+    elif sampler == "euler":
+        x0 = sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, ab)
+    else:
+        raise ValueError(f"sampler must be 'dmd2' or 'euler', got {sampler!r}")
+    with torch.autocast(device.type, enabled=False):                                   # one image at a time: the
+        images = torch.cat([vae.decode(x0[i:i + 1]).float() for i in range(len(x0))])  # VAE's peak is at full size
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark: our 4-step pipeline vs diffusers' StableDiffusionXLPipeline + LCMScheduler (DMD2's README recipe) on the
+# same weights. diffusers is imported only here, only if installed: it is a reference, not a dependency.
+
+def diffusers_unet_config(cfg):
+    """UNet2DConditionModel arguments equal to an SDXLUNetConfig (SDXL's diffusers config.json for the default)."""
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    return dict(sample_size=128, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=widths,
+                down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_depth],
+                up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(cfg.transformer_depth)],
+                layers_per_block=cfg.num_res_blocks, transformer_layers_per_block=[max(d, 1) for d in cfg.transformer_depth],
+                attention_head_dim=[w // cfg.num_head_channels for w in widths], cross_attention_dim=cfg.context_dim,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=cfg.adm_in_channels)
+
+
+def diffusers_pipeline(net, vae, vae_cfg, device, dtype):
+    """StableDiffusionXLPipeline with net's and vae's weights (converted by diffusers' own single-file converters), no
+    text encoders (it takes our embeddings) and DMD2's scheduler."""
+    from diffusers import AutoencoderKL as DiffusersVAE, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    unet_config = diffusers_unet_config(net.cfg)
+    vae_config = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(vae_cfg.ch_mult),
+                      up_block_types=["UpDecoderBlock2D"] * len(vae_cfg.ch_mult), block_out_channels=[vae_cfg.ch * m for m in vae_cfg.ch_mult],
+                      layers_per_block=vae_cfg.num_res_blocks, latent_channels=vae_cfg.z_channels, norm_num_groups=32,
+                      scaling_factor=vae_cfg.scale_factor, force_upcast=True, sample_size=1024)
+
+    def build(cls, config, state, dtype):  # on the meta device, then adopt the converted weights
+        with torch.device("meta"):
+            model = cls(**config)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device, dtype).eval().requires_grad_(False)
+
+    d_unet = build(UNet2DConditionModel, unet_config, convert_ldm_unet_checkpoint(
+        {PREFIX_UNET + k: v for k, v in net.state_dict().items()}, unet_config), dtype)
+    d_vae = build(DiffusersVAE, vae_config, convert_ldm_vae_checkpoint(
+        {PREFIX_VAE + k: v for k, v in vae.state_dict().items()}, vae_config), next(vae.parameters()).dtype)
+    scheduler = LCMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
+    pipe = StableDiffusionXLPipeline(vae=d_vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                     unet=d_unet, scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat", height=1024, width=1024, steps=4,
+                    seed=0, reps=5, with_diffusers=True):
+    """Time prompt embeddings -> image ([1, 3, H, W] in [0, 1]: `steps` UNet calls of DMD2's sampler + VAE decode) for
+    our code and, if diffusers is installed, for StableDiffusionXLPipeline on the same weights and the same initial
+    noise. The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
+    -> {"text_encoders": seconds, "ours"/"diffusers": dict(median, min, peak_gib, weights_gib, image)}"""
+    device = net.out[2].weight.device
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timesteps, ab, dtype = dmd2_timesteps(steps), ddpm_alphas_cumprod().to(device), net.out[2].weight.dtype
+
+    def measure(fn):
+        fn()                                                       # warm-up (kernel selection, allocator)
+        sync()
+        weights = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else math.nan
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            image = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else math.nan
+        return dict(median=float(np.median(times)), min=min(times), peak_gib=peak, weights_gib=weights, image=image.float().cpu())
+
+    def noise_and_generator():
+        g = torch.Generator().manual_seed(seed)
+        return randn((1, 4, height // 8, width // 8), g, device), g
+
+    with torch.no_grad():
+        encode = lambda: encode_condition(clip_l, clip_g, [prompt], height, width)
+        results = dict(text_encoders=measure(lambda: encode()[0])["median"])
+        context, y = encode()
+        clip_l.to("cpu"), clip_g.to("cpu")
+
+        def ours():
+            noise, g = noise_and_generator()
+            x0 = sample_dmd2(unet_fn(net), noise, context, y, timesteps, ab, g)
+            return (vae.decode(x0).float() / 2 + 0.5).clamp(0, 1)
+        results["ours"] = measure(ours)
+        if with_diffusers:
+            net.to("cpu"), vae.to("cpu")                              # leave the GPU to diffusers' copies
+            if cuda:
+                torch.cuda.empty_cache()
+            pipe = diffusers_pipeline(net, vae, vae_cfg, device, dtype)
+
+            def theirs():
+                noise, g = noise_and_generator()
+                return pipe(prompt_embeds=context.to(dtype), pooled_prompt_embeds=y[:, :-SIZE_COND_DIM].to(dtype), guidance_scale=0.0,
+                            timesteps=timesteps, height=height, width=width, latents=noise.to(dtype), generator=g, output_type="pt").images
+            results["diffusers"] = measure(theirs)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line.
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def runtime(args):
+    """-> device, UNet/text dtype (auto: bf16 on CUDA, fp32 on CPU), VAE dtype; TF32 on (as DMD2's demo)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype, DTYPES[args.vae_dtype]
+
+
+def load_for_inference(args):
+    """(net, parts): the UNet of --unet (or the checkpoint's own) and the frozen text encoders and VAE."""
+    device, dtype, vae_dtype = runtime(args)
+    parts = load_parts(args.preset, args.ckpt, device, dtype, vae_dtype)
+    state, source = parts["unet_state"], parts["source"]
+    if args.unet:
+        state, source = load_unet_state(args.unet, parts["unet_cfg"]), args.unet
+    return build_unet(state, parts["unet_cfg"], device, dtype, source), parts
+
+
+def cmd_generate(args):
+    net, parts = load_for_inference(args)
+    sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
+    side = 128 if args.preset == "tiny" else 1024
+    image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], args.height or side, args.width or side,
+                     args.seed, sampler, args.steps or (4 if sampler == "dmd2" else 30), args.guidance, args.conditioning_timestep)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    PIL.Image.fromarray(image).save(args.out)
+    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {sampler} sampler)")
+
+
+def cmd_encode(args):
+    device, _, vae_dtype = runtime(args)
+    if args.preset:
+        vae = load_parts(args.preset, "", device, vae_dtype=vae_dtype)["vae"]
+    elif args.ckpt:
+        vae = load_part(AutoencoderKL, args.ckpt, PREFIX_VAE, "VAE", device, vae_dtype)
+    else:
+        raise ValueError("--ckpt sd_xl_base_1.0.safetensors is required (or --preset tiny)")
+    resolution = args.resolution or (128 if args.preset == "tiny" else 1024)
+    n = encode_folder(vae, args.images, args.out, resolution, args.batch, args.shard_size, args.seed)
+    print(f"wrote {n} latents [4, {resolution // 8}, {resolution // 8}] with captions to {args.out}")
+
+
+def cmd_bench(args):
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu") and args.preset != "tiny":
+        raise ValueError("bench measures GPU latency and memory: it needs CUDA (or --preset tiny for a CPU smoke run)")
+    net, parts = load_for_inference(args)
+    side = 128 if args.preset == "tiny" else 1024
+    H, W = args.height or side, args.width or side
+    r = bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], args.prompt, H, W,
+                        args.steps, args.seed, args.reps, with_diffusers=not args.no_diffusers)
+    gpu = torch.cuda.get_device_name(net.out[2].weight.device) if net.out[2].weight.is_cuda else "CPU"
+    print(f"bench: {H}x{W}, {args.steps} steps, batch 1, UNet {net.out[2].weight.dtype}, VAE {next(parts['vae'].parameters()).dtype}, "
+          f"{gpu}, torch {torch.__version__}; median of {args.reps} after a warm-up")
+    print(f"  text encoders (ours, once per prompt)          {1000 * r['text_encoders']:9.1f} ms")
+    for name in ("ours", "diffusers"):
+        if name in r:
+            m = r[name]
+            print(f"  {name:9s} {args.steps} UNet steps + VAE decode   {1000 * m['median']:9.1f} ms  (min {1000 * m['min']:.1f})  "
+                  f"peak {m['peak_gib']:.2f} GiB (weights {m['weights_gib']:.2f} GiB)")
+    if "diffusers" in r:
+        print(f"  max |ours - diffusers| over the [0, 1] image: {(r['ours']['image'] - r['diffusers']['image']).abs().max():.4f}")
+
 
 def cmd_tokenize(args):
     for name, pad in (("CLIP-L", "end"), ("bigG", "zero")):
@@ -629,20 +1491,88 @@ def cmd_inspect(args):
         print(f"  __metadata__ {k} = {v[:100]}")
 
 
+def add_model_args(p):
+    p.add_argument("--ckpt", default="", help="sd_xl_base_1.0.safetensors (text encoders, VAE, base UNet)")
+    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: random tiny models instead of --ckpt (CPU, seconds)")
+    p.add_argument("--unet", default="", help="UNet weights replacing the base UNet: DMD2's dmd2_sdxl_4step_unet_fp16.bin, "
+                                              "our generator.safetensors / checkpoint.pt, any sgm or diffusers SDXL UNet")
+    p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="UNet and text encoders; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", formatter_class=fmt, help="prompt -> PNG with DMD2's sampler or the base model's Euler + CFG")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--out", default="out/sdxl.png", help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noising")
+    p.add_argument("--sampler", default="auto", choices=["auto", "dmd2", "euler"], help="auto: dmd2 with --unet or --preset, else euler")
+    p.add_argument("--steps", type=int, default=0, help="0 = 4 for dmd2 (t = 999, 749, 499, 249), 30 for euler")
+    p.add_argument("--guidance", type=float, default=8.0, help="CFG scale of the euler sampler (DMD2's teacher: 8)")
+    p.add_argument("--conditioning_timestep", type=int, default=399, help="t of a 1-step DMD2 generator (--steps 1)")
+    p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
+    p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("encode", formatter_class=fmt, help="folder of images + .txt captions -> VAE latent shards for train --latents")
+    p.add_argument("--ckpt", default="", help="sd_xl_base_1.0.safetensors (only its VAE is read)")
+    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: the tiny random VAE of train --preset tiny")
+    p.add_argument("--images", required=True, help="folder of images (.png/.jpg/.jpeg/.webp/.bmp), each with a caption NAME.txt beside it")
+    p.add_argument("--out", required=True, help="empty folder for latents_00000.safetensors, ...")
+    p.add_argument("--resolution", type=int, default=0, help="center crop side; 0 = 1024 (128 with --preset tiny)")
+    p.add_argument("--batch", type=int, default=8, help="images per VAE call")
+    p.add_argument("--shard_size", type=int, default=1000, help="images per shard file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples")
+    p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
+    p.set_defaults(run=cmd_encode)
+
+    train_parser = p = sub.add_parser("train", formatter_class=fmt, help="DMD2 distillation (torchrun + FSDP on several GPUs)")
+    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # Config's end-of-line comments
+    for f in dataclasses.fields(Config):
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=comments[f.name])
+    p.set_defaults(run=lambda args: train(Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})))
+
+    p = sub.add_parser("bench", formatter_class=fmt, help="4-step latency and peak memory, ours vs diffusers (CUDA)")
+    add_model_args(p)
+    p.add_argument("--prompt", default="a photo of a cat", help="text prompt")
+    p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
+    p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
+    p.add_argument("--steps", type=int, default=4, help="DMD2 sampler steps")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the same for both pipelines)")
+    p.add_argument("--reps", type=int, default=10, help="timed runs after one warm-up")
+    p.add_argument("--no_diffusers", action="store_true", help="only time our pipeline")
+    p.set_defaults(run=cmd_bench)
+
     p = sub.add_parser("tokenize", help="print CLIP BPE token ids of a prompt for both text encoders")
     p.add_argument("prompt", help="text to tokenize")
     p.set_defaults(run=cmd_tokenize)
     p = sub.add_parser("inspect", help="summarise a .safetensors file's header (tensors, dtypes, bytes per prefix)")
     p.add_argument("path", help="a .safetensors file, e.g. sd_xl_base_1.0.safetensors")
     p.set_defaults(run=cmd_inspect)
+
     args = parser.parse_args(argv)
+    if args.command == "train" and args.preset:
+        if args.preset not in PRESETS:
+            parser.error(f"unknown --preset {args.preset}; choose from {list(PRESETS)}")
+        train_parser.set_defaults(**PRESETS[args.preset])  # explicit flags still win
+        args = parser.parse_args(argv)
     try:
         args.run(args)
-    except ValueError as e:  # our errors name the file and the problem; a traceback adds nothing
+    except (ValueError, OSError, NonFiniteLoss) as e:  # these name the file and the problem; a traceback adds nothing
         parser.exit(1, f"error: {e}\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

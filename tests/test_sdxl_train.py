@@ -1,0 +1,488 @@
+"""sdxl.py part 2: schedule, samplers, DMD2 losses, backward simulation, encode -> train -> generate, FSDP, bench.
+
+Independent references (test-only packages): diffusers' DDPMScheduler, LCMScheduler, EulerDiscreteScheduler and
+StableDiffusionXLPipeline; closed forms for CFG and the DM gradient; recording stand-in UNets for what the training
+step feeds the generator; a 2-process gloo run of the FSDP path on the CPU.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn as nn
+
+import sdxl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AB = sdxl.ddpm_alphas_cumprod()
+POOLED = 5  # pooled width of the stand-in conditioning; y = [pooled | 6 x 256 size embeddings]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors on a busy 2-core machine: one intra-op thread avoids oversubscription (10-30x slower otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def standin_eps(x, t, context, y):
+    """A deterministic eps-model that depends on every input (x, t, text context, pooled text and size embeddings)."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    return (0.3 * x + 1e-3 * t * torch.tanh(x) + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+            + 0.1 * y[:, :POOLED].sum(1).reshape(-1, 1, 1, 1) + 0.05 * y[:, -1].reshape(-1, 1, 1, 1))
+
+
+def conditioning(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(B, 7, 6, generator=g)                                           # [B, 77, 2048] in SDXL
+    y = sdxl.vector_cond(torch.randn(B, POOLED, generator=g), (64, 64), (0, 0), (64, 64))  # [B, 2816] in SDXL
+    return context, y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule and samplers
+
+def test_schedule_matches_diffusers_and_sdxl_table():
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod  # float32
+    assert AB.dtype == torch.float64 and AB.shape == (1000,)
+    torch.testing.assert_close(AB.float(), ref, rtol=5e-6, atol=0)
+    for t, ab in ((0, 0.999150), (249, 0.675432), (399, 0.426086), (499, 0.277670), (749, 0.056623), (999, 0.004660)):
+        assert abs(AB[t].item() - ab) < 1e-6                                               # sdxl.md §7.1
+    x0, eps, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
+    x_t = sdxl.add_noise(x0, eps, t, AB)
+    torch.testing.assert_close(x_t[1], AB[500].sqrt().float() * x0[1] + (1 - AB[500]).sqrt().float() * eps[1])
+    torch.testing.assert_close(sdxl.x0_from_eps(x_t, eps, t, AB), x0, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("steps", [4, 1])
+def test_dmd2_sampler_matches_lcm_scheduler(steps):
+    """DMD2's README runs its UNets with diffusers' LCMScheduler and timesteps [999, 749, 499, 249] (or [399])."""
+    from diffusers import LCMScheduler
+    timesteps = sdxl.dmd2_timesteps(steps)
+    assert timesteps == ([999, 749, 499, 249] if steps == 4 else [399])
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    scheduler.set_timesteps(timesteps=timesteps)
+    context, y = conditioning()
+    g_ref = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g_ref)
+    for t in scheduler.timesteps:  # each step: predict x0 ("denoised"), then re-noise with the generator's next draw
+        x, denoised = scheduler.step(standin_eps(x, t.expand(2), context, y), t, x, generator=g_ref, return_dict=False)
+    g = torch.Generator().manual_seed(0)
+    ours = sdxl.sample_dmd2(standin_eps, torch.randn(2, 4, 8, 8, generator=g), context, y, timesteps, AB, g)
+    assert denoised.abs().max() > 1
+    assert (ours - denoised).abs().max() <= 1e-5 * denoised.abs().max()  # LCM's c_skip(t=249) ~ 4e-8 is the only difference
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 warning raised inside diffusers' Euler scheduler
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_euler_cfg_matches_diffusers_euler(spacing):
+    """The teacher's sampler vs EulerDiscreteScheduler (SDXL's diffusers scheduler) with CFG written out by hand,
+    unconditional = zero context, zero pooled text, same size embeddings."""
+    from diffusers import EulerDiscreteScheduler
+    steps, s = 7, 5.0
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing=spacing, steps_offset=1)
+    scheduler.set_timesteps(steps)
+    context, y = conditioning()
+    y_u = y.clone()
+    y_u[:, :POOLED] = 0
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    x = noise * (1 + scheduler.sigmas[0] ** 2).sqrt()  # x_t ~ N(0, I) in sigma-space (our choice for both spacings)
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)
+        eps_u, eps_c = standin_eps(inp, t.expand(2), torch.zeros_like(context), y_u), standin_eps(inp, t.expand(2), context, y)
+        x = scheduler.step(eps_u + s * (eps_c - eps_u), t, x).prev_sample
+    ours = sdxl.sample_euler_cfg(standin_eps, noise, context, y, steps, s, AB, spacing)
+    assert (ours - x).abs().max() <= 1e-4 * x.abs().max()
+
+
+def test_cfg_uses_zero_text_and_keeps_sizes():
+    context, y = conditioning(B=3)
+    x_t = torch.randn(3, 4, 8, 8)
+    calls = []
+    record = lambda *args: calls.append(args) or standin_eps(*args)
+    eps = sdxl.cfg_eps(record, x_t, 500, context, y, 8.0)
+    (x2, t2, c2, y2), = calls                                             # one batched call on [uncond, cond]
+    assert torch.equal(x2, torch.cat([x_t, x_t])) and t2.tolist() == [500] * 6
+    assert torch.equal(c2[3:], context) and torch.equal(y2[3:], y)
+    assert c2[:3].eq(0).all() and y2[:3, :POOLED].eq(0).all()            # zero text context and zero pooled embedding
+    assert torch.equal(y2[:3, POOLED:], y[:, POOLED:])                   # the size embeddings are kept
+    eps_u = standin_eps(x_t, t2[:3], torch.zeros_like(context), y2[:3])
+    eps_c = standin_eps(x_t, t2[:3], context, y)
+    torch.testing.assert_close(eps, eps_u + 8.0 * (eps_c - eps_u))
+    assert not torch.allclose(eps, eps_c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DMD2 losses
+
+class RecordingGuidance(nn.Module):
+    """Stand-in for Guidance: eps = standin_eps + shift; records its inputs."""
+
+    def __init__(self, shift=0.0):
+        super().__init__()
+        self.shift, self.calls = shift, []
+
+    def forward(self, x, t, context, y, classify=False):
+        self.calls.append((x.detach().clone(), t.clone(), classify))
+        return standin_eps(x, t, context, y) + self.shift
+
+
+def test_dm_gradient_sign_and_scale():
+    """dmd2.md §2.1: grad = (mu_fake - mu_real) / mean|x - mu_real| per sample, NO alpha_t factor, and the loss's
+    gradient w.r.t. x is grad / x.numel(); the teacher is CFG'd with zero unconditional embeddings."""
+    context, y = conditioning(B=3)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    teacher_calls = []
+    teacher = lambda *args: teacher_calls.append(args) or standin_eps(*args)
+    fake = RecordingGuidance(shift=0.2)
+    cfg = sdxl.Config(guidance_scale=3.0)
+    loss = sdxl.loss_distribution_matching(x, context, y, teacher, fake, AB, cfg, torch.Generator().manual_seed(2))
+    loss.backward()
+    (x_t, t, classify), = fake.calls
+    assert not classify and t.min() >= 20 and t.max() <= 980 and len(set(t.tolist())) == 3  # one t per sample
+    ab = AB[t].reshape(-1, 1, 1, 1)
+    noise = (x_t.double() - ab.sqrt() * x.detach().double()) / (1 - ab).sqrt()
+    assert abs(noise.std().item() - 1) < 0.1                                                  # x_t = noised x
+    x_t2, _, context2, y2 = teacher_calls[0]
+    assert torch.equal(x_t2[:3], x_t) and context2[:3].eq(0).all() and y2[:3, :POOLED].eq(0).all()
+    eps_u, eps_c = standin_eps(x_t, t, torch.zeros_like(context), y2[:3]), standin_eps(x_t, t, context, y)
+    eps_real, eps_fake = (eps_u + 3.0 * (eps_c - eps_u)).double(), (eps_c + 0.2).double()
+    mu_real = (x_t.double() - (1 - ab).sqrt() * eps_real) / ab.sqrt()
+    mu_fake = (x_t.double() - (1 - ab).sqrt() * eps_fake) / ab.sqrt()
+    w = (x.detach().double() - mu_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = ((mu_fake - mu_real) / w / x.numel()).float()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-9)
+    with_alpha = expected * ab.sqrt().float()                       # the paper's alpha_t weighting, which the code drops
+    assert (x.grad - with_alpha).abs().max() > 100 * (x.grad - expected).abs().max()
+    # Sign: a gradient-descent step on x moves it towards the teacher's prediction, away from the fake score's.
+    assert (-x.grad.double() * (mu_real - mu_fake)).sum() > 0
+
+
+def test_fake_score_loss_is_eps_mse():
+    context, y = conditioning(B=4)
+    x = torch.randn(4, 4, 8, 8)
+    fake = RecordingGuidance(shift=0.1)
+    loss = sdxl.loss_fake_score(fake, x, context, y, AB, torch.Generator().manual_seed(0))
+    (x_t, t, classify), = fake.calls
+    assert not classify and t.min() >= 0 and t.max() <= 999
+    ab = AB[t].reshape(-1, 1, 1, 1).float()
+    noise = (x_t - ab.sqrt() * x) / (1 - ab).sqrt()                                        # the noise it was trained on
+    torch.testing.assert_close(loss, ((standin_eps(x_t, t, context, y) + 0.1 - noise) ** 2).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_gan_head_layout_and_guidance_logits():
+    with torch.device("meta"):
+        head = sdxl.gan_head(1280, 32)                          # SDXL: middle block [B, 1280, 32, 32] at 1024^2
+        assert head(torch.zeros(2, 1280, 32, 32)).shape == (2, 1, 1, 1)
+    convs = [m for m in head if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.padding) for c in convs] == [((4, 4), (2, 2), (1, 1))] * 3 + [((4, 4), (4, 4), (0, 0)), ((1, 1), (1, 1), (0, 0))]
+    assert sorted({k.split(".")[0] for k in head.state_dict()}, key=int) == ["0", "1", "3", "4", "6", "7", "9", "10", "12"]  # official indices
+    assert sum(p.numel() for p in head.parameters()) == 4 * (1280 * 1280 * 16 + 1280) + 4 * 2 * 1280 + 1281
+    for bad in (3, 24):
+        with pytest.raises(ValueError, match="GAN head"):
+            sdxl.gan_head(64, bad)
+    cfg = sdxl.TINY_UNET
+    guidance = sdxl.Guidance(sdxl.SDXLUNet(cfg), sdxl.gan_head(64, 4)).eval()
+    context, y = torch.randn(2, 77, cfg.context_dim), torch.randn(2, cfg.adm_in_channels)
+    with torch.no_grad():
+        logits = guidance(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), context, y, classify=True)
+        eps = guidance(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), context, y)
+    assert logits.shape == (2, 1) and logits._base is None and eps.shape == (2, 4, 8, 8)
+
+
+def test_backward_simulation_runs_the_generators_own_chain():
+    timesteps, shape = [999, 749, 499, 249], (4, 4, 32, 32)
+    context, y = conditioning(B=4)
+    for k in range(4):
+        calls = []
+
+        def generator(x, t, context, y):
+            calls.append((x.clone(), t.clone()))
+            return 0.5 * x + 0.1
+
+        x_tk = sdxl.backward_simulation(generator, shape, context, y, k, timesteps, AB, torch.Generator().manual_seed(k))
+        assert [int(t[0]) for _, t in calls] == timesteps[:k]                                  # the chain's timesteps
+        assert all(t.eq(t[0]).all() for _, t in calls)                                         # one t for the whole batch
+        inputs = [x for x, _ in calls] + [x_tk]
+        assert abs(inputs[0].std().item() - 1) < 0.03 and abs(inputs[0].mean().item()) < 0.03  # starts from pure noise
+        previous_noise = inputs[0]
+        for (x_i, t_i), x_next, t_next in zip(calls, inputs[1:], timesteps[1:]):
+            x0 = sdxl.x0_from_eps(x_i, 0.5 * x_i + 0.1, t_i, AB)                               # the generator's x0 at step i
+            noise = (x_next - AB[t_next].sqrt().float() * x0) / (1 - AB[t_next]).sqrt().float()  # re-noised to the next t
+            assert abs(noise.std().item() - 1) < 0.03                                          # with fresh N(0, I) noise...
+            assert abs(torch.corrcoef(torch.stack([noise.flatten(), previous_noise.flatten()]))[0, 1]) < 0.05  # ...uncorrelated
+            previous_noise = noise
+        assert not x_tk.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encode -> train -> generate, on the tiny CPU preset
+
+CAPTIONS = ["a red square", "a blue circle on a table", "a green field, 4k", "a cat on a mat"]
+
+
+def write_images(folder, n=4):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        PIL.Image.fromarray(rng.integers(0, 255, (130 + 20 * i, 160, 3), dtype=np.uint8)).save(os.path.join(folder, f"im{i}.png"))
+        with open(os.path.join(folder, f"im{i}.txt"), "w") as f:
+            f.write(CAPTIONS[i] + "\n")
+
+
+def tiny_config(**kw):
+    return sdxl.Config(**{**sdxl.PRESETS["tiny"], "preset": "tiny", "sample_every": 0, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """images -> `encode` -> `train` 4 iterations, a generator update every 2nd (checkpoints at 2 and 4), with every
+    generator call recorded."""
+    root = tmp_path_factory.mktemp("tiny")
+    images, latents, out = str(root / "images"), str(root / "latents"), str(root / "run")
+    write_images(images)
+    sdxl.main(["encode", "--preset", "tiny", "--images", images, "--out", latents, "--device", "cpu"])
+    calls, make_trainable = [], sdxl.make_trainable
+
+    def recording(module, *args):
+        module = make_trainable(module, *args)
+        if isinstance(module, sdxl.SDXLUNet):  # the generator (the fake score sits inside Guidance)
+            module.register_forward_pre_hook(lambda m, inputs: calls.append((inputs[1].clone(), torch.is_grad_enabled())))
+        return module
+
+    sdxl.make_trainable = recording
+    try:
+        result = sdxl.train(tiny_config(latents=latents, outdir=out, total_steps=4, ckpt_every=2, sample_every=4,
+                                       dfake_gen_update_ratio=2, device="cpu"))
+    finally:
+        sdxl.make_trainable = make_trainable
+    return dict(root=root, images=images, latents=latents, out=out, calls=calls, history=result["history"])
+
+
+def test_encode_writes_latents_with_captions(tiny_run):
+    data = sdxl.LatentDataset(tiny_run["latents"], 128)
+    assert data.captions == CAPTIONS and len(data.shards) == 1
+    latents = data.shards[0]
+    assert latents.shape == (4, 4, 16, 16) and latents.dtype == torch.float16 and latents.float().std() > 0.01
+    # The shard holds VAE posterior samples (seed 0) of the center-cropped, resized images, in fp16.
+    vae = sdxl.load_parts("tiny", "", "cpu")["vae"]
+    images = torch.stack([sdxl.load_image(os.path.join(tiny_run["images"], f"im{i}.png"), 128) for i in range(4)])
+    assert images.shape == (4, 3, 128, 128) and -1 <= images.min() < images.max() <= 1
+    im3 = np.asarray(PIL.Image.open(os.path.join(tiny_run["images"], "im3.png")).resize((128, 152), PIL.Image.LANCZOS))
+    assert torch.equal(images[3], torch.from_numpy(im3[12:140].copy()).permute(2, 0, 1).float() / 127.5 - 1)  # 190x160 -> 152x128 -> rows 12..139
+    with torch.no_grad():
+        expected = vae.encode(images, sample=True, generator=torch.Generator().manual_seed(0))
+        mean = vae.encode(images)
+    assert torch.equal(latents, expected.half()) and not torch.equal(latents, mean.half())
+    x, captions = data.sample(5, torch.Generator().manual_seed(0))
+    assert x.shape == (5, 4, 16, 16) and x.dtype == torch.float32 and all(c in CAPTIONS for c in captions)
+
+
+def test_training_feeds_the_generator_its_backward_simulated_chain(tiny_run):
+    history, calls = tiny_run["history"], tiny_run["calls"]
+    assert [h["step"] for h in history] == list(range(4))
+    assert all(np.isfinite(v) for h in history for key, v in h.items() if key.startswith(("loss", "grad")))
+    assert [("loss_dm" in h) for h in history] == [True, False, True, False]  # TTUR 2 here: generator steps 0 and 2
+    timesteps, i = [999, 749, 499, 249], 0
+    for h in history:
+        k = h["k"]
+        steps = calls[i:i + k + 1]                     # k no-grad chain steps, then the trained step at t_k
+        assert [int(t[0]) for t, _ in steps] == timesteps[:k + 1]
+        assert all(t.eq(t[0]).all() and len(t) == 2 for t, _ in steps)          # one k, one t for the whole batch
+        assert [grad for _, grad in steps] == [False] * k + [h["step"] % 2 == 0]  # gradient only through step k
+        i += k + 1
+        if h["step"] == 3:  # the sample strip after the last iteration: 4 steps of the generator, no grad
+            assert [int(t[0]) for t, _ in calls[i:i + 4]] == timesteps and not any(g for _, g in calls[i:i + 4])
+            i += 4
+    assert i == len(calls) and len({h["k"] for h in history}) > 1
+
+
+def test_training_changes_weights_and_writes_files(tiny_run):
+    out = tiny_run["out"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "generator.safetensors", "log.txt", "samples_0000004.png"]
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["cfg"]["total_steps"] == 4
+    init = sdxl.load_parts("tiny", "", "cpu")["unet_state"]
+    assert ckpt["generator"].keys() == init.keys()
+    changed = [k for k in init if not torch.equal(ckpt["generator"][k], init[k])]
+    assert len(changed) > 0.5 * len(init)                                                   # the generator was trained
+    assert not torch.equal(ckpt["guidance"]["fake_unet.out.2.weight"], init["out.2.weight"])  # so was the fake score
+    export = sdxl.read_safetensors(os.path.join(out, "generator.safetensors"))
+    assert all(torch.equal(export[k], v.half()) for k, v in ckpt["generator"].items())
+    assert PIL.Image.open(os.path.join(out, "samples_0000004.png")).size == (4 * 128, 128)
+
+
+def test_generate_writes_png_from_trained_generator(tiny_run):
+    png = str(tiny_run["root"] / "cat.png")
+    sdxl.main(["generate", "--preset", "tiny", "--unet", os.path.join(tiny_run["out"], "generator.safetensors"),
+               "--prompt", "a cat", "--steps", "4", "--seed", "0", "--out", png, "--device", "cpu"])
+    image = PIL.Image.open(png)
+    assert image.size == (128, 128) and image.mode == "RGB"
+    pixels = np.asarray(image)
+    assert pixels.std() > 1
+    # The same image from the same seed, computed with the functions directly.
+    net, parts = sdxl.build_unet(sdxl.load_unet_state(os.path.join(tiny_run["out"], "checkpoint.pt"), sdxl.TINY_UNET),
+                                 sdxl.TINY_UNET, "cpu", torch.float32, "ckpt"), sdxl.load_parts("tiny", "", "cpu")
+    direct = sdxl.generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], ["a cat"], 128, 128, seed=0, steps=4)[0]
+    assert np.abs(direct.astype(int) - pixels.astype(int)).max() <= 2  # fp16 export vs fp32 checkpoint
+
+
+def test_resume_is_exact(tiny_run, tmp_path):
+    """2 iterations, stop, resume for 2 more (with a generator update) == 4 straight (optimizer states restored, RNG a
+    function of the step)."""
+    out, kw = str(tmp_path / "resumed"), dict(latents=tiny_run["latents"], dfake_gen_update_ratio=2, device="cpu")
+    sdxl.train(tiny_config(outdir=out, total_steps=2, **kw))
+    sdxl.train(tiny_config(outdir=out, total_steps=4, resume=True, **kw))
+    a = torch.load(os.path.join(tiny_run["out"], "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    for part in ("generator", "guidance"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    for opt in ("opt_g", "opt_d"):
+        assert all(torch.equal(a[opt]["state"][k]["exp_avg_sq"], b[opt]["state"][k]["exp_avg_sq"]) for k in a[opt]["state"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "nan")
+    args = ["train", "--preset", "tiny", "--latents", tiny_run["latents"], "--outdir", out, "--sample_every", "0",
+            "--dfake_gen_update_ratio", "1", "--device", "cpu"]
+    sdxl.main(args + ["--total_steps", "1"])
+    ckpt = os.path.join(out, "checkpoint.pt")
+    before = open(ckpt, "rb").read()
+    monkeypatch.setattr(sdxl, "loss_distribution_matching", lambda x, *a: (x * float("nan")).mean())
+    with pytest.raises(SystemExit) as exit_info:
+        sdxl.main(args + ["--total_steps", "3", "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "non-finite loss at step 1" in err and "loss_dm=nan" in err and ckpt in err
+    assert open(ckpt, "rb").read() == before
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("no caption", "no caption"), ("empty caption", "empty caption"), ("unreadable", "cannot read the image"),
+    ("no images", "no images"), ("not a folder", "not a folder")])
+def test_encode_errors_name_the_file(tmp_path, problem, match):
+    folder = str(tmp_path / "imgs")
+    if problem != "not a folder":
+        write_images(folder, n=2)
+    if problem == "no caption":
+        os.remove(os.path.join(folder, "im1.txt"))
+    elif problem == "empty caption":
+        open(os.path.join(folder, "im1.txt"), "w").close()
+    elif problem == "unreadable":
+        open(os.path.join(folder, "im1.png"), "wb").write(b"not a png")
+    elif problem == "no images":
+        for f in os.listdir(folder):
+            if f.endswith(".png"):
+                os.remove(os.path.join(folder, f))
+    vae = sdxl.AutoencoderKL(sdxl.TINY_VAE)
+    with pytest.raises(ValueError, match=match) as err:
+        sdxl.encode_folder(vae, folder, str(tmp_path / "out"), 32)
+    assert folder in str(err.value)
+
+
+def test_latent_dataset_errors(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="for --resolution 256"):
+        sdxl.LatentDataset(tiny_run["latents"], 256)
+    sdxl.write_safetensors(str(tmp_path / "latents_00000.safetensors"), {"latents": torch.zeros(2, 4, 16, 16)}, {"captions": '["one"]'})
+    with pytest.raises(ValueError, match="JSON list of 2 strings"):
+        sdxl.LatentDataset(str(tmp_path), 128)
+    with pytest.raises(ValueError, match="already holds latents"):
+        sdxl.encode_folder(sdxl.AutoencoderKL(sdxl.TINY_VAE), tiny_run["images"], str(tmp_path), 32)
+    with pytest.raises(ValueError, match="no latents_"):
+        sdxl.LatentDataset(str(tmp_path / "nothing"), 128)
+
+
+def test_load_unet_state_formats(tmp_path):
+    """DMD2's diffusers-named .bin, the full sgm checkpoint's prefixed keys, and our checkpoint.pt give one state dict."""
+    from diffusers import UNet2DConditionModel
+    cfg = sdxl.TINY_UNET
+    ref = UNet2DConditionModel(**sdxl.diffusers_unet_config(cfg))
+    torch.save(ref.state_dict(), tmp_path / "dmd2_unet.bin")
+    state = sdxl.load_unet_state(str(tmp_path / "dmd2_unet.bin"), cfg)
+    assert state.keys() == sdxl.SDXLUNet(cfg).state_dict().keys()
+    sdxl.write_safetensors(str(tmp_path / "full.safetensors"), {**{sdxl.PREFIX_UNET + k: v for k, v in state.items()},
+                                                                 sdxl.PREFIX_VAE + "quant_conv.bias": torch.zeros(8)})
+    torch.save({"step": 1, "generator": state}, tmp_path / "checkpoint.pt")
+    for name in ("full.safetensors", "checkpoint.pt"):
+        other = sdxl.load_unet_state(str(tmp_path / name), cfg)
+        assert other.keys() == state.keys() and all(torch.equal(other[k], state[k]) for k in state)
+    net = sdxl.build_unet(state, cfg, "cpu", torch.float32, "dmd2_unet.bin")
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([499]), torch.randn(1, 77, cfg.context_dim)
+    text_embeds, time_ids = torch.randn(1, 32), torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    y = sdxl.vector_cond(text_embeds, (64, 64), (0, 0), (64, 64))
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids)).sample
+        assert (net(x, t, context, y) - expected).abs().max() < 1e-4
+    torch.save([1, 2, 3], tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match="bad.bin"):
+        sdxl.load_unet_state(str(tmp_path / "bad.bin"), cfg)
+
+
+def test_bench_pipeline_equals_diffusers_sdxl_pipeline():
+    """bench's two pipelines on the tiny models: ours (sample_dmd2 + our VAE) and diffusers' StableDiffusionXLPipeline +
+    LCMScheduler with the same weights, converted by diffusers' own single-file converters, and the same noise."""
+    parts = sdxl.load_parts("tiny", "", "cpu")
+    net = sdxl.build_unet(parts["unet_state"], parts["unet_cfg"], "cpu", torch.float32, "tiny")
+    r = sdxl.bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], "a cat", 64, 96, reps=1)
+    ours, theirs = r["ours"]["image"], r["diffusers"]["image"]
+    assert ours.shape == (1, 3, 64, 96) and ours.std() > 0.01
+    assert (ours - theirs).abs().max() < 1e-4
+    assert r["ours"]["median"] > 0 and r["text_encoders"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes, as torchrun starts them: FSDP2 on gloo (the multi-GPU code path, on the CPU)
+
+FSDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import sdxl
+cfg = sdxl.Config(**{{**sdxl.PRESETS["tiny"], "preset": "tiny", "latents": sys.argv[1], "outdir": sys.argv[2], "total_steps": 1,
+                     "batch_gpu": 1, "sample_every": 0, "device": "cpu", "seed": 1}})
+out = sdxl.train(cfg)
+own_k = [int(torch.randint(4, (1,), generator=sdxl.batch_generator(1, 0, dist.get_rank(), "cpu")))]  # k is the first draw
+print("RESULT", json.dumps(dict(rank=dist.get_rank(), k=[h["k"] for h in out["history"]], own_k=own_k,
+                                loss=[h["loss_fake"] for h in out["history"]],
+                                sharded=type(out["generator"].out[2].weight).__name__)), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_two_processes_fsdp(tiny_run, tmp_path):
+    """Two ranks started with the environment torchrun gives them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+    without torchrun's launcher process (one torch import less on a 2-core machine)."""
+    script, out = tmp_path / "run.py", str(tmp_path / "fsdp")
+    script.write_text(FSDP_SCRIPT.format(root=ROOT))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), tiny_run["latents"], out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    stdout = "\n".join(outputs)
+    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in stdout.splitlines() if "RESULT " in line),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["sharded"] == "DTensor" for r in results)                      # FSDP2 really sharded the weights
+    assert results[0]["k"] == results[1]["k"] == results[0]["own_k"]            # rank 0's k, broadcast...
+    assert results[1]["own_k"] != results[1]["k"]                               # ...where rank 1 alone would have drawn others
+    assert results[0]["loss"] == results[1]["loss"]                             # logged values are averaged over ranks
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)   # gathered into plain tensors by rank 0
+    net = sdxl.build_unet(sdxl.load_unet_state(os.path.join(out, "generator.safetensors"), sdxl.TINY_UNET),
+                          sdxl.TINY_UNET, "cpu", torch.float32, "fsdp export")
+    init = sdxl.load_parts("tiny", "", "cpu")["unet_state"]
+    assert ckpt["step"] == 1 and not torch.equal(ckpt["generator"]["out.2.weight"], init["out.2.weight"])
+    assert torch.equal(net.out[2].weight, ckpt["generator"]["out.2.weight"].half().float())

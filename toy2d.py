@@ -54,14 +54,14 @@ class Config:
     # teacher: an EDM-preconditioned MLP trained on samples with the EDM loss
     width: int = 128                 # hidden width of every MLP (teacher, fake score, generator)
     depth: int = 3                   # hidden layers of every MLP
-    teacher_iters: int = 3000        # EDM-loss training steps of the teacher
-    teacher_batch: int = 2048        # teacher batch size
+    teacher_iters: int = 2000        # EDM-loss training steps of the teacher
+    teacher_batch: int = 1024        # teacher batch size
     teacher_lr: float = 3e-3         # teacher Adam learning rate (cosine-decayed to 0)
     heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
-    iters: int = 2000                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
-    batch: int = 1024                # generator batch (the same number of real samples for the GAN)
+    iters: int = 3000                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
+    batch: int = 512                 # generator batch (the same number of real samples for the GAN)
     lr: float = 1e-3                 # AdamW learning rate of generator and fake score (equal, as the paper)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
     min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
@@ -71,7 +71,7 @@ class Config:
     dm: bool = True                  # use the DM gradient (False: a GAN-only run, the paper's ablation)
     max_grad_norm: float = 10.0      # gradient clipping, as the official runs
     ksteps: int = 4                  # steps of the multi-step student
-    kstep_sigmas: str = "80,1.5,0.5,0.15"  # its fixed noise levels, first = sigma_max (pure noise)
+    kstep_sigmas: str = "80,0.6,0.3,0.12"  # its fixed noise levels, first = sigma_max (pure noise); see README
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
@@ -80,9 +80,9 @@ class Config:
     seed: int = 0                    # seeds everything: a CPU run is bit-for-bit repeatable
     device: str = "auto"             # "auto", "cpu" or "cuda"
     amp: str = "auto"                # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (with GradScaler), "fp32"
-    threads: int = 1                 # CPU threads; tiny MLPs run fastest on one
+    threads: int = 0                 # CPU threads for torch (0: torch's default, one per core)
     ablation: bool = False           # run the ablation table instead of the main run
-    ablation_seeds: int = 3          # seeds per ablation row
+    ablation_seeds: int = 2          # seeds per ablation row
     quiet: bool = False              # no progress bars
 
 
@@ -103,8 +103,10 @@ def check_config(cfg):
         errors.append(f"need 0 < --sigma_min < --sigma_max, got {cfg.sigma_min} and {cfg.sigma_max}")
     if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
         errors.append("need 0 <= --min_step_percent < --max_step_percent <= 1")
+    if cfg.threads < 0:
+        errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "iters", "batch",
-                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "threads", "ablation_seeds"):
+                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "ablation_seeds"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     try:
@@ -144,7 +146,7 @@ def make_mixture(name):
         k = torch.arange(8, dtype=torch.float64)
         angle = 2 * math.pi * k / 8
         means = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-        stds = torch.where(k % 2 == 0, 0.10, 0.15).double()
+        stds = torch.where(k % 2 == 0, 0.18, 0.25).double()   # two mode widths
         weights = 1.0 + 3.0 * k / 7              # the heaviest mode is 4x the lightest
     elif name == "grid":
         i, j = torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij")
@@ -390,10 +392,11 @@ def amp_settings(cfg, device):
     return autocast, scaler
 
 
-def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, record_field_at=None):
+def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, record_field_at=None, callback=None):
     """DMD2: returns the trained generator and a history of losses and quick metrics.
 
     ksteps = 1: the one-step generator G(sigma_max z). ksteps = K: the K-step generator on `sigmas`.
+    callback(it, G, D_fake, head, log), if given, is called after every iteration (the notebook draws with it).
     """
     sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)   # [1000] ascending
     min_idx, max_idx = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
@@ -434,6 +437,7 @@ def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, re
                     log["loss_dm"] = loss_dm.item()
                     if record_field_at is not None and it >= record_field_at and field is None:
                         field = dm_field(D_real, D_fake, sigma_grid, min_idx, max_idx, x.detach(), mix)
+                        field["iter"] = it
                 if cfg.gen_gan_weight > 0:                             # 3. GAN, generator side
                     loss_gan = gan_generator_loss(gan_logits(D_fake, head, x, sigma_grid))
                     loss_G = loss_G + cfg.gen_gan_weight * loss_gan
@@ -475,6 +479,8 @@ def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, re
                 xs = generate(G, torch.randn(2000, 2, device=device), sigmas)
             log["energy"] = energy_distance(xs.float().cpu(), eval_real.cpu())
         history.append(log)
+        if callback is not None:
+            callback(it, G, D_fake, head, log)
     return G.eval().requires_grad_(False), history, field
 
 
@@ -556,20 +562,18 @@ def save_samples_figure(path, mix, rows, lim):
     fig.save(path)
 
 
-def save_field_figure(path, mix, field, lim, size=480):
-    """Arrows: the DM direction over the plane; dots: the generator's samples at that iteration."""
-    img = scatter_panel(mix, field["samples"], "DM direction -grad over the plane (early iteration)", lim,
-                        size, color=(214, 39, 40), max_points=1000)
+def field_panel(mix, points, vectors, samples, title, lim, size=480):
+    """Arrows `vectors` [P, 2] drawn at `points` [P, 2] over the density; dots: `samples`."""
+    img = scatter_panel(mix, samples, title, lim, size, color=(214, 39, 40), max_points=1000)
     draw = ImageDraw.Draw(img)
-    d = field["direction"]
-    scale = 0.6 * (2 * lim / 20) / max(float(d.norm(dim=1).max()), 1e-8)     # longest arrow ~ 0.6 cells
-    for p, v in zip(field["points"], d * scale):
+    scale = 0.6 * (2 * lim / 20) / max(float(vectors.norm(dim=1).max()), 1e-8)   # longest arrow ~ 0.6 cells
+    for p, v in zip(points, vectors * scale):
         (x0, y0), (x1, y1) = [tuple(float(c) for c in to_px(q, lim, size)) for q in (p, p + v)]
         draw.line((x0, y0, x1, y1), fill=(0, 0, 0), width=1)
         ang = math.atan2(y1 - y0, x1 - x0)
         for s in (2.6, -2.6):                                         # two barbs, 30 degrees off the shaft
             draw.line((x1, y1, x1 + 4 * math.cos(ang + s), y1 + 4 * math.sin(ang + s)), fill=(0, 0, 0))
-    img.save(path)
+    return img
 
 
 def line_panel(series, title, size=(360, 220), log_y=False):
@@ -669,7 +673,9 @@ def run(cfg):
     lim = float(mix.means.abs().max()) + 1.0
     save_samples_figure(os.path.join(cfg.out, "samples.png"), mix, rows, lim)
     if field is not None:
-        save_field_figure(os.path.join(cfg.out, "dm_field.png"), mix, field, lim)
+        field_panel(mix, field["points"], field["direction"], field["samples"],
+                    f"DM direction -grad over the plane, iteration {field['iter']}", lim).save(
+                        os.path.join(cfg.out, "dm_field.png"))
     save_curves_figure(os.path.join(cfg.out, "curves.png"), {"1-step": hist1, f"{cfg.ksteps}-step": histK})
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -80,7 +80,7 @@ class Config:
     seed: int = 0                    # seeds everything: a CPU run is bit-for-bit repeatable
     device: str = "auto"             # "auto", "cpu" or "cuda"
     amp: str = "auto"                # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (with GradScaler), "fp32"
-    threads: int = 0                 # CPU threads for torch (0: torch's default, one per core)
+    threads: int = 1                 # CPU threads for torch (0: torch's default); tiny MLPs run best on one
     ablation: bool = False           # run the ablation table instead of the main run
     ablation_seeds: int = 2          # seeds per ablation row
     quiet: bool = False              # no progress bars

@@ -1,0 +1,321 @@
+"""Tests of imagenet64.py: the DMD2 losses against closed forms, the Gaussian teacher against autograd,
+the GAN head's layout, the data loaders and their errors, kill-and-resume bit for bit, the NaN stop,
+2-process DDP against gradient accumulation, sampling, FID plumbing, --bench, and the headline bar:
+the unchanged loop cuts the exact Frechet distance of the one-step student by >= 10x per class."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fid
+import imagenet64 as m
+import unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny UNets are latency-bound: a second thread buys little and oversubscribes a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(tmp_path, *flags):
+    """The CPU preset, shortened: no pre-training, no grids, for the plumbing tests."""
+    return m.parse_config(["--preset", "gaussian", "--outdir", str(tmp_path), "--pretrain_steps", "0", "--sample_every", "0",
+                           "--log_every", "1000", "--batch_size", "16", *flags])
+
+
+def all_state(out):
+    return {**{f"G.{k}": v for k, v in out["generator"].state_dict().items()},
+            **{f"D.{k}": v for k, v in out["guidance"].state_dict().items()}}
+
+# ----------------------------------------------------------------------------------------------
+# Formulas.
+
+def test_gaussian_teacher_is_tweedie_denoiser():
+    """D(x; sigma, y) = x + sigma^2 grad log N(x; mu_y, Sigma_y + sigma^2 I), by autograd of torch's MultivariateNormal."""
+    teacher = m.GaussianTeacher(num_classes=3, img_resolution=4, seed=1)
+    g = torch.Generator().manual_seed(0)
+    x0, y = teacher.sample(6, g)
+    sigma = torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 40.0])
+    x = (x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)).double().requires_grad_(True)
+    d = x[0].numel()
+    logp = sum(torch.distributions.MultivariateNormal(teacher.mu[y[i]].double(), teacher.Sigma[y[i]] + sigma[i].double() ** 2 * torch.eye(d,
+               dtype=torch.float64)).log_prob(x[i].flatten()) for i in range(6))
+    (score,) = torch.autograd.grad(logp, x)
+    expected = x + sigma.double().view(-1, 1, 1, 1) ** 2 * score
+    got = teacher(x.detach().float(), sigma, F.one_hot(y, 3).float())
+    assert torch.allclose(got.double(), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_gaussian_teacher_samples_have_the_stated_moments():
+    teacher = m.GaussianTeacher(num_classes=2, img_resolution=4, seed=2)
+    x, y = teacher.sample(40000, torch.Generator().manual_seed(0))
+    for k in range(2):
+        xk = x[y == k].flatten(1).double()
+        assert torch.allclose(xk.mean(0), teacher.mu[k].double(), atol=0.03)
+        assert torch.allclose(torch.cov(xk.T), teacher.Sigma[k], atol=0.03)
+    assert (teacher.mu[0] - teacher.mu[1]).abs().max() > 0.1            # the classes differ
+
+
+def test_karras_grid_matches_reference_values():
+    """1000 Karras sigmas flipped so that index 0 is the smallest (values from dmd2.md section 2.2)."""
+    grid = unet.karras_sigmas(1000, 0.002, 80.0, 7.0).flip(0)
+    for idx, value in [(0, 0.002), (20, 0.00323), (500, 2.53), (980, 72.1), (999, 80.0)]:
+        assert abs(grid[idx].item() - value) / value < 0.01
+
+
+def test_distribution_matching_gradient_closed_form():
+    """d loss_dm / dx = (D_fake - D_real) / mean|x - D_real| / numel(x), with sigma from grid indices 20..980."""
+    cfg = m.Config()
+    real, fake = m.GaussianTeacher(3, 4, seed=0), m.GaussianTeacher(3, 4, seed=5)
+    karras = unet.karras_sigmas(1000).flip(0).float()
+    x = real.sample(8, torch.Generator().manual_seed(1))[0].requires_grad_(True)
+    y = F.one_hot(torch.arange(8) % 3, 3).float()
+    loss = m.loss_distribution_matching(x, y, real, fake, karras, cfg, torch.Generator().manual_seed(7))
+    (grad,) = torch.autograd.grad(loss, x)
+    g = torch.Generator().manual_seed(7)                                   # replay the same draws
+    idx = torch.randint(20, 981, (8,), generator=g)
+    sigma = karras[idx].view(8, 1, 1, 1)
+    x_t = x.detach() + sigma * torch.randn(x.shape, generator=g)
+    D_real, D_fake = real(x_t, sigma, y), fake(x_t, sigma, y)
+    w = (x.detach() - D_real).abs().mean(dim=[1, 2, 3], keepdim=True)
+    assert torch.allclose(grad, (D_fake - D_real) / w / x.numel(), atol=1e-9, rtol=1e-4)
+    assert grad.abs().max() > 0
+
+
+def test_fake_score_loss_weighting():
+    """loss_fake = mean((1/sigma^2 + 1/sigma_data^2) (D_fake(x + sigma n) - x)^2) with sigma over the whole grid."""
+    fake = m.GaussianTeacher(2, 4, seed=3)
+    karras = unet.karras_sigmas(1000).flip(0).float()
+    x = m.GaussianTeacher(2, 4, seed=4).sample(5, torch.Generator().manual_seed(0))[0]
+    y = F.one_hot(torch.arange(5) % 2, 2).float()
+    loss = m.loss_fake_score(fake, x, y, karras, 0.5, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    sigma = karras[torch.randint(0, 1000, (5,), generator=g)].view(5, 1, 1, 1)
+    D = fake(x + sigma * torch.randn(x.shape, generator=g), sigma, y)
+    assert torch.allclose(loss, ((1 / sigma ** 2 + 4) * (D - x) ** 2).mean())
+
+
+def test_gan_head_is_the_official_layout_on_the_full_size_bottleneck():
+    """On EDM's full-size network (built on the meta device: shapes only) the bottleneck is 768x8x8 and the head is
+    conv4x4/2-GN-SiLU-conv4x4/4-GN-SiLU-conv1x1 with the official cls_pred_branch keys."""
+    with torch.device("meta"):
+        net = unet.EDMPrecond(**unet.EDM_IMAGENET64)
+        _, rep = net(torch.zeros(2, 3, 64, 64), torch.ones(2), torch.zeros(2, 1000), return_bottleneck=True)
+    assert tuple(rep.shape) == (2, 768, 8, 8)
+    head = m.gan_head(rep.shape[1], rep.shape[2])
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {"0.weight": (768, 768, 4, 4), "0.bias": (768,), "1.weight": (768,), "1.bias": (768,),
+                      "3.weight": (768, 768, 4, 4), "3.bias": (768,), "4.weight": (768,), "4.bias": (768,),
+                      "6.weight": (1, 768, 1, 1), "6.bias": (1,)}
+    assert (head[0].stride, head[0].padding, head[3].stride, head[3].padding) == ((2, 2), (1, 1), (4, 4), (0, 0))
+    assert head[1].num_groups == 32 and isinstance(head[2], torch.nn.SiLU)
+    assert head(torch.randn(3, 768, 8, 8)).flatten(1).shape == (3, 1)
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+def write_png(path_or_file, array):
+    PIL.Image.fromarray(array).save(path_or_file, format="PNG")
+
+
+def test_edm_zip_folder_and_class_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    names, labels = ["00000/img00000000.png", "00000/img00000001.png", "00000/img00000002.png"], [5, 0, 2]
+    with zipfile.ZipFile(tmp_path / "ds.zip", "w") as z:
+        for name, img in zip(names, images):
+            with z.open(name, "w") as f:
+                write_png(f, img)
+        z.writestr("dataset.json", json.dumps({"labels": [[n, y] for n, y in zip(names, labels)]}))
+    for i, name in enumerate(names):                                      # the same as an EDM folder
+        os.makedirs(tmp_path / "ds" / "00000", exist_ok=True)
+        write_png(tmp_path / "ds" / name, images[i])
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"labels": [[n, y] for n, y in zip(names, labels)]}))
+    for source in (tmp_path / "ds.zip", tmp_path / "ds"):
+        ds = m.ImageDataset(str(source), 8)
+        assert len(ds) == 3 and ds.labels == labels and ds.num_classes == 6
+        assert torch.equal(ds.load(1), torch.from_numpy(images[1]).permute(2, 0, 1))
+        x, y = ds.sample(10, torch.Generator().manual_seed(0))
+        assert x.shape == (10, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+        for xi, yi in zip(x, y.tolist()):                                 # every sample is one of the images, with its label
+            i = labels.index(yi)
+            assert torch.allclose(xi, torch.from_numpy(images[i]).permute(2, 0, 1).float() / 127.5 - 1)
+    for cls, idx in (("cat", [0, 1]), ("dog", [2])):                     # class-per-subfolder: sorted names -> 0, 1
+        os.makedirs(tmp_path / "cls" / cls)
+        for i in idx:
+            write_png(tmp_path / "cls" / cls / f"{i}.png", images[i])
+    ds = m.ImageDataset(str(tmp_path / "cls"), 8)
+    assert ds.files == ["cat/0.png", "cat/1.png", "dog/2.png"] and ds.labels == [0, 0, 1]
+
+
+def test_data_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.zip"):
+        m.ImageDataset(str(tmp_path / "nope.zip"), 8)
+    os.makedirs(tmp_path / "flat")
+    write_png(tmp_path / "flat" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="missing labels"):
+        m.ImageDataset(str(tmp_path / "flat"), 8)
+    (tmp_path / "flat" / "dataset.json").write_text(json.dumps({"labels": None}))
+    with pytest.raises(ValueError, match="dataset.json: no labels"):
+        m.ImageDataset(str(tmp_path / "flat"), 8)
+    write_png(tmp_path / "flat" / "b.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "flat" / "dataset.json").write_text(json.dumps({"labels": [["a.png", 1]]}))
+    with pytest.raises(ValueError, match="no label for b.png"):
+        m.ImageDataset(str(tmp_path / "flat"), 8)
+    os.makedirs(tmp_path / "big" / "c0")
+    write_png(tmp_path / "big" / "c0" / "x.png", np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"c0/x.png: image is 16x16, expected 8x8"):
+        m.ImageDataset(str(tmp_path / "big"), 8)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no images"):
+        m.ImageDataset(str(tmp_path / "empty"), 8)
+
+# ----------------------------------------------------------------------------------------------
+# Run management.
+
+def test_presets_and_flags():
+    cfg = m.parse_config(["--preset", "gaussian", "--batch_size", "8", "--no-tf32"])
+    assert cfg.batch_size == 8 and cfg.generator_lr == m.PRESETS["gaussian"]["generator_lr"] and cfg.tf32 is False
+    full = m.parse_config([])
+    assert (full.batch_size, full.generator_lr, full.guidance_lr, full.dfake_gen_update_ratio, full.warmup_steps,
+            full.max_grad_norm, full.gen_cls_loss_weight, full.guidance_cls_loss_weight, full.ema_decay) == \
+        (280, 2e-6, 2e-6, 5, 500, 10.0, 3e-3, 1e-2, 0.0)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
+    """12 iterations (with 2 gradient-accumulation rounds) straight through, vs. killed in the middle of
+    iteration 7 (after its generator update, before its critic update) and resumed from the step-4 checkpoint."""
+    flags = ["--total_steps", "12", "--ckpt_every", "4", "--batch_gpu", "8", "--dfake_gen_update_ratio", "3"]
+    straight = m.train(tiny_cfg(tmp_path / "a", *flags))
+    calls, real = [0], m.loss_fake_score
+
+    def dies(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2 * 6 + 1:                                         # first critic micro-batch of iteration 7
+            raise Killed()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(m, "loss_fake_score", dies)
+    with pytest.raises(Killed):
+        m.train(tiny_cfg(tmp_path / "b", *flags))
+    monkeypatch.setattr(m, "loss_fake_score", real)
+    assert unet.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["step"] == 4
+    assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+    resumed = m.train(tiny_cfg(tmp_path / "b", *flags, "--resume"))
+    assert len(resumed["iter_times"]) == 8                                # steps 4..11 only
+    a, b = all_state(straight), all_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (unet.load_checkpoint(str(tmp_path / d / "checkpoint.pt")) for d in ("a", "b"))
+    assert ca["step"] == cb["step"] == 12
+    for opt in ("opt_g", "opt_d"):
+        sa, sb = ca[opt]["state"], cb[opt]["state"]
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = m.GaussianTeacher.sample
+    calls = [0]
+
+    def poisoned(self, n, generator):                                     # real images turn NaN at iteration 6
+        calls[0] += 1
+        x, y = real(self, n, generator)
+        return (x * float("nan"), y) if calls[0] == 6 else (x, y)
+
+    monkeypatch.setattr(m.GaussianTeacher, "sample", poisoned)
+    with pytest.raises(m.NonFiniteLoss, match=r"non-finite loss at step 5: .*loss_d=nan.*checkpoint.pt"):
+        m.train(tiny_cfg(tmp_path, "--total_steps", "10", "--ckpt_every", "2"))
+    ckpt = unet.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["guidance"].values())
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 16 = 2 x 8, against 1 process with 2 accumulation rounds of 8:
+    the micro-batches are the same, so the weights must agree up to float summation order."""
+    flags = ["--preset", "gaussian", "--pretrain_steps", "0", "--sample_every", "0", "--batch_size", "16",
+             "--total_steps", "2", "--dfake_gen_update_ratio", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                    os.path.join(ROOT, "imagenet64.py"), *flags, "--outdir", str(tmp_path / "ddp")],
+                   check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+    cfg = m.parse_config([*flags, "--batch_gpu", "8", "--outdir", str(tmp_path / "one")])
+    init = m.build_models(cfg, torch.device("cpu"))[1].state_dict()
+    single = m.train(cfg)
+    assert max((single["generator"].state_dict()[k] - v).abs().max() for k, v in init.items()) > 1e-3  # it did train
+    ddp = unet.load_checkpoint(str(tmp_path / "ddp" / "checkpoint.pt"))
+    for name, state in (("generator", single["generator"].state_dict()), ("guidance", single["guidance"].state_dict())):
+        for k, v in state.items():
+            assert torch.allclose(ddp[name][k], v, atol=1e-5), (name, k)
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, FID and --bench.
+
+def test_sample_command_png_and_npz_are_per_seed(tmp_path):
+    m.train(tiny_cfg(tmp_path, "--total_steps", "1"))
+    gen = str(tmp_path / "generator.pt")
+    m.main(["sample", "--ckpt", gen, "--seeds", "0-5", "--out", str(tmp_path / "png"), "--batch", "4"])
+    m.main(["sample", "--ckpt", gen, "--seeds", "3,4-5", "--out", str(tmp_path / "a.npz"), "--batch", "1", "--classes", "2"])
+    data = np.load(tmp_path / "a.npz")
+    assert data["arr_0"].shape == (3, 8, 8, 3) and data["arr_0"].dtype == np.uint8 and list(data["labels"]) == [2, 2, 2]
+    assert sorted(os.listdir(tmp_path / "png")) == [f"{s:06d}.png" for s in range(6)]
+    generator, kw = m.load_generator(gen)
+    z = torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(4))[None]
+    with torch.no_grad():
+        x = m.generate(generator, z, torch.tensor([4 % kw["label_dim"]]), kw["label_dim"])
+    png = np.asarray(PIL.Image.open(tmp_path / "png" / "000004.png"))
+    assert np.array_equal(png, (x[0].permute(1, 2, 0) * 127.5 + 128).clip(0, 255).to(torch.uint8).numpy())
+    with torch.no_grad():                                                 # class 2 for seed 4 differs from class 0
+        x2 = m.generate(generator, z, torch.tensor([2]), kw["label_dim"])
+    assert np.array_equal(data["arr_0"][1], (x2[0].permute(1, 2, 0) * 127.5 + 128).clip(0, 255).to(torch.uint8).numpy())
+
+
+def test_load_generator_accepts_a_bare_edmprecond_state_dict(tmp_path, monkeypatch):
+    """The official DMD2 ImageNet release is a bare EDMPrecond state dict (full size; a tiny config stands in here)."""
+    tiny = dict(img_resolution=8, img_channels=3, label_dim=4, **m.TINY_UNET)
+    net = unet.EDMPrecond(**tiny)
+    torch.save(net.state_dict(), tmp_path / "pytorch_model.bin")
+    monkeypatch.setattr(unet, "EDM_IMAGENET64", tiny)
+    loaded, kw = m.load_generator(str(tmp_path / "pytorch_model.bin"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: neither"):
+        m.load_generator(str(tmp_path / "other.pt"))
+
+
+def test_evaluate_fid_matches_fid_py_on_the_same_images(tmp_path):
+    """evaluate_fid's streamed moments vs fid.compute_statistics on the same 40 images, with a stand-in detector."""
+    out = m.train(tiny_cfg(tmp_path, "--total_steps", "1"))
+    generator = out["generator"].eval()
+    detector = lambda x: x.float().flatten(1)[:, ::8]                      # uint8 [B, 3, 8, 8] -> 24 "features"
+    rng = np.random.default_rng(0)
+    ref = (rng.normal(size=24) * 10 + 128, np.cov(rng.normal(size=(100, 24)) * 30, rowvar=False))
+    score = m.evaluate_fid(generator, 4, detector, ref, num=40, batch=16)
+    images = torch.cat(list(m.generate_uint8(generator, list(range(40)), [i % 4 for i in range(40)], 4, "cpu", batch=7)))
+    mu, sigma = fid.compute_statistics(fid.compute_features(images, detector, progress=False))
+    assert score == pytest.approx(fid.frechet_distance(mu, sigma, *ref), rel=1e-9)
+
+
+def test_bench_prints_the_ratio(tmp_path, capsys):
+    res = m.main(["--preset", "gaussian", "--bench", "--pretrain_steps", "0", "--batch_size", "8", "--outdir", str(tmp_path)])
+    assert "ratio" in capsys.readouterr().out and res["ratio"] > 0
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
+
+# ----------------------------------------------------------------------------------------------
+# The bar: the one-step student approaches the data, per class.

@@ -13,16 +13,17 @@ Here the data is a 2D Gaussian mixture known in closed form, so every metric is 
 failure (dropped modes, wrong mode weights, blur between modes) can be seen and counted.
 
 Run it:
-  python toy2d.py                     # teacher + 1-step + 4-step students, ~30-60 s on 2 CPU cores
+  python toy2d.py                     # teacher + 1-step + 4-step students, ~55 s on 2 CPU cores
   python toy2d.py --dataset grid      # the harder 5x5 grid
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
-  python toy2d.py --ablation          # the paper's ablations at toy scale (a few minutes): table + figure
+  python toy2d.py --ablation          # the paper's ablations at toy scale (~4 min): table + figure
   python toy2d.py --help              # every option
 Outputs go to --out (default out/toy2d): samples.npz, metrics.json, samples.png, dm_field.png, curves.png.
 The same code runs under bf16 autocast when CUDA is present (--device cuda); the CPU path is fp32.
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import inspect
 import json
@@ -54,20 +55,21 @@ class Config:
     # teacher: an EDM-preconditioned MLP trained on samples with the EDM loss
     width: int = 128                 # hidden width of every MLP (teacher, fake score, generator)
     depth: int = 3                   # hidden layers of every MLP
-    teacher_iters: int = 2000        # EDM-loss training steps of the teacher
+    teacher_iters: int = 1500        # EDM-loss training steps of the teacher
     teacher_batch: int = 1024        # teacher batch size
     teacher_lr: float = 3e-3         # teacher Adam learning rate (cosine-decayed to 0)
     heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
-    iters: int = 3000                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
+    iters: int = 2200                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
     batch: int = 512                 # generator batch (the same number of real samples for the GAN)
     lr: float = 1e-3                 # AdamW learning rate of generator and fake score (equal, as the paper)
+    lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
     min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
     max_step_percent: float = 0.98
-    gen_gan_weight: float = 0.1      # weight of the generator's GAN loss (ImageNet: 3e-3; see README)
-    disc_gan_weight: float = 0.1     # weight of the discriminator loss in the fake-score update (ImageNet: 1e-2)
+    gen_gan_weight: float = 0.3      # weight of the generator's GAN loss (ImageNet: 3e-3; see README)
+    disc_gan_weight: float = 0.3     # weight of the discriminator loss in the fake-score update (ImageNet: 1e-2)
     dm: bool = True                  # use the DM gradient (False: a GAN-only run, the paper's ablation)
     max_grad_norm: float = 10.0      # gradient clipping, as the official runs
     ksteps: int = 4                  # steps of the multi-step student
@@ -75,12 +77,13 @@ class Config:
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
-    eval_every: int = 100            # iterations between quick metric points on the training curves
+    eval_every: int = 500            # iterations between quick metric points on the training curves
     out: str = "out/toy2d"           # output folder
     seed: int = 0                    # seeds everything: a CPU run is bit-for-bit repeatable
     device: str = "auto"             # "auto", "cpu" or "cuda"
     amp: str = "auto"                # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (with GradScaler), "fp32"
-    threads: int = 1                 # CPU threads for torch (0: torch's default); tiny MLPs run best on one
+    threads: int = 0                 # CPU threads for teacher and evaluation (0: torch's default; workers use one)
+    workers: int = 2                 # CPU processes that train students side by side, one thread each (1: in turn)
     ablation: bool = False           # run the ablation table instead of the main run
     ablation_seeds: int = 2          # seeds per ablation row
     quiet: bool = False              # no progress bars
@@ -106,7 +109,7 @@ def check_config(cfg):
     if cfg.threads < 0:
         errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "iters", "batch",
-                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "ablation_seeds"):
+                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "ablation_seeds", "workers"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     try:
@@ -141,12 +144,14 @@ class Mixture:
 
 
 def make_mixture(name):
-    """The default ring makes dropped modes and wrong weights obvious: weights 1..4 around the circle."""
+    """The default ring makes dropped modes and wrong weights obvious: weights 1..4 around the circle.
+    One width for all modes: with two widths, samples stranded between modes would be counted for the
+    wider neighbour and bias the weight metric."""
     if name == "ring":
         k = torch.arange(8, dtype=torch.float64)
         angle = 2 * math.pi * k / 8
         means = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-        stds = torch.where(k % 2 == 0, 0.18, 0.25).double()   # two mode widths
+        stds = torch.full((8,), 0.3, dtype=torch.float64)       # neighbours 1.53 apart: 5 stds
         weights = 1.0 + 3.0 * k / 7              # the heaviest mode is 4x the lightest
     elif name == "grid":
         i, j = torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij")
@@ -292,7 +297,7 @@ def edm_loss(D, x0, P_mean=-1.2, P_std=1.2):
 def train_teacher(cfg, mix, device, progress=True):
     """The many-step model DMD2 distills: an MLP denoiser trained on mixture samples."""
     teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth).to(device)
-    opt = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr)
+    opt = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr, fused=True)   # fused: one kernel per step
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.teacher_iters)
     for _ in tqdm(range(cfg.teacher_iters), desc="teacher", disable=not progress, leave=False):
         loss = edm_loss(teacher, sample_mixture(mix, cfg.teacher_batch).to(device))
@@ -392,11 +397,13 @@ def amp_settings(cfg, device):
     return autocast, scaler
 
 
-def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, record_field_at=None, callback=None):
+def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, record_field_at=None, callback=None,
+            position=0):
     """DMD2: returns the trained generator and a history of losses and quick metrics.
 
     ksteps = 1: the one-step generator G(sigma_max z). ksteps = K: the K-step generator on `sigmas`.
     callback(it, G, D_fake, head, log), if given, is called after every iteration (the notebook draws with it).
+    position: the row of its progress bar (students trained side by side each get one).
     """
     sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)   # [1000] ascending
     min_idx, max_idx = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
@@ -406,14 +413,15 @@ def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, re
     D_fake = Denoiser(teacher.sigma_data, cfg.width, cfg.depth).to(device)
     D_fake.load_state_dict(teacher.state_dict())
     head = make_head(cfg.width).to(device)
-    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01)
+    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=cfg.lr,
-                                 betas=(0.9, 0.999), weight_decay=0.01)
+                                 betas=(0.9, 0.999), weight_decay=0.01, fused=True)
+    lr_at = (lambda it: cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iters))) if cfg.lr_decay else (lambda it: cfg.lr)
     autocast, scaler = amp_settings(cfg, device)
     use_gan = cfg.gen_gan_weight > 0 or cfg.disc_gan_weight > 0
     eval_real = sample_mixture(mix, 2000).to(device)
     history, field = [], None
-    for it in tqdm(range(cfg.iters), desc=f"DMD2 {ksteps}-step", disable=not progress, leave=False):
+    for it in tqdm(range(cfg.iters), desc=f"DMD2 {ksteps}-step", disable=not progress, leave=False, position=position):
         z = torch.randn(cfg.batch, 2, device=device)
         # The generator's input: pure noise for one step; for K steps, one step index k per batch and
         # an input made by backward simulation (4.), or by noising real data (the ablation).
@@ -424,6 +432,8 @@ def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, re
             x_in = sample_mixture(mix, cfg.batch).to(device) + sigmas[k] * z
         gen_step = it % cfg.dfake_gen_update_ratio == 0
         log = {"iter": it}
+        for opt in (opt_G, opt_fake):
+            opt.param_groups[0]["lr"] = lr_at(it)
 
         # Generator update (every dfake_gen_update_ratio-th iteration), before the critic's.
         if gen_step:
@@ -488,16 +498,21 @@ def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, re
 # Evaluation: exact metrics against the known mixture.
 
 
-def energy_distance(x, y, chunk=2048):
-    """2 E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely): zero iff the distributions match; no bandwidth to pick."""
-    def mean_dist(a, b):
-        total = sum(torch.cdist(a[i:i + chunk].double(), b.double()).sum() for i in range(0, len(a), chunk))
-        return float(total) / (len(a) * len(b))
-    return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
+def mean_distance(a, b, chunk=2048):
+    """E|A - B| over all pairs of rows of a [n, 2] and b [m, 2], in float64, a chunk of rows at a time."""
+    total = sum(torch.cdist(a[i:i + chunk].double(), b.double()).sum() for i in range(0, len(a), chunk))
+    return float(total) / (len(a) * len(b))
 
 
-def evaluate(mix, x, reference):
-    """Metrics of samples x [N, 2] against the mixture, and an energy distance to fresh data `reference`."""
+def energy_distance(x, y, yy=None):
+    """2 E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely): zero iff the distributions match; no bandwidth to pick.
+    yy: E|Y-Y'| if already known (the reference set is shared by every row of the table)."""
+    return 2 * mean_distance(x, y) - mean_distance(x, x) - (mean_distance(y, y) if yy is None else yy)
+
+
+def evaluate(mix, x, reference, reference_self=None):
+    """Metrics of samples x [N, 2] against the mixture, and an energy distance to fresh data `reference`
+    (reference_self: mean_distance(reference, reference), to compute it once for many rows)."""
     x = x.float().cpu()
     log_comp = torch.log(mix.weights) - torch.log(2 * math.pi * mix.stds**2) - \
         ((x[:, None] - mix.means[None]) ** 2).sum(-1) / (2 * mix.stds**2)                  # [N, K]
@@ -508,7 +523,7 @@ def evaluate(mix, x, reference):
         "modes_covered": int((found >= 0.5 * mix.weights).sum()),  # a mode counts at half its expected share
         "num_modes": len(mix.weights),
         "weight_tv": float(0.5 * (found - mix.weights).abs().sum()),  # total variation of mode weights
-        "energy_distance": energy_distance(x, reference),
+        "energy_distance": energy_distance(x, reference, reference_self),
     }
 
 
@@ -623,7 +638,63 @@ def save_curves_figure(path, histories):
 
 
 # ----------------------------------------------------------------------------------------------
+# Training students side by side. Each distill() run is independent of the others and seeds itself,
+# so on a CPU they can take one core each (--workers) and give the same numbers as one after another.
+
+
+def student_seed(seed, ksteps, row=0):
+    return 1_000_003 * seed + 1000 * row + ksteps
+
+
+def student_job(cfg, mix, teacher_state, sigmas, seed, record_field_at=None, position=0, progress=True):
+    """One distill() run from plain, picklable inputs (so it can run in a worker process).
+    -> (generator state_dict, history, DM field or None)."""
+    device = pick_device(cfg)
+    torch.manual_seed(seed)
+    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth).to(device)
+    teacher.load_state_dict(teacher_state)
+    teacher.eval().requires_grad_(False)
+    D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
+    G, history, field = distill(cfg, mix, teacher, D_real, len(sigmas), sigmas, device, progress,
+                                record_field_at=record_field_at, position=position)
+    return {k: v.cpu() for k, v in G.state_dict().items()}, history, field
+
+
+def _student_job(kwargs):
+    return student_job(**kwargs)
+
+
+def train_students(cfg, mix, teacher, device, jobs):
+    """jobs: [dict(sigmas, seed, ...) per student, with optional "cfg"] -> [(G, history, field), ...].
+    With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each."""
+    state = {k: v.cpu() for k, v in teacher.state_dict().items()}
+    kwargs = [{"cfg": cfg, "mix": mix, "teacher_state": state, "progress": not cfg.quiet, **job} for job in jobs]
+    workers = min(cfg.workers, len(jobs)) if device.type == "cpu" else 1
+    if workers <= 1:
+        results = [student_job(**kw) for kw in kwargs]
+    else:
+        for i, kw in enumerate(kwargs):
+            kw["position"] = i % workers
+        # Spawned (not forked) processes: safe whatever threads torch already started; a worker that
+        # fails raises here instead of hanging.
+        ctx = torch.multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, ctx, torch.set_num_threads, (1,)) as pool:
+            results = list(pool.map(_student_job, kwargs))
+    out = []
+    for kw, (state_G, history, field) in zip(kwargs, results):
+        G = Denoiser(teacher.sigma_data, kw["cfg"].width, kw["cfg"].depth).to(device)
+        G.load_state_dict(state_G)
+        out.append((G.eval().requires_grad_(False), history, field))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Main run and ablation.
+
+
+def pick_device(cfg):
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
 
 
 def setup(cfg):
@@ -632,9 +703,7 @@ def setup(cfg):
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    return device
+    return pick_device(cfg)
 
 
 def run(cfg):
@@ -644,14 +713,14 @@ def run(cfg):
     mix = make_mixture(cfg.dataset)
     progress = not cfg.quiet
     teacher = train_teacher(cfg, mix, device, progress)
-    D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
     one = [cfg.sigma_max]
     many = parse_sigmas(cfg.kstep_sigmas)
-    G1, hist1, field = distill(cfg, mix, teacher, D_real, 1, one, device, progress,
-                               record_field_at=cfg.iters // 10)
-    GK, histK, _ = distill(cfg, mix, teacher, D_real, cfg.ksteps, many, device, progress)
+    (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [
+        dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=cfg.iters // 10),
+        dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))])
 
     n = cfg.num_eval
+    torch.manual_seed(cfg.seed + 1)        # evaluation noise: the same whichever way the students were trained
     with torch.no_grad():
         rows = {
             "data": sample_mixture(mix, n),
@@ -661,7 +730,8 @@ def run(cfg):
             f"student_{cfg.ksteps}step": generate(GK, torch.randn(n, 2, device=device), many).cpu(),
         }
     reference = sample_mixture(mix, n)     # fresh data: the "data" row's distance is the noise floor
-    metrics = {name: evaluate(mix, x, reference) for name, x in rows.items()}
+    reference_self = mean_distance(reference, reference)
+    metrics = {name: evaluate(mix, x, reference, reference_self) for name, x in rows.items()}
     metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
     metrics["student_1step"]["nfe"] = 1
     metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps
@@ -714,17 +784,18 @@ def run_ablation(cfg):
     for seed in range(cfg.seed, cfg.seed + cfg.ablation_seeds):
         torch.manual_seed(seed)
         teacher = train_teacher(cfg, mix, device, not cfg.quiet)
-        D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
         reference = sample_mixture(mix, cfg.num_eval)
-        for name, over, multi in ABLATIONS:
+        reference_self = mean_distance(reference, reference)
+        jobs = []
+        for row, (name, over, multi) in enumerate(ABLATIONS):
             c = Config(**{**asdict(cfg), **over})
             c.iters = gen_updates * c.dfake_gen_update_ratio
             sig = parse_sigmas(c.kstep_sigmas) if multi else [c.sigma_max]
-            torch.manual_seed(seed)
-            G, _, _ = distill(c, mix, teacher, D_real, len(sig), sig, device, not cfg.quiet)
+            jobs.append(dict(cfg=c, sigmas=sig, seed=student_seed(seed, len(sig), row + 1)))
+        for (name, _, _), job, (G, _, _) in zip(ABLATIONS, jobs, train_students(cfg, mix, teacher, device, jobs)):
             with torch.no_grad():
-                x = generate(G, torch.randn(cfg.num_eval, 2, device=device), sig)
-            results.setdefault(name, []).append(evaluate(mix, x, reference))
+                x = generate(G, torch.randn(cfg.num_eval, 2, device=device), job["sigmas"])
+            results.setdefault(name, []).append(evaluate(mix, x, reference, reference_self))
             results.setdefault((name, "samples"), x.cpu())
     table = ["| run | log-likelihood | modes covered | weight TV | energy distance |", "|---|---|---|---|---|"]
     summary = {}

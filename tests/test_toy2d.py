@@ -221,6 +221,17 @@ def test_seed_makes_runs_bit_for_bit_repeatable(tmp_path):
         assert not np.array_equal(a[key], c[key])
 
 
+def test_students_in_worker_processes_match_students_in_turn(tmp_path):
+    """--workers 2 trains the two students in two spawned processes; each student seeds itself, so the
+    samples are bit for bit those of training them one after the other in this process."""
+    def run(workers, name):
+        toy2d.main(TINY + ["--threads", "1", "--workers", str(workers), "--out", str(tmp_path / name)])
+        return np.load(tmp_path / name / "samples.npz")
+    a, b = run(1, "in_turn"), run(2, "parallel")
+    for key in ("data", "teacher", "student_1step", "student_4step"):
+        assert np.array_equal(a[key], b[key]), key
+
+
 def test_bad_options_get_clear_errors():
     with pytest.raises(SystemExit, match="--kstep_sigmas has 3 values but --ksteps is 4"):
         toy2d.main(["--kstep_sigmas", "80,1,0.1"])
@@ -233,7 +244,7 @@ def test_bad_options_get_clear_errors():
 def test_end_to_end_quality(tmp_path):
     """A shortened default run: files as documented, and both students near the data on every metric."""
     out = tmp_path / "run"
-    toy2d.main(["--iters", "1500", "--teacher_iters", "1500", "--quiet", "--out", str(out)])
+    toy2d.main(["--iters", "1500", "--quiet", "--out", str(out)])
     s = np.load(out / "samples.npz")
     assert s["means"].shape == (8, 2) and s["stds"].shape == (8,) and s["weights"].shape == (8,)
     for key in ("data", "teacher", "student_1step", "student_4step"):

@@ -61,8 +61,8 @@ class Config:
     heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
-    iters: int = 2200                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
-    batch: int = 512                 # generator batch (the same number of real samples for the GAN)
+    iters: int = 2800                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
+    batch: int = 384                 # generator batch (the same number of real samples for the GAN)
     lr: float = 1e-3                 # AdamW learning rate of generator and fake score (equal, as the paper)
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
@@ -498,21 +498,30 @@ def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, re
 # Evaluation: exact metrics against the known mixture.
 
 
-def mean_distance(a, b, chunk=2048):
-    """E|A - B| over all pairs of rows of a [n, 2] and b [m, 2], in float64, a chunk of rows at a time."""
-    total = sum(torch.cdist(a[i:i + chunk].double(), b.double()).sum() for i in range(0, len(a), chunk))
-    return float(total) / (len(a) * len(b))
+def mean_distance(a, b=None, chunk=2048):
+    """E|A - B| over all pairs of rows of a [n, 2] and b [m, 2], in float64, a chunk of rows at a time.
+    b=None: E|A - A'| over all n^2 ordered pairs of a; the distance matrix is symmetric, so only the blocks
+    on and right of the diagonal are computed, and those right of it count twice."""
+    a = a.double()
+    if b is None:
+        total = 0.0
+        for i in range(0, len(a), chunk):
+            d = torch.cdist(a[i:i + chunk], a[i:])                              # [chunk, n - i]
+            total += float(d[:, :chunk].sum()) + 2 * float(d[:, chunk:].sum())
+        return total / len(a) ** 2
+    total = sum(float(torch.cdist(a[i:i + chunk], b.double()).sum()) for i in range(0, len(a), chunk))
+    return total / (len(a) * len(b))
 
 
 def energy_distance(x, y, yy=None):
     """2 E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely): zero iff the distributions match; no bandwidth to pick.
     yy: E|Y-Y'| if already known (the reference set is shared by every row of the table)."""
-    return 2 * mean_distance(x, y) - mean_distance(x, x) - (mean_distance(y, y) if yy is None else yy)
+    return 2 * mean_distance(x, y) - mean_distance(x) - (mean_distance(y) if yy is None else yy)
 
 
 def evaluate(mix, x, reference, reference_self=None):
     """Metrics of samples x [N, 2] against the mixture, and an energy distance to fresh data `reference`
-    (reference_self: mean_distance(reference, reference), to compute it once for many rows)."""
+    (reference_self: mean_distance(reference), to compute it once for many rows)."""
     x = x.float().cpu()
     log_comp = torch.log(mix.weights) - torch.log(2 * math.pi * mix.stds**2) - \
         ((x[:, None] - mix.means[None]) ** 2).sum(-1) / (2 * mix.stds**2)                  # [N, K]
@@ -730,7 +739,7 @@ def run(cfg):
             f"student_{cfg.ksteps}step": generate(GK, torch.randn(n, 2, device=device), many).cpu(),
         }
     reference = sample_mixture(mix, n)     # fresh data: the "data" row's distance is the noise floor
-    reference_self = mean_distance(reference, reference)
+    reference_self = mean_distance(reference)
     metrics = {name: evaluate(mix, x, reference, reference_self) for name, x in rows.items()}
     metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
     metrics["student_1step"]["nfe"] = 1
@@ -785,7 +794,7 @@ def run_ablation(cfg):
         torch.manual_seed(seed)
         teacher = train_teacher(cfg, mix, device, not cfg.quiet)
         reference = sample_mixture(mix, cfg.num_eval)
-        reference_self = mean_distance(reference, reference)
+        reference_self = mean_distance(reference)
         jobs = []
         for row, (name, over, multi) in enumerate(ABLATIONS):
             c = Config(**{**asdict(cfg), **over})

@@ -23,13 +23,7 @@ AB = sdxl.ddpm_alphas_cumprod()
 POOLED = 5  # pooled width of the stand-in conditioning; y = [pooled | 6 x 256 size embeddings]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a busy 2-core machine: one intra-op thread avoids oversubscription (10-30x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def standin_eps(x, t, context, y):

@@ -10,9 +10,7 @@ import torch
 import toy2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ---- the mixture and its exact denoiser ------------------------------------------------------

@@ -28,13 +28,7 @@ TINY = dict(img_resolution=8, img_channels=3, label_dim=10, model_channels=64, c
 R = TINY["img_resolution"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread avoids OpenMP overhead, which on a busy 2-core machine costs ~50x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def randomize_(net, seed=0):

@@ -24,8 +24,10 @@ Tiny CPU mode (random tiny text encoders / VAE / UNet built from configs, no wei
     python sdxl.py encode --preset tiny --images my_images/ --out out/tiny_latents       # any images with .txt captions
     python sdxl.py train --preset tiny --latents out/tiny_latents                        # 10 iterations, backward simulation
     python sdxl.py generate --preset tiny --unet out/sdxl_tiny/generator.safetensors --prompt "a cat" --out tiny.png
-Latency and peak memory at 1024x1024, 4 steps, bf16, ours vs diffusers' StableDiffusionXLPipeline on the same weights (CUDA):
+Latency and peak memory at 1024x1024, 4 steps, bf16 (CUDA); the second also times diffusers' StableDiffusionXLPipeline
+on the same weights (needs the test requirements):
     python sdxl.py bench --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin
+    python tests/sdxl_diffusers.py --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin
 Inspect (CPU, < 1 s):
     python sdxl.py tokenize "a photo of a cat"               # CLIP BPE ids for both encoders
     python sdxl.py inspect sd_xl_base_1.0.safetensors        # tensor counts, dtypes and bytes per prefix
@@ -1299,55 +1301,15 @@ def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark: our 4-step pipeline vs diffusers' StableDiffusionXLPipeline + LCMScheduler (DMD2's README recipe) on the
-# same weights. diffusers is imported only here, only if installed: it is a reference, not a dependency.
-
-def diffusers_unet_config(cfg):
-    """UNet2DConditionModel arguments equal to an SDXLUNetConfig (SDXL's diffusers config.json for the default)."""
-    widths = [cfg.model_channels * m for m in cfg.channel_mult]
-    return dict(sample_size=128, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=widths,
-                down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_depth],
-                up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(cfg.transformer_depth)],
-                layers_per_block=cfg.num_res_blocks, transformer_layers_per_block=[max(d, 1) for d in cfg.transformer_depth],
-                attention_head_dim=[w // cfg.num_head_channels for w in widths], cross_attention_dim=cfg.context_dim,
-                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=cfg.adm_in_channels)
-
-
-def diffusers_pipeline(net, vae, vae_cfg, device, dtype):
-    """StableDiffusionXLPipeline with net's and vae's weights (converted by diffusers' own single-file converters), no
-    text encoders (it takes our embeddings) and DMD2's scheduler."""
-    from diffusers import AutoencoderKL as DiffusersVAE, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    unet_config = diffusers_unet_config(net.cfg)
-    vae_config = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(vae_cfg.ch_mult),
-                      up_block_types=["UpDecoderBlock2D"] * len(vae_cfg.ch_mult), block_out_channels=[vae_cfg.ch * m for m in vae_cfg.ch_mult],
-                      layers_per_block=vae_cfg.num_res_blocks, latent_channels=vae_cfg.z_channels, norm_num_groups=32,
-                      scaling_factor=vae_cfg.scale_factor, force_upcast=True, sample_size=1024)
-
-    def build(cls, config, state, dtype):  # on the meta device, then adopt the converted weights
-        with torch.device("meta"):
-            model = cls(**config)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device, dtype).eval().requires_grad_(False)
-
-    d_unet = build(UNet2DConditionModel, unet_config, convert_ldm_unet_checkpoint(
-        {PREFIX_UNET + k: v for k, v in net.state_dict().items()}, unet_config), dtype)
-    d_vae = build(DiffusersVAE, vae_config, convert_ldm_vae_checkpoint(
-        {PREFIX_VAE + k: v for k, v in vae.state_dict().items()}, vae_config), next(vae.parameters()).dtype)
-    scheduler = LCMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
-                             beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
-    pipe = StableDiffusionXLPipeline(vae=d_vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-                                     unet=d_unet, scheduler=scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
+# Benchmark: our 4-step pipeline, optionally against a reference pipeline on the same weights. The reference
+# (diffusers' StableDiffusionXLPipeline + LCMScheduler, DMD2's README recipe) lives in tests/sdxl_diffusers.py:
+# diffusers is a test-only reference, never imported by this file.
 
 def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat", height=1024, width=1024, steps=4,
-                    seed=0, reps=5, with_diffusers=True):
+                    seed=0, reps=5, reference=None):
     """Time prompt embeddings -> image ([1, 3, H, W] in [0, 1]: `steps` UNet calls of DMD2's sampler + VAE decode) for
-    our code and, if diffusers is installed, for StableDiffusionXLPipeline on the same weights and the same initial
-    noise. The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
+    our code and, if `reference` is given, for the pipeline it builds, reference(net, vae, vae_cfg, device, dtype)
+    -> a diffusers-style StableDiffusionXLPipeline (tests/sdxl_diffusers.py), on the same weights and initial noise. The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
     -> {"text_encoders": seconds, "ours"/"diffusers": dict(median, min, peak_gib, weights_gib, image)}"""
     device = net.out[2].weight.device
     cuda = device.type == "cuda"
@@ -1384,11 +1346,11 @@ def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat"
             x0 = sample_dmd2(unet_fn(net), noise, context, y, timesteps, ab, g)
             return (vae.decode(x0).float() / 2 + 0.5).clamp(0, 1)
         results["ours"] = measure(ours)
-        if with_diffusers:
-            net.to("cpu"), vae.to("cpu")                              # leave the GPU to diffusers' copies
+        if reference is not None:
+            net.to("cpu"), vae.to("cpu")                              # leave the GPU to the reference's copies
             if cuda:
                 torch.cuda.empty_cache()
-            pipe = diffusers_pipeline(net, vae, vae_cfg, device, dtype)
+            pipe = reference(net, vae, vae_cfg, device, dtype)
 
             def theirs():
                 noise, g = noise_and_generator()
@@ -1454,7 +1416,7 @@ def cmd_bench(args):
     side = 128 if args.preset == "tiny" else 1024
     H, W = args.height or side, args.width or side
     r = bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], args.prompt, H, W,
-                        args.steps, args.seed, args.reps, with_diffusers=not args.no_diffusers)
+                        args.steps, args.seed, args.reps, reference=args.reference)
     gpu = torch.cuda.get_device_name(net.out[2].weight.device) if net.out[2].weight.is_cuda else "CPU"
     print(f"bench: {H}x{W}, {args.steps} steps, batch 1, UNet {net.out[2].weight.dtype}, VAE {next(parts['vae'].parameters()).dtype}, "
           f"{gpu}, torch {torch.__version__}; median of {args.reps} after a warm-up")
@@ -1501,7 +1463,8 @@ def add_model_args(p):
     p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
 
 
-def main(argv=None):
+def main(argv=None, bench_reference=None):
+    """bench_reference: see bench_pipelines (tests/sdxl_diffusers.py passes diffusers' pipeline)."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1542,7 +1505,7 @@ def main(argv=None):
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=comments[f.name])
     p.set_defaults(run=lambda args: train(Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})))
 
-    p = sub.add_parser("bench", formatter_class=fmt, help="4-step latency and peak memory, ours vs diffusers (CUDA)")
+    p = sub.add_parser("bench", formatter_class=fmt, help="4-step latency and peak memory (CUDA); vs diffusers: tests/sdxl_diffusers.py")
     add_model_args(p)
     p.add_argument("--prompt", default="a photo of a cat", help="text prompt")
     p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
@@ -1550,7 +1513,6 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="DMD2 sampler steps")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for both pipelines)")
     p.add_argument("--reps", type=int, default=10, help="timed runs after one warm-up")
-    p.add_argument("--no_diffusers", action="store_true", help="only time our pipeline")
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("tokenize", help="print CLIP BPE token ids of a prompt for both text encoders")
@@ -1566,6 +1528,7 @@ def main(argv=None):
             parser.error(f"unknown --preset {args.preset}; choose from {list(PRESETS)}")
         train_parser.set_defaults(**PRESETS[args.preset])  # explicit flags still win
         args = parser.parse_args(argv)
+    args.reference = bench_reference
     try:
         args.run(args)
     except (ValueError, OSError, NonFiniteLoss) as e:  # these name the file and the problem; a traceback adds nothing

@@ -325,7 +325,8 @@ def _persistent_node(meta):
 
 
 def _load_storage(data):
-    """Replaces torch.storage._load_from_bytes, which would run torch.load(weights_only=False) on bytes from the file."""
+    """Replaces torch.storage._load_from_bytes, which would hand the file's bytes to torch's full (code-running)
+    unpickler; here they are read as raw storage bytes only."""
     if not isinstance(data, bytes):
         raise pickle.UnpicklingError("a tensor storage record does not hold bytes")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import sdxl
+import sdxl_diffusers  # tests/sdxl_diffusers.py: the diffusers reference pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AB = sdxl.ddpm_alphas_cumprod()
@@ -399,7 +400,7 @@ def test_load_unet_state_formats(tmp_path):
     """DMD2's diffusers-named .bin, the full sgm checkpoint's prefixed keys, and our checkpoint.pt give one state dict."""
     from diffusers import UNet2DConditionModel
     cfg = sdxl.TINY_UNET
-    ref = UNet2DConditionModel(**sdxl.diffusers_unet_config(cfg))
+    ref = UNet2DConditionModel(**sdxl_diffusers.diffusers_unet_config(cfg))
     torch.save(ref.state_dict(), tmp_path / "dmd2_unet.bin")
     state = sdxl.load_unet_state(str(tmp_path / "dmd2_unet.bin"), cfg)
     assert state.keys() == sdxl.SDXLUNet(cfg).state_dict().keys()
@@ -426,7 +427,8 @@ def test_bench_pipeline_equals_diffusers_sdxl_pipeline():
     LCMScheduler with the same weights, converted by diffusers' own single-file converters, and the same noise."""
     parts = sdxl.load_parts("tiny", "", "cpu")
     net = sdxl.build_unet(parts["unet_state"], parts["unet_cfg"], "cpu", torch.float32, "tiny")
-    r = sdxl.bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], "a cat", 64, 96, reps=1)
+    r = sdxl.bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], "a cat", 64, 96, reps=1,
+                              reference=sdxl_diffusers.diffusers_pipeline)
     ours, theirs = r["ours"]["image"], r["diffusers"]["image"]
     assert ours.shape == (1, 3, 64, 96) and ours.std() > 0.01
     assert (ours - theirs).abs().max() < 1e-4

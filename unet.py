@@ -7,7 +7,8 @@ so EDM weights load with strict=True and no renaming table. Section 2 reads EDM'
 stored in it (EDM's own loader execs the Python source embedded in the file). Section 3 saves/loads our own
 checkpoints as plain state dicts. Section 4 is EDM's Heun sampler (Algorithm 2), used to draw teacher samples.
 Section 5 is SDXL base's UNet with Stability's parameter names (sd_xl_base_1.0.safetensors loads with strict=True) and
-the short rule that renames DMD2's diffusers-named UNets into it; sdxl.py builds on it.
+the short rule that renames DMD2's diffusers-named UNets into it; sdxl.py builds on it. Section 6 is the run plumbing
+imagenet64.py and sdxl.py share: process setup, per-step RNG, the stop on NaN losses or weights, stale temporaries.
 
 Library use (the training scripts do this):
     import torch, unet
@@ -493,6 +494,9 @@ def save_checkpoint(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                         # mkstemp makes 0600; give the file open()'s usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -894,6 +898,96 @@ def load_sdxl_unet_state(model, state_dict, source_name, assign=False):
         raise ValueError(f"{source_name}: cannot load into SDXLUNet({model.cfg}):\n" + "\n".join(problems))
     model.load_state_dict(state_dict, strict=True, assign=assign)
     return model
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# 6. Run plumbing shared by imagenet64.py and sdxl.py: processes, per-step RNG, stopping on NaN, files a kill may leave.
+
+def init_distributed(device=""):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process. -> (rank, world, device).
+    device "" picks cuda:LOCAL_RANK when CUDA exists, else the CPU; "cuda" means cuda:LOCAL_RANK."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def batch_generator(seed, step, rank, device):
+    """This iteration's RNG on this rank: a pure function of (seed, step, rank), so resuming needs no RNG state."""
+    s = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device).manual_seed(int(s[0]) << 31 ^ int(s[1]))
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Raised on every rank together when a loss or a weight stops being finite; the message names the last good file."""
+
+
+def _all_ranks_sum(t, world):
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _last_good(ckpt_path):
+    return ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+
+
+def check_finite(stats, step, world, ckpt_path):
+    """Average logged scalars over ranks and stop every rank together on NaN/inf, BEFORE the optimiser step, so that
+    neither the weights in memory nor the last checkpoint on disk see the bad update. -> {name: float}"""
+    t = _all_ranks_sum(torch.stack([v.detach().float().reshape(()) for v in stats.values()]), world) / world
+    out = dict(zip(stats, t.tolist()))
+    if not all(math.isfinite(v) for v in out.values()):
+        bad = ", ".join(f"{k}={v}" for k, v in out.items())
+        raise NonFiniteLoss(f"non-finite loss at step {step}: {bad}; stopping. Last good checkpoint: {_last_good(ckpt_path)}")
+    return out
+
+
+def check_finite_weights(modules, step, world, ckpt_path):
+    """After the optimiser step and before any save: finite losses do not imply finite weights (a corrupted
+    optimiser state, e.g. a negative second moment, turns a finite gradient into NaN weights). Each rank checks its
+    own shard (FSDP2 DTensors through to_local), then the ranks agree. Raises NonFiniteLoss naming the bad module."""
+    bad = []
+    for name, module in modules.items():
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+        ok = all(bool(torch.isfinite(p.detach()).all()) for p in local if p.numel())
+        flag = _all_ranks_sum(torch.tensor([0.0 if ok else 1.0], device=local[0].device if local else "cpu"), world)
+        if flag.item() > 0:
+            bad.append(name)
+    if bad:
+        raise NonFiniteLoss(f"non-finite weights in {', '.join(bad)} after the optimiser step at step {step}; "
+                            f"stopping without saving them. Last good checkpoint: {_last_good(ckpt_path)}")
+
+
+def remove_stale_temporaries(folder, names):
+    """Delete the temporaries (NAME.<random>.tmp, as save_checkpoint and atomic writers make them) that a killed run
+    left beside its own files NAME in folder. Other files are never touched. -> list of removed paths"""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for entry in os.listdir(folder):
+        if entry.endswith(".tmp") and any(entry.startswith(n + ".") for n in names):
+            path = os.path.join(folder, entry)
+            if os.path.isfile(path):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def require_keys(obj, keys, path, what):
+    """A checkpoint read back must be the kind we expect: name the file, what it should be and what is missing."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not {what} (expected a dict, found {type(obj).__name__})")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        found = ", ".join(sorted(map(str, obj))[:12]) or "nothing"
+        raise ValueError(f"{path}: not {what}: missing {', '.join(missing)} (it holds: {found})")
+    return obj
 
 
 # ------------------------------------------------------------------------------------------------------------------------

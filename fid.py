@@ -30,7 +30,6 @@ import io
 import math
 import os
 import pickle
-import pickletools
 import time
 import urllib.request
 import warnings
@@ -45,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from unet import legacy_storage_nbytes, load_legacy_storage, scan_pickle  # hostile-pickle checks, shared
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -479,54 +480,10 @@ _SAFE_GLOBALS = {
 _PLAIN_MODULES = {("torch.nn.modules.container", "Sequential"), ("torch.nn.modules.container", "ModuleList"),
                   ("torch.nn.modules.container", "ModuleDict"), ("torch.nn.modules.pooling", "MaxPool2d"),
                   ("torch.nn.modules.pooling", "AvgPool2d"), ("torch.nn.modules.linear", "Linear")}
-_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
-
-
-class _BoundedReader:
-    """File wrapper for pickletools.genops that refuses any read longer than what is left of the stream."""
-
-    def __init__(self, f, end):
-        self.f, self.end = f, end
-
-    def read(self, n):
-        if n > self.end - self.f.tell():
-            raise pickle.UnpicklingError(f"an opcode at byte {self.f.tell()} declares {n} bytes, but only "
-                                         f"{self.end - self.f.tell()} are left")
-        return self.f.read(n)
-
-    def readline(self):
-        return self.f.readline()
-
-    def tell(self):
-        return self.f.tell()
-
-
-def _scan_pickle(f):
-    """Walk the opcode stream once before unpickling it (pickletools.genops: decodes, builds nothing) and return its
-    length. The C unpickler trusts two numbers from the file: a string's or frame's length, for which it allocates
-    before reading, and a memo index, for which it grows its memo table to index + 1 slots; so a 12-byte file can ask
-    for gigabytes. Here a length may not exceed the bytes left, and a memo index may not exceed the number of opcodes
-    read so far (picklers number memo entries 0, 1, 2, ..., one per object, each object at least one opcode). Both
-    are then bounded by the file's own size. Overriding the memo opcodes instead would need the slow pure-Python
-    unpickler; a pre-scan keeps the C one and checks the stream exactly as it will be read."""
-    start = f.tell()
-    end = f.seek(0, os.SEEK_END)
-    f.seek(start)
-    try:
-        for count, (op, arg, _) in enumerate(pickletools.genops(_BoundedReader(f, end))):
-            if op.name in _MEMO_PUTS and not 0 <= arg <= count:
-                raise pickle.UnpicklingError(f"memo index {arg} at opcode {count} (a pickler numbers them 0, 1, ...)")
-            if op.name == "FRAME" and arg > end - f.tell():
-                raise pickle.UnpicklingError(f"a frame declares {arg} bytes, but only {end - f.tell()} are left")
-    except ValueError as e:  # genops' own errors: truncated stream, unknown opcode, malformed argument
-        raise pickle.UnpicklingError(f"malformed pickle stream ({e})") from None
-    f.seek(start)
-    return end - start
-
 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals above; anything else (os.system, builtins.eval, ...) is refused.
-    The stream is pre-scanned (_scan_pickle), and globals that copy their argument (a memo reference can hand the
+    The stream is pre-scanned (unet.scan_pickle: declared lengths and memo indices), and globals that copy their argument (a memo reference can hand the
     same large string to thousands of calls) share a budget of twice the stream's size plus 1 MiB."""
 
     def __init__(self, file, path, archive=None, prefix=""):
@@ -535,7 +492,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.budget = 0
 
     def load(self):
-        self.budget = 2 * _scan_pickle(self.file) + (1 << 20)
+        start = self.file.tell()
+        self.budget = 2 * (scan_pickle(self.file) - start) + (1 << 20)
         return super().load()
 
     def charge(self, n):
@@ -559,11 +517,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return text.encode("latin1")
 
     def load_storage(self, b):
-        """torch.storage._load_from_bytes, but with torch's own safe unpickler instead of a full one."""
-        if not isinstance(b, bytes):
-            raise pickle.UnpicklingError("a storage record does not hold bytes")
-        self.charge(len(b))
-        return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+        """torch.storage._load_from_bytes, with torch's own safe unpickler and its declared sizes checked."""
+        self.charge(len(b) if isinstance(b, bytes) else 0)
+        return load_legacy_storage(b)
 
     def find_class(self, module, name):
         if (module, name) in _SAFE_GLOBALS:
@@ -703,7 +659,11 @@ def read_inception_weights(path):
         else:
             with open(path, "rb") as f:
                 root = _RestrictedUnpickler(f, path).load()
+                f.seek(0)
+                declared = legacy_storage_nbytes(f) if isinstance(root, int) else 0
             if isinstance(root, int):  # legacy torch.save files begin with a pickled magic number (pytorch-fid's .pth)
+                if declared > os.path.getsize(path):  # torch allocates what the file declares before reading it
+                    raise ValueError(f"its storages declare {declared} bytes, more than the file holds")
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             else:  # NVIDIA's .pkl: a persistent InceptionV3 object
                 sd = _flatten(root) if isinstance(root, _Node) else root
@@ -713,7 +673,7 @@ def read_inception_weights(path):
         raise ValueError(f"{path}: cannot read FID Inception weights ({type(e).__name__}: {e})") from e
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict or a network, got {type(sd).__name__}")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if "Conv2d_1a_3x3.conv.weight" in sd:
         sd = _from_torchvision(sd, path)
     anchor = next((k for k in sd if k == "layers.conv.weight" or k.endswith(".layers.conv.weight")), None)

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import legacy_storage_nbytes, load_legacy_storage, scan_pickle  # hostile-pickle checks, shared
+from unet import describe_value, legacy_storage_nbytes, load_legacy_storage, scan_pickle  # hostile-file checks
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -427,7 +427,7 @@ _NUMPY_NAMES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"
 
 def _numpy_dtype(name, align=False, copy=False):
     if not isinstance(name, str) or name not in _NUMPY_NAMES:
-        raise pickle.UnpicklingError(f"numpy dtype {name!r:.40} is not a plain numeric type")
+        raise pickle.UnpicklingError(f"numpy dtype {describe_value(name)} is not a plain numeric type")
     return np.dtype(name, False, True)  # a copy: the BUILD that follows calls its __setstate__
 
 
@@ -456,8 +456,8 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
 _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
                    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
-# Globals that build data. Those marked as copying make a new object as large as their argument; the unpickler
-# charges that size to a budget tied to the file's size (see _RestrictedUnpickler.call).
+# Globals that build data. Each call is charged the length of its sized arguments (set(), list() and OrderedDict()
+# copy them) to a budget tied to the file's size (see _RestrictedUnpickler.call); a string names an unpickler method.
 _SAFE_GLOBALS = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
@@ -483,8 +483,9 @@ _PLAIN_MODULES = {("torch.nn.modules.container", "Sequential"), ("torch.nn.modul
 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals above; anything else (os.system, builtins.eval, ...) is refused.
-    The stream is pre-scanned (unet.scan_pickle: declared lengths and memo indices), and globals that copy their argument (a memo reference can hand the
-    same large string to thousands of calls) share a budget of twice the stream's size plus 1 MiB."""
+    The stream is pre-scanned (unet.scan_pickle: declared lengths and memo indices), and globals that copy their
+    argument (a memo reference can hand the same large string to thousands of calls) share a budget of twice the
+    stream's size plus 1 MiB."""
 
     def __init__(self, file, path, archive=None, prefix=""):
         super().__init__(file)
@@ -535,10 +536,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         """TorchScript archives keep each storage in the zip entry <prefix>data/<key>: ('storage', dtype, key, device, numel)."""
         if self.archive is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {pid!r:.80}")
+            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {describe_value(pid)}")
         _, dtype, key, _, numel = pid
         if not (isinstance(key, str) and isinstance(dtype, torch.dtype) and type(numel) is int):
-            raise pickle.UnpicklingError(f"{self.path}: malformed storage record {pid!r:.80}")
+            raise pickle.UnpicklingError(f"{self.path}: malformed storage record {describe_value(pid)}")
         if key not in self.storages:
             data = bytearray(_read_member(self.archive, f"{self.prefix}data/{key}", self.path))
             flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
@@ -632,7 +633,7 @@ def _from_torchvision(sd, path):
         if not all(out[f"layers.{nv}.{p}"].shape == wanted[f"layers.{nv}.{p}"].shape for p in ("weight", "beta")) \
                 or sd[f"{tv}.bn.weight"].shape != wanted[f"layers.{nv}.beta"].shape:
             raise ValueError(f"{path}: {tv} has the wrong shapes for the FID Inception")
-        if not torch.all(sd[f"{tv}.bn.weight"] == 1):  # TF's batch norm here has no scale; torchvision's would apply one
+        if not torch.all(sd[f"{tv}.bn.weight"] == 1):  # TF's batch norm here has no scale; torchvision's has one
             raise ValueError(f"{path}: {tv}.bn.weight is not all ones, so these are not the FID Inception weights")
     return out
 
@@ -809,7 +810,7 @@ def load_stats(path):
         raise ValueError(f"{path}: cannot read statistics (no such file)")
     with open(path, "rb") as f:
         if f.read(6) == b"\x93NUMPY":
-            raise ValueError(f"{path}: statistics must be an .npz with arrays 'mu' and 'sigma', not a single .npy array")
+            raise ValueError(f"{path}: statistics must be an .npz with arrays 'mu' and 'sigma', not one .npy array")
     headers = _npz_headers(path)
     if "mu" not in headers or "sigma" not in headers:
         raise ValueError(f"{path}: statistics need arrays 'mu' and 'sigma'; this file has {list(headers)}")

@@ -420,7 +420,7 @@ def load_legacy_storage(data):
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _describe(x):
+def describe_value(x):
     """A short text for a value read from a file, for error messages: str() of a nested structure of memo references
     can be exponentially long, and repr() of a huge int raises."""
     if isinstance(x, str):
@@ -428,7 +428,7 @@ def _describe(x):
     if x is None or isinstance(x, (bool, float)) or (isinstance(x, int) and abs(x) < 10 ** 18):
         return repr(x)
     if isinstance(x, (list, tuple)) and len(x) <= 8 and all(isinstance(v, (str, int, float)) for v in x):
-        return "[" + ", ".join(_describe(v) for v in x) + "]"
+        return "[" + ", ".join(describe_value(v) for v in x) + "]"
     return f"a {type(x).__name__}"
 
 
@@ -464,8 +464,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
         raise pickle.UnpicklingError("malformed tensor record: size and stride must be sequences of one length")
     size, stride = tuple(size), tuple(stride)
     if not all(type(v) is int and 0 <= v < 2 ** 63 for v in (storage_offset, *size, *stride)):
-        raise pickle.UnpicklingError(f"malformed tensor record: offset {_describe(storage_offset)}, size "
-                                     f"{_describe(size)}, stride {_describe(stride)}")
+        raise pickle.UnpicklingError(f"malformed tensor record: offset {describe_value(storage_offset)}, size "
+                                     f"{describe_value(size)}, stride {describe_value(stride)}")
     if math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.size():
         raise pickle.UnpicklingError(f"a tensor of size {size} reaches past the end of its storage ({storage.size()} elements)")
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
@@ -477,7 +477,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 def _numpy_dtype(name, align=False, copy=False):
     if not isinstance(name, str) or name not in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1"):
-        raise pickle.UnpicklingError(f"numpy dtype {_describe(name)} is not a plain numeric type")
+        raise pickle.UnpicklingError(f"numpy dtype {describe_value(name)} is not a plain numeric type")
     return np.dtype(name, False, True)                                             # a copy: BUILD then calls its __setstate__
 
 
@@ -542,7 +542,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                               "only tensors, plain containers and torch_utils.persistence records")
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError(f"unexpected persistent id {_describe(pid)}")
+        raise pickle.UnpicklingError(f"unexpected persistent id {describe_value(pid)}")
 
 
 def load_persistence_pickle(path):
@@ -573,13 +573,14 @@ def persistent_state_dict(node, prefix=""):
             raise ValueError(f"module '{where}' occurs twice in the tree (a cycle or a shared module)")
         seen.add(id(node))
         state = node.state if isinstance(node, _Node) else None
-        if not (isinstance(state, dict) and all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))):
+        if not (isinstance(state, dict)
+                and all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))):
             raise ValueError(f"'{where}' is not a pickled torch module")
         skip = state.get("_non_persistent_buffers_set") or set()
         tensors = list(state["_parameters"].items()) + [(k, v) for k, v in state["_buffers"].items() if k not in skip]
         for name, t in tensors:
             if t is not None and not (isinstance(name, str) and isinstance(t, torch.Tensor)):
-                raise ValueError(f"'{prefix}{_describe(name)}' is a {type(t).__name__}, not a tensor")
+                raise ValueError(f"'{prefix}{describe_value(name)}' is a {type(t).__name__}, not a tensor")
             if t is not None:
                 out[prefix + name] = t
         children = [(name, child) for name, child in state["_modules"].items() if child is not None]
@@ -612,41 +613,44 @@ def _edm_kwargs(path, ema, dropout, n_tensors):
     kwargs = dict(kwargs)
     model_type = kwargs.pop("model_type", "DhariwalUNet")
     if model_type != "DhariwalUNet":
-        raise ValueError(f"{path}: only EDM's DhariwalUNet (ADM) is supported, this pickle holds a {_describe(model_type)}")
+        raise ValueError(f"{path}: only EDM's DhariwalUNet (ADM) is supported, this pickle holds "
+                         f"a {describe_value(model_type)}")
     kwargs.pop("use_fp16", None)                                                   # EDM's fp16 switch; we use autocast instead
     for name, default in (("sigma_min", 0), ("sigma_max", float("inf"))):       # EDMPrecond's defaults, never changed by EDM
         value = kwargs.pop(name, default)
         if not (isinstance(value, (int, float)) and value == default):
-            raise ValueError(f"{path}: {name}={_describe(value)} is not supported (only EDM's default {default})")
+            raise ValueError(f"{path}: {name}={describe_value(value)} is not supported (only EDM's default {default})")
     if dropout is not None:
         kwargs["dropout"] = dropout
     levels, blocks = kwargs.get("channel_mult", (1, 2, 3, 4)), kwargs.get("num_blocks", 3)
     if not (isinstance(levels, (list, tuple)) and type(blocks) is int and 0 <= blocks
             and len(levels) * (blocks + 1) <= n_tensors):
-        raise ValueError(f"{path}: channel_mult={_describe(levels)} and num_blocks={_describe(blocks)} declare more "
-                         f"blocks than the file's {n_tensors} tensors could fill")
+        raise ValueError(f"{path}: channel_mult={describe_value(levels)} and num_blocks={describe_value(blocks)} "
+                         f"declare more blocks than the file's {n_tensors} tensors could fill")
     return kwargs
 
 
 def load_edm_pickle(path, device="cpu", dropout=None):
-    """Our EDMPrecond with the `ema` weights of an EDM network pickle (e.g. edm-imagenet-64x64-cond-adm.pkl), built from the
-    constructor arguments stored in the file; eval mode, requires_grad False. `dropout` overrides the stored value
-    (0.10 for ImageNet-64; DMD2 uses 0.0 for the nets it trains). Errors name the file and the problem."""
+    """Our EDMPrecond with the `ema` weights of an EDM network pickle (e.g. edm-imagenet-64x64-cond-adm.pkl), built
+    from the constructor arguments stored in the file; eval mode, requires_grad False. `dropout` overrides the stored
+    value (0.10 for ImageNet-64; DMD2 uses 0.0 for the nets it trains). Errors name the file and the problem."""
     data = load_persistence_pickle(path)
     ema = data.get("ema") if isinstance(data, dict) else None
     if not isinstance(ema, _Node) or ema.class_name != "EDMPrecond" or not isinstance(ema.state, dict):
-        found = f"a {type(data).__name__}" if not isinstance(data, dict) else f"'ema' = {_describe(getattr(ema, 'class_name', ema))}"
-        raise ValueError(f"{path}: not an EDM network pickle: expected a dict whose 'ema' is a persistent EDMPrecond, found {found}")
+        found = (f"a {type(data).__name__}" if not isinstance(data, dict)
+                 else f"'ema' = {describe_value(getattr(ema, 'class_name', ema))}")
+        raise ValueError(f"{path}: not an EDM network pickle: expected a dict whose 'ema' is a persistent EDMPrecond, "
+                         f"found {found}")
     try:
         sd = persistent_state_dict(ema)
     except ValueError as e:
         raise ValueError(f"{path}: not an EDM network pickle: {e}") from None
     kwargs = _edm_kwargs(path, ema, dropout, len(sd))
-    described = ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items())
+    described = ", ".join(f"{k}={describe_value(v)}" for k, v in kwargs.items())
     try:
-        with torch.device("meta"):                                                 # no memory, no init: weights come from the file
+        with torch.device("meta"):                                 # no memory, no init: weights come from the file
             net = EDMPrecond(**kwargs)
-    except Exception as e:                                                         # any failure here means arguments we cannot use
+    except Exception as e:                                         # any failure here means arguments we cannot use
         raise ValueError(f"{path}: cannot build EDMPrecond from the pickle's arguments ({described}): "
                          f"{type(e).__name__}: {str(e)[:200]}") from None
 

@@ -223,7 +223,8 @@ def pth_declaring(nbytes):
 def stride0_bn():
     """The first pytorch-fid layer with a batch-norm scale that is one number viewed as 2**33 of them."""
     layer = "Conv2d_1a_3x3"
-    return torch_legacy({f"{layer}.conv.weight": torch.zeros(32, 3, 3, 3), f"{layer}.bn.weight": torch.ones(1).expand(2 ** 33),
+    return torch_legacy({f"{layer}.conv.weight": torch.zeros(32, 3, 3, 3),
+                         f"{layer}.bn.weight": torch.ones(1).expand(2 ** 33),
                          **{f"{layer}.bn.{k}": torch.zeros(32) for k in ("bias", "running_mean", "running_var")}})
 
 
@@ -232,35 +233,41 @@ UNET, FID, IMAGES, STATS = ("unet.load_edm_pickle(P)", "fid.read_inception_weigh
 MEMO = {k: PROTO + NONE + put(k) + STOP for k in (2 ** 27, 2 ** 32 - 1)}               # 12 bytes each
 
 
-def hostile_files():
-    """{case: (file name, bytes, reader call, expected words in the error)}."""
+def pickle_cases():
+    """{case: (file name, bytes, reader call, expected words in the error)} for the two pickle readers."""
     laugh_ops, laugh = laughs(40)
     chain_ops, chain = deep_chain(3000)
     tree_ops, tree = doubling_tree(30)
     cycle_ops, cyc = cycle()
     rep_ops, rep = repeated_storage(3000)
-    big_storage = glob("torch.storage", "_load_from_bytes") + binbytes(legacy_storage(4, 2 ** 30)) + TUPLE1 + REDUCE
+    big = glob("torch.storage", "_load_from_bytes") + binbytes(legacy_storage(4, 2 ** 30)) + TUPLE1 + REDUCE
+    encode_laugh = glob("_codecs", "encode") + laugh + s("latin1") + TUPLE2 + REDUCE
+
+    def ema(value, preamble=b""):
+        return PROTO + preamble + dict_of((s("ema"), value)) + STOP
+
     cases = {f"{name} memo index {k}": ("memo.pkl", raw, call, "memo index")
              for k, raw in MEMO.items() for name, call in (("unet", UNET), ("fid", FID))}
     return {**cases,
-            "unet billion laughs in a class name": ("laughs.pkl", PROTO + laugh_ops + dict_of(
-                (s("ema"), node(laugh, module_state()))) + STOP, UNET, "class name"),
-            "fid billion laughs into _codecs.encode": ("laughs.pkl", PROTO + laugh_ops + glob("_codecs", "encode") + laugh
-                                                       + s("latin1") + TUPLE2 + REDUCE + STOP, FID, "only on text"),
-            "unet one storage loaded 3000 times": ("rep.pkl", PROTO + rep_ops + dict_of((s("ema"), rep)) + STOP, UNET,
-                                                   "more data than it holds"),
-            "fid one storage loaded 3000 times": ("rep.pkl", PROTO + rep_ops + rep + STOP, FID, "more data than it holds"),
-            "unet storage declaring 4 GB": ("big.pkl", PROTO + dict_of((s("ema"), big_storage)) + STOP, UNET, "declares"),
+            "unet billion laughs in a class name": ("laughs.pkl", ema(node(laugh, module_state()), laugh_ops), UNET,
+                                                    "class name"),
+            "fid billion laughs into _codecs.encode": ("laughs.pkl", PROTO + laugh_ops + encode_laugh + STOP, FID,
+                                                       "only on text"),
+            "unet one storage loaded 3000 times": ("rep.pkl", ema(rep, rep_ops), UNET, "more data than it holds"),
+            "fid one storage loaded 3000 times": ("rep.pkl", PROTO + rep_ops + rep + STOP, FID, "more data than"),
+            "unet storage declaring 4 GB": ("big.pkl", ema(big), UNET, "declares"),
             "fid .pth storage declaring 4 GB": ("big.pth", pth_declaring(1 << 32), FID, "declare"),
             "unet 3000-deep module chain": ("chain.pkl", edm_root(chain_ops, dict_of((s("model"), chain))), UNET,
                                             "blocks than"),
-            "unet module that is its own child": ("cycle.pkl", PROTO + cycle_ops + dict_of((s("ema"), cyc)) + STOP, UNET,
-                                                  "occurs twice"),
+            "unet module that is its own child": ("cycle.pkl", ema(cyc, cycle_ops), UNET, "occurs twice"),
             "unet 2**30 paths to one module": ("tree.pkl", edm_root(tree_ops, dict_of((s("model"), tree))), UNET,
                                                "occurs twice"),
             "fid 2**30 paths to one module": ("tree.pkl", PROTO + tree_ops + tree + STOP, FID, "occurs twice"),
-            "fid stride-0 batch-norm scale": ("bn.pth", stride0_bn(), FID, "wrong shapes"),
-            **npz_cases()}
+            "fid stride-0 batch-norm scale": ("bn.pth", stride0_bn(), FID, "wrong shapes")}
+
+
+def hostile_files():
+    return {**pickle_cases(), **npz_cases()}
 
 
 def npz_cases():

@@ -45,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import describe_value, legacy_storage_nbytes, load_legacy_storage, scan_pickle  # hostile-file checks
+from unet import (PickledOrderedDict, describe_value, legacy_storage_nbytes, load_legacy_storage,  # hostile files
+                  scan_pickle)
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -459,7 +460,7 @@ _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64
 # Globals that build data. Each call is charged the length of its sized arguments (set(), list() and OrderedDict()
 # copy them) to a budget tied to the file's size (see _RestrictedUnpickler.call); a string names an unpickler method.
 _SAFE_GLOBALS = {
-    ("collections", "OrderedDict"): OrderedDict,
+    ("collections", "OrderedDict"): PickledOrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set,  # protocol 2 (Python 2 compatible) names builtins so and stores bytes as latin-1 text

@@ -392,7 +392,7 @@ class _StorageSizes(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and type(pid[1]) is int
                 and type(pid[4]) is int and pid[4] >= 0 and isinstance(pid[2], str)):
             raise pickle.UnpicklingError("malformed storage record in a torch.save stream")
-        self.nbytes[pid[2]] = pid[1] * pid[4]
+        self.nbytes[pid[2]] = max(self.nbytes.get(pid[2], 0), pid[1] * pid[4])      # torch keeps the first claim
         return _Inert()
 
 
@@ -418,6 +418,17 @@ def load_legacy_storage(data):
     if declared > len(data):
         raise pickle.UnpicklingError(f"a storage record declares {declared} bytes but holds only {len(data)}")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class PickledOrderedDict(collections.OrderedDict):
+    """collections.OrderedDict as the restricted unpicklers build it. BUILD on an object without __setstate__ copies
+    the whole state into its __dict__, and a memo reference can hand one large state to every instance; torch's
+    pickles set at most one attribute here (state_dict()'s _metadata), so a few are allowed and no more."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, dict) and len(state) <= 8):
+            raise pickle.UnpicklingError("an OrderedDict record sets more than 8 attributes")
+        self.__dict__.update(state)
 
 
 def describe_value(x):
@@ -496,7 +507,7 @@ def _numpy_scalar(dtype, data):
 _ALLOWED_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_node,
     ("torch.nn.modules.container", "ModuleDict"): _ModuleDictNode,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): PickledOrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,

@@ -174,6 +174,24 @@ def repeated_storage(times, n=1 << 18):
     return ops, list_of(*calls)
 
 
+def shared_state(n=20000):
+    """One n-entry dict given by memo reference as the BUILD state of n OrderedDicts (each would copy all of it)."""
+    state = DICT + MARK + b"".join(s(f"k{k}") + NONE for k in range(n)) + SETITEMS + put(0)
+    ops = state + glob("collections", "OrderedDict") + put(1) + b"0"                 # POP the class
+    return ops, list_of(*[get(1) + b")" + REDUCE + get(0) + b"b" for _ in range(n)])  # cls(), BUILD
+
+
+def storage_claimed_twice():
+    """A legacy torch.save whose main pickle names storage key '0' twice: first with 2**30 floats, then with 4 (torch
+    allocates the first claim; a check that kept the last one would let it through)."""
+    raw = legacy_storage(4)
+    head = raw.index(b"\x80\x02(X\x07\x00\x00\x00storage")                     # the main pickle, after 3 small ones
+    main = raw[head:raw.index(b".", head) + 1]
+    claim = main[2:main.index(b"Q")]                                                 # MARK ... TUPLE, before BINPERSID
+    twice = PROTO + claim.replace(b"K\x04", i(2 ** 30)) + b"Q" + claim + b"Q" + TUPLE2 + STOP
+    return raw[:head] + twice + raw[head + len(main):]
+
+
 def void_scalar(name="V8", encode=True):
     """numpy.dtype(name) with a state that gives it an object field while hasobject reads False (flags 0), then
     numpy's scalar of that dtype from 8 chosen bytes (a pointer), then _codecs.encode or repr of it."""
@@ -248,6 +266,13 @@ def pickle_cases():
 
     cases = {f"{name} memo index {k}": ("memo.pkl", raw, call, "memo index")
              for k, raw in MEMO.items() for name, call in (("unet", UNET), ("fid", FID))}
+    state_ops, instances = shared_state()
+    twice = glob("torch.storage", "_load_from_bytes") + binbytes(storage_claimed_twice()) + TUPLE1 + REDUCE
+    cases.update({"unet one state BUILT into 20000 OrderedDicts": ("build.pkl", ema(instances, state_ops), UNET,
+                                                                   "8 attributes"),
+                  "fid one state BUILT into 20000 OrderedDicts": ("build.pkl", PROTO + state_ops + instances + STOP,
+                                                                  FID, "8 attributes"),
+                  "unet storage key claimed twice": ("twice.pkl", ema(twice), UNET, "declares")})
     return {**cases,
             "unet billion laughs in a class name": ("laughs.pkl", ema(node(laugh, module_state()), laugh_ops), UNET,
                                                     "class name"),

@@ -405,6 +405,8 @@ class InceptionV3(nn.Module):
 # ----------------------------------------------------------------------------
 # Weights. A pickle runs whatever callables it names, and NVIDIA's persistence pickles even exec() the network's source
 # text. So the .pkl and TorchScript files are read by an unpickler that builds only tensors and inert placeholder objects.
+# A hostile file can also ask for far more memory than it holds; the checks for that are shared with unet.py (its
+# section 2: scan_pickle, load_legacy_storage, PickledOrderedDict), and shapes are checked before values are read.
 
 class _Node:
     """Placeholder for any pickled object (an nn.Module of NVIDIA's pickle, a TorchScript object): keeps its state only."""

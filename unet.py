@@ -588,6 +588,8 @@ def persistent_state_dict(node, prefix=""):
                 and all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))):
             raise ValueError(f"'{where}' is not a pickled torch module")
         skip = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, (set, frozenset, list, tuple)):
+            raise ValueError(f"'{where}' has a _non_persistent_buffers_set that is a {type(skip).__name__}")
         tensors = list(state["_parameters"].items()) + [(k, v) for k, v in state["_buffers"].items() if k not in skip]
         for name, t in tensors:
             if t is not None and not (isinstance(name, str) and isinstance(t, torch.Tensor)):

@@ -9,7 +9,6 @@ segfault fails it instead of killing pytest. Every refusal must be a ValueError 
 import io
 import json
 import os
-import pickle
 import struct
 import subprocess
 import sys
@@ -40,7 +39,7 @@ for name, code in cases.items():
         out[name] = {"type": None, "msg": ""}
     except BaseException as e:
         out[name] = {"type": type(e).__name__, "msg": str(e)[:3000]}
-    json.dump(out, open(sys.argv[2], "w"))
+    json.dump(out, open(sys.argv[2], "w"))                     # after each case: a crash keeps the ones before
 """
 
 

@@ -31,6 +31,7 @@ import collections
 import contextlib
 import functools
 import io
+import json
 import math
 import os
 import pickle
@@ -1193,6 +1194,278 @@ def require_keys(obj, keys, path, what):
         found = ", ".join(sorted(map(str, obj))[:12]) or "nothing"
         raise ValueError(f"{path}: not {what}: missing {', '.join(missing)} (it holds: {found})")
     return obj
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# 7. LoRA for the SDXL UNet (Hu et al. 2021), as DMD2 trains its LoRA generator (README model zoo: rank 64, alpha 8,
+#    dropout 0, lr 5e-5; the fake score stays a full UNet) and as people share SDXL LoRAs.
+#
+# A target layer W (Linear, or Conv2d of any kernel) gets a trainable low-rank update: y = W x + (alpha / rank) up(down(x)),
+# down: in -> rank (a Conv2d keeps W's kernel, stride and padding), up: rank -> out (1x1 for convs), up starts at zero.
+# Merged, W' = W + scale * (alpha / rank) * up @ down (flattened over the kernel), which is what diffusers' fuse_lora does.
+# The targets are DMD2's peft target_modules (main/sdxl/extract_lora_module.py), in diffusers names: attention
+# to_q/to_k/to_v/to_out.0, proj_in/proj_out, ff.net.0.proj, ff.net.2, ResNet conv1/conv2/conv_shortcut/time_emb_proj,
+# downsamplers.0.conv and upsamplers.0.conv. In our sgm names they are found through `sgm_key`.
+#
+#     targets = add_lora(model, rank=64, alpha=8)      # wraps the targets in place, freezes everything else
+#     save_checkpoint({"lora": lora_state_dict(model), "rank": 64, "alpha": 8}, "lora.pt")   # LoRA weights only
+#     factors = lora_from_file_state(sd, model.cfg, "dmd2_sdxl_4step_lora_fp16.safetensors")  # Kohya or diffusers keys
+#     merge_lora(model, factors, scale=1.0, source_name=...)                   # into a plain (unwrapped) SDXLUNet
+#     kohya = kohya_lora_state(factors, model.cfg)    # 'lora_unet_<diffusers name with _>.lora_down.weight', ...
+
+LORA_TRANSFORMER = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+                    "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+LORA_RESNET = ("conv1", "conv2", "conv_shortcut", "time_emb_proj")
+
+
+def _diffusers_lora_modules(cfg):
+    """Names of every diffusers UNet2DConditionModel module DMD2's LoRA targets, for the layout cfg describes."""
+    def resnet(p):
+        return [f"{p}.{n}" for n in LORA_RESNET]
+
+    def attention(p, depth):
+        blocks = [f"{p}.transformer_blocks.{k}.{n}" for k in range(depth) for n in LORA_TRANSFORMER]
+        return [f"{p}.proj_in", f"{p}.proj_out"] + blocks if depth else []
+
+    levels, n = len(cfg.channel_mult), cfg.num_res_blocks
+    names = []
+    for i, depth in enumerate(cfg.transformer_depth):                         # down_blocks: shallowest level first
+        for j in range(n):
+            names += resnet(f"down_blocks.{i}.resnets.{j}") + attention(f"down_blocks.{i}.attentions.{j}", depth)
+        names += [f"down_blocks.{i}.downsamplers.0.conv"] if i < levels - 1 else []
+    names += resnet("mid_block.resnets.0") + resnet("mid_block.resnets.1")
+    names += attention("mid_block.attentions.0", cfg.transformer_depth[-1])
+    for i, depth in enumerate(reversed(cfg.transformer_depth)):               # up_blocks: deepest level first
+        for j in range(n + 1):
+            names += resnet(f"up_blocks.{i}.resnets.{j}") + attention(f"up_blocks.{i}.attentions.{j}", depth)
+        names += [f"up_blocks.{i}.upsamplers.0.conv"] if i < levels - 1 else []
+    return names
+
+
+def _is_lora_base(module):
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, LoRALayer)
+
+
+def lora_targets(model):
+    """{sgm module name: diffusers module name} of DMD2's LoRA targets present in this SDXLUNet (a ResBlock with equal
+    widths has no conv_shortcut)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in _diffusers_lora_modules(model.cfg):
+        ours = sgm_key(f"{name}.weight", model.cfg).removesuffix(".weight")
+        if _is_lora_base(modules.get(ours)):
+            out[ours] = name
+    return out
+
+
+def lora_names(cfg):
+    """{sgm module name: diffusers module name} of every Linear and Conv2d of SDXLUNet(cfg): the targets, and the
+    embeddings and in/out convolutions some community LoRAs also train. Used to read LoRA files."""
+    with torch.device("meta"):
+        model = SDXLUNet(cfg)
+    names = lora_targets(model)
+    for diffusers_name, ours in TOP_RENAMES.items():
+        if isinstance(model.get_submodule(ours), (nn.Linear, nn.Conv2d)):
+            names[ours] = diffusers_name
+    return names
+
+
+class LoRALayer(nn.Module):
+    """A frozen Linear or Conv2d plus a trainable low-rank update. The layer keeps its parameter names ('<name>.weight',
+    '<name>.bias'), so base weights load as before; the LoRA weights are '<name>.lora_down.weight', '<name>.lora_up.weight'.
+    y = W x + b + (alpha / rank) * up(down(dropout(x)))"""
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.conv = isinstance(base, nn.Conv2d)
+        if self.conv and (base.groups != 1 or base.dilation != (1, 1) or base.padding_mode != "zeros"):
+            raise ValueError("LoRALayer: only plain convolutions (groups 1, dilation 1, zero padding) are supported")
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype, bias=False)
+        if self.conv:
+            self.stride, self.padding = base.stride, base.padding
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, **kw)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, **kw)
+        else:
+            self.lora_down = nn.Linear(base.in_features, rank, **kw)
+            self.lora_up = nn.Linear(rank, base.out_features, **kw)
+        nn.init.zeros_(self.lora_up.weight)      # the update starts at zero: the wrapped UNet is the base UNet (peft's init)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        if self.conv:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y + self.scale * self.lora_up(self.lora_down(self.dropout(x)))
+
+
+def add_lora(model, rank=64, alpha=8.0, dropout=0.0):
+    """Wrap DMD2's LoRA targets of an SDXLUNet in LoRALayers, in place; every other parameter is frozen.
+    Returns the wrapped module names. Run it before wrapping the model for FSDP/DDP."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    model.requires_grad_(False)
+    names = list(lora_targets(model))
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        layer = getattr(owner, child) if not child.isdigit() else owner[int(child)]
+        if isinstance(layer, LoRALayer):
+            raise ValueError(f"{name} already holds a LoRA")
+        wrapped = LoRALayer(layer, rank, alpha, dropout)
+        if child.isdigit():
+            owner[int(child)] = wrapped
+        else:
+            setattr(owner, child, wrapped)
+    return names
+
+
+def lora_state_dict(model):
+    """The LoRA weights of a model wrapped by add_lora, and nothing else: {'<name>.lora_down.weight': tensor, ...}."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_down." in k or ".lora_up." in k}
+
+
+def load_lora_state(model, state_dict, source_name):
+    """Put LoRA-only weights (lora_state_dict's format) into a model wrapped by add_lora; ValueError listing problems."""
+    problems = _state_problems(state_dict, {k: v.shape for k, v in lora_state_dict(model).items()})
+    if problems:
+        raise ValueError(f"{source_name}: LoRA weights do not fit this LoRA UNet:\n" + "\n".join(problems))
+    model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def lora_factors(model):
+    """{module name: (down, up, alpha)} of a model wrapped by add_lora: what merge_lora and kohya_lora_state take."""
+    return {name: (m.lora_down.weight.detach(), m.lora_up.weight.detach(), m.alpha)
+            for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+# ---- LoRA files: Kohya ('lora_unet_<module>.lora_down.weight', '.lora_up.weight', '.alpha'; <module> is the diffusers
+# or the sgm name with '.' -> '_', as DMD2's extract_lora_module.py and kohya sd-scripts write them) and diffusers/peft
+# ('[unet.]<diffusers name>.lora_A.weight' / '.lora_B.weight', or the older '.lora.down.weight' / '.lora.up.weight';
+# alpha in the safetensors metadata 'lora_adapter_metadata', else alpha = rank, as diffusers reads them).
+
+LORA_KEY_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
+                  ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}
+
+
+def _lora_key_table(cfg):
+    """Every spelling of a module name a LoRA file may use -> our module name."""
+    table = {}
+    for ours, theirs in lora_names(cfg).items():
+        for name in (theirs, ours):
+            table[name] = table[f"unet.{name}"] = table["lora_unet_" + name.replace(".", "_")] = ours
+    return table
+
+
+def _metadata_alpha(metadata, source_name):
+    """lora_alpha from diffusers' safetensors metadata ('lora_adapter_metadata': peft's LoraConfig as JSON), or None."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{source_name}: metadata 'lora_adapter_metadata' is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{source_name}: metadata 'lora_adapter_metadata' is not a JSON object")
+    unsupported = [k for k in ("alpha_pattern", "rank_pattern", "use_rslora", "use_dora") if config.get(f"unet.{k}")]
+    if unsupported:
+        raise ValueError(f"{source_name}: LoRAs with {', '.join(unsupported)} are not supported (plain LoRA only)")
+    alpha = config.get("unet.lora_alpha", config.get("lora_alpha"))
+    if alpha is not None and not isinstance(alpha, (int, float)):
+        raise ValueError(f"{source_name}: lora_alpha in the metadata is not a number")
+    return alpha
+
+
+def _group_lora_keys(state_dict, table):
+    """{our module: {'down'|'up'|'alpha': (key, tensor)}}, the keys no rule matches, and keys claimed twice."""
+    groups, unmatched, twice = {}, [], []
+    for key, tensor in state_dict.items():
+        suffix = next((s for s in LORA_KEY_PARTS if key.endswith(s)), None)
+        ours = table.get(key[:-len(suffix)]) if suffix else None
+        if ours is None:
+            unmatched.append(key)
+            continue
+        part = groups.setdefault(ours, {})
+        if LORA_KEY_PARTS[suffix] in part:
+            twice.append(f"{part[LORA_KEY_PARTS[suffix]][0]} and {key} -> {ours}")
+        part[LORA_KEY_PARTS[suffix]] = (key, tensor)
+    return groups, unmatched, twice
+
+
+def lora_from_file_state(state_dict, cfg, source_name, metadata=None):
+    """A Kohya- or diffusers-style SDXL LoRA state dict -> {our module name: (down, up, alpha)}.
+
+    ValueError naming source_name and listing every key that matches no UNet module (text-encoder LoRAs included),
+    every module missing its down or up half, and keys two spellings send to one module."""
+    groups, unmatched, twice = _group_lora_keys(state_dict, _lora_key_table(cfg))
+    incomplete = [f"{name}: has {sorted(p)}" for name, p in groups.items() if not {"down", "up"} <= p.keys()]
+    problems = [_listing(title, items) for title, items in
+                (("keys that match no UNet Linear/Conv2d module", unmatched), ("modules without both lora_down and "
+                 "lora_up", incomplete), ("keys naming the same module twice", twice)) if items]
+    if any(k.startswith(("lora_te", "text_encoder")) for k in unmatched):
+        problems.append("  hint: text-encoder LoRA keys (lora_te*, text_encoder*) are not supported: only the UNet's")
+    if problems or not groups:
+        raise ValueError(f"{source_name}: not a LoRA for SDXLUNet({cfg}):\n" + "\n".join(problems or ["  no LoRA keys"]))
+    default_alpha = _metadata_alpha(metadata, source_name)
+    factors = {}
+    for name, part in groups.items():
+        down, up = part["down"][1], part["up"][1]
+        alpha = float(part["alpha"][1]) if "alpha" in part else default_alpha
+        factors[name] = (down, up, float(down.shape[0] if alpha is None else alpha))
+    return factors
+
+
+def _lora_delta(layer, down, up, alpha, scale):
+    """scale * (alpha / rank) * up @ down in the layer's weight shape (float32), or a string saying why it does not fit."""
+    rank, weight = down.shape[0], layer.weight
+    if down.ndim != weight.ndim or up.ndim != weight.ndim or up.shape[1] != rank:
+        return f"down {list(down.shape)}, up {list(up.shape)} do not form a rank-{rank} update of a {list(weight.shape)} weight"
+    if up.shape[0] != weight.shape[0] or down[0].shape != weight[0].shape or up[0, 0].numel() != 1:
+        return f"down {list(down.shape)}, up {list(up.shape)} do not fit the weight {list(weight.shape)}"
+    delta = up.flatten(1).float().to(weight.device) @ down.flatten(1).float().to(weight.device)      # [out, in * k * k]
+    return (scale * alpha / rank) * delta.reshape(weight.shape)
+
+
+@torch.no_grad()
+def merge_lora(model, factors, scale=1.0, source_name="LoRA"):
+    """W <- W + scale * (alpha / rank) * up @ down for every module of factors ({name: (down, up, alpha)}), in place.
+    Everything is checked first: on any problem nothing is changed and the ValueError lists every module concerned."""
+    modules, deltas, problems = dict(model.named_modules()), {}, []
+    for name, (down, up, alpha) in factors.items():
+        layer = modules.get(name)
+        if not isinstance(layer, (nn.Linear, nn.Conv2d, LoRALayer)):
+            problems.append(f"{name}: no Linear/Conv2d of that name in the model")
+            continue
+        delta = _lora_delta(layer, down, up, alpha, scale)
+        if isinstance(delta, str):
+            problems.append(f"{name}: {delta}")
+        else:
+            deltas[name] = delta
+    if problems:
+        raise ValueError(f"{source_name}: cannot merge into SDXLUNet({model.cfg}):\n" + _listing("problems", problems))
+    for name, delta in deltas.items():
+        weight = modules[name].weight
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+    return model
+
+
+def kohya_lora_state(factors, cfg, dtype=None):
+    """{our module name: (down, up, alpha)} -> the Kohya keys of DMD2's released LoRA (extract_lora_module.py):
+    'lora_unet_<diffusers module name, '.' -> '_'>.lora_down.weight', '.lora_up.weight' and a 0-d '.alpha'."""
+    names, out = lora_names(cfg), {}
+    for name, (down, up, alpha) in factors.items():
+        key = "lora_unet_" + names[name].replace(".", "_")
+        out[f"{key}.lora_down.weight"] = down.detach().to(dtype or down.dtype).contiguous()
+        out[f"{key}.lora_up.weight"] = up.detach().to(dtype or up.dtype).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------------

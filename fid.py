@@ -27,6 +27,7 @@ From Python (imagenet64.py scores a generator without writing 50,000 files):
 import argparse
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -121,7 +122,7 @@ def _read_image(file, name, noted):
     return np.asarray(image)
 
 
-def _file_batches(path, names, open_file, idx, batch_size):
+def _file_batches(path, names, open_file, idx, batch_size, transform=None):
     noted, first = set(), None
     for start in range(0, len(idx), batch_size):
         batch = []
@@ -129,6 +130,8 @@ def _file_batches(path, names, open_file, idx, batch_size):
             name = os.path.join(path, names[i])
             with open_file(names[i]) as f:
                 image = _read_image(f, name, noted)  # [H, W, 3]
+            if transform is not None:  # per image, before stacking: COCO photos differ in size
+                image = _transformed(transform, image, name)
             if first is None:
                 first = (name, image.shape)
             if image.shape != first[1]:
@@ -231,27 +234,44 @@ def _iterable_batches(batches, num, batch_size):
         raise ValueError(f"the generator ended after {seen} images, but {num} were asked for")
 
 
-def image_batches(source, batch_size=64, num=None, seed=0):
+def _transformed(transform, image, name):
+    try:
+        return transform(image)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _transform_batches(batches, transform, what):
+    """Apply a per-image transform (uint8 [H, W, 3] -> uint8 [h, w, 3]) to in-memory batches. -> uint8 [B, 3, h, w]"""
+    for batch in batches:
+        images = [_transformed(transform, np.ascontiguousarray(x.permute(1, 2, 0).cpu().numpy()), what) for x in batch]
+        yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def image_batches(source, batch_size=64, num=None, seed=0, transform=None):
     """(count or None, iterator of uint8 [B, 3, H, W] batches) for a folder, an EDM-style zip, an .npz, a tensor/array,
-    or an iterable of batches. Files holding more than num images give EDM's random subset; in-memory sources the first num."""
+    or an iterable of batches. Files holding more than num images give EDM's random subset; in-memory sources the first num.
+    transform, if given, maps each uint8 [H, W, 3] image to uint8 [h, w, 3] (e.g. coco_fid_crop) before batching."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
-        if path.endswith(".npz"):
-            images = _npz_images(path)
-            idx = _subset(len(images), num, seed, path)
-            return len(idx), _tensor_batches(images if len(idx) == len(images) else images[idx], None, batch_size, path)
-        names, open_file = _list_images(path)
-        if not names:
-            raise ValueError(f"{path}: no image files found")
-        idx = _subset(len(names), num, seed, path)
-        return len(idx), _file_batches(path, names, open_file, idx, batch_size)
-    if isinstance(source, (torch.Tensor, np.ndarray)):
+        if not path.endswith(".npz"):
+            names, open_file = _list_images(path)
+            if not names:
+                raise ValueError(f"{path}: no image files found")
+            idx = _subset(len(names), num, seed, path)
+            return len(idx), _file_batches(path, names, open_file, idx, batch_size, transform)
+        images = _npz_images(path)
+        idx = _subset(len(images), num, seed, path)
+        total, batches = len(idx), _tensor_batches(images if len(idx) == len(images) else images[idx], None, batch_size, path)
+    elif isinstance(source, (torch.Tensor, np.ndarray)):
         if num is not None and len(source) < num:
             raise ValueError(f"the tensor holds {len(source)} images, but {num} were asked for")
-        return (len(source) if num is None else num), _tensor_batches(source, num, batch_size, "images")
-    return num, _iterable_batches(source, num, batch_size)
+        total, batches = (len(source) if num is None else num), _tensor_batches(source, num, batch_size, "images")
+    else:
+        total, batches = num, _iterable_batches(source, num, batch_size)
+    return total, (batches if transform is None else _transform_batches(batches, transform, "an image"))
 
 
 # ----------------------------------------------------------------------------
@@ -269,6 +289,19 @@ def resize_tf1_bilinear(x, size=299):
     theta = torch.tensor([[1, 0, (one / W - one / size).item()], [0, 1, (one / H - one / size).item()]], dtype=x.dtype, device=x.device)
     grid = F.affine_grid(theta.repeat(B, 1, 1), [B, C, size, size], align_corners=False)  # [B, size, size, 2]
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resize_clean(images, size=299):
+    """uint8 [B, 3, H, W] -> float32 [B, 3, size, size] in [0, 255]: clean-fid's "clean" resize (Parmar et al. 2022; the
+    clean-fid package's make_resizer("PIL", False, "bicubic")), which DMD2's SDXL FIDs use. Each channel is resized as a
+    float image (PIL mode 'F') with PIL's antialiased bicubic filter, then clipped, never rounded; the detector then
+    skips its own TF1 resize. EDM's protocol (resize_tf1_bilinear inside the detector) is the other mode."""
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    for i, image in enumerate(images.cpu().numpy()):
+        for c in range(3):
+            channel = PIL.Image.fromarray(image[c].astype(np.float32))  # mode 'F'
+            out[i, c] = np.asarray(channel.resize((size, size), resample=PIL.Image.BICUBIC)).clip(0, 255)
+    return torch.from_numpy(out)
 
 
 class Conv2dLayer(nn.Module):
@@ -396,8 +429,13 @@ class InceptionV3(nn.Module):
             pool2=nn.AvgPool2d(8),                                 # [B, 2048, 1, 1]
         )
 
-    def forward(self, img):
-        x = resize_tf1_bilinear(img.to(torch.float32), 299)        # [B, 3, 299, 299], values in [0, 255]
+    def forward(self, img, resized=False):
+        """resized=True: img is float [B, 3, 299, 299] in [0, 255] already resized (resize_clean), as clean-fid feeds it."""
+        x = img.to(torch.float32)
+        if not resized:
+            x = resize_tf1_bilinear(x, 299)                        # [B, 3, 299, 299], values in [0, 255]
+        elif x.shape[-2:] != (299, 299):
+            raise ValueError(f"resized=True needs [B, 3, 299, 299] input, got {tuple(x.shape)}")
         x = (x - 128) / 128                                        # the TF graph's input scaling, to [-1, 0.9921875]
         return self.layers(x).reshape(-1, 2048)                    # [B, 2048]
 
@@ -729,19 +767,32 @@ def download_weights(dest_dir=CACHE_DIR, url=WEIGHTS_URL, sha256_prefix=WEIGHTS_
 # ----------------------------------------------------------------------------
 # Features and statistics.
 
+RESIZE_MODES = ("edm", "clean")  # EDM/StyleGAN's TF1 bilinear inside the detector; clean-fid's PIL bicubic (resize_clean)
+
+
 @torch.inference_mode()
-def iterate_features(source, detector, batch_size=64, num=None, device="cpu", progress=True, seed=0):
-    """Yields float32 detector features [B, 2048] (numpy) for every batch of the source (see image_batches)."""
-    total, batches = image_batches(source, batch_size, num, seed)
+def iterate_features(source, detector, batch_size=64, num=None, device="cpu", progress=True, seed=0, resize="edm",
+                     transform=None):
+    """Yields float32 detector features [B, 2048] (numpy) for every batch of the source (see image_batches).
+    resize: 'edm' (EDM's and DMD2's ImageNet numbers) or 'clean' (clean-fid's, DMD2's SDXL numbers)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    total, batches = image_batches(source, batch_size, num, seed, transform)
     with tqdm(total=total, unit="img", desc="inception features", disable=not progress) as bar:
         for images in batches:  # uint8 [B, 3, H, W]
-            yield detector(images.to(device)).float().cpu().numpy()
+            if resize == "clean":
+                features = detector(resize_clean(images).to(device), resized=True)
+            else:
+                features = detector(images.to(device))
+            yield features.float().cpu().numpy()
             bar.update(len(images))
 
 
-def compute_features(source, detector, batch_size=64, num=None, device="cpu", progress=True, seed=0):
+def compute_features(source, detector, batch_size=64, num=None, device="cpu", progress=True, seed=0, resize="edm",
+                     transform=None):
     """All features of a source as one float32 array [N, 2048]."""
-    return np.concatenate(list(iterate_features(source, detector, batch_size, num, device, progress, seed)))
+    return np.concatenate(list(iterate_features(source, detector, batch_size, num, device, progress, seed, resize,
+                                                transform)))
 
 
 def compute_statistics(features):
@@ -794,42 +845,344 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="sqrtm"):
     return float(np.real(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean))
 
 
-def save_stats(path, mu, sigma):
-    """Writes {'mu', 'sigma'} as float64 .npz (the layout of EDM's and ADM's reference files), atomically."""
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ValueError(f"expected mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+def save_stats(path, mu, sigma, **more):
+    """Writes {'mu', 'sigma'} as float64 .npz (the layout of EDM's and ADM's reference files), atomically. more: further
+    pairs under other names, e.g. patch_mu=..., patch_sigma=... (read with load_stats(path, prefix="patch_"))."""
+    arrays = {"mu": mu, "sigma": sigma, **more}
+    arrays = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+    for prefix in {k[:-2] for k in arrays if k.endswith("mu")}:
+        m, c = arrays[f"{prefix}mu"], arrays.get(f"{prefix}sigma")
+        if m.ndim != 1 or c is None or c.shape != (len(m), len(m)):
+            raise ValueError(f"expected {prefix}mu [D] and {prefix}sigma [D, D], got {m.shape} and "
+                             f"{None if c is None else c.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 
-def load_stats(path):
-    """(mu [D], sigma [D, D]) float64 from an .npz with keys 'mu' and 'sigma' (EDM's imagenet-64x64.npz, ADM's batches)."""
+def load_stats(path, prefix=""):
+    """(mu [D], sigma [D, D]) float64 from an .npz with keys 'mu' and 'sigma' (EDM's imagenet-64x64.npz, ADM's batches),
+    or '<prefix>mu' and '<prefix>sigma'."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: cannot read statistics (no such file)")
     with open(path, "rb") as f:
         if f.read(6) == b"\x93NUMPY":
             raise ValueError(f"{path}: statistics must be an .npz with arrays 'mu' and 'sigma', not one .npy array")
-    headers = _npz_headers(path)
-    if "mu" not in headers or "sigma" not in headers:
-        raise ValueError(f"{path}: statistics need arrays 'mu' and 'sigma'; this file has {list(headers)}")
-    (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = headers["mu"], headers["sigma"]
+    headers, mu_key, sigma_key = _npz_headers(path), f"{prefix}mu", f"{prefix}sigma"
+    if mu_key not in headers or sigma_key not in headers:
+        raise ValueError(f"{path}: statistics need arrays '{mu_key}' and '{sigma_key}'; this file has {list(headers)}")
+    (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = headers[mu_key], headers[sigma_key]
     if mu_dtype.kind not in "fiu" or sigma_dtype.kind not in "fiu":
         raise ValueError(f"{path}: 'mu' and 'sigma' must be numbers, got {mu_dtype} and {sigma_dtype}")
     if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
         raise ValueError(f"{path}: expected mu [D] and sigma [D, D], got {mu_shape} and {sigma_shape}")
-    return _npz_load(path, "mu").astype(np.float64), _npz_load(path, "sigma").astype(np.float64)
+    return _npz_load(path, mu_key).astype(np.float64), _npz_load(path, sigma_key).astype(np.float64)
 
 
-def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device="cpu", progress=True, seed=0, method="sqrtm"):
+def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device="cpu", progress=True, seed=0, method="sqrtm",
+                    resize="edm"):
     """FID of num images from any source (folder, zip, .npz, tensor, generator of uint8 batches) against a stats file."""
     mu_ref, sigma_ref = load_stats(ref_path)  # read first, so that a bad file fails before hours of features
-    mu, sigma = compute_statistics(iterate_features(source, detector, batch_size, num, device, progress, seed))
+    mu, sigma = compute_statistics(iterate_features(source, detector, batch_size, num, device, progress, seed, resize))
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)
+
+
+# ----------------------------------------------------------------------------
+# DMD2's COCO protocol for SDXL (paper Table 2; tianweiy/DMD2 main/coco_eval/coco_evaluator.py and its vendored clean-fid):
+# 10,000 COCO-2014 val captions, one 1024x1024 image each, against the 10,000 matching real photographs.
+#   FID        centre square crop (the long side cut to the short one), PIL LANCZOS to 512, clean-fid's resize to 299
+#   patch-FID  the centre 299x299 crop of each image, no resize: it sees full-resolution detail
+#   CLIP score mean cosine similarity of OpenCLIP ViT-g-14 (laion2b_s12b_b42k) image and caption embeddings; images
+#              centre-cropped, LANCZOS to 256, then open_clip's preprocessing; captions prefixed "A photo depicts "
+# Crops round their offsets as torchvision's center_crop does (int(round(...)), so halves go to the even side).
+# With fewer than 10,000 images the FIDs are biased upwards and comparable only at the same count.
+
+COCO_FID_SIZE, CLIP_RESIZE, PATCH = 512, 256, 299
+
+
+def center_crop(image, height, width=None):
+    """uint8 [H, W, 3] -> its centre [height, width, 3], offsets as torchvision.transforms.functional.center_crop."""
+    width = height if width is None else width
+    H, W = image.shape[:2]
+    if H < height or W < width:
+        raise ValueError(f"image is {W}x{H}, smaller than the {width}x{height} centre crop")
+    top, left = int(round((H - height) / 2.0)), int(round((W - width) / 2.0))
+    return image[top:top + height, left:left + width]
+
+
+def square_resize(image, size):
+    """uint8 [H, W, 3] -> centre square crop (DMD2's CenterCropLongEdge) -> PIL LANCZOS to [size, size, 3]."""
+    side = min(image.shape[:2])
+    square = PIL.Image.fromarray(np.ascontiguousarray(center_crop(image, side)))
+    return np.asarray(square.resize((size, size), PIL.Image.LANCZOS))
+
+
+def coco_fid_crop(image):
+    return square_resize(image, COCO_FID_SIZE)       # then resize_clean to 299 (iterate_features(resize="clean"))
+
+
+def patch_crop(image):
+    return center_crop(image, PATCH)                 # resize_clean leaves 299x299 as it is (PIL returns a copy)
+
+
+def coco_statistics(source, detector, batch_size=64, device="cpu", progress=True):
+    """{'mu', 'sigma', 'patch_mu', 'patch_sigma'} of a folder of images under DMD2's FID and patch-FID protocols (the
+    layout save_stats writes and load_stats(path, prefix='patch_') reads)."""
+    out = {}
+    for prefix, crop in (("", coco_fid_crop), ("patch_", patch_crop)):
+        features = iterate_features(source, detector, batch_size, None, device, progress, resize="clean", transform=crop)
+        out[f"{prefix}mu"], out[f"{prefix}sigma"] = compute_statistics(features)
+    return out
+
+
+def coco_reference(ref, detector, batch_size=64, device="cpu", progress=True):
+    """The reference statistics from a stats .npz (coco_statistics' layout) or from a folder of real images."""
+    if os.fspath(ref).endswith(".npz"):
+        (mu, sigma), (patch_mu, patch_sigma) = load_stats(ref), load_stats(ref, prefix="patch_")
+        return dict(mu=mu, sigma=sigma, patch_mu=patch_mu, patch_sigma=patch_sigma)
+    return coco_statistics(ref, detector, batch_size, device, progress)
+
+
+def coco_fids(images, ref_stats, detector, batch_size=64, device="cpu", progress=True, method="sqrtm"):
+    """(FID, patch-FID) of a folder of generated images against coco_reference's statistics."""
+    ours = coco_statistics(images, detector, batch_size, device, progress)
+    return tuple(frechet_distance(ours[f"{p}mu"], ours[f"{p}sigma"], ref_stats[f"{p}mu"], ref_stats[f"{p}sigma"],
+                                  method=method) for p in ("", "patch_"))
+
+
+# ----------------------------------------------------------------------------
+# The CLIP score's towers: open_clip's CLIP (Radford et al. 2021; mlfoundations/open_clip model.py, transformer.py) with
+# its parameter names, so open_clip's ViT-g-14 checkpoint (open_clip_pytorch_model.bin or open_clip_model.safetensors of
+# laion/CLIP-ViT-g-14-laion2B-s12B-b42K) loads with strict names and shapes and no open_clip installed. Both towers are
+# pre-LN transformers with exact-erf GELU; the image tower embeds 14x14 patches plus a class token and projects the
+# class token's final state, the text tower is causal and projects the state at the end token (the largest id).
+# Captions arrive as token ids, [SOT, BPE ids, EOT, 0, ...] as open_clip.tokenize writes them (sdxl.tokenize with
+# pad_with="zero"); the tokenizer lives in sdxl.py.
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI's image statistics, which open_clip's ViT-g-14 uses
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_EOT = 49407
+CLIP_PREFIX = "A photo depicts "                  # Hessel et al. 2021 (CLIPScore); DMD2 inserts it after the start token
+
+
+@dataclass(frozen=True)
+class CLIPConfig:                  # open_clip model_configs/ViT-g-14.json
+    embed_dim: int = 1024          # width of both embeddings
+    image_size: int = 224
+    patch_size: int = 14
+    vision_width: int = 1408
+    vision_layers: int = 40
+    vision_heads: int = 16         # head_width 88
+    vision_mlp: int = 6144         # int(1408 * mlp_ratio 4.3637)
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 1024
+    text_heads: int = 16
+    text_layers: int = 24
+    text_mlp: int = 4096
+
+
+class ResidualAttentionBlock(nn.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); open_clip's names (attn.in_proj_weight, mlp.c_fc, ...)."""
+
+    def __init__(self, width, heads, mlp):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = _seq(c_fc=nn.Linear(width, mlp), gelu=nn.GELU(), c_proj=nn.Linear(mlp, width))
+
+    def forward(self, x, mask=None):               # x [B, N, width]
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp) for _ in range(layers))
+
+    def forward(self, x, mask=None):
+        for block in self.resblocks:
+            x = block(x, mask)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        width, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
+        self.conv1 = nn.Conv2d(3, width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
+        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.transformer = Transformer(width, cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp)
+        self.proj = nn.Parameter(torch.zeros(width, cfg.embed_dim))
+
+    def forward(self, x):                                             # [B, 3, 224, 224], normalized
+        x = self.conv1(x).flatten(2).transpose(1, 2)                  # [B, 256, width]: 16x16 patches
+        cls = self.class_embedding.expand(len(x), 1, -1)              # [B, 1, width]
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+        x = self.ln_post(self.transformer(x))                         # [B, 257, width]
+        return x[:, 0] @ self.proj                                    # [B, embed_dim]
+
+
+class OpenCLIP(nn.Module):
+    """encode_image: normalized images [B, 3, 224, 224] -> [B, embed_dim]; encode_text: ids [B, 77] -> [B, embed_dim]."""
+
+    def __init__(self, cfg=CLIPConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_mlp)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.zeros(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.zeros(()))              # stored in the file; the score does not use it
+        mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)  # causal, additive
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def encode_image(self, x):
+        return self.visual(x)
+
+    def encode_text(self, ids):                                       # [B, 77]
+        x = self.token_embedding(ids) + self.positional_embedding     # [B, 77, width]
+        x = self.ln_final(self.transformer(x, self.attn_mask))
+        return x[torch.arange(len(x)), ids.argmax(dim=-1)] @ self.text_projection   # the end token's state
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _safetensors_entry(name, e, data_size):
+    """(dtype, shape, begin, end) of one header entry, checked against the data section's size."""
+    dtype = _SAFETENSORS_DTYPES.get(e.get("dtype")) if isinstance(e, dict) else None
+    shape, offsets = (e.get("shape"), e.get("data_offsets")) if dtype is not None else (None, None)
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(offsets, list)
+            and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise ValueError(f"tensor {describe_value(name)}: bad entry (dtype F64/F32/F16/BF16, shape, data_offsets)")
+    begin, end = offsets
+    if not (0 <= begin <= end <= data_size and end - begin == math.prod(shape) * dtype.itemsize):
+        raise ValueError(f"tensor {describe_value(name)}: byte range {offsets} does not hold {shape} {dtype} "
+                         f"inside {data_size} bytes of data")
+    return dtype, shape, begin, end
+
+
+def _read_safetensors(path):
+    """{name: tensor} of a .safetensors file: [8-byte little-endian header length][JSON header][raw data]. Each entry is
+    checked against the data before it is read. (sdxl.py has the full reader; fid.py keeps this small one so that it
+    does not depend on sdxl.py.)"""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        out = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, begin, end = _safetensors_entry(name, e, size - 8 - n)
+            buffer = bytearray(end - begin)
+            f.seek(8 + n + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise ValueError(f"tensor {describe_value(name)}: file ends early")
+            out[name] = (torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)).reshape(shape)
+    return out
+
+
+def read_open_clip_weights(path):
+    """open_clip's state dict from open_clip_pytorch_model.bin (torch.load, weights_only=True, after checking that a legacy
+    file's storages fit in it) or open_clip_model.safetensors; nothing in the file is executed."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such open_clip weights file (ViT-g-14: open_clip_pytorch_model.bin or "
+                                "open_clip_model.safetensors of laion/CLIP-ViT-g-14-laion2B-s12B-b42K)")
+    try:
+        if path.endswith(".safetensors"):
+            sd = _read_safetensors(path)
+        else:
+            if not zipfile.is_zipfile(path):
+                with open(path, "rb") as f:
+                    if legacy_storage_nbytes(f) > os.path.getsize(path):
+                        raise ValueError("its storages declare more bytes than the file holds")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read open_clip weights ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):   # an open_clip training checkpoint
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def load_open_clip(path, cfg=CLIPConfig(), device="cpu"):
+    """OpenCLIP(cfg) with a local open_clip checkpoint's weights, float32, eval, frozen; ValueError naming the file and
+    listing missing, unexpected and misshapen tensors."""
+    sd = read_open_clip_weights(path)
+    with torch.device("meta"):
+        model = OpenCLIP(cfg)
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in sd]
+    unexpected = [k for k in sd if k not in wanted and k not in ("logit_bias", "attn_mask")]
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in wanted.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{path}: tensors do not match OpenCLIP({cfg}): missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, wrong shapes {bad[:3]} ({len(missing)}, {len(unexpected)}, {len(bad)} in all)")
+    model.load_state_dict({k: sd[k].float() for k in wanted}, assign=True)
+    model.attn_mask = torch.full_like(model.attn_mask, float("-inf"), device="cpu").triu_(1)   # meta -> real
+    return model.eval().requires_grad_(False).to(device)
+
+
+def clip_crop(image):
+    """uint8 [H, W, 3] -> [224, 224, 3]: DMD2's centre crop and LANCZOS to 256, then open_clip's eval preprocessing of
+    ViT-g-14 (torchvision Resize(224, bicubic) on the PIL image, CenterCrop(224): a no-op on a square)."""
+    square = PIL.Image.fromarray(square_resize(image, CLIP_RESIZE))
+    return np.asarray(square.resize((224, 224), PIL.Image.BICUBIC))
+
+
+def clip_normalize(images):
+    """uint8 [B, 3, 224, 224] -> float32, /255 then OpenAI's mean and std, as open_clip's ToTensor + Normalize."""
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return (images.float() / 255 - mean) / std
+
+
+def clip_score_tokens(ids, prefix_ids, eot=CLIP_EOT):
+    """DMD2's caption tokens: ids [B, L] as open_clip.tokenize writes them (SOT, text, EOT, 0s) and the BPE ids of
+    CLIP_PREFIX -> [SOT, prefix, text, EOT, 0s] cut to L, with a non-padding last token replaced by EOT. [B, L]"""
+    ids = torch.as_tensor(ids)
+    prefix = torch.as_tensor(prefix_ids, dtype=ids.dtype).expand(len(ids), -1)
+    new = torch.cat([ids[:, :1], prefix, ids[:, 1:]], dim=1)[:, :ids.shape[1]].clone()
+    new[:, -1] = torch.where(new[:, -1] > 0, eot, new[:, -1])
+    return new
+
+
+@torch.inference_mode()
+def clip_score(images, tokens, model, batch_size=64, device="cpu", progress=True):
+    """Mean cosine similarity between the images (a folder, in sorted order, or any image_batches source) and their
+    captions (tokens [N, 77] from clip_score_tokens, in the same order). DMD2 reports it as is (0.332 for 4-step)."""
+    total, batches = image_batches(images, batch_size, None, 0, clip_crop)
+    if total is not None and total != len(tokens):
+        raise ValueError(f"{images}: {total} images but {len(tokens)} captions; they are paired in order")
+    sims, seen = [], 0
+    with tqdm(total=total, unit="img", desc="clip score", disable=not progress) as bar:
+        for batch in batches:                                                   # uint8 [B, 3, 224, 224]
+            ids = torch.as_tensor(tokens[seen:seen + len(batch)]).to(device)
+            if len(ids) != len(batch):
+                raise ValueError(f"more images than the {len(tokens)} captions")
+            image_emb = model.encode_image(clip_normalize(batch).to(device))    # [B, embed_dim]
+            sims.append(F.cosine_similarity(image_emb, model.encode_text(ids), dim=1).double().cpu())
+            seen += len(batch)
+            bar.update(len(batch))
+    if seen != len(tokens):
+        raise ValueError(f"{images}: {seen} images but {len(tokens)} captions; they are paired in order")
+    return float(torch.cat(sims).mean())
 
 
 # ----------------------------------------------------------------------------

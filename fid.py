@@ -933,7 +933,8 @@ def coco_statistics(source, detector, batch_size=64, device="cpu", progress=True
     layout save_stats writes and load_stats(path, prefix='patch_') reads)."""
     out = {}
     for prefix, crop in (("", coco_fid_crop), ("patch_", patch_crop)):
-        features = iterate_features(source, detector, batch_size, None, device, progress, resize="clean", transform=crop)
+        features = iterate_features(source, detector, batch_size, None, device, progress, resize="clean",
+                                    transform=crop)
         out[f"{prefix}mu"], out[f"{prefix}sigma"] = compute_statistics(features)
     return out
 
@@ -965,7 +966,7 @@ def coco_fids(images, ref_stats, detector, batch_size=64, device="cpu", progress
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI's image statistics, which open_clip's ViT-g-14 uses
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_EOT = 49407
-CLIP_PREFIX = "A photo depicts "                  # Hessel et al. 2021 (CLIPScore); DMD2 inserts it after the start token
+CLIP_PREFIX = "A photo depicts "                  # Hessel et al. 2021 (CLIPScore); DMD2 puts it after the start token
 
 
 @dataclass(frozen=True)
@@ -1031,7 +1032,7 @@ class VisionTransformer(nn.Module):
 
 
 class OpenCLIP(nn.Module):
-    """encode_image: normalized images [B, 3, 224, 224] -> [B, embed_dim]; encode_text: ids [B, 77] -> [B, embed_dim]."""
+    """encode_image: normalized images [B, 3, 224, 224] -> [B, embed_dim]; encode_text: ids [B, 77] -> the same."""
 
     def __init__(self, cfg=CLIPConfig()):
         super().__init__()
@@ -1093,13 +1094,14 @@ def _read_safetensors(path):
             f.seek(8 + n + begin)
             if f.readinto(buffer) != len(buffer):
                 raise ValueError(f"tensor {describe_value(name)}: file ends early")
-            out[name] = (torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)).reshape(shape)
+            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+            out[name] = flat.reshape(shape)
     return out
 
 
 def read_open_clip_weights(path):
-    """open_clip's state dict from open_clip_pytorch_model.bin (torch.load, weights_only=True, after checking that a legacy
-    file's storages fit in it) or open_clip_model.safetensors; nothing in the file is executed."""
+    """open_clip's state dict from open_clip_pytorch_model.bin (torch.load, weights_only=True, after checking that a
+    legacy file's storages fit in it) or open_clip_model.safetensors; nothing in the file is executed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such open_clip weights file (ViT-g-14: open_clip_pytorch_model.bin or "
@@ -1131,10 +1133,12 @@ def load_open_clip(path, cfg=CLIPConfig(), device="cpu"):
     wanted = model.state_dict()
     missing = [k for k in wanted if k not in sd]
     unexpected = [k for k in sd if k not in wanted and k not in ("logit_bias", "attn_mask")]
-    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in wanted.items() if k in sd and sd[k].shape != v.shape]
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in wanted.items()
+           if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or bad:
         raise ValueError(f"{path}: tensors do not match OpenCLIP({cfg}): missing {missing[:4]}, unexpected "
-                         f"{unexpected[:4]}, wrong shapes {bad[:3]} ({len(missing)}, {len(unexpected)}, {len(bad)} in all)")
+                         f"{unexpected[:4]}, wrong shapes {bad[:3]} ({len(missing)}, {len(unexpected)}, {len(bad)} "
+                         "in all)")
     model.load_state_dict({k: sd[k].float() for k in wanted}, assign=True)
     model.attn_mask = torch.full_like(model.attn_mask, float("-inf"), device="cpu").triu_(1)   # meta -> real
     return model.eval().requires_grad_(False).to(device)

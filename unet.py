@@ -1272,7 +1272,8 @@ def lora_names(cfg):
 
 class LoRALayer(nn.Module):
     """A frozen Linear or Conv2d plus a trainable low-rank update. The layer keeps its parameter names ('<name>.weight',
-    '<name>.bias'), so base weights load as before; the LoRA weights are '<name>.lora_down.weight', '<name>.lora_up.weight'.
+    '<name>.bias'), so base weights load as before; the LoRA weights are '<name>.lora_down.weight' and
+    '<name>.lora_up.weight'.
     y = W x + b + (alpha / rank) * up(down(dropout(x)))"""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
@@ -1293,7 +1294,7 @@ class LoRALayer(nn.Module):
         else:
             self.lora_down = nn.Linear(base.in_features, rank, **kw)
             self.lora_up = nn.Linear(rank, base.out_features, **kw)
-        nn.init.zeros_(self.lora_up.weight)      # the update starts at zero: the wrapped UNet is the base UNet (peft's init)
+        nn.init.zeros_(self.lora_up.weight)      # the update starts at zero: the wrapped UNet starts as the base (peft)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -1331,7 +1332,7 @@ def lora_state_dict(model):
 
 
 def load_lora_state(model, state_dict, source_name):
-    """Put LoRA-only weights (lora_state_dict's format) into a model wrapped by add_lora; ValueError listing problems."""
+    """Put LoRA-only weights (lora_state_dict's format) into a model wrapped by add_lora; ValueError lists problems."""
     problems = _state_problems(state_dict, {k: v.shape for k, v in lora_state_dict(model).items()})
     if problems:
         raise ValueError(f"{source_name}: LoRA weights do not fit this LoRA UNet:\n" + "\n".join(problems))
@@ -1350,7 +1351,8 @@ def lora_factors(model):
 # ('[unet.]<diffusers name>.lora_A.weight' / '.lora_B.weight', or the older '.lora.down.weight' / '.lora.up.weight';
 # alpha in the safetensors metadata 'lora_adapter_metadata', else alpha = rank, as diffusers reads them).
 
-LORA_KEY_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
+LORA_KEY_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up",
+                  ".lora_A.weight": "down", ".lora_B.weight": "up",
                   ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}
 
 
@@ -1412,7 +1414,8 @@ def lora_from_file_state(state_dict, cfg, source_name, metadata=None):
     if any(k.startswith(("lora_te", "text_encoder")) for k in unmatched):
         problems.append("  hint: text-encoder LoRA keys (lora_te*, text_encoder*) are not supported: only the UNet's")
     if problems or not groups:
-        raise ValueError(f"{source_name}: not a LoRA for SDXLUNet({cfg}):\n" + "\n".join(problems or ["  no LoRA keys"]))
+        problems = problems or ["  no LoRA keys"]
+        raise ValueError(f"{source_name}: not a LoRA for SDXLUNet({cfg}):\n" + "\n".join(problems))
     default_alpha = _metadata_alpha(metadata, source_name)
     factors = {}
     for name, part in groups.items():
@@ -1423,10 +1426,11 @@ def lora_from_file_state(state_dict, cfg, source_name, metadata=None):
 
 
 def _lora_delta(layer, down, up, alpha, scale):
-    """scale * (alpha / rank) * up @ down in the layer's weight shape (float32), or a string saying why it does not fit."""
+    """scale * (alpha / rank) * up @ down in the layer's weight shape (float32), or a string saying why not."""
     rank, weight = down.shape[0], layer.weight
     if down.ndim != weight.ndim or up.ndim != weight.ndim or up.shape[1] != rank:
-        return f"down {list(down.shape)}, up {list(up.shape)} do not form a rank-{rank} update of a {list(weight.shape)} weight"
+        return (f"down {list(down.shape)}, up {list(up.shape)} do not form a rank-{rank} update of a "
+                f"{list(weight.shape)} weight")
     if up.shape[0] != weight.shape[0] or down[0].shape != weight[0].shape or up[0, 0].numel() != 1:
         return f"down {list(down.shape)}, up {list(up.shape)} do not fit the weight {list(weight.shape)}"
     delta = up.flatten(1).float().to(weight.device) @ down.flatten(1).float().to(weight.device)      # [out, in * k * k]

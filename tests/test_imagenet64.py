@@ -30,9 +30,9 @@ def tiny_cfg(tmp_path, *flags):
                            "--log_every", "1000", "--batch_size", "16", *flags])
 
 
-def all_state(out):
-    return {**{f"G.{k}": v for k, v in out["generator"].state_dict().items()},
-            **{f"D.{k}": v for k, v in out["guidance"].state_dict().items()}}
+def all_state(run):
+    return {**{f"G.{k}": v for k, v in run.generator.state_dict().items()},
+            **{f"D.{k}": v for k, v in run.fake_score.state_dict().items()}}
 
 # ----------------------------------------------------------------------------------------------
 # Formulas.
@@ -109,7 +109,7 @@ def test_gan_head_is_the_official_layout_on_the_full_size_bottleneck():
         net = unet.EDMPrecond(**unet.EDM_IMAGENET64)
         _, rep = net(torch.zeros(2, 3, 64, 64), torch.ones(2), torch.zeros(2, 1000), return_bottleneck=True)
     assert tuple(rep.shape) == (2, 768, 8, 8)
-    head = m.gan_head(rep.shape[1], rep.shape[2])
+    head = m.build_gan_head(rep.shape[1], rep.shape[2])
     shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     assert shapes == {"0.weight": (768, 768, 4, 4), "0.bias": (768,), "1.weight": (768,), "1.bias": (768,),
                       "3.weight": (768, 768, 4, 4), "3.bias": (768,), "4.weight": (768,), "4.bias": (768,),
@@ -184,9 +184,12 @@ def test_presets_and_flags():
     cfg = m.parse_config(["--preset", "gaussian", "--batch_size", "8", "--no-tf32"])
     assert cfg.batch_size == 8 and cfg.generator_lr == m.PRESETS["gaussian"]["generator_lr"] and cfg.tf32 is False
     full = m.parse_config([])
-    assert (full.batch_size, full.generator_lr, full.guidance_lr, full.dfake_gen_update_ratio, full.warmup_steps,
-            full.max_grad_norm, full.gen_cls_loss_weight, full.guidance_cls_loss_weight, full.ema_decay) == \
-        (280, 2e-6, 2e-6, 5, 500, 10.0, 3e-3, 1e-2, 0.0)
+    assert (full.batch_size, full.generator_lr, full.fake_score_lr, full.dfake_gen_update_ratio, full.max_grad_norm,
+            full.gen_gan_weight, full.fake_gan_weight, full.ema_decay, full.gan, full.quantize) == \
+        (280, 2e-6, 2e-6, 5, 10.0, 3e-3, 1e-2, 0.0, True, "dmd2")
+    # The official run steps accelerate's scheduler once per process: 500 warm-up steps on 7 GPUs = 500/7 iterations.
+    assert full.warmup_steps == pytest.approx(500 / 7)
+    assert m.parse_config(["--no-gan"]).gan is False
 
 
 class Killed(Exception):
@@ -213,7 +216,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
     assert unet.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["step"] == 4
     assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
     resumed = m.train(tiny_cfg(tmp_path / "b", *flags, "--resume"))
-    assert len(resumed["iter_times"]) == 8                                # steps 4..11 only
+    assert len(resumed.iter_times) == 8                                # steps 4..11 only
     a, b = all_state(straight), all_state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca, cb = (unet.load_checkpoint(str(tmp_path / d / "checkpoint.pt")) for d in ("a", "b"))
@@ -233,11 +236,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
         return (x * float("nan"), y) if calls[0] == 6 else (x, y)
 
     monkeypatch.setattr(m.GaussianTeacher, "sample", poisoned)
-    with pytest.raises(m.NonFiniteLoss, match=r"non-finite loss at step 5: .*loss_d=nan.*checkpoint.pt"):
+    with pytest.raises(unet.NonFiniteLoss, match=r"non-finite loss at step 5: .*loss_d=nan.*checkpoint.pt"):
         m.train(tiny_cfg(tmp_path, "--total_steps", "10", "--ckpt_every", "2"))
     ckpt = unet.load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert ckpt["step"] == 4
-    assert all(torch.isfinite(v).all() for v in ckpt["guidance"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt["fake_score"].values())
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
@@ -252,9 +255,9 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
     cfg = m.parse_config([*flags, "--batch_gpu", "8", "--outdir", str(tmp_path / "one")])
     init = m.build_models(cfg, torch.device("cpu"))[1].state_dict()
     single = m.train(cfg)
-    assert max((single["generator"].state_dict()[k] - v).abs().max() for k, v in init.items()) > 1e-3  # it did train
+    assert max((single.generator.state_dict()[k] - v).abs().max() for k, v in init.items()) > 1e-3  # it did train
     ddp = unet.load_checkpoint(str(tmp_path / "ddp" / "checkpoint.pt"))
-    for name, state in (("generator", single["generator"].state_dict()), ("guidance", single["guidance"].state_dict())):
+    for name, state in (("generator", single.generator.state_dict()), ("fake_score", single.fake_score.state_dict())):
         for k, v in state.items():
             assert torch.allclose(ddp[name][k], v, atol=1e-5), (name, k)
 
@@ -274,10 +277,10 @@ def test_sample_command_png_and_npz_are_per_seed(tmp_path):
     with torch.no_grad():
         x = m.generate(generator, z, torch.tensor([4 % kw["label_dim"]]), kw["label_dim"])
     png = np.asarray(PIL.Image.open(tmp_path / "png" / "000004.png"))
-    assert np.array_equal(png, (x[0].permute(1, 2, 0) * 127.5 + 128).clip(0, 255).to(torch.uint8).numpy())
+    assert np.array_equal(png, ((x[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy())  # DMD2's
     with torch.no_grad():                                                 # class 2 for seed 4 differs from class 0
         x2 = m.generate(generator, z, torch.tensor([2]), kw["label_dim"])
-    assert np.array_equal(data["arr_0"][1], (x2[0].permute(1, 2, 0) * 127.5 + 128).clip(0, 255).to(torch.uint8).numpy())
+    assert np.array_equal(data["arr_0"][1], ((x2[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy())
 
 
 def test_load_generator_accepts_a_bare_edmprecond_state_dict(tmp_path, monkeypatch):
@@ -295,8 +298,7 @@ def test_load_generator_accepts_a_bare_edmprecond_state_dict(tmp_path, monkeypat
 
 def test_evaluate_fid_matches_fid_py_on_the_same_images(tmp_path):
     """evaluate_fid's streamed moments vs fid.compute_statistics on the same 40 images, with a stand-in detector."""
-    out = m.train(tiny_cfg(tmp_path, "--total_steps", "1"))
-    generator = out["generator"].eval()
+    generator = m.train(tiny_cfg(tmp_path, "--total_steps", "1")).generator.eval()
     detector = lambda x: x.float().flatten(1)[:, ::8]                      # uint8 [B, 3, 8, 8] -> 24 "features"
     rng = np.random.default_rng(0)
     ref = (rng.normal(size=24) * 10 + 128, np.cov(rng.normal(size=(100, 24)) * 30, rowvar=False))
@@ -321,15 +323,14 @@ def test_gaussian_preset_cuts_the_exact_frechet_distance_tenfold_per_class(tmp_p
     cfg = m.parse_config(["--preset", "gaussian", "--outdir", str(tmp_path), "--sample_every", "400", "--ckpt_every", "0",
                           "--log_every", "100"])
     out = m.train(cfg)
-    (s0, fd0), (s1, fd1) = out["frechet"]
+    (s0, fd0), (s1, fd1) = out.frechet
     assert (s0, s1) == (0, cfg.total_steps) == (0, 400)
     ratios = [a / b for a, b in zip(fd0, fd1)]
     print("exact FD per class", fd0, "->", fd1, "ratios", ratios)
     assert min(fd0) > 10                                                  # the start is far from the data ...
     assert all(r >= 10 for r in ratios), ratios                           # ... and every class comes >= 10x closer
     # Labels respected: class 0's samples are far from the other classes' Gaussians.
-    g = out["generator_ema"] or out["generator"]
-    teacher = out["teacher"]
+    g, teacher = out.ema_or_g, out.teacher
     z = torch.randn(2000, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         x = m.generate(g, z, torch.zeros(2000, dtype=torch.long), 4).flatten(1).double().numpy()

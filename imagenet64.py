@@ -536,7 +536,7 @@ def optimiser_step(run, opt, module, stats, step, name):
     """Clip, stop every rank on a non-finite loss (before the step), step, and stop on non-finite weights (after the
     step, before any save: a corrupted optimiser state can turn finite gradients into NaN weights)."""
     key = "grad_norm_g" if module is run.generator else "grad_norm_fake"
-    stats[key] = torch.nn.utils.clip_grad_norm_(module.parameters(), run.cfg.max_grad_norm)
+    stats[key] = torch.nn.utils.clip_grad_norm_(module.parameters(), run.cfg.max_grad_norm, foreach=True)
     logged = unet.check_finite(stats, step, run.world, run.ckpt_path)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -562,9 +562,9 @@ def add_stats(stats, new, rounds):
 
 @torch.no_grad()
 def update_ema(run):
-    if run.generator_ema is not None:
-        for p_ema, p in zip(run.generator_ema.parameters(), run.generator.parameters()):
-            p_ema.lerp_(p, 1 - run.cfg.ema_decay)
+    if run.generator_ema is not None:                  # ema += (1 - decay) (p - ema), all tensors in one call
+        torch._foreach_lerp_(list(run.generator_ema.parameters()), list(run.generator.parameters()),
+                             1 - run.cfg.ema_decay)
 
 # ----------------------------------------------------------------------------------------------
 # Set-up, resume and bookkeeping of the loop.
@@ -627,7 +627,7 @@ def setup(cfg):
         raise ValueError(f"--batch_size {cfg.batch_size} != batch_gpu {batch_gpu} x {world} processes x an integer")
     resuming = cfg.resume and os.path.exists(os.path.join(cfg.outdir, "checkpoint.pt"))
     teacher, generator, fake_score, data, net_kwargs = build_models(cfg, device, fresh=not (resuming or cfg.init_from))
-    adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=True)  # one kernel: same update
     opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **adamw)
     opt_d = torch.optim.AdamW(fake_score.parameters(), lr=cfg.fake_score_lr, **adamw)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
@@ -949,8 +949,11 @@ class GaussianTeacher(nn.Module):
     def sample(self, n, generator):
         """Exact samples of the mixture with uniform class weights: x [n, C, H, W], y [n]."""
         y = torch.randint(self.num_classes, (n,), generator=generator, device=generator.device)
-        eps = torch.randn(n, self.mu.shape[1], generator=generator, device=generator.device)
-        x = self.mu[y] + ((eps * self.lam[y].sqrt()).unsqueeze(1) @ self.U[y].transpose(1, 2)).squeeze(1)
+        eps = torch.randn(n, self.mu.shape[1], generator=generator, device=generator.device)   # [n, d]
+        x = self.mu[y].clone()                                           # [n, d]
+        for k in range(self.num_classes):                                # per class: no [n, d, d] gather of U
+            idx = (y == k).nonzero().squeeze(1)
+            x[idx] += (eps[idx] * self.lam[k].sqrt()) @ self.U[k].T
         return x.reshape(n, self.img_channels, self.img_resolution, self.img_resolution), y
 
 
@@ -1173,7 +1176,7 @@ def bench(cfg, cycles=8):
             train_step(run, step)
         sync()
         loop = time.perf_counter() - t0
-        times = {name: timed(fn, sync) for name, (fn, _) in passes.items()}
+        times = {name: timed(fn, sync, run) for name, (fn, _) in passes.items()}
         if c > 0:
             loops.append(loop)
             ratios.append(loop / (run.rounds * sum(times[k] * n for k, (_, n) in passes.items())))
@@ -1189,12 +1192,17 @@ def bench(cfg, cycles=8):
     return dict(ratio=ratio, ratios=ratios, loop=loop, flops=flops)
 
 
-def timed(fn, sync):
+def timed(fn, sync, run):
+    """Seconds of one pass; then its gradients are dropped (untimed), so the loop's own steps are unaffected."""
     sync()
     t0 = time.perf_counter()
     fn()
     sync()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    set_trainable(run.fake_score, run.cfg.gan)
+    run.generator.zero_grad(set_to_none=True)
+    run.fake_score.zero_grad(set_to_none=True)
+    return seconds
 
 
 def network_passes(run):
@@ -1227,16 +1235,13 @@ def forward_only(run, fn, x):
 
 def forward_backward(run, fn, x, params):
     """A forward and its backward: into the parameters, or with the fake score frozen only to the input (as the GAN
-    term in the generator's turn). Gradients are dropped afterwards, so the loop's own steps are unaffected."""
+    term in the generator's turn)."""
     if not params:
         run.fake_score.requires_grad_(False)
     x = x.detach().requires_grad_(not params)
     with run.amp:
         out = fn(x).float()
     out.sum().backward()
-    set_trainable(run.fake_score, run.cfg.gan)
-    run.generator.zero_grad(set_to_none=True)
-    run.fake_score.zero_grad(set_to_none=True)
 
 
 def flops_per_iteration(net_kwargs, batch, ratio=5, gan=True, encoder_only=True):

@@ -521,11 +521,11 @@ def fake_score_turn(run, fakes, gens, step):
 def fake_score_loss(run, x_fake, y, g):
     """loss_fake (2.) + fake_gan_weight * loss_d (3.) on one micro-batch, backpropagated. -> the losses."""
     cfg, K = run.cfg, run.num_classes
+    x_real, y_real = run.data.sample(run.batch_gpu, g) if cfg.gan else (None, None)      # [B, C, H, W], [B]
     with run.amp:
         loss_fake = loss_fake_score(run.D, x_fake, one_hot(y, K), run.karras, cfg.sigma_data, g)
         loss, stats = loss_fake, dict(loss_fake=loss_fake)
         if cfg.gan:                                             # --no-gan: no real batch, no head pass at all
-            x_real, y_real = run.data.sample(run.batch_gpu, g)                            # [B, C, H, W], [B]
             loss_d = loss_gan_discriminator(run.D, x_fake, one_hot(y, K), x_real, one_hot(y_real, K), run.karras, g)
             loss, stats["loss_d"] = loss + cfg.fake_gan_weight * loss_d, loss_d
     (loss / run.rounds).backward()

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 def tiny_cfg(tmp_path, *flags):
     """The CPU preset, shortened: no pre-training, no grids, for the plumbing tests."""
-    return m.parse_config(["--preset", "gaussian", "--outdir", str(tmp_path), "--pretrain_steps", "0", "--sample_every", "0",
+    return m.parse_config(["--preset", "gaussian", "--outdir", str(tmp_path), "--pretrain_steps", "0",
+                           "--sample_every", "0",
                            "--log_every", "1000", "--batch_size", "16", *flags])
 
 
@@ -41,15 +42,17 @@ def all_state(run):
 # Formulas.
 
 def test_gaussian_teacher_is_tweedie_denoiser():
-    """D(x; sigma, y) = x + sigma^2 grad log N(x; mu_y, Sigma_y + sigma^2 I), by autograd of torch's MultivariateNormal."""
+    """D(x; sigma, y) = x + sigma^2 grad log N(x; mu_y, Sigma_y + sigma^2 I), by autograd of MultivariateNormal."""
     teacher = m.GaussianTeacher(num_classes=3, img_resolution=4, seed=1)
     g = torch.Generator().manual_seed(0)
     x0, y = teacher.sample(6, g)
     sigma = torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 40.0])
     x = (x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)).double().requires_grad_(True)
     d = x[0].numel()
-    logp = sum(torch.distributions.MultivariateNormal(teacher.mu[y[i]].double(), teacher.Sigma[y[i]] + sigma[i].double() ** 2 * torch.eye(d,
-               dtype=torch.float64)).log_prob(x[i].flatten()) for i in range(6))
+    eye = torch.eye(d, dtype=torch.float64)
+    covs = [teacher.Sigma[y[i]] + sigma[i].double() ** 2 * eye for i in range(6)]
+    logp = sum(torch.distributions.MultivariateNormal(teacher.mu[y[i]].double(), covs[i]).log_prob(x[i].flatten())
+               for i in range(6))
     (score,) = torch.autograd.grad(logp, x)
     expected = x + sigma.double().view(-1, 1, 1, 1) ** 2 * score
     got = teacher(x.detach().float(), sigma, F.one_hot(y, 3).float())
@@ -161,7 +164,8 @@ def test_gan_calls_run_the_encoder_only_and_save_flops():
     before = m.flops_per_iteration(full, 1, encoder_only=False)
     after = m.flops_per_iteration(full, 1, encoder_only=True)
     no_gan = m.flops_per_iteration(full, 1, gan=False)
-    print(f"full-size FLOPs per image and iteration: {before / 1e9:.0f} G -> {after / 1e9:.0f} G, no GAN {no_gan / 1e9:.0f} G")
+    print(f"full-size FLOPs per image and iteration: {before / 1e9:.0f} G -> {after / 1e9:.0f} G, "
+          f"no GAN {no_gan / 1e9:.0f} G")
     assert no_gan < after < 0.9 * before
 
 
@@ -246,7 +250,7 @@ def test_edm_zip_folder_and_class_folders(tmp_path):
         assert torch.equal(ds.load(1), torch.from_numpy(images[1]).permute(2, 0, 1))
         x, y = ds.sample(10, torch.Generator().manual_seed(0))
         assert x.shape == (10, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
-        for xi, yi in zip(x, y.tolist()):                                 # every sample is one of the images, with its label
+        for xi, yi in zip(x, y.tolist()):                                 # every sample is an image, with its label
             i = labels.index(yi)
             assert torch.allclose(xi, torch.from_numpy(images[i]).permute(2, 0, 1).float() / 127.5 - 1)
     for cls, idx in (("cat", [0, 1]), ("dog", [2])):                     # class-per-subfolder: sorted names -> 0, 1
@@ -372,7 +376,8 @@ def test_nan_weights_from_a_corrupted_optimiser_state_are_never_saved(tmp_path):
         m.train(tiny_cfg(tmp_path, "--total_steps", "6", "--ckpt_every", "1", "--resume"))
     after = unet.load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert after["step"] == 2 and all(torch.isfinite(v).all() for v in after["fake_score"].values())
-    assert all(torch.isfinite(v).all() for v in unet.load_checkpoint(str(tmp_path / "generator.pt"))["generator"].values())
+    generator = unet.load_checkpoint(str(tmp_path / "generator.pt"))["generator"]
+    assert all(torch.isfinite(v).all() for v in generator.values())
 
 
 @pytest.mark.parametrize("killed_file", ["generator.pt", "checkpoint.pt"])
@@ -496,7 +501,8 @@ def test_sample_command_png_and_npz_are_per_seed(tmp_path):
     m.train(tiny_cfg(tmp_path, "--total_steps", "1"))
     gen = str(tmp_path / "generator.pt")
     m.main(["sample", "--ckpt", gen, "--seeds", "0-5", "--out", str(tmp_path / "png"), "--batch", "4"])
-    m.main(["sample", "--ckpt", gen, "--seeds", "3,4-5", "--out", str(tmp_path / "a.npz"), "--batch", "1", "--classes", "2"])
+    m.main(["sample", "--ckpt", gen, "--seeds", "3,4-5", "--out", str(tmp_path / "a.npz"), "--batch", "1",
+            "--classes", "2"])
     data = np.load(tmp_path / "a.npz")
     assert data["arr_0"].shape == (3, 8, 8, 3) and data["arr_0"].dtype == np.uint8 and list(data["labels"]) == [2, 2, 2]
     assert sorted(os.listdir(tmp_path / "png")) == [f"{s:06d}.png" for s in range(6)]
@@ -508,7 +514,7 @@ def test_sample_command_png_and_npz_are_per_seed(tmp_path):
     assert np.array_equal(png, ((x[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy())  # DMD2's
     with torch.no_grad():                                                 # class 2 for seed 4 differs from class 0
         x2 = m.generate(generator, z, torch.tensor([2]), kw["label_dim"])
-    assert np.array_equal(data["arr_0"][1], ((x2[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy())
+    assert np.array_equal(data["arr_0"][1], m.to_uint8(x2[0].permute(1, 2, 0)).numpy())
 
 
 def test_load_generator_accepts_a_bare_edmprecond_state_dict(tmp_path, monkeypatch):
@@ -531,13 +537,14 @@ def test_evaluate_fid_matches_fid_py_on_the_same_images(tmp_path):
     rng = np.random.default_rng(0)
     ref = (rng.normal(size=24) * 10 + 128, np.cov(rng.normal(size=(100, 24)) * 30, rowvar=False))
     score = m.evaluate_fid(generator, 4, detector, ref, num=40, batch=16)
-    images = torch.cat(list(m.generate_uint8(generator, list(range(40)), [i % 4 for i in range(40)], 4, "cpu", batch=7)))
+    images = torch.cat(list(m.generate_uint8(generator, list(range(40)), [i % 4 for i in range(40)], 4, "cpu",
+                                             batch=7)))
     mu, sigma = fid.compute_statistics(fid.compute_features(images, detector, progress=False))
     assert score == pytest.approx(fid.frechet_distance(mu, sigma, *ref), rel=1e-9)
 
 
 def test_bench_prints_the_ratio(tmp_path, capsys):
-    res = m.main(["--preset", "gaussian", "--bench", "--pretrain_steps", "0", "--batch_size", "8", "--outdir", str(tmp_path)])
+    res = m.main(["--preset", "gaussian", "--bench", "--batch_size", "8", "--outdir", str(tmp_path)])
     assert "ratio" in capsys.readouterr().out and res["ratio"] > 0
     assert not os.path.exists(tmp_path / "checkpoint.pt")
 
@@ -654,7 +661,8 @@ def test_gaussian_preset_cuts_the_exact_frechet_distance_tenfold_per_class(tmp_p
     """The unchanged loop with the CPU preset (closed-form teacher, tiny UNets, 400 iterations): the exact
     Frechet distance of the one-step student to N(mu_y, Sigma_y) falls >= 10x from initialisation for every
     class, with samples drawn per class (so a generator that ignored the label would fail)."""
-    cfg = m.parse_config(["--preset", "gaussian", "--outdir", str(tmp_path), "--sample_every", "400", "--ckpt_every", "0",
+    cfg = m.parse_config(["--preset", "gaussian", "--outdir", str(tmp_path), "--sample_every", "400",
+                          "--ckpt_every", "0",
                           "--log_every", "100"])
     out = m.train(cfg)
     (s0, fd0), (s1, fd1) = out.frechet
@@ -670,5 +678,6 @@ def test_gaussian_preset_cuts_the_exact_frechet_distance_tenfold_per_class(tmp_p
         x = m.generate(g, z, torch.zeros(2000, dtype=torch.long), 4).flatten(1).double().numpy()
     mu, cov = x.mean(0), np.cov(x, rowvar=False)
     own = fid.frechet_distance(mu, cov, teacher.mu[0].double().numpy(), teacher.Sigma[0].numpy())
-    other = min(fid.frechet_distance(mu, cov, teacher.mu[k].double().numpy(), teacher.Sigma[k].numpy()) for k in (1, 2, 3))
+    other = min(fid.frechet_distance(mu, cov, teacher.mu[k].double().numpy(), teacher.Sigma[k].numpy())
+                for k in (1, 2, 3))
     assert other > 3 * own

@@ -372,8 +372,8 @@ def generate(generator, z, y, num_classes, conditioning_sigma=80.0):
     sigma = torch.full((z.shape[0], 1, 1, 1), conditioning_sigma, device=z.device)
     return generator(conditioning_sigma * z, sigma, one_hot(y, num_classes))
 
-# ----------------------------------------------------------------------------------------------
-# The noise grid: 1000 Karras sigmas (0.002..80, rho 7) flipped so that index 0 is the smallest (sigma_grid).
+
+# The noise grid of all three losses: 1000 Karras sigmas (0.002..80, rho 7), flipped so that index 0 is the smallest.
 
 def sigma_grid(cfg, device="cpu"):
     """[num_train_timesteps] ascending: the official karras_sigmas buffer."""
@@ -583,7 +583,7 @@ class Run:
     net_kwargs: dict
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
-    generator_ema: nn.Module
+    generator_ema: nn.Module            # None without --ema_decay
     karras: torch.Tensor                # [1000] ascending sigma grid
     batch_gpu: int
     rounds: int                         # gradient-accumulation rounds per iteration
@@ -1082,7 +1082,8 @@ def resume(run):
         load_state(run.generator_ema, ckpt.get("generator_ema") or ckpt["generator"], path, "the generator EMA")
     if isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == run.world:
         set_rng_state(ckpt["rng"][run.rank])
-    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["cfg"].items()
+    saved_cfg = ckpt["cfg"] if isinstance(ckpt["cfg"], dict) else {}
+    changed = {k: (v, getattr(cfg, k)) for k, v in saved_cfg.items()
                if getattr(cfg, k, v) != v and k not in ("resume", "total_steps")}
     if run.rank == 0:
         print(f"resumed from {path} at step {ckpt['step']}" + (f"; changed settings: {changed}" if changed else ""))

@@ -1,7 +1,9 @@
-"""Tests of imagenet64.py: the DMD2 losses against closed forms, the Gaussian teacher against autograd,
-the GAN head's layout, the data loaders and their errors, kill-and-resume bit for bit, the NaN stop,
-2-process DDP against gradient accumulation, sampling, FID plumbing, --bench, and the headline bar:
-the unchanged loop cuts the exact Frechet distance of the one-step student by >= 10x per class."""
+"""Tests of imagenet64.py: the DMD2 losses against closed forms (and the direction of a DM step), the Gaussian
+teacher against autograd, the GAN head's layout and its encoder-only passes, --no-gan, --init_from, the data loaders
+and their errors on broken files, kill-and-resume bit for bit, the NaN stops (loss and weights), a kill at the final
+save, 2-process DDP against gradient accumulation, sampling, FID plumbing and DMD2's evaluation protocol, --bench,
+the two-stage recipe end to end, and the headline bar: the unchanged loop cuts the exact Frechet distance of the
+one-step student by >= 10x per class."""
 import io
 import json
 import os

@@ -813,6 +813,7 @@ def evaluate_folder(folder, detector, ref, extra=(), num=50_000, device="cpu", r
     if not files:
         raise FileNotFoundError(f"{folder}: no generator_XXXXXXX.pt to score (train with --keep_every) and no --ckpt")
     protocol = dict(num=num, quantize=quantize, ref=ref_name, precision="fp32", classes="balanced, seed i: class i%K")
+    os.makedirs(folder, exist_ok=True)                                   # e.g. a folder just for the release's score
     record_path = os.path.join(folder, "fid.json")
     scores = previous_scores(record_path, protocol)
     for path in files:

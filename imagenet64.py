@@ -47,7 +47,6 @@ import dataclasses
 import glob
 import io
 import json
-import math
 import os
 import random
 import sys

@@ -271,7 +271,7 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x, sigma, class_labels=None, return_bottleneck=False, augment_labels=None, bottleneck_only=False):
         # bottleneck_only=True returns just the encoder output h [B, C_b, H/8, W/8] and skips the decoder, as DMD2's
-        # GAN branch does (about half the cost of a full forward).
+        # GAN branch does: at full size 60 of a full forward's 219 GFLOP per image (0.27; 0.27-0.32 of its time).
         x = x.float()                                                              # [B, C, H, W]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)  # [B or 1, 1, 1, 1]
         if self.label_dim == 0:

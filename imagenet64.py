@@ -76,7 +76,8 @@ OFFICIAL_WARMUP = 500 / 7   # accelerate steps the scheduler once per process: 5
 class Config:
     preset: str = ""                    # "" = ImageNet-64; "gaussian" = CPU teaching run (closed-form teacher,
                                         # tiny UNets)
-    teacher: str = ""                   # EDM pickle, e.g. edm-imagenet-64x64-cond-adm.pkl ("random": for --bench)
+    teacher: str = ""                   # EDM pickle, e.g. edm-imagenet-64x64-cond-adm.pkl ("random": untrained,
+                                        # full size, for --bench; "random-tiny": untrained 8x8, 10 classes, CPU)
     data: str = ""                      # real images for the GAN: EDM zip/folder with dataset.json, or one subfolder
                                         # per class ("random": noise, for --bench); not needed with --no-gan
     outdir: str = "out/imagenet64"      # checkpoint.pt, generator.pt, generator_XXXXXXX.pt, samples_*.png, log.txt
@@ -349,6 +350,8 @@ def build_models(cfg, device, fresh=True):
 def load_teacher_network(cfg):
     if cfg.teacher == "random":                                      # untrained full-size net: only for --bench timings
         return unet.EDMPrecond(**dict(unet.EDM_IMAGENET64, dropout=0.0))
+    if cfg.teacher == "random-tiny":                                 # untrained tiny net: CPU dry runs of the same code
+        return unet.EDMPrecond(**dict(unet.EDM_IMAGENET64, img_resolution=8, label_dim=10, **TINY_UNET))
     if cfg.teacher:
         return unet.load_edm_pickle(cfg.teacher, dropout=0.0)        # DMD2 rebuilds the nets with dropout 0
     raise ValueError("--teacher is required (EDM pickle, e.g. edm-imagenet-64x64-cond-adm.pkl), "
@@ -1190,7 +1193,9 @@ def bench(cfg, cycles=8):
           f"{cycles}; per round {min(ratios):.3f}-{max(ratios):.3f}), {cfg.batch_size * R / loop:.1f} img/s"
           f"{threads}{memory}")
     flops = report_flops(cfg)
-    return dict(ratio=ratio, ratios=ratios, loop=loop, flops=flops)
+    peak = torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if run.device.type == "cuda" else None
+    return dict(ratio=ratio, ratios=ratios, loop=loop, flops=flops, iterations_per_s=R / loop,
+                images_per_s=cfg.batch_size * R / loop, peak_gib=peak, net_kwargs=run.net_kwargs)
 
 
 def timed(fn, sync, run):

@@ -14,10 +14,11 @@ Generate (one GPU; ~7 GB of weights: bf16 UNet and text encoders, fp32 VAE; the 
         --prompt "a photo of a cat" --steps 4 --seed 0 --out cat.png            # DMD2: t = 999, 749, 499, 249
     python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_1step_unet_fp16.bin --steps 1 ...   # t = 399
     python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --prompt "..." --steps 30 --guidance 8 --out base.png  # the teacher: Euler + CFG
-Train (DMD2 SDXL 4-step; three 2.6B UNets + two AdamW do not fit one 80 GB GPU: FSDP over N GPUs, 2 images per GPU;
-the paper used 64 A100 for ~60 h, batch 128, 20k iterations):
+Train (DMD2 SDXL 4-step; three 2.6B UNets + two AdamW do not fit one 80 GB GPU: FSDP over N GPUs, 2 images per GPU
+and gradient accumulation up to the global --batch_size 128; the paper used 64 A100 for ~60 h, 20k iterations; the
+generator is conditioned on the real latents' captions, as in the official 4-step run):
     python sdxl.py encode --ckpt sd_xl_base_1.0.safetensors --images laion_images/ --out latents/   # once: cat.png + cat.txt -> latents
-    torchrun --nproc_per_node=8 sdxl.py train --ckpt sd_xl_base_1.0.safetensors --prompts prompts.txt --latents latents/
+    torchrun --nproc_per_node=8 sdxl.py train --ckpt sd_xl_base_1.0.safetensors --latents latents/   # 8 rounds of 8 x 2
     torchrun --nproc_per_node=8 sdxl.py train ... --resume                                          # continue from --outdir
     python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet out/sdxl/generator.safetensors --prompt "..." --out img.png
 Tiny CPU mode (random tiny text encoders / VAE / UNet built from configs, no weights needed; seconds on a laptop):
@@ -52,6 +53,7 @@ import mmap
 import os
 import re
 import time
+import types
 import unicodedata
 from dataclasses import dataclass
 
@@ -78,42 +80,47 @@ from unet import SDXLUNet, SDXLUNetConfig, diffusers_to_sgm_unet, load_sdxl_unet
 @dataclass
 class Config:
     preset: str = ""                      # "" = SDXL base 1.0 from --ckpt; "tiny" = random tiny models on CPU, seconds
-    ckpt: str = ""                        # sd_xl_base_1.0.safetensors: teacher, generator and fake-score init, text encoders, VAE
-    prompts: str = ""                     # generator prompts, one per line ("" = the captions stored in --latents)
-    latents: str = ""                     # folder written by `sdxl.py encode`: real latents + captions for the GAN's real branch
+    ckpt: str = ""                        # an SDXL-format .safetensors (sd_xl_base_1.0): teacher, generator and fake-score init, text encoders, VAE
+    prompts: str = ""                     # generator prompts, one per line; "" = the captions of a real-latent batch (official 4-step run)
+    latents: str = ""                     # folder written by `sdxl.py encode`: real latents + captions (GAN real branch, generator prompts)
     outdir: str = "out/sdxl"              # checkpoint.pt (resume), generator.safetensors (generate --unet), samples_*.png, log.txt
-    seed: int = 0                         # prompts, noise, t and k are a pure function of (seed, step, rank): resuming is exact
+    seed: int = 0                         # prompts, noise, t and k are a pure function of (seed, step, micro-batch): resuming is exact
     device: str = ""                      # "" = cuda:LOCAL_RANK if available, else cpu
     total_steps: int = 20_000             # iterations (paper F.4: 20k for 4 steps; the released UNet is from 19k)
-    batch_gpu: int = 2                    # images per GPU and iteration (x 64 GPUs = 128 in the paper)
+    batch_size: int = 128                 # global batch per iteration, on any number of GPUs (official: 2 per GPU x 64 GPUs)
+    batch_gpu: int = 2                    # micro-batch per process and accumulation round; 0 = batch_size / processes
     resolution: int = 1024                # image side in pixels; latents are resolution / 8
     num_denoising_step: int = 4           # generator steps: 4 -> t = 999, 749, 499, 249; 1 -> t = conditioning_timestep
     conditioning_timestep: int = 399      # t given to a 1-step generator on pure noise (DMD2's 1-step SDXL)
     guidance_scale: float = 8.0           # teacher CFG: eps_u + s (eps_c - eps_u) (official real_guidance_scale)
-    dfake_gen_update_ratio: int = 5       # TTUR: critic updates per generator update (DMD2 Sec. 4.2)
+    dfake_gen_update_ratio: int = 5       # TTUR: fake-score updates per generator update (DMD2 Sec. 4.2)
     generator_lr: float = 5e-7            # AdamW learning rate of the generator
-    guidance_lr: float = 5e-7             # AdamW learning rate of the fake score + GAN head
+    fake_score_lr: float = 5e-7           # AdamW learning rate of the fake score + GAN head (official guidance_lr)
     beta1: float = 0.9                    # AdamW beta1
     beta2: float = 0.999                  # AdamW beta2
     weight_decay: float = 0.01            # AdamW weight decay
-    warmup_steps: int = 500               # linear warm-up from 0 (diffusers' constant_with_warmup, as official)
+    warmup_steps: int = 500               # linear lr warm-up over 500 scheduler steps, counted as official (next flag)
+    warmup_processes: int = 64            # official: accelerate counts 1 step per process: 64 GPUs -> ~8 iterations
     max_grad_norm: float = 10.0           # gradient clipping of both networks
     min_step_percent: float = 0.02        # DM gradient: t from 0.02 * 1000 = 20 ...
     max_step_percent: float = 0.98        # ... to 0.98 * 1000 = 980 (inclusive)
-    gen_cls_loss_weight: float = 5e-3     # GAN weight in the generator loss
-    guidance_cls_loss_weight: float = 1e-2  # GAN (discriminator) weight in the critic loss
-    precision: str = "bf16"               # "bf16": autocast + bf16 teacher, fake UNet in fp32 inside the DM loss; "fp32": none
+    gen_gan_weight: float = 5e-3          # GAN weight in the generator loss (official gen_cls_loss_weight)
+    fake_gan_weight: float = 1e-2         # GAN (discriminator) weight in the fake-score loss (official guidance_cls_loss_weight)
+    backward_simulation: bool = True      # off: Table 4's ablation, generator input = a real latent noised to a random step
+    gan_only: bool = False                # Table 4's "w/o distribution matching": the generator minimises the GAN loss alone (official gan_alone)
+    precision: str = "bf16"               # "bf16": bf16 teacher, autocast on the trained passes, fake UNet in fp32 in the DM loss; "fp32": none
+    no_grad_bf16: bool = False            # also run text encoders, backward simulation and critic-step generator passes in bf16 (official: fp32)
     tf32: bool = True                     # allow TF32 matmuls/convs on Ampere+ (official does)
     checkpointing: bool = True            # activation checkpointing in the generator and the fake UNet
     log_every: int = 10                   # print losses every N iterations
-    ckpt_every: int = 500                 # write checkpoint.pt + generator.safetensors every N iterations (0 = only at the end)
+    ckpt_every: int = 500                 # write generator.safetensors + checkpoint.pt every N iterations (0 = only at the end)
     sample_every: int = 500               # write a 4-image PNG of fixed prompts and noise every N iterations (0 = never)
     resume: bool = False                  # continue from outdir/checkpoint.pt
 
 
 PRESETS = {
-    "tiny": dict(outdir="out/sdxl_tiny", total_steps=10, resolution=128, generator_lr=1e-4, guidance_lr=1e-4,
-                 warmup_steps=0, precision="fp32", log_every=1, ckpt_every=5, sample_every=5),
+    "tiny": dict(outdir="out/sdxl_tiny", total_steps=10, resolution=128, batch_size=2, batch_gpu=0, generator_lr=1e-4,
+                 fake_score_lr=1e-4, warmup_steps=0, precision="fp32", log_every=1, ckpt_every=5, sample_every=5),
 }
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -956,10 +963,11 @@ def sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, alphas_cu
 # guidance: the fake score (fake_unet, mu_fake) and the GAN head on its middle block (cls_pred_branch). All UNets
 # predict eps; x0_from_eps turns that into the x0-predictions mu_real, mu_fake. g: this iteration's RNG.
 
-def loss_distribution_matching(x, context, y, teacher, guidance, alphas_cumprod, cfg, g):
+def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumprod, cfg, g):
     """1) The distribution-matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3) as the official code computes it: noise
-    the generator's x0 to t ~ UniformInt[20, 980], take the teacher's CFG prediction mu_real and the fake score's
-    mu_fake there, and push x along (mu_fake - mu_real) / mean|x - mu_real|, with NO alpha_t factor (dmd2.md §2.1).
+    the generator's x0 to t ~ UniformInt[20, 980], take the teacher's CFG prediction x0_real and the fake score's
+    x0_fake there, grad = (p_real - p_fake) / mean|p_real| with p = x - x0 (NO alpha_t factor, dmd2.md §2.1).
+    Gradient descent moves x along -grad, i.e. along x0_real - x0_fake: toward the teacher, away from the fake score.
     x [B, 4, h, w] float32 -> a scalar whose gradient w.r.t. x is grad / x.numel() (the "mean" reduction)."""
     lo, hi = int(cfg.min_step_percent * NUM_TRAIN_TIMESTEPS), int(cfg.max_step_percent * NUM_TRAIN_TIMESTEPS)
     with torch.no_grad():
@@ -967,23 +975,22 @@ def loss_distribution_matching(x, context, y, teacher, guidance, alphas_cumprod,
         x_t = add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod)
         eps_real = cfg_eps(teacher, x_t, t, context, y, cfg.guidance_scale).float()            # bf16 teacher under autocast
         with torch.autocast(x.device.type, enabled=False):                                      # fake UNet in fp32, as official
-            eps_fake = guidance(x_t, t, context, y).float()
-        D_real = x0_from_eps(x_t, eps_real, t, alphas_cumprod)                                  # mu_real [B, 4, h, w]
-        D_fake = x0_from_eps(x_t, eps_fake, t, alphas_cumprod)                                  # mu_fake
-        p_real = x - D_real
-        p_fake = x - D_fake
+            eps_fake = fake_score(x_t, t, context, y).float()
+        x0_real = x0_from_eps(x_t, eps_real, t, alphas_cumprod)                                 # [B, 4, h, w]
+        x0_fake = x0_from_eps(x_t, eps_fake, t, alphas_cumprod)
+        p_real, p_fake = x - x0_real, x - x0_fake
         w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                                      # per-sample normaliser
-        grad = torch.nan_to_num((p_real - p_fake) / w)                                          # = (D_fake - D_real) / w
+        grad = torch.nan_to_num((p_real - p_fake) / w)                                          # = (x0_fake - x0_real) / w
     return 0.5 * F.mse_loss(x, (x - grad).detach())
 
 
-def loss_fake_score(guidance, x, context, y, alphas_cumprod, g):
+def loss_fake_score(fake_score, x, context, y, alphas_cumprod, g):
     """2) The fake score's denoising loss on the detached generator output (official compute_loss_fake):
     t ~ UniformInt[0, 999], plain eps-prediction MSE, conditional only. It runs every iteration while the generator
     steps every dfake_gen_update_ratio-th (TTUR, DMD2 Sec. 4.2), so mu_fake keeps up with the moving generator."""
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
     noise = randn(x.shape, g, x.device)
-    eps_fake = guidance(add_noise(x, noise, t, alphas_cumprod), t, context, y).float()
+    eps_fake = fake_score(add_noise(x, noise, t, alphas_cumprod), t, context, y).float()
     return F.mse_loss(eps_fake, noise)
 
 
@@ -1002,8 +1009,8 @@ def gan_head(channels, resolution):
     return nn.Sequential(*layers)
 
 
-class Guidance(nn.Module):
-    """What the critic update trains (the official guidance_model minus its frozen teacher): the fake score
+class FakeScore(nn.Module):
+    """What the fake-score turn trains (the official guidance_model minus its frozen teacher): the fake UNet
     (fake_unet) and the GAN head on its middle block (cls_pred_branch). One module for one AdamW and one FSDP root;
     FSDP gathers a root's parameters in its forward hook, so both uses go through forward()."""
 
@@ -1019,21 +1026,19 @@ class Guidance(nn.Module):
             return self.cls_pred_branch(rep.float()).sum(dim=[2, 3])        # logits [B, 1] (a new tensor, not a view: FSDP hooks it)
 
 
-def gan_logits(guidance, x, context, y, alphas_cumprod, g):
+def gan_logits(fake_score, x, context, y, alphas_cumprod, g):
     """3) The GAN classifier, a diffusion GAN (DMD2 Sec. 4.3): noise x to t ~ UniformInt[0, 999] and classify the fake
     UNet's middle block there. Non-saturating losses on these logits (Eq. 4 in softplus form): discriminator
     softplus(D(fake)) + softplus(-D(real)), generator softplus(-D(fake)). -> logits [B, 1]"""
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
-    return guidance(add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod), t, context, y, classify=True)
+    return fake_score(add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod), t, context, y, classify=True)
 
 
-def shared_step_index(n, g, world):
-    """k ~ UniformInt[0, n) for backward simulation, drawn on rank 0 and broadcast (official sample_backward): the
-    whole global batch trains the same step, and every rank calls the (FSDP-sharded) generator equally often."""
-    k = torch.randint(n, (1,), generator=g, device=g.device)
-    if world > 1:
-        dist.broadcast(k, src=0)
-    return int(k)
+def shared_step_index(n, seed, step, device):
+    """k ~ UniformInt[0, n) for backward simulation: the first draw of global micro-batch 0's RNG, which every
+    process computes alike (official sample_backward: drawn on rank 0 and broadcast). The whole global batch, over all
+    processes and accumulation rounds, trains the same step, and every rank calls the sharded generator equally often."""
+    return int(torch.randint(n, (1,), generator=unet.batch_generator(seed, step, 0, device), device=device))
 
 
 @torch.no_grad()
@@ -1050,26 +1055,132 @@ def backward_simulation(eps_fn, shape, context, y, k, timesteps, alphas_cumprod,
     return add_noise(x0, randn(shape, g, g.device), timesteps[k], alphas_cumprod)
 
 
+@torch.no_grad()
+def noised_real_latents(x_real, timesteps, alphas_cumprod, g):
+    """Table 4's "w/o backward simulation" (official --denoising without --backward_simulation): each sample gets its
+    own step k and the generator's input is a REAL latent noised to t_k (pure noise at t = 999, as above): the
+    train/inference mismatch backward simulation removes. -> x_t [B, 4, h, w], t [B]"""
+    ks = torch.randint(len(timesteps), (len(x_real),), generator=g, device=g.device)
+    t = torch.tensor(timesteps, device=x_real.device)[ks.to(x_real.device)]                  # [B]
+    noise = randn(x_real.shape, g, x_real.device)
+    x_t = add_noise(x_real, noise, t, alphas_cumprod)
+    pure = (t == NUM_TRAIN_TIMESTEPS - 1).reshape(-1, 1, 1, 1)
+    return torch.where(pure, noise, x_t), t
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Run management: processes, FSDP, checkpoints.
+# The training loop (official train_sd.py train_one_step, SDXL 4-step with backward simulation). An iteration is a
+# generator turn (with a gradient every dfake_gen_update_ratio-th iteration) and a fake-score turn, each over
+# `rounds` micro-batches per process whose gradients add up to the global batch's (gradient accumulation).
 
-def init_distributed(device=""):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process. -> rank, world, device"""
-    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+@dataclass
+class MicroBatch:
+    g: torch.Generator      # this micro-batch's RNG: a pure function of (seed, step, global micro-batch index)
+    context: torch.Tensor   # the generator prompts' text context [B, 77, 2048]
+    y: torch.Tensor         # pooled text + size embeddings [B, 2816]
+    x_t: torch.Tensor       # the generator's input [B, 4, h, w]
+    t: torch.Tensor         # its timestep [B]
 
 
-def batch_generator(seed, step, rank, device):
-    """This iteration's RNG on this rank: a pure function of (seed, step, rank), so resuming needs no RNG state."""
-    s = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device).manual_seed(int(s[0]) << 31 ^ int(s[1]))
+def draw_micro_batch(run, step, index, k):
+    """Prompts and the generator's input of global micro-batch `index`. In the official 4-step run (--denoising) the
+    generator is conditioned on the captions of a batch of real latents (dmd2.md §4.5); --prompts replaces them."""
+    cfg, B = run.cfg, run.batch_gpu
+    g = unet.batch_generator(cfg.seed, step, index, run.device)
+    torch.randint(len(run.timesteps), (1,), generator=g, device=g.device)           # the k draw (micro-batch 0's is k)
+    x_real, prompts = run.data.sample(B, g)                                           # [B, 4, h, w], B captions
+    if run.prompts is not None:
+        prompts = [run.prompts[i] for i in torch.randint(len(run.prompts), (B,), generator=g, device=g.device).tolist()]
+    context, y = text_condition(run, prompts)
+    with run.no_grad_amp():
+        if cfg.backward_simulation:
+            x_t = backward_simulation(run.generator, run.shape, context, y, k, run.timesteps, run.ab, g)
+            t = torch.full((B,), run.timesteps[k], device=run.device)                 # one t for the whole batch
+        else:
+            x_t, t = noised_real_latents(x_real, run.timesteps, run.ab, g)
+    return MicroBatch(g, context, y, x_t, t)
 
+
+def text_condition(run, prompts):
+    """Text encoders in fp32 as official (bf16 with --no_grad_bf16). -> context [B, 77, 2048], y [B, 2816] float32"""
+    with run.no_grad_amp():
+        return encode_condition(run.clip_l, run.clip_g, prompts, run.cfg.resolution, run.cfg.resolution)
+
+
+def generator_turn(run, batches, train_generator):
+    """The generator's x0 at t for every micro-batch; on generator iterations also minimise (DMD2 Sec. 3, 4.3)
+    loss_dm + gen_gan_weight * loss_g_gan, with the fake score frozen so the GAN gradient reaches the generator only.
+    The trained pass runs under autocast; the no-grad pass of the fake-score-only iterations in fp32, as official.
+    -> ([x_fake [B, 4, h, w] detached per micro-batch], stats)"""
+    cfg, fakes, stats = run.cfg, [], {}
+    run.fake_score.requires_grad_(False)
+    for mb in batches:
+        with torch.set_grad_enabled(train_generator), run.amp() if train_generator else run.no_grad_amp():
+            x_fake = x0_from_eps(mb.x_t, run.generator(mb.x_t, mb.t, mb.context, mb.y), mb.t, run.ab)   # float32
+            if train_generator:
+                loss_g_gan = F.softplus(-gan_logits(run.fake_score, x_fake, mb.context, mb.y, run.ab, mb.g)).mean()
+                loss = cfg.gen_gan_weight * loss_g_gan
+                add_stat(stats, "loss_g_gan", loss_g_gan, run.rounds)
+                if not cfg.gan_only:
+                    loss_dm = loss_distribution_matching(x_fake, mb.context, mb.y, run.teacher, run.fake_score, run.ab,
+                                                         cfg, mb.g)
+                    loss = loss + loss_dm
+                    add_stat(stats, "loss_dm", loss_dm, run.rounds)
+        if train_generator:
+            (loss / run.rounds).backward()
+        fakes.append(x_fake.detach())
+    run.fake_score.requires_grad_(True)
+    if train_generator:
+        stats = optimizer_step(run, "generator", stats)
+    return fakes, stats
+
+
+def fake_score_turn(run, batches, fakes):
+    """Every iteration (TTUR, DMD2 Sec. 4.2), on the generator's detached x0: the fake score's eps loss plus the
+    discriminator loss on noised fake latents and noised real latents, each real one with its own caption. -> stats"""
+    cfg, stats = run.cfg, {}
+    for mb, x_fake in zip(batches, fakes):
+        x_real, captions = run.data.sample(run.batch_gpu, mb.g)                           # [B, 4, h, w], B captions
+        context_real, y_real = text_condition(run, captions)
+        with run.amp():
+            loss_fake = loss_fake_score(run.fake_score, x_fake, mb.context, mb.y, run.ab, mb.g)
+            logits_fake = gan_logits(run.fake_score, x_fake, mb.context, mb.y, run.ab, mb.g)          # [B, 1]
+            logits_real = gan_logits(run.fake_score, x_real, context_real, y_real, run.ab, mb.g)      # [B, 1]
+            loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
+        ((loss_fake + cfg.fake_gan_weight * loss_d) / run.rounds).backward()
+        add_stat(stats, "loss_fake", loss_fake, run.rounds)
+        add_stat(stats, "loss_d", loss_d, run.rounds)
+    return optimizer_step(run, "fake_score", stats)
+
+
+def train(cfg):
+    """DMD2 (Algorithm 1 with TTUR, the GAN head and backward simulation) on SDXL; see Config for every setting."""
+    run = setup_training(cfg)
+    history, t_log, step_log = [], time.time(), run.start_step
+    for step in range(run.start_step, cfg.total_steps):
+        t0, run.step = time.time(), step
+        set_learning_rates(run, step)
+        k = shared_step_index(len(run.timesteps), cfg.seed, step, run.device)             # this iteration's chain step
+        batches = [draw_micro_batch(run, step, run.rank * run.rounds + r, k) for r in range(run.rounds)]
+        fakes, stats = generator_turn(run, batches, train_generator=step % cfg.dfake_gen_update_ratio == 0)
+        stats.update(fake_score_turn(run, batches, fakes))
+        history.append(dict(step=step, k=k, seconds=time.time() - t0, **stats))
+        done = step + 1
+        if run.rank == 0 and (done % cfg.log_every == 0 or done == cfg.total_steps):
+            log_line(run, done, k, stats, cfg.batch_size * (done - step_log) / (time.time() - t_log))
+            t_log, step_log = time.time(), done
+        if cfg.sample_every and done % cfg.sample_every == 0:
+            save_samples(run, done)
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.total_steps:
+            save_training(run, done)
+    if run.log is not None:
+        run.log.close()
+    return dict(generator=run.generator, fake_score=run.fake_score, history=history)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run plumbing: models on every process (FSDP2 when several), micro-batching, learning rates, optimiser steps that
+# stop on NaN, checkpoints and samples. Process setup, per-step RNG and NaN stops are unet.py's (shared with imagenet64.py).
 
 def fsdp_units(net):
     """The layers of an SDXLUNet that FSDP shards one by one: the ones its forward CALLS (ResBlocks, transformer blocks,
@@ -1095,180 +1206,191 @@ def make_trainable(module, state, device, world):
     return module.train()
 
 
-def clip_grad(module, max_norm):
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+def micro_batching(cfg, world):
+    """-> (batch_gpu, rounds) with batch_gpu x world x rounds = batch_size: the official global batch on any GPU count."""
+    batch_gpu = cfg.batch_gpu or cfg.batch_size // world
+    rounds = cfg.batch_size // (batch_gpu * world) if batch_gpu > 0 else 0
+    if rounds < 1 or rounds * batch_gpu * world != cfg.batch_size:
+        raise ValueError(f"--batch_size {cfg.batch_size} is not --batch_gpu {cfg.batch_gpu} x {world} processes x a whole "
+                         f"number of accumulation rounds")
+    return batch_gpu, rounds
 
 
-class NonFiniteLoss(FloatingPointError):
-    pass
+def autocast_bf16(device, enabled):
+    """A fresh context each call: bf16 autocast, or autocast explicitly OFF (fp32 even inside an outer autocast)."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def check_finite(stats, step, world, ckpt_path):
-    """Average logged values over ranks and stop every rank together on NaN/inf, BEFORE the optimiser step, so that
-    neither the weights in memory nor the last checkpoint on disk see the bad update."""
-    t = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    out = dict(zip(stats, t.tolist()))
-    if not all(math.isfinite(v) for v in out.values()):
-        kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
-        raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(f'{k}={v}' for k, v in out.items())}; "
-                            f"stopping. Last good checkpoint: {kept}")
-    return out
-
-
-def load_training_checkpoint(path):
-    """checkpoint.pt, memory-mapped (every rank reads it without a private copy), weights_only: nothing is executed."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from None
-
-
-def save_strip(images, path):
-    """uint8 [B, H, W, 3] -> one PNG, side by side."""
-    PIL.Image.fromarray(np.concatenate(list(images), axis=1)).save(path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training loop (official train_sd.py train_one_step, SDXL 4-step with backward simulation).
-
-def train(cfg):
-    rank, world, device = init_distributed(cfg.device)
+def setup_training(cfg):
+    """Everything the loop reads, as one namespace: models, optimisers, data, schedule, precision, files."""
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    rank, world, device = unet.init_distributed(cfg.device)
+    batch_gpu, rounds = micro_batching(cfg, world)
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    frozen_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    ckpt_path, gen_path = os.path.join(cfg.outdir, "checkpoint.pt"), os.path.join(cfg.outdir, "generator.safetensors")
-    resume = cfg.resume and os.path.exists(ckpt_path)
+    bf16 = cfg.precision == "bf16"
+    run = types.SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, batch_gpu=batch_gpu, rounds=rounds,
+                                amp=autocast_bf16(device, bf16), no_grad_amp=autocast_bf16(device, bf16 and cfg.no_grad_bf16),
+                                ckpt_path=os.path.join(cfg.outdir, "checkpoint.pt"),
+                                gen_path=os.path.join(cfg.outdir, "generator.safetensors"))
+    if rank == 0:
+        remove_stale_temporaries(cfg.outdir)
+    build_models(run, frozen_dtype=torch.bfloat16 if bf16 else torch.float32,
+                 text_dtype=torch.bfloat16 if bf16 and cfg.no_grad_bf16 else torch.float32)
+    run.data = LatentDataset(cfg.latents, cfg.resolution)
+    run.prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    run.timesteps = dmd2_timesteps(cfg.num_denoising_step, cfg.conditioning_timestep)
+    run.ab = ddpm_alphas_cumprod().to(device)                                        # alpha_bar_t, float64 [1000]
+    run.shape = (batch_gpu, run.unet_cfg.in_channels, cfg.resolution // 8, cfg.resolution // 8)  # [B, 4, h, w]
+    run.start_step = resume_training(run) if cfg.resume and os.path.exists(run.ckpt_path) else 0
+    os.makedirs(cfg.outdir, exist_ok=True)
+    run.log = open(os.path.join(cfg.outdir, "log.txt"), "a") if rank == 0 else None
+    return run
 
-    # Frozen, replicated on every rank: text encoders, VAE (for the sample strips), the teacher (official: bf16).
-    parts = load_parts(cfg.preset, cfg.ckpt, device, frozen_dtype)
-    clip_l, clip_g, vae, state, unet_cfg = (parts[k] for k in ("clip_l", "clip_g", "vae", "unet_state", "unet_cfg"))
-    teacher = build_unet(state, unet_cfg, device, frozen_dtype, parts["source"])
-    data = LatentDataset(cfg.latents, cfg.resolution)
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else data.captions
-    latent = cfg.resolution // 8
-    channels, mid = unet_cfg.model_channels * unet_cfg.channel_mult[-1], latent // 2 ** (len(unet_cfg.channel_mult) - 1)
 
-    # Trained: generator and fake score both start as the base UNet (fp32 master weights), the GAN head is new
-    # (seeded, so every rank starts with the same head).
+def build_models(run, frozen_dtype, text_dtype):
+    """Frozen and replicated: text encoders, VAE (sample strips), teacher (official: bf16). Trained: generator and fake
+    UNet, both the base UNet (fp32 master weights), and a new GAN head, seeded so every rank starts with the same one."""
+    cfg = run.cfg
+    parts = load_parts(cfg.preset, cfg.ckpt, run.device, text_dtype)
+    run.clip_l, run.clip_g, run.vae, run.unet_cfg = parts["clip_l"], parts["clip_g"], parts["vae"], parts["unet_cfg"]
+    state = parts["unet_state"]
+    run.teacher = build_unet(state, run.unet_cfg, run.device, frozen_dtype, parts["source"])
+    channels = run.unet_cfg.model_channels * run.unet_cfg.channel_mult[-1]
+    mid = cfg.resolution // 8 // 2 ** (len(run.unet_cfg.channel_mult) - 1)
     torch.manual_seed(cfg.seed)
     head = gan_head(channels, mid)
     with torch.device("meta"):
-        generator = SDXLUNet(unet_cfg, checkpointing=cfg.checkpointing)
-        guidance = Guidance(SDXLUNet(unet_cfg, checkpointing=cfg.checkpointing), gan_head(channels, mid))
-    generator = make_trainable(generator, state, device, world)
-    guidance = make_trainable(guidance, {**{"fake_unet." + k: v for k, v in state.items()},
-                                         **{"cls_pred_branch." + k: v for k, v in head.state_dict().items()}}, device, world)
-    del parts, state, head
+        generator = SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing)
+        fake_score = FakeScore(SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing), gan_head(channels, mid))
+    run.generator = make_trainable(generator, state, run.device, run.world)
+    run.fake_score = make_trainable(fake_score, {**{"fake_unet." + k: v for k, v in state.items()},
+                                                 **{"cls_pred_branch." + k: v for k, v in head.state_dict().items()}},
+                                    run.device, run.world)
     adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **adamw)
-    opt_d = torch.optim.AdamW(guidance.parameters(), lr=cfg.guidance_lr, **adamw)
-    full = StateDictOptions(full_state_dict=True)
-    start_step = 0
-    if resume:
-        ckpt = load_training_checkpoint(ckpt_path)
-        set_model_state_dict(generator, ckpt["generator"], options=full)
-        set_model_state_dict(guidance, ckpt["guidance"], options=full)
-        set_optimizer_state_dict(generator, opt_g, ckpt["opt_g"], options=full)
-        set_optimizer_state_dict(guidance, opt_d, ckpt["opt_d"], options=full)
-        start_step = ckpt["step"]
-        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["cfg"].items() if getattr(cfg, k, v) != v and k not in ("resume", "total_steps")}
-        if rank == 0:
-            print(f"resumed from {ckpt_path} at step {start_step}" + (f"; changed settings: {changed}" if changed else ""))
-        del ckpt
+    run.opt = dict(generator=torch.optim.AdamW(run.generator.parameters(), lr=cfg.generator_lr, **adamw),
+                   fake_score=torch.optim.AdamW(run.fake_score.parameters(), lr=cfg.fake_score_lr, **adamw))
 
-    timesteps = dmd2_timesteps(cfg.num_denoising_step, cfg.conditioning_timestep)
-    ab = ddpm_alphas_cumprod().to(device)                                    # alpha_bar_t, float64 [1000]
-    shape = (cfg.batch_gpu, unet_cfg.in_channels, latent, latent)            # [B, 4, h, w]
-    os.makedirs(cfg.outdir, exist_ok=True)
-    log = open(os.path.join(cfg.outdir, "log.txt"), "a") if rank == 0 else None
-    history, t_log, step_log = [], time.time(), start_step
 
-    def save(step):  # every rank takes part in gathering the shards; rank 0 writes (atomically: temp file + rename)
-        gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = dict(generator=get_model_state_dict(generator, options=gathered),
-                     guidance=get_model_state_dict(guidance, options=gathered),
-                     opt_g=get_optimizer_state_dict(generator, opt_g, options=gathered),
-                     opt_d=get_optimizer_state_dict(guidance, opt_d, options=gathered))
-        if rank == 0:
-            unet.save_checkpoint(dict(step=step, cfg=dataclasses.asdict(cfg), **state), ckpt_path)
-            write_safetensors(gen_path, {k: v.half() for k, v in state["generator"].items()},
-                              {"step": str(step), "format": "SDXL UNet, sgm names without model.diffusion_model."})
+def set_learning_rates(run, step):
+    """diffusers' constant_with_warmup, stepped as accelerate steps it: warmup_processes scheduler steps per iteration
+    (official 64 GPUs: lr x min(1, 64 step / 500), full after 8 iterations), the same on any number of GPUs here."""
+    cfg = run.cfg
+    scale = min(1.0, step * cfg.warmup_processes / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    run.opt["generator"].param_groups[0]["lr"] = cfg.generator_lr * scale
+    run.opt["fake_score"].param_groups[0]["lr"] = cfg.fake_score_lr * scale
 
-    for step in range(start_step, cfg.total_steps):
-        t0 = time.time()
-        # Constant learning rate after a linear warm-up from 0 (diffusers' "constant_with_warmup", as official).
-        for opt, lr in ((opt_g, cfg.generator_lr), (opt_d, cfg.guidance_lr)):
-            opt.param_groups[0]["lr"] = lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else lr
-        g = batch_generator(cfg.seed, step, rank, device)
-        COMPUTE_GENERATOR_GRADIENT = step % cfg.dfake_gen_update_ratio == 0   # TTUR: 1 generator update per 5 critic updates
-        k = shared_step_index(len(timesteps), g, world)                       # this iteration's step of the 4-step chain
-        t = torch.full((cfg.batch_gpu,), timesteps[k], device=device)         # [B], the same t for the whole batch
-        prompt_ids = torch.randint(len(prompts), (cfg.batch_gpu,), generator=g, device=device).tolist()
-        context, y = encode_condition(clip_l, clip_g, [prompts[i] for i in prompt_ids], cfg.resolution, cfg.resolution)
 
-        # Generator turn: the step-k x0 of a backward-simulated chain. On generator steps, minimise
-        # loss_dm + w_G * loss_g_gan with the guidance weights frozen (the GAN gradient reaches G only).
-        stats = {}
-        guidance.requires_grad_(False)
-        with amp:
-            x_t = backward_simulation(generator, shape, context, y, k, timesteps, ab, g)       # [B, 4, h, w], no grad
-            with torch.set_grad_enabled(COMPUTE_GENERATOR_GRADIENT):
-                x_fake = x0_from_eps(x_t, generator(x_t, t, context, y), t, ab)           # [B, 4, h, w] float32
-            if COMPUTE_GENERATOR_GRADIENT:
-                loss_dm = loss_distribution_matching(x_fake, context, y, teacher, guidance, ab, cfg, g)
-                loss_g_gan = F.softplus(-gan_logits(guidance, x_fake, context, y, ab, g)).mean()
-        if COMPUTE_GENERATOR_GRADIENT:
-            (loss_dm + cfg.gen_cls_loss_weight * loss_g_gan).backward()
-            stats.update(loss_dm=loss_dm, loss_g_gan=loss_g_gan, grad_norm_g=clip_grad(generator, cfg.max_grad_norm))
-            check_finite(stats, step, world, ckpt_path)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-        guidance.requires_grad_(True)
+def add_stat(stats, name, value, rounds):
+    stats[name] = stats.get(name, 0) + value.detach().float() / rounds
 
-        # Critic turn, every iteration, on the same detached x0: the fake score's eps loss plus the discriminator
-        # loss on noised fake latents and noised real latents, each with its own caption.
-        x_fake = x_fake.detach()
-        x_real, captions = data.sample(cfg.batch_gpu, g)                                     # [B, 4, h, w], B captions
-        context_real, y_real = encode_condition(clip_l, clip_g, captions, cfg.resolution, cfg.resolution)
-        with amp:
-            loss_fake = loss_fake_score(guidance, x_fake, context, y, ab, g)
-            logits_fake = gan_logits(guidance, x_fake, context, y, ab, g)                       # [B, 1]
-            logits_real = gan_logits(guidance, x_real, context_real, y_real, ab, g)             # [B, 1]
-            loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
-        (loss_fake + cfg.guidance_cls_loss_weight * loss_d).backward()
-        stats.update(loss_fake=loss_fake, loss_d=loss_d, grad_norm_d=clip_grad(guidance, cfg.max_grad_norm))
-        stats = check_finite(stats, step, world, ckpt_path)
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
-        history.append(dict(step=step, k=k, seconds=time.time() - t0, **stats))
 
-        done = step + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.total_steps):
-            line = "  ".join([f"step {done:7d}", f"k {k}"] + [f"{name} {v:.4g}" for name, v in stats.items()] +
-                             [f"{cfg.batch_gpu * world * (done - step_log) / (time.time() - t_log):.2f} img/s"])
-            t_log, step_log = time.time(), done
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-        if cfg.sample_every and done % cfg.sample_every == 0:  # every rank runs the sharded generator, rank 0 writes
-            with amp:
-                images = generate(generator, clip_l, clip_g, vae, prompts[:4], cfg.resolution, cfg.resolution, seed=1,
-                                  steps=cfg.num_denoising_step, conditioning_timestep=cfg.conditioning_timestep)
-            if rank == 0:
-                save_strip(images, os.path.join(cfg.outdir, f"samples_{done:07d}.png"))
-        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.total_steps:
-            save(done)
-    if log is not None:
-        log.close()
-    return dict(generator=generator, guidance=guidance, history=history)
+def optimizer_step(run, name, stats):
+    """Clip, stop every rank on a non-finite loss BEFORE the step and on non-finite weights AFTER it (a corrupted
+    optimiser state turns finite gradients into NaN weights), so no save ever sees them. -> stats averaged over ranks"""
+    module, opt = getattr(run, name), run.opt[name]
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), run.cfg.max_grad_norm)
+    stats["grad_norm_" + ("g" if name == "generator" else "d")] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    stats = unet.check_finite(stats, run.step, run.world, run.ckpt_path)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    unet.check_finite_weights({name: module}, run.step, run.world, run.ckpt_path)
+    return stats
+
+
+CHECKPOINT_KEYS = ("step", "cfg", "generator", "fake_score", "opt_g", "opt_d")
+
+
+def load_training_checkpoint(path):
+    """checkpoint.pt, memory-mapped (every rank reads it without a private copy of tens of GB; unet.load_checkpoint
+    reads it whole), weights_only: nothing is executed. Checked to be this script's training checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from None
+    return unet.require_keys(ckpt, CHECKPOINT_KEYS, path, "an sdxl.py training checkpoint")
+
+
+def resume_training(run):
+    """Weights and AdamW moments from checkpoint.pt (RNG needs no state: it is a function of the step). A generator
+    file left behind by a kill is rewritten to match. -> the step to continue from"""
+    ckpt, full = load_training_checkpoint(run.ckpt_path), StateDictOptions(full_state_dict=True)
+    try:
+        set_model_state_dict(run.generator, ckpt["generator"], options=full)
+        set_model_state_dict(run.fake_score, ckpt["fake_score"], options=full)
+        set_optimizer_state_dict(run.generator, run.opt["generator"], ckpt["opt_g"], options=full)
+        set_optimizer_state_dict(run.fake_score, run.opt["fake_score"], ckpt["opt_d"], options=full)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"{run.ckpt_path}: does not fit this run's models ({type(e).__name__}: {e})") from None
+    step, cfg = ckpt["step"], run.cfg
+    if run.rank == 0 and generator_file_step(run.gen_path) != step:
+        write_generator(run.gen_path, ckpt["generator"], step)
+    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["cfg"].items()
+               if getattr(cfg, k, v) != v and k not in ("resume", "total_steps")}
+    if run.rank == 0:
+        print(f"resumed from {run.ckpt_path} at step {step}" + (f"; changed settings: {changed}" if changed else ""))
+    return step
+
+
+def generator_file_step(path):
+    """The step stored in generator.safetensors' metadata, or None (no file, unreadable, no step)."""
+    try:
+        return int(read_safetensors_header(path)[1].get("step"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_generator(path, state, step):
+    write_safetensors(path, {k: v.half() for k, v in state.items()},
+                      {"step": str(step), "format": "SDXL UNet, sgm names without model.diffusion_model."})
+
+
+def save_training(run, step):
+    """Every rank gathers its shards; rank 0 writes generator.safetensors FIRST, then checkpoint.pt (both atomic):
+    a kill between the two leaves the generator ahead of the checkpoint, which the resumed run rewrites, never a
+    finished checkpoint beside a stale generator."""
+    unet.check_finite_weights({"generator": run.generator, "fake_score": run.fake_score}, step, run.world, run.ckpt_path)
+    gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = dict(generator=get_model_state_dict(run.generator, options=gathered),
+                 fake_score=get_model_state_dict(run.fake_score, options=gathered),
+                 opt_g=get_optimizer_state_dict(run.generator, run.opt["generator"], options=gathered),
+                 opt_d=get_optimizer_state_dict(run.fake_score, run.opt["fake_score"], options=gathered))
+    if run.rank == 0:
+        write_generator(run.gen_path, state["generator"], step)
+        unet.save_checkpoint(dict(step=step, cfg=dataclasses.asdict(run.cfg), **state), run.ckpt_path)
+
+
+def remove_stale_temporaries(outdir):
+    """Temporaries a killed run left beside its own files (tens of GB each at full size): unet.save_checkpoint's
+    checkpoint.pt.<random>.tmp and write_safetensors' generator.safetensors.tmp<pid>. Nothing else is touched."""
+    removed = unet.remove_stale_temporaries(outdir, ["checkpoint.pt", "generator.safetensors"])
+    for path in glob.glob(os.path.join(glob.escape(outdir), "generator.safetensors.tmp*")):
+        if re.fullmatch(r"generator\.safetensors\.tmp\d+", os.path.basename(path)) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def log_line(run, done, k, stats, images_per_second):
+    line = "  ".join([f"step {done:7d}", f"k {k}"] + [f"{name} {v:.4g}" for name, v in stats.items()] +
+                     [f"{images_per_second:.2f} img/s"])
+    print(line, flush=True)
+    run.log.write(line + "\n")
+    run.log.flush()
+
+
+def save_samples(run, done):
+    """Every rank runs the (sharded) generator on 4 fixed prompts and noise; rank 0 writes them side by side."""
+    prompts = (run.prompts or run.data.captions)[:4]
+    with run.amp():
+        images = generate(run.generator, run.clip_l, run.clip_g, run.vae, prompts, run.cfg.resolution,
+                          run.cfg.resolution, seed=1, steps=run.cfg.num_denoising_step,
+                          conditioning_timestep=run.cfg.conditioning_timestep)
+    if run.rank == 0:
+        PIL.Image.fromarray(np.concatenate(list(images), axis=1)).save(
+            os.path.join(run.cfg.outdir, f"samples_{done:07d}.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1531,7 +1653,7 @@ def main(argv=None, bench_reference=None):
     args.reference = bench_reference
     try:
         args.run(args)
-    except (ValueError, OSError, NonFiniteLoss) as e:  # these name the file and the problem; a traceback adds nothing
+    except (ValueError, OSError, unet.NonFiniteLoss) as e:  # these name the file and the problem; a traceback adds nothing
         parser.exit(1, f"error: {e}\n")
     finally:
         if dist.is_initialized():

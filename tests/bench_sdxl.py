@@ -1,0 +1,74 @@
+"""Measurements behind README's SDXL figures (CPU, tiny config; run from the repository root):
+
+    python tests/bench_sdxl.py precision    # bf16 vs fp32 on the passes the official run keeps in fp32
+    python tests/bench_sdxl.py tokenizer    # our CLIP tokenizer vs open_clip's SimpleTokenizer, 1,000 prompts
+
+Not a test: timings depend on the machine; the figures are ratios measured side by side in one run.
+"""
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sdxl  # noqa: E402
+
+
+def precision():
+    """Relative L2 difference, bf16 autocast vs fp32, on the tiny preset's random models: the text context, the
+    backward-simulation input after 3 chain steps, and the generator's x0 at t = 999 (1 / sqrt(alpha_bar) = 14.6)."""
+    parts = sdxl.load_parts("tiny", "", "cpu")
+    net = sdxl.build_unet(parts["unet_state"], parts["unet_cfg"], "cpu", torch.float32, "tiny")
+    ab, ts = sdxl.ddpm_alphas_cumprod(), sdxl.dmd2_timesteps(4)
+    prompts = ["a photo of a cat", "a red square on a table"]
+
+    def passes(bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            context, y = sdxl.encode_condition(parts["clip_l"], parts["clip_g"], prompts, 128, 128)
+            x_t = sdxl.backward_simulation(net, (2, 4, 16, 16), context, y, 3, ts, ab, torch.Generator().manual_seed(0))
+            noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+            t = torch.full((2,), 999)
+            x0 = sdxl.x0_from_eps(noise, net(noise, t, context, y).float(), t, ab)
+        return dict(text_context=context.float(), chain_x_t=x_t.float(), x0_at_999=x0.float())
+
+    low, high = passes(True), passes(False)
+    for name in high:
+        print(f"{name:14s} relative difference bf16 vs fp32: {((low[name] - high[name]).norm() / high[name].norm()):.2e}")
+
+
+def varied_prompts(n=1000, seed=0):
+    words = ("a photo of cat dog astronaut riding horse on the moon, highly detailed 4k render oil painting "
+             "portrait woman man city skyline at night neon lights watercolor landscape mountains lake sunrise "
+             "cyberpunk street rain reflections cute fluffy kitten sitting in basket macro shot").split()
+    rng = random.Random(seed)
+    extras = ["'s", "!", "#1", "2024", "caf\u00e9", "na\u00efve", "\u00fcber", "&amp;", "don't", "x-ray"]
+    return [" ".join(rng.choice(words + extras) for _ in range(rng.randint(3, 40))) for _ in range(n)]
+
+
+def tokenizer():
+    """Both tokenizers on the same 1,000 prompts, fresh (no cache carried over from a warm-up), best of 3 runs."""
+    from open_clip.tokenizer import SimpleTokenizer
+    prompts = varied_prompts()
+    times = {}
+    for name in ("ours", "open_clip"):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            if name == "ours":
+                sdxl.bpe_cache_clear()
+                ids = sdxl.tokenize(prompts)
+            else:
+                ref = SimpleTokenizer()                   # its own BPE cache starts empty too
+                ref_ids = [ref.encode(p) for p in prompts]
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    same = all(ids[i, 1:1 + min(len(r), 75)].tolist() == r[:75] for i, r in enumerate(ref_ids))
+    print(f"1,000 prompts: ours {times['ours']:.3f} s, open_clip SimpleTokenizer {times['open_clip']:.3f} s, "
+          f"ratio {times['ours'] / times['open_clip']:.2f}; identical ids: {same}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    {"precision": precision, "tokenizer": tokenizer}[sys.argv[1]]()

@@ -677,16 +677,74 @@ def load_part(module_fn, path, prefix, what, device, dtype):
     return module.eval().requires_grad_(False)
 
 
-def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.float32, clip_l=CLIP_L, clip_g=CLIP_G, vae=VAEConfig()):
-    """(CLIPTextModel, OpenCLIPTextModel, AutoencoderKL), frozen, from sd_xl_base_1.0.safetensors (strict, checked).
+def infer_configs(path, parts=("clip_l", "clip_g", "vae", "unet")):
+    """{clip_l, clip_g, vae, unet} configs (those named in parts) of any SDXL-format single file: the base, smaller
+    SDXL-family files, tiny test files. Read from its tensor shapes alone (widths, layers, levels and blocks are
+    counted); what the weights do not hold follows SDXL's conventions (64-channel attention heads, CLIP-L quick_gelu,
+    bigG gelu, VAE scale 0.13025). ValueError naming the file and what could not be inferred."""
+    shapes = {k: shape for k, (_, shape, _, _) in read_safetensors_header(path)[0].items()}
+    part = lambda prefix: {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    infer = dict(
+        clip_l=lambda: infer_text_config(part(PREFIX_CLIP_L), path, "CLIP ViT-L text encoder",
+                                         "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+                                         "encoder.layers.", "mlp.fc1.weight", None),
+        clip_g=lambda: infer_text_config(part(PREFIX_CLIP_G), path, "OpenCLIP ViT-bigG text encoder",
+                                         "token_embedding.weight", "positional_embedding", "transformer.resblocks.",
+                                         "mlp.c_fc.weight", "text_projection"),
+        vae=lambda: infer_vae_config(part(PREFIX_VAE), path),
+        unet=lambda: unet.infer_sdxl_unet_config(part(PREFIX_UNET), f"{path} (UNet under {PREFIX_UNET})"))
+    return {name: infer[name]() for name in parts}
+
+
+def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_in, projection):
+    """TextConfig from one text tower's shapes: vocab and width from the token embedding, positions, numbered layers,
+    heads of 64 channels (CLIP-L 768 = 12 x 64, bigG 1280 = 20 x 64), the projection width (bigG only)."""
+    def dims(key):
+        if key not in shapes:
+            raise ValueError(f"{path}: cannot infer the {what}'s config: no tensor {key}")
+        return tuple(shapes[key])
+
+    vocab, width = dims(tokens)
+    layers = len({k[len(layer_prefix):].split(".", 1)[0] for k in shapes if k.startswith(layer_prefix)})
+    if width % 64 or dims(f"{layer_prefix}0.{mlp_in}") != (4 * width, width):
+        raise ValueError(f"{path}: cannot infer the {what}'s config: width {width} is not a multiple of CLIP's 64-channel "
+                         f"heads, or its MLP is not 4x wider ({list(dims(f'{layer_prefix}0.{mlp_in}'))})")
+    return TextConfig(width=width, layers=layers, heads=width // 64, act="gelu" if projection else "quick_gelu",
+                      embed_dim=dims(projection)[1] if projection else 0, vocab=vocab, context=dims(positions)[0])
+
+
+def infer_vae_config(shapes, path):
+    """VAEConfig from the encoder's shapes: base width, one multiplier per level, ResnetBlocks per level, latent
+    channels. The decoder is then checked tensor by tensor when the weights load."""
+    def dims(key):
+        if key not in shapes:
+            raise ValueError(f"{path}: cannot infer the VAE's config: no tensor {key}")
+        return tuple(shapes[key])
+
+    ch = dims("encoder.conv_in.weight")[0]
+    levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
+    widths = [dims(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
+    blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
+    if any(w % ch for w in widths):
+        raise ValueError(f"{path}: cannot infer the VAE's config: level widths {widths} are not multiples of {ch}")
+    return VAEConfig(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks,
+                     z_channels=dims("encoder.conv_out.weight")[0] // 2)
+
+
+def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.float32, clip_l=None, clip_g=None, vae=None):
+    """(CLIPTextModel, OpenCLIPTextModel, AutoencoderKL), frozen, from an SDXL-format single file (strict, checked);
+    a config not given is inferred from the file's shapes (infer_configs).
 
     The UNet lives under PREFIX_UNET of the same file: read_safetensors(path, PREFIX_UNET) gives its sgm-named
-    state dict for the SDXL UNet in unet.py."""
+    state dict for the SDXL UNet in unet.py, and infer_configs(path, ["unet"]) its config."""
     if vae_dtype == torch.float16:
         raise ValueError("vae_dtype=float16: SDXL's VAE overflows in fp16 (NaN/black images); use float32 or bfloat16")
-    return (load_part(lambda: CLIPTextModel(clip_l), path, PREFIX_CLIP_L, "CLIP ViT-L text encoder", device, dtype),
-            load_part(lambda: OpenCLIPTextModel(clip_g), path, PREFIX_CLIP_G, "OpenCLIP ViT-bigG text encoder", device, dtype),
-            load_part(lambda: AutoencoderKL(vae), path, PREFIX_VAE, "VAE", device, vae_dtype))
+    given = dict(clip_l=clip_l, clip_g=clip_g, vae=vae)
+    c = {**given, **infer_configs(path, [name for name, cfg in given.items() if cfg is None])}
+    return (load_part(lambda: CLIPTextModel(c["clip_l"]), path, PREFIX_CLIP_L, "CLIP ViT-L text encoder", device, dtype),
+            load_part(lambda: OpenCLIPTextModel(c["clip_g"]), path, PREFIX_CLIP_G, "OpenCLIP ViT-bigG text encoder", device,
+                      dtype),
+            load_part(lambda: AutoencoderKL(c["vae"]), path, PREFIX_VAE, "VAE", device, vae_dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -742,10 +800,13 @@ def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float3
     if preset:
         raise ValueError(f"unknown preset {preset!r} (known: tiny)")
     if not ckpt:
-        raise ValueError("--ckpt sd_xl_base_1.0.safetensors is required (or --preset tiny for random tiny models)")
-    clip_l, clip_g, vae = load_sdxl_parts(ckpt, device, dtype, vae_dtype)
+        raise ValueError("--ckpt is required: sd_xl_base_1.0.safetensors or any SDXL-format single file "
+                         "(or --preset tiny for random tiny models)")
+    configs = infer_configs(ckpt)
+    clip_l, clip_g, vae = load_sdxl_parts(ckpt, device, dtype, vae_dtype, configs["clip_l"], configs["clip_g"],
+                                          configs["vae"])
     return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
-                unet_cfg=SDXLUNetConfig(), vae_cfg=VAEConfig(), source=ckpt)
+                unet_cfg=configs["unet"], vae_cfg=configs["vae"], source=ckpt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1501,10 +1562,11 @@ def load_for_inference(args):
     """(net, parts): the UNet of --unet (or the checkpoint's own) and the frozen text encoders and VAE."""
     device, dtype, vae_dtype = runtime(args)
     parts = load_parts(args.preset, args.ckpt, device, dtype, vae_dtype)
-    state, source = parts["unet_state"], parts["source"]
-    if args.unet:
-        state, source = load_unet_state(args.unet, parts["unet_cfg"]), args.unet
-    return build_unet(state, parts["unet_cfg"], device, dtype, source), parts
+    state, cfg, source = parts["unet_state"], parts["unet_cfg"], parts["source"]
+    if args.unet:                      # its own config, read from its shapes: it may differ from --ckpt's UNet
+        state, source = load_unet_state(args.unet, cfg), args.unet
+        cfg = unet.infer_sdxl_unet_config({k: v.shape for k, v in state.items()}, args.unet)
+    return build_unet(state, cfg, device, dtype, source), parts
 
 
 def cmd_generate(args):
@@ -1523,9 +1585,11 @@ def cmd_encode(args):
     if args.preset:
         vae = load_parts(args.preset, "", device, vae_dtype=vae_dtype)["vae"]
     elif args.ckpt:
-        vae = load_part(AutoencoderKL, args.ckpt, PREFIX_VAE, "VAE", device, vae_dtype)
+        cfg = infer_configs(args.ckpt, ["vae"])["vae"]
+        vae = load_part(lambda: AutoencoderKL(cfg), args.ckpt, PREFIX_VAE, "VAE", device, vae_dtype)
     else:
-        raise ValueError("--ckpt sd_xl_base_1.0.safetensors is required (or --preset tiny)")
+        raise ValueError("--ckpt is required: an SDXL-format single file such as sd_xl_base_1.0.safetensors "
+                         "(or --preset tiny)")
     resolution = args.resolution or (128 if args.preset == "tiny" else 1024)
     n = encode_folder(vae, args.images, args.out, resolution, args.batch, args.shard_size, args.seed)
     print(f"wrote {n} latents [4, {resolution // 8}, {resolution // 8}] with captions to {args.out}")
@@ -1576,7 +1640,8 @@ def cmd_inspect(args):
 
 
 def add_model_args(p):
-    p.add_argument("--ckpt", default="", help="sd_xl_base_1.0.safetensors (text encoders, VAE, base UNet)")
+    p.add_argument("--ckpt", default="", help="an SDXL-format single file (sd_xl_base_1.0.safetensors, smaller SDXL-family "
+                                              "files): text encoders, VAE, base UNet, configs read from its shapes")
     p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: random tiny models instead of --ckpt (CPU, seconds)")
     p.add_argument("--unet", default="", help="UNet weights replacing the base UNet: DMD2's dmd2_sdxl_4step_unet_fp16.bin, "
                                               "our generator.safetensors / checkpoint.pt, any sgm or diffusers SDXL UNet")
@@ -1605,7 +1670,7 @@ def main(argv=None, bench_reference=None):
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("encode", formatter_class=fmt, help="folder of images + .txt captions -> VAE latent shards for train --latents")
-    p.add_argument("--ckpt", default="", help="sd_xl_base_1.0.safetensors (only its VAE is read)")
+    p.add_argument("--ckpt", default="", help="an SDXL-format single file (only its VAE is read)")
     p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: the tiny random VAE of train --preset tiny")
     p.add_argument("--images", required=True, help="folder of images (.png/.jpg/.jpeg/.webp/.bmp), each with a caption NAME.txt beside it")
     p.add_argument("--out", required=True, help="empty folder for latents_00000.safetensors, ...")

@@ -884,6 +884,59 @@ def diffusers_to_sgm_unet(state_dict, cfg=SDXLUNetConfig(), source_name="diffuse
     return renamed
 
 
+def _transformer_depth(shapes, prefix):
+    """Number of transformer blocks under prefix (e.g. 'input_blocks.4.1.'), 0 without a SpatialTransformer."""
+    head = prefix + "transformer_blocks."
+    found = {int(k[len(head):].split(".", 1)[0]) for k in shapes if k.startswith(head)}
+    return len(found) if found == set(range(len(found))) else -1
+
+
+def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=64):
+    """The SDXLUNetConfig that explains an sgm-named UNet's tensor shapes {key: shape} (no model.diffusion_model.):
+    widths from the ResBlock convs, ResBlocks per level from the input blocks between downsamplers, transformer depth
+    per level from the numbered transformer_blocks, cross-attention width from attn2.to_k, and heads by SDXL's
+    convention of 64-channel heads (on narrower models, the largest width dividing every level's and 64). Checked
+    against SDXLUNet(cfg) on the meta device; ValueError naming source_name and what could not be inferred."""
+    def dims(key):
+        if key not in shapes:
+            raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: no tensor {key}")
+        return tuple(shapes[key])
+
+    C, in_channels = dims("input_blocks.0.0.weight")[:2]
+    blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.")})[1:]
+    levels = [[]]
+    for i in blocks:
+        if f"input_blocks.{i}.0.op.weight" in shapes:
+            levels.append([])                                          # a Downsample ends the level
+        else:
+            levels[-1].append(i)
+    if len({len(level) for level in levels}) != 1 or not levels[0]:
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: ResBlocks per level "
+                         f"{[len(level) for level in levels]} differ (SDXLUNetConfig has one num_res_blocks)")
+    widths = [dims(f"input_blocks.{level[0]}.0.in_layers.2.weight")[0] for level in levels]
+    depths = [{_transformer_depth(shapes, f"input_blocks.{i}.1.") for i in level} for level in levels]
+    if any(len(d) != 1 or -1 in d for d in depths) or any(w % C for w in widths):
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: transformer depths per block "
+                         f"{[sorted(d) for d in depths]} or widths {widths} are not one value per level, a multiple of {C}")
+    depths = [d.pop() for d in depths]
+    if _transformer_depth(shapes, "middle_block.1.") != depths[-1]:
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: the middle block's transformer depth "
+                         f"{_transformer_depth(shapes, 'middle_block.1.')} differs from the last level's {depths[-1]}")
+    to_k = sorted(k for k in shapes if k.endswith("attn2.to_k.weight"))
+    if not to_k:
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: no cross-attention (attn2.to_k) weights")
+    cfg = SDXLUNetConfig(in_channels=in_channels, out_channels=dims("out.2.weight")[0], model_channels=C,
+                         channel_mult=tuple(w // C for w in widths), num_res_blocks=len(levels[0]),
+                         transformer_depth=tuple(depths), num_head_channels=math.gcd(head_channels, *widths),
+                         context_dim=dims(to_k[0])[1], adm_in_channels=dims("label_emb.0.0.weight")[1])
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in SDXLUNet(cfg).state_dict().items()}
+    problems = _state_problems({k: torch.empty(v, device="meta") for k, v in shapes.items()}, expected)
+    if problems:
+        raise ValueError(f"{source_name}: the inferred {cfg} does not explain the file:\n" + "\n".join(problems))
+    return cfg
+
+
 def load_sdxl_unet_state(model, state_dict, source_name, assign=False):
     """Strict load of sgm-named weights into an SDXLUNet; ValueError naming source_name and listing every problem.
 

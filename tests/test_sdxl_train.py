@@ -640,6 +640,71 @@ def test_load_unet_state_formats(tmp_path):
         sdxl.load_unet_state(str(tmp_path / "bad.bin"), cfg)
 
 
+# Any SDXL-format single file through the command line: two tiny layouts in Stability's names that no other test uses;
+# every config is inferred from the file's shapes.
+LAYOUTS = {
+    "three_levels": dict(clip_l=sdxl.TextConfig(width=64, layers=3, heads=1),
+                         clip_g=sdxl.TextConfig(width=128, layers=2, heads=2, act="gelu", embed_dim=96),
+                         vae=sdxl.VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+                         unet=sdxl.SDXLUNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                                                  transformer_depth=(0, 1, 2), num_head_channels=64, context_dim=192,
+                                                  adm_in_channels=96 + 6 * 256)),
+    "two_levels": dict(clip_l=sdxl.TextConfig(width=128, layers=1, heads=2),
+                       clip_g=sdxl.TextConfig(width=64, layers=2, heads=1, act="gelu", embed_dim=32),
+                       vae=sdxl.VAEConfig(ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=2),
+                       unet=sdxl.SDXLUNetConfig(model_channels=32, channel_mult=(1, 3), num_res_blocks=1,
+                                                transformer_depth=(1, 3), num_head_channels=32, context_dim=192,
+                                                adm_in_channels=32 + 6 * 256)),
+}
+
+
+def write_sdxl_file(path, layout, seed=0):
+    """Random modules of the layout, written as one fp16 single file with Stability's prefixes and names."""
+    torch.manual_seed(seed)
+    modules = {sdxl.PREFIX_CLIP_L: sdxl.CLIPTextModel(layout["clip_l"]), sdxl.PREFIX_CLIP_G: sdxl.OpenCLIPTextModel(layout["clip_g"]),
+               sdxl.PREFIX_VAE: sdxl.AutoencoderKL(layout["vae"]), sdxl.PREFIX_UNET: sdxl.SDXLUNet(layout["unet"])}
+    with torch.no_grad():
+        for p in modules[sdxl.PREFIX_UNET].parameters():   # the UNet's zero-initialised layers would hide wiring errors
+            p.add_(torch.randn_like(p) * 0.02)
+    sdxl.write_safetensors(str(path), {prefix + k: v.half() for prefix, m in modules.items() for k, v in m.state_dict().items()})
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_any_sdxl_format_file_through_the_command_line(name, tmp_path):
+    layout, ckpt = LAYOUTS[name], str(tmp_path / f"{name}.safetensors")
+    write_sdxl_file(ckpt, layout)
+    assert sdxl.infer_configs(ckpt) == layout
+    png = str(tmp_path / "cat.png")
+    sdxl.main(["generate", "--ckpt", ckpt, "--prompt", "a cat", "--sampler", "dmd2", "--steps", "2", "--height", "64",
+               "--width", "64", "--out", png, "--device", "cpu"])
+    clip_l, clip_g, vae = sdxl.load_sdxl_parts(ckpt, "cpu", clip_l=layout["clip_l"], clip_g=layout["clip_g"], vae=layout["vae"])
+    net = sdxl.build_unet(sdxl.read_safetensors(ckpt, sdxl.PREFIX_UNET), layout["unet"], "cpu", torch.float32, ckpt)
+    direct = sdxl.generate(net, clip_l, clip_g, vae, ["a cat"], 64, 64, seed=0, steps=2)[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(png)), direct) and direct.std() > 0
+    images, latents, out = str(tmp_path / "images"), str(tmp_path / "latents"), str(tmp_path / "run")
+    write_images(images, n=2)
+    sdxl.main(["encode", "--ckpt", ckpt, "--images", images, "--out", latents, "--resolution", "128", "--device", "cpu"])
+    sdxl.main(["train", "--ckpt", ckpt, "--latents", latents, "--resolution", "128", "--outdir", out, "--total_steps", "1",
+               "--batch_size", "2", "--batch_gpu", "0", "--precision", "fp32", "--warmup_steps", "0", "--sample_every", "0",
+               "--no-checkpointing", "--generator_lr", "1e-3", "--device", "cpu"])
+    trained = sdxl.read_safetensors(os.path.join(out, "generator.safetensors"))
+    assert trained.keys() == net.state_dict().keys() and not torch.equal(trained["out.2.weight"], net.out[2].weight.half())
+    sdxl.main(["generate", "--ckpt", ckpt, "--unet", os.path.join(out, "generator.safetensors"), "--prompt", "a cat",
+               "--height", "64", "--width", "64", "--out", png, "--device", "cpu"])
+
+
+def test_uninferable_file_names_what_is_missing(tmp_path, capsys):
+    path = str(tmp_path / "odd.safetensors")
+    write_sdxl_file(path, LAYOUTS["two_levels"])
+    state = sdxl.read_safetensors(path)
+    state = {k: v.clone() for k, v in state.items() if k != sdxl.PREFIX_CLIP_G + "text_projection"}
+    sdxl.write_safetensors(path, state)
+    with pytest.raises(SystemExit):
+        sdxl.main(["generate", "--ckpt", path, "--prompt", "a cat", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert path in err and "bigG" in err and "text_projection" in err
+
+
 def test_bench_pipeline_equals_diffusers_sdxl_pipeline():
     """bench's two pipelines on the tiny models: ours (sample_dmd2 + our VAE) and diffusers' StableDiffusionXLPipeline +
     LCMScheduler with the same weights, converted by diffusers' own single-file converters, and the same noise."""

@@ -21,6 +21,7 @@ generator is conditioned on the real latents' captions, as in the official 4-ste
     torchrun --nproc_per_node=8 sdxl.py train --ckpt sd_xl_base_1.0.safetensors --latents latents/   # 8 rounds of 8 x 2
     torchrun --nproc_per_node=8 sdxl.py train ... --resume                                          # continue from --outdir
     python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet out/sdxl/generator.safetensors --prompt "..." --out img.png
+    python sdxl.py export --unet out/sdxl/generator.safetensors --format diffusers --out unet_diffusers.safetensors
 Tiny CPU mode (random tiny text encoders / VAE / UNet built from configs, no weights needed; seconds on a laptop):
     python sdxl.py encode --preset tiny --images my_images/ --out out/tiny_latents       # any images with .txt captions
     python sdxl.py train --preset tiny --latents out/tiny_latents                        # 10 iterations, backward simulation
@@ -1619,6 +1620,16 @@ def cmd_bench(args):
         print(f"  max |ours - diffusers| over the [0, 1] image: {(r['ours']['image'] - r['diffusers']['image']).abs().max():.4f}")
 
 
+def cmd_export(args):
+    """Our generator (any file load_unet_state reads) -> one .safetensors in diffusers UNet2DConditionModel names, as
+    DMD2's release: diffusers, ComfyUI and others load it. The config is read from the file's shapes."""
+    state = load_unet_state(args.unet)
+    cfg = unet.infer_sdxl_unet_config({k: v.shape for k, v in state.items()}, args.unet)
+    renamed = unet.sgm_to_diffusers_unet(state, cfg, args.unet)
+    write_safetensors(args.out, {k: v.contiguous() for k, v in renamed.items()}, {"format": "pt"})
+    print(f"wrote {args.out}: {len(renamed)} tensors in diffusers UNet2DConditionModel names ({cfg})")
+
+
 def cmd_tokenize(args):
     for name, pad in (("CLIP-L", "end"), ("bigG", "zero")):
         ids = tokenize(args.prompt, pad)[0].tolist()
@@ -1704,6 +1715,12 @@ def main(argv=None, bench_reference=None):
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for both pipelines)")
     p.add_argument("--reps", type=int, default=10, help="timed runs after one warm-up")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("export", formatter_class=fmt, help="a trained generator -> diffusers UNet names (DMD2's release format)")
+    p.add_argument("--unet", required=True, help="generator.safetensors, checkpoint.pt or any sgm-named SDXL UNet file")
+    p.add_argument("--format", default="diffusers", choices=["diffusers"], help="naming of the written file")
+    p.add_argument("--out", required=True, help=".safetensors file to write")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("tokenize", help="print CLIP BPE token ids of a prompt for both text encoders")
     p.add_argument("prompt", help="text to tokenize")

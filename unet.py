@@ -843,6 +843,44 @@ def sgm_key(key, cfg):
     return f"output_blocks.{n * i + j}.{0 if part == 'resnets' else 1}.{rest}"
 
 
+def diffusers_key(key, cfg):
+    """The diffusers UNet2DConditionModel name of one sgm key (the inverse of sgm_key), or None if no rule applies."""
+    top, _, param = key.rpartition(".")
+    inverse_top = {v: k for k, v in TOP_RENAMES.items()}
+    if top in inverse_top:
+        return f"{inverse_top[top]}.{param}"
+    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?(\d+)\.(.+)", key)
+    if m is None:
+        return None
+    where, block, layer, rest = m[1], int(m[2] or 0), int(m[3]), m[4]
+    n, levels = cfg.num_res_blocks + 1, len(cfg.channel_mult)
+    if where == "middle_block":
+        block, where, i, j, part = 0, "mid_block", None, layer // 2, ("resnets", "attentions", "resnets")[layer]
+    elif where == "input_blocks":
+        i, j = (block - 1) // n, (block - 1) % n
+        part = "downsamplers" if j == n - 1 else ("resnets", "attentions")[layer]
+        j, rest = (0, rest.replace("op.", "conv.", 1)) if part == "downsamplers" else (j, rest)
+        where = "down_blocks"
+    else:
+        i, j, where = block // n, block % n, "up_blocks"
+        has_attention = cfg.transformer_depth[levels - 1 - i] > 0
+        part = "resnets" if layer == 0 else ("attentions" if layer == 1 and has_attention else "upsamplers")
+        j = 0 if part == "upsamplers" else j
+    if part == "resnets":
+        rest = next((ours + rest[len(theirs):] for ours, theirs in RESNET_RENAMES.items()
+                     if rest.startswith(theirs + ".")), rest)
+    return f"{where}.{'' if i is None else str(i) + '.'}{part}.{j}.{rest}"
+
+
+def sgm_to_diffusers_unet(state_dict, cfg=SDXLUNetConfig(), source_name="sgm UNet state dict"):
+    """Rename SDXLUNet's sgm keys to diffusers UNet2DConditionModel's (the names DMD2's release, diffusers and
+    ComfyUI load): the inverse of diffusers_to_sgm_unet, checked by mapping every name back."""
+    wrong = sorted(k for k in state_dict if sgm_key(diffusers_key(k, cfg) or "", cfg) != k)
+    if wrong:
+        raise ValueError(f"{source_name}: cannot rename to diffusers names:\n" + _listing("keys without an inverse", wrong))
+    return {diffusers_key(k, cfg): v for k, v in state_dict.items()}
+
+
 def _listing(title, items, limit=12):
     shown = "\n    ".join(items[:limit]) + (f"\n    ... and {len(items) - limit} more" if len(items) > limit else "")
     return f"  {title} ({len(items)}):\n    {shown}"

@@ -356,6 +356,28 @@ def test_generate_writes_png_from_trained_generator(tiny_run):
     assert np.abs(direct.astype(int) - pixels.astype(int)).max() <= 2  # fp16 export vs fp32 checkpoint
 
 
+def test_export_to_diffusers_names_loads_in_diffusers(tiny_run, tmp_path):
+    """`sdxl.py export --format diffusers` writes the inverse of diffusers_to_sgm_unet: diffusers' UNet2DConditionModel
+    loads it strictly and predicts what our UNet predicts from generator.safetensors."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    gen, out = os.path.join(tiny_run["out"], "generator.safetensors"), str(tmp_path / "unet_diffusers.safetensors")
+    sdxl.main(["export", "--unet", gen, "--format", "diffusers", "--out", out])
+    cfg = sdxl.TINY_UNET
+    ref = UNet2DConditionModel(**sdxl_diffusers.diffusers_unet_config(cfg))
+    exported = load_file(out)                                              # the reference reader
+    ref.load_state_dict({k: v.float() for k, v in exported.items()}, strict=True)
+    state = sdxl.read_safetensors(gen)
+    assert all(torch.equal(v, state[k]) for k, v in sdxl.diffusers_to_sgm_unet(exported, cfg).items())
+    net = sdxl.build_unet(state, cfg, "cpu", torch.float32, gen)
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([999, 249]), torch.randn(2, 77, cfg.context_dim)
+    text_embeds, time_ids = torch.randn(2, 32), torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2)
+    y = sdxl.vector_cond(text_embeds, (128, 128), (0, 0), (128, 128))
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids)).sample
+        assert (net(x, t, context, y) - expected).abs().max() <= 1e-5 and expected.std() > 0.01
+
+
 def test_resume_is_exact(tiny_run, tmp_path):
     """2 iterations, stop, resume for 2 more (with a generator update) == 4 straight (optimizer states restored, RNG a
     function of the step)."""

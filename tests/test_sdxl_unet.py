@@ -12,7 +12,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from diffusers.models.embeddings import get_timestep_embedding
 
 from unet import (SDXLUNet, SDXLUNetConfig, TransformerBlock, ResBlock, diffusers_to_sgm_unet, infer_sdxl_unet_config,
-                  load_sdxl_unet_state, sgm_key, timestep_embedding)
+                  load_sdxl_unet_state, sgm_key, sgm_to_diffusers_unet, timestep_embedding)
 
 # Two tiny configurations: SDXL-like (no attention at level 0), and one with attention at level 0,
 # none at level 1 (its upsampler then sits at output index .1) and a single ResBlock per level.
@@ -164,6 +164,8 @@ def test_full_size_renaming_against_diffusers():
     assert set(back) == set(ref_sd)
     mismatched = [d for d in ref_sd if sgm_key(d, cfg) != back[d]]
     assert not mismatched, mismatched[:10]
+    exported = sgm_to_diffusers_unet(ours, cfg)           # the inverse, for `sdxl.py export --format diffusers`
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
 
 
 def test_renaming_errors_list_every_problem():

@@ -27,8 +27,10 @@ From Python (imagenet64.py scores a generator without writing 50,000 files):
 import argparse
 import hashlib
 import io
+import math
 import os
 import pickle
+import pickletools
 import time
 import urllib.request
 import warnings
@@ -134,16 +136,55 @@ def _file_batches(path, names, open_file, idx, batch_size):
         yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # [B, 3, H, W]
 
 
+def _npz_headers(path):
+    """{key: (shape, dtype)} of the .npy arrays in an .npz, read from their headers (nothing is loaded), or a
+    ValueError naming the file. np.load would allocate what a header declares before reading the data, so each
+    declared size must match its member's size in the zip directory, and that size may not exceed what the member's
+    compressed bytes can hold (stored: itself; deflate: at most 1032x)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {info.filename[:-4]: _npy_header(archive, info)
+                    for info in archive.infolist() if info.filename.endswith(".npy")}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read this .npz ({type(e).__name__}: {e})") from None
+
+
+def _npy_header(archive, info):
+    ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}.get(info.compress_type)
+    if ratio is None or info.file_size > ratio * info.compress_size + 1024:
+        raise ValueError(f"member {info.filename} declares {info.file_size} bytes from {info.compress_size} "
+                         f"compressed ones (compression type {info.compress_type})")
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"member {info.filename} has .npy format version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if dtype.hasobject or dtype.fields is not None or f.tell() + nbytes != info.file_size:
+            raise ValueError(f"member {info.filename} is a {dtype} array of shape {shape} ({nbytes} bytes) stored "
+                             f"in {info.file_size - f.tell()} bytes (object arrays need pickle and are refused)")
+    return shape, dtype
+
+
+def _npz_load(path, key):
+    """One array of an .npz whose header _npz_headers has checked."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data[key]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{path}: cannot read array '{key}' ({type(e).__name__}: {e})") from None
+
+
 def _npz_images(path):
     """The uint8 image array of an .npz: ADM's sample/reference batches keep it under 'arr_0'."""
-    with np.load(path, allow_pickle=False) as data:
-        keys = list(data.keys())
-        key = "arr_0" if "arr_0" in keys else next((k for k in keys if data[k].ndim == 4), None)
-        images = data[key] if key is not None else None
-    if images is None or images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"{path}: no uint8 image array [N, H, W, 3] in this .npz (arrays: {keys}); statistics files "
+    headers = _npz_headers(path)
+    key = "arr_0" if "arr_0" in headers else next((k for k, (shape, _) in headers.items() if len(shape) == 4), None)
+    if key is None or len(headers[key][0]) != 4 or headers[key][1] != np.uint8:
+        found = {k: f"{dtype} {list(shape)}" for k, (shape, dtype) in headers.items()}
+        raise ValueError(f"{path}: no uint8 image array [N, H, W, 3] in this .npz (arrays: {found}); statistics files "
                          "go to --ref, not --images")
-    return images
+    return _npz_load(path, key)
 
 
 def _to_nchw(x, what):
@@ -376,23 +417,37 @@ def _persistent_obj(meta):
     if not isinstance(meta, dict) or meta.get("type") != "class" or meta.get("version") != 6:
         raise pickle.UnpicklingError("not a torch_utils.persistence (version 6) object")
     node = _Node()
-    node.class_name, node.state = meta["class_name"], meta["state"]
+    node.class_name, node.state = meta.get("class_name"), meta.get("state")
     return node
 
 
-def _load_storage_bytes(b):
-    """torch.storage._load_from_bytes, but with torch's own safe unpickler instead of a full one."""
-    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+_NUMPY_NAMES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")
+
+
+def _numpy_dtype(name, align=False, copy=False):
+    if not isinstance(name, str) or name not in _NUMPY_NAMES:
+        raise pickle.UnpicklingError(f"numpy dtype {name!r:.40} is not a plain numeric type")
+    return np.dtype(name, False, True)  # a copy: the BUILD that follows calls its __setstate__
 
 
 def _numpy_scalar(dtype, data):
-    """numpy's scalar(dtype, bytes), for plain dtypes only (an object dtype could smuggle in a pickle)."""
-    if dtype.hasobject:
-        raise pickle.UnpicklingError("numpy object scalars are not allowed")
-    return np.frombuffer(data, dtype=dtype)[0]
+    """numpy's scalar(dtype, bytes) for plain numbers only. The dtype's state comes from the file, and that state can
+    give an 'f8' object-typed fields while hasobject stays False (numpy would then read a pointer from the file's
+    bytes), so neither hasobject nor the object itself is trusted: only kind, fields and subdtype are checked, and the
+    bytes are decoded with a fresh dtype built from its type string."""
+    if not (isinstance(dtype, np.dtype) and dtype.kind in "biuf" and dtype.fields is None and dtype.subdtype is None):
+        raise pickle.UnpicklingError("numpy scalars must have a plain numeric dtype (no fields, subarrays or objects)")
+    plain = np.dtype(dtype.str)
+    if not (isinstance(data, bytes) and len(data) == plain.itemsize):
+        raise pickle.UnpicklingError(f"a numpy {plain} scalar needs {plain.itemsize} bytes")
+    return np.frombuffer(data, dtype=plain)[0]
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
+    """A view of the storage; as_strided refuses views reaching past its end. A stride-0 view over a huge shape costs
+    nothing here; its shape is checked against the model before any of its values are read."""
+    if not isinstance(storage, (torch.Tensor, torch.storage.TypedStorage)):
+        raise pickle.UnpicklingError(f"a tensor record refers to a {type(storage).__name__}, not a storage")
     flat = storage if isinstance(storage, torch.Tensor) else torch.empty(0, dtype=storage.dtype).set_(storage)
     return flat.as_strided(size, stride, offset)
 
@@ -400,40 +455,120 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
 _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
                    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+# Globals that build data. Those marked as copying make a new object as large as their argument; the unpickler
+# charges that size to a budget tied to the file's size (see _RestrictedUnpickler.call).
 _SAFE_GLOBALS = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set,  # protocol 2 (Python 2 compatible) names builtins so and stores bytes as latin-1 text
     ("__builtin__", "frozenset"): frozenset,
-    ("_codecs", "encode"): lambda text, encoding: str(text).encode("latin1"),
+    ("_codecs", "encode"): "encode",
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): lambda data, *unused: data,
     ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *unused: data,
-    ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
+    ("torch.storage", "_load_from_bytes"): "load_storage",
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_obj,
     ("torch.jit._pickle", "build_intlist"): list,
     ("torch.jit._pickle", "build_doublelist"): list,
     ("torch.jit._pickle", "build_boollist"): list,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _numpy_dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
 }
 _PLAIN_MODULES = {("torch.nn.modules.container", "Sequential"), ("torch.nn.modules.container", "ModuleList"),
                   ("torch.nn.modules.container", "ModuleDict"), ("torch.nn.modules.pooling", "MaxPool2d"),
                   ("torch.nn.modules.pooling", "AvgPool2d"), ("torch.nn.modules.linear", "Linear")}
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+class _BoundedReader:
+    """File wrapper for pickletools.genops that refuses any read longer than what is left of the stream."""
+
+    def __init__(self, f, end):
+        self.f, self.end = f, end
+
+    def read(self, n):
+        if n > self.end - self.f.tell():
+            raise pickle.UnpicklingError(f"an opcode at byte {self.f.tell()} declares {n} bytes, but only "
+                                         f"{self.end - self.f.tell()} are left")
+        return self.f.read(n)
+
+    def readline(self):
+        return self.f.readline()
+
+    def tell(self):
+        return self.f.tell()
+
+
+def _scan_pickle(f):
+    """Walk the opcode stream once before unpickling it (pickletools.genops: decodes, builds nothing) and return its
+    length. The C unpickler trusts two numbers from the file: a string's or frame's length, for which it allocates
+    before reading, and a memo index, for which it grows its memo table to index + 1 slots; so a 12-byte file can ask
+    for gigabytes. Here a length may not exceed the bytes left, and a memo index may not exceed the number of opcodes
+    read so far (picklers number memo entries 0, 1, 2, ..., one per object, each object at least one opcode). Both
+    are then bounded by the file's own size. Overriding the memo opcodes instead would need the slow pure-Python
+    unpickler; a pre-scan keeps the C one and checks the stream exactly as it will be read."""
+    start = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    f.seek(start)
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(_BoundedReader(f, end))):
+            if op.name in _MEMO_PUTS and not 0 <= arg <= count:
+                raise pickle.UnpicklingError(f"memo index {arg} at opcode {count} (a pickler numbers them 0, 1, ...)")
+            if op.name == "FRAME" and arg > end - f.tell():
+                raise pickle.UnpicklingError(f"a frame declares {arg} bytes, but only {end - f.tell()} are left")
+    except ValueError as e:  # genops' own errors: truncated stream, unknown opcode, malformed argument
+        raise pickle.UnpicklingError(f"malformed pickle stream ({e})") from None
+    f.seek(start)
+    return end - start
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals above; anything else (os.system, builtins.eval, ...) is refused."""
+    """Unpickler that resolves only the globals above; anything else (os.system, builtins.eval, ...) is refused.
+    The stream is pre-scanned (_scan_pickle), and globals that copy their argument (a memo reference can hand the
+    same large string to thousands of calls) share a budget of twice the stream's size plus 1 MiB."""
 
     def __init__(self, file, path, archive=None, prefix=""):
         super().__init__(file)
-        self.path, self.archive, self.prefix, self.storages = path, archive, prefix, {}
+        self.file, self.path, self.archive, self.prefix, self.storages = file, path, archive, prefix, {}
+        self.budget = 0
+
+    def load(self):
+        self.budget = 2 * _scan_pickle(self.file) + (1 << 20)
+        return super().load()
+
+    def charge(self, n):
+        self.budget -= n
+        if self.budget < 0:
+            raise pickle.UnpicklingError("the pickle builds more data than it holds (repeated references to large "
+                                         "objects); a weights file stores each tensor once")
+
+    def call(self, fn):
+        """fn, charged for the size of its sized arguments: set(), list(), OrderedDict() copy what they are given."""
+        def charged(*args):
+            self.charge(sum(len(a) for a in args if isinstance(a, (str, bytes, list, tuple, dict, set, frozenset))))
+            return fn(*args)
+        return charged
+
+    def encode(self, text, encoding="latin1"):
+        """_codecs.encode as protocol 2 uses it for bytes: only a str (str() of a nested structure could be huge)."""
+        if not (isinstance(text, str) and encoding == "latin1"):
+            raise pickle.UnpicklingError("_codecs.encode is allowed only on text, with the latin1 codec")
+        self.charge(len(text))
+        return text.encode("latin1")
+
+    def load_storage(self, b):
+        """torch.storage._load_from_bytes, but with torch's own safe unpickler instead of a full one."""
+        if not isinstance(b, bytes):
+            raise pickle.UnpicklingError("a storage record does not hold bytes")
+        self.charge(len(b))
+        return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
 
     def find_class(self, module, name):
         if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[module, name]
+            fn = _SAFE_GLOBALS[module, name]
+            return getattr(self, fn) if isinstance(fn, str) else self.call(fn)
         if module.startswith("__torch__.") or (module, name) in _PLAIN_MODULES:
             return _Node  # a TorchScript class or a torch.nn container/pool: only its state is kept
         if module == "torch" and name in _STORAGE_DTYPES and self.archive is not None:
@@ -446,8 +581,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if self.archive is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {pid!r:.80}")
         _, dtype, key, _, numel = pid
+        if not (isinstance(key, str) and isinstance(dtype, torch.dtype) and type(numel) is int):
+            raise pickle.UnpicklingError(f"{self.path}: malformed storage record {pid!r:.80}")
         if key not in self.storages:
-            data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            data = bytearray(_read_member(self.archive, f"{self.prefix}data/{key}", self.path))
             flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
             if flat.numel() != numel:
                 raise pickle.UnpicklingError(f"{self.path}: storage {key} holds {flat.numel()} values, expected {numel}")
@@ -455,22 +592,42 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def _flatten(node, prefix=""):
-    """Module.state_dict() of an unpickled tree: own parameters and persistent buffers, then children, names joined by '.'."""
-    state = node.state if isinstance(node.state, dict) else {}
-    if "_parameters" in state:  # a pickled nn.Module (NVIDIA's .pkl)
-        skip = state.get("_non_persistent_buffers_set", set())
-        items = [*state["_parameters"].items(), *[(k, v) for k, v in state.get("_buffers", {}).items() if k not in skip],
-                 *state.get("_modules", {}).items()]
-    else:  # a TorchScript object: parameters and submodules are plain attributes
-        items = state.items()
-    out = {}
-    for name, value in items:
-        if isinstance(value, torch.Tensor):
-            out[prefix + name] = value
-        elif isinstance(value, _Node):
-            out.update(_flatten(value, f"{prefix}{name}."))
+def _read_member(archive, name, path):
+    """A zip member's bytes, refusing one whose declared size exceeds the archive itself (torch writes them
+    uncompressed, so a larger one is a decompression bomb)."""
+    info = archive.getinfo(name)
+    if info.file_size > os.path.getsize(path):
+        raise pickle.UnpicklingError(f"{path}: zip member {name} declares {info.file_size} bytes, more than the file")
+    return archive.read(info)
+
+
+def _flatten(root):
+    """Module.state_dict() of an unpickled tree: own parameters and persistent buffers, then children, names joined
+    by '.'. Each node is visited once: a pickle can make a module its own child, or share one child between two
+    parents at every level, so that the names would double with each level."""
+    out, seen, todo = {}, set(), [(root, "")]
+    while todo:
+        node, prefix = todo.pop()
+        if id(node) in seen:
+            raise ValueError(f"module '{prefix.rstrip('.')}' occurs twice in the tree (a cycle or a shared module)")
+        seen.add(id(node))
+        state = node.state if isinstance(node.state, dict) else {}
+        if "_parameters" in state:  # a pickled nn.Module (NVIDIA's .pkl)
+            skip = state.get("_non_persistent_buffers_set", set())
+            items = [*_items(state, "_parameters"), *[(k, v) for k, v in _items(state, "_buffers") if k not in skip],
+                     *_items(state, "_modules")]
+        else:  # a TorchScript object: parameters and submodules are plain attributes
+            items = list(state.items())
+        out.update((prefix + str(k), v) for k, v in items if isinstance(k, str) and isinstance(v, torch.Tensor))
+        todo.extend((v, f"{prefix}{k}.") for k, v in reversed(items) if isinstance(k, str) and isinstance(v, _Node))
     return out
+
+
+def _items(state, key):
+    value = state.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"a pickled module's {key} is a {type(value).__name__}, not a dict")
+    return list(value.items())
 
 
 def _torchvision_names():
@@ -503,17 +660,24 @@ def _from_torchvision(sd, path):
     unknown = [k for k in sd if k not in known]
     if unknown:  # e.g. torchvision's own ImageNet Inception, which has AuxLogits and different weights
         raise ValueError(f"{path}: unexpected tensors for the FID Inception, e.g. {unknown[:3]}")
+    with torch.device("meta"):  # shapes only
+        wanted = InceptionV3().state_dict()
     out = {}
     for tv, nv in names.items():
         missing = [f"{tv}.{p}" for p in params[:-1] if f"{tv}.{p}" not in sd]  # num_batches_tracked is optional
         if missing:
             raise ValueError(f"{path}: pytorch-fid style checkpoint without {missing[0]}")
-        if not torch.all(sd[f"{tv}.bn.weight"] == 1):  # TF's batch norm here has no scale; torchvision's would apply one
-            raise ValueError(f"{path}: {tv}.bn.weight is not all ones, so these are not the FID Inception weights")
         out[f"layers.{nv}.weight"] = sd[f"{tv}.conv.weight"]
         out[f"layers.{nv}.beta"] = sd[f"{tv}.bn.bias"]
         out[f"layers.{nv}.mean"] = sd[f"{tv}.bn.running_mean"]
         out[f"layers.{nv}.var"] = sd[f"{tv}.bn.running_var"]
+        # Shapes before values: a stride-0 view of one number can declare any shape, and comparing it with 1 would
+        # allocate that whole shape.
+        if not all(out[f"layers.{nv}.{p}"].shape == wanted[f"layers.{nv}.{p}"].shape for p in ("weight", "beta")) \
+                or sd[f"{tv}.bn.weight"].shape != wanted[f"layers.{nv}.beta"].shape:
+            raise ValueError(f"{path}: {tv} has the wrong shapes for the FID Inception")
+        if not torch.all(sd[f"{tv}.bn.weight"] == 1):  # TF's batch norm here has no scale; torchvision's would apply one
+            raise ValueError(f"{path}: {tv}.bn.weight is not all ones, so these are not the FID Inception weights")
     return out
 
 
@@ -531,7 +695,8 @@ def read_inception_weights(path):
                 if any("/code/" in n or n.endswith("constants.pkl") for n in names):  # a TorchScript archive
                     data_pkl = next(n for n in names if n.endswith("data.pkl"))
                     prefix = data_pkl[: -len("data.pkl")]
-                    unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(data_pkl)), path, archive, prefix)
+                    unpickler = _RestrictedUnpickler(io.BytesIO(_read_member(archive, data_pkl, path)), path,
+                                                     archive, prefix)
                     sd = _flatten(unpickler.load())
                 else:  # a torch.save zip (e.g. a state dict)
                     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -679,19 +844,21 @@ def save_stats(path, mu, sigma):
 
 def load_stats(path):
     """(mu [D], sigma [D, D]) float64 from an .npz with keys 'mu' and 'sigma' (EDM's imagenet-64x64.npz, ADM's batches)."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read statistics ({e})") from e
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: statistics must be an .npz with arrays 'mu' and 'sigma'")
-    with data:
-        if "mu" not in data.files or "sigma" not in data.files:
-            raise ValueError(f"{path}: statistics need arrays 'mu' and 'sigma'; this file has {data.files}")
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ValueError(f"{path}: expected mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
-    return mu, sigma
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: cannot read statistics (no such file)")
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise ValueError(f"{path}: statistics must be an .npz with arrays 'mu' and 'sigma', not a single .npy array")
+    headers = _npz_headers(path)
+    if "mu" not in headers or "sigma" not in headers:
+        raise ValueError(f"{path}: statistics need arrays 'mu' and 'sigma'; this file has {list(headers)}")
+    (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = headers["mu"], headers["sigma"]
+    if mu_dtype.kind not in "fiu" or sigma_dtype.kind not in "fiu":
+        raise ValueError(f"{path}: 'mu' and 'sigma' must be numbers, got {mu_dtype} and {sigma_dtype}")
+    if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
+        raise ValueError(f"{path}: expected mu [D] and sigma [D, D], got {mu_shape} and {sigma_shape}")
+    return _npz_load(path, "mu").astype(np.float64), _npz_load(path, "sigma").astype(np.float64)
 
 
 def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device="cpu", progress=True, seed=0, method="sqrtm"):

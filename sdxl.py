@@ -137,7 +137,8 @@ UNUSED_KEYS = {PREFIX_CLIP_L + "embeddings.position_ids",           # the consta
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# safetensors by hand (huggingface/safetensors format): [8-byte little-endian header length N][N bytes of JSON][raw little-endian tensor data].
+# safetensors by hand (huggingface/safetensors format):
+# [8-byte little-endian header length N][N bytes of JSON][raw little-endian tensor data].
 # Each JSON entry is name -> {"dtype", "shape", "data_offsets": [begin, end]}, offsets relative to the data section.
 
 SAFETENSORS_DTYPES = {
@@ -148,6 +149,7 @@ SAFETENSORS_DTYPES = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit; a real header is ~200 KB
+MAX_DIMS = 64  # a generous bound (real tensors have <= 5 dims); without one a 100 MB header could list 50M zero dims
 
 
 def _reject_duplicates(pairs):
@@ -156,6 +158,49 @@ def _reject_duplicates(pairs):
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
     return dict(pairs)
+
+
+def _parse_header_json(path, raw):
+    """The header's JSON object; a clear error for bad UTF-8/JSON, nesting too deep to parse, or a non-object."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: header is not valid UTF-8 JSON or is nested too deeply ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    # The reference reader (safetensors' Rust serde types) takes a missing or null __metadata__ as none, and refuses
+    # anything but a map of strings to strings: [], 0, false and "" are errors there, so they are errors here.
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ValueError(f"{path}: __metadata__ must be an object mapping strings to strings, got {metadata!r:.200}")
+    return header, metadata
+
+
+def _check_entry(path, name, e, data_size):
+    """(torch dtype, shape, begin, end) of one header entry, or a ValueError naming the file, tensor and fault."""
+    if not (isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= e.keys()):
+        raise ValueError(f"{path}: tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', got {e!r:.200}")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype!r:.100} "
+                         f"(known: {', '.join(SAFETENSORS_DTYPES)})")
+    # torch needs every dim, and every stride (the product of the non-zero dims), to fit an int64; a zero-size
+    # tensor passes the byte-count check below whatever its other dims are, so this is checked on its own.
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and d >= 0 for d in shape)
+            and math.prod(max(d, 1) for d in shape) < 2 ** 63):
+        raise ValueError(f"{path}: tensor {name!r} has invalid shape {shape!r:.200} (at most {MAX_DIMS} dims of "
+                         f"non-negative integers whose non-zero product is below 2**63)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r:.200} "
+                         f"outside the {data_size}-byte data section")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{path}: tensor {name!r} is {dtype} {shape}, i.e. {nbytes} bytes, "
+                         f"but its data_offsets {offsets} span {offsets[1] - offsets[0]} bytes")
+    return SAFETENSORS_DTYPES[dtype], tuple(shape), offsets[0], offsets[1]
 
 
 def read_safetensors_header(path):
@@ -168,36 +213,13 @@ def read_safetensors_header(path):
         raise ValueError(f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length)")
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        if n > MAX_HEADER_BYTES or n > size - 8:  # checked before allocating anything: a corrupt length never becomes a giant read
-            raise ValueError(f"{path}: header length {n} is larger than the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit")
+        if n > MAX_HEADER_BYTES or n > size - 8:  # checked before allocating: no giant read
+            raise ValueError(f"{path}: header length {n} is larger than the file ({size} bytes) "
+                             f"or the {MAX_HEADER_BYTES}-byte limit")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"{path}: __metadata__ must map strings to strings")
+    header, metadata = _parse_header_json(path, raw)
     data_start, data_size = 8 + n, size - 8 - n
-    entries = {}
-    for name, e in header.items():
-        if not (isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= e.keys()):
-            raise ValueError(f"{path}: tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', got {e!r:.200}")
-        dtype, shape, offsets = SAFETENSORS_DTYPES.get(e["dtype"]), e["shape"], e["data_offsets"]
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has unknown dtype {e['dtype']!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise ValueError(f"{path}: tensor {name!r} has invalid shape {shape!r:.200}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r:.200} outside the {data_size}-byte data section")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if offsets[1] - offsets[0] != nbytes:
-            raise ValueError(f"{path}: tensor {name!r} is {e['dtype']} {shape}, i.e. {nbytes} bytes, "
-                             f"but its data_offsets {offsets} span {offsets[1] - offsets[0]} bytes")
-        entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
+    entries = {name: _check_entry(path, name, e, data_size) for name, e in header.items()}
     # The format requires the tensors to tile the data section exactly: no gaps, no overlaps, nothing after the end.
     end = 0
     for name, (_, _, begin, stop) in sorted(entries.items(), key=lambda item: item[1][2:]):
@@ -206,7 +228,8 @@ def read_safetensors_header(path):
                              f"({'overlap' if begin < end else 'gap'} between tensors)")
         end = stop
     if end != data_size:
-        raise ValueError(f"{path}: tensors cover {end} bytes but the data section has {data_size} (truncated or trailing bytes)")
+        raise ValueError(f"{path}: tensors cover {end} bytes but the data section has {data_size} "
+                         f"(truncated or trailing bytes)")
     return entries, metadata, data_start
 
 

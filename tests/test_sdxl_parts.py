@@ -143,13 +143,31 @@ def corrupt_file(tmp_path, case):
         "trailing bytes": pack(good, data + bytes(4)),
         "duplicate key": pack(b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
                               b' "a": {"dtype": "F16", "shape": [2], "data_offsets": [8, 12]}}'),
+        "metadata []": pack({"__metadata__": [], **good}),
+        "metadata 0": pack({"__metadata__": 0, **good}),
+        "metadata false": pack({"__metadata__": False, **good}),
+        'metadata ""': pack({"__metadata__": "", **good}),
+        "metadata value not a string": pack({"__metadata__": {"step": 3}, **good}),
+        "dtype not a string": edit(dtype=["F32"]),
+        "deeply nested": pack(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b""),
+        "zero-size dim 2**63": pack({**good, "z": {"dtype": "F32", "shape": [0, 2 ** 63], "data_offsets": [12, 12]}}),
+        "zero-size dim 2**64": pack({**good, "z": {"dtype": "F32", "shape": [0, 2 ** 64], "data_offsets": [12, 12]}}),
+        "zero-size strides overflow": pack({**good, "z": {"dtype": "F32", "shape": [0, 2 ** 62, 4],
+                                                          "data_offsets": [12, 12]}}),
+        "too many dims": pack({**good, "z": {"dtype": "F32", "shape": [0] * 1000, "data_offsets": [12, 12]}}),
     }[case]
 
 
 CORRUPT_CASES = ["short file", "truncated data", "header length huge", "header length past end", "bad json", "not utf-8",
                  "header not an object", "offsets out of range", "wrong size", "unknown dtype", "negative shape",
-                 "missing field", "overlap", "gap", "trailing bytes", "duplicate key"]
-REFERENCE_ACCEPTS = {"duplicate key"}  # the Rust reader's JSON map keeps the last entry; we refuse the ambiguity
+                 "missing field", "overlap", "gap", "trailing bytes", "duplicate key",
+                 "metadata []", "metadata 0", "metadata false", 'metadata ""', "metadata value not a string",
+                 "dtype not a string", "deeply nested", "zero-size dim 2**63", "zero-size dim 2**64",
+                 "zero-size strides overflow", "too many dims"]
+# The Rust reader's JSON map keeps the last of two equal keys; we refuse the ambiguity. A zero-size tensor whose
+# strides overflow int64, or with 1000 dims, is accepted there; torch cannot make the first, and nothing real has the
+# second (a 100 MB header could otherwise list 50M dims).
+REFERENCE_ACCEPTS = {"duplicate key", "zero-size strides overflow", "too many dims"}
 
 
 @pytest.mark.parametrize("case", CORRUPT_CASES)
@@ -162,6 +180,17 @@ def test_corrupt_files_are_refused(tmp_path, case):
     if case not in REFERENCE_ACCEPTS:  # our notion of "corrupt" agrees with the reference reader
         with pytest.raises(Exception):
             load_file(str(path))
+
+
+def test_missing_or_null_metadata_is_none(tmp_path):
+    from safetensors.torch import load_file
+    good = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    for i, header in enumerate([good, {"__metadata__": None, **good}, {"__metadata__": {}, **good}]):
+        path = tmp_path / f"m{i}.safetensors"
+        raw = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+        assert sdxl.read_safetensors_header(str(path))[1] == {}
+        assert torch.equal(sdxl.read_safetensors(str(path))["a"], load_file(str(path))["a"])
 
 
 def test_write_is_atomic_and_validates(tmp_path):

@@ -1,13 +1,19 @@
-"""SDXL in plain PyTorch, and DMD2's 4-step text-to-image distillation of it (Yin et al. 2024, Sec. 4.4-4.5, 5, App. C, F.4).
+"""DMD2 on SDXL: 4-step text-to-image distillation (Yin et al. 2024, Sec. 3-5, App. C, F.4), in plain PyTorch.
 
-Reads Stability's single-file checkpoint `sd_xl_base_1.0.safetensors` with a hand-written safetensors reader
-and rebuilds the two text encoders (CLIP ViT-L/14, OpenCLIP ViT-bigG/14), their BPE tokenizer, the
-micro-conditioning vector and the VAE, with module names equal to the checkpoint's keys so that loading
-needs no renaming table; the UNet is in unet.py. Then: the DDPM schedule, DMD2's 4-step / 1-step samplers and
-the teacher's Euler sampler with classifier-free guidance, and DMD2 training (distribution matching, fake-score
-update with TTUR, GAN head on the fake UNet, backward simulation). Only torch, numpy, pillow, tqdm and scipy are imported.
-Upstream sources of each part are named where it is built: Stability-AI/generative-models ("sgm"), openai/CLIP,
-mlfoundations/open_clip, huggingface transformers/diffusers (test references), tianweiy/DMD2.
+PART 1 is the method. A student generator G, initialised from SDXL base, maps noise to latents in 4 steps
+(t = 999, 749, 499, 249). Each iteration it is trained by the four ideas of DMD2, under the same headings as in
+toy2d.py and imagenet64.py:
+  1. distribution matching: the frozen teacher's x0-prediction minus the fake score's pulls G's output toward the
+     teacher's distribution (gradient descent moves x along x0_real - x0_fake);
+  2. the fake score, a copy of the base UNet trained on G's outputs, updated 5x as often as G (TTUR);
+  3. a GAN head on the fake score's middle block, trained on real latents vs G's, whose loss G also minimises;
+  4. backward simulation: G's input at step k is made by G's own first k steps, as at inference.
+Then the loop (generator_turn, fake_score_turn), generation, run plumbing and the command line.
+PART 2 is SDXL without diffusers: the CLIP tokenizer, the two text encoders (CLIP ViT-L/14, OpenCLIP ViT-bigG/14), the
+micro-conditioning vector, the VAE, and the loading of any SDXL-format single file through a hand-written safetensors
+reader; module names equal the checkpoint's keys, and the UNet is in unet.py. Only torch, numpy, pillow, tqdm and
+scipy are imported. Sources are named where each part is built: tianweiy/DMD2, Stability-AI/generative-models
+("sgm"), openai/CLIP, mlfoundations/open_clip; huggingface transformers/diffusers are test references only.
 
 Generate (one GPU; ~7 GB of weights: bf16 UNet and text encoders, fp32 VAE; the UNet file is tianweiy/DMD2's release):
     python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin \
@@ -75,8 +81,9 @@ except ImportError:
 import unet
 from unet import SDXLUNet, SDXLUNetConfig, diffusers_to_sgm_unet, load_sdxl_unet_state, timestep_embedding
 
-# ----------------------------------------------------------------------------------------------------------------
-# Defaults: the official SDXL 4-step run (tianweiy/DMD2 experiments/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_scratch.sh, paper App. F.4).
+# ----------------------------------------------------------------------------------------------------------------------
+# Defaults: the official SDXL 4-step run (paper App. F.4; tianweiy/DMD2 experiments/sdxl/
+# sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_scratch.sh).
 
 @dataclass
 class Config:
@@ -124,19 +131,8 @@ PRESETS = {
                  fake_score_lr=1e-4, warmup_steps=0, precision="fp32", log_every=1, ckpt_every=5, sample_every=5),
 }
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-VOCAB_PATH = os.path.join(HERE, "bpe_simple_vocab_16e6.txt.gz")  # CLIP's BPE merges (MIT, from open_clip/openai CLIP)
 
-# Prefixes of the three parts inside sd_xl_base_1.0.safetensors (587 + 248 + 1680 = 2515 tensors, all F16).
-PREFIX_CLIP_L = "conditioner.embedders.0.transformer.text_model."  # CLIP ViT-L/14, Hugging Face names
-PREFIX_CLIP_G = "conditioner.embedders.1.model."                    # OpenCLIP ViT-bigG/14, open_clip names
-PREFIX_VAE = "first_stage_model."                                   # ldm/sgm AutoencoderKL names
-PREFIX_UNET = "model.diffusion_model."                              # sgm UNet names (see unet.py)
-UNUSED_KEYS = {PREFIX_CLIP_L + "embeddings.position_ids",           # the constant arange(77), stored as F16
-               PREFIX_CLIP_G + "logit_scale"}                       # CLIP's contrastive temperature, unused by SDXL
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # safetensors by hand (huggingface/safetensors format):
 # [8-byte little-endian header length N][N bytes of JSON][raw little-endian tensor data].
 # Each JSON entry is name -> {"dtype", "shape", "data_offsets": [begin, end]}, offsets relative to the data section.
@@ -147,8 +143,14 @@ SAFETENSORS_DTYPES = {
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit; a real header is ~200 KB
+
+
 MAX_DIMS = 64  # a generous bound (real tensors have <= 5 dims); without one a 100 MB header could list 50M zero dims
 
 
@@ -290,560 +292,11 @@ def write_safetensors(path, tensors, metadata=None):
         raise
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CLIP BPE tokenizer (openai/CLIP simple_tokenizer.py, open_clip tokenizer.py), shared by both encoders; only the
-# padding id differs.
-# Pipeline: clean text -> split into pre-tokens -> UTF-8 bytes as printable characters -> byte-pair merges -> ids.
-
-SOT, EOT = 49406, 49407                                  # <|startoftext|>, <|endoftext|>
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-NUM_MERGES = 49152 - 256 - 2                             # CLIP's vocabulary is 49,408 = 2*256 byte symbols + 48,894 merges + 2 specials
-
-
-def bytes_to_unicode():
-    """byte -> printable character (GPT-2/CLIP): the 188 printable bytes map to themselves, the other 68 to chr(256+n),
-    so BPE works on visible characters. Returned in vocabulary order (printable bytes first)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
-
-
-BYTE_TO_CHAR = bytes_to_unicode()
-
-
-@functools.lru_cache(maxsize=4)
-def load_clip_vocab(path=VOCAB_PATH):
-    """(vocab {symbol: id}, merge ranks {(left, right): rank}) from bpe_simple_vocab_16e6.txt.gz."""
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the CLIP BPE vocabulary ({e})") from None
-    merges = [tuple(line.split()) for line in lines[1:1 + NUM_MERGES]]  # line 0 is a version header
-    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
-        raise ValueError(f"{path}: expected {NUM_MERGES} merge lines of two symbols after the header")
-    base = list(BYTE_TO_CHAR.values())
-    symbols = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
-    return {s: i for i, s in enumerate(symbols)}, {m: i for i, m in enumerate(merges)}
-
-
-def clean_text(text):
-    """CLIP's clean-up without ftfy: unescape HTML twice, NFC-normalise, collapse whitespace, lowercase.
-
-    ftfy.fix_text (upstream; not a dependency here) would also repair mojibake, uncurl quotes and fold some compatibility
-    characters; Hugging Face's fast CLIP tokenizer (used by diffusers and DMD2) skips ftfy too. ASCII prompts are
-    unaffected either way."""
-    text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def _char_class(ch):
-    """'L' letter, 'N' number, ' ' whitespace, 'P' anything else (\\p{L}, \\p{N}, \\s of CLIP's pattern)."""
-    if ch.isspace():
-        return " "
-    kind = unicodedata.category(ch)[0]
-    return kind if kind in "LN" else "P"
-
-
-def pre_tokenize(text):
-    """Split cleaned text like CLIP's pattern (which needs the third-party `regex` module for \\p{L}, \\p{N}):
-        <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+
-    At each position: a special token or contraction if one starts here, else a maximal run of letters, ONE number
-    character (so "2024" gives four pre-tokens), or a maximal run of other non-space characters; spaces separate."""
-    words, i = [], 0
-    while i < len(text):
-        literal = next((s for s in SPECIAL_TOKENS + CONTRACTIONS if text.startswith(s, i)), None)
-        kind = _char_class(text[i])
-        if literal:
-            j = i + len(literal)
-        elif kind == " ":
-            i += 1
-            continue
-        else:
-            j = i + 1
-            while kind != "N" and j < len(text) and _char_class(text[j]) == kind:
-                j += 1
-        words.append(text[i:j])
-        i = j
-    return words
-
-
-def bpe(word, ranks):
-    """Byte-pair encode one pre-token given as byte characters: the last symbol carries the end-of-word mark </w>;
-    repeatedly merge every occurrence (left to right) of the adjacent pair with the lowest rank until none is ranked."""
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(parts) > 1:
-        rank, pair = min((ranks.get(p, math.inf), p) for p in zip(parts, parts[1:]))
-        if rank == math.inf:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def word_ids(word, vocab_path=VOCAB_PATH):
-    """Token ids of one pre-token, cached: prompts repeat their words (1,000 varied prompts hold ~45k words, ~8.5k of
-    them distinct), and merging a word again was most of the tokenizer's time. -> tuple of ids"""
-    vocab, ranks = load_clip_vocab(vocab_path)
-    if word in SPECIAL_TOKENS:
-        return (vocab[word],)
-    return tuple(vocab[p] for p in bpe("".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8")), ranks))
-
-
-def encode_text(text, vocab_path=VOCAB_PATH):
-    """Token ids of one string, without start/end tokens or padding."""
-    return [i for word in pre_tokenize(clean_text(text)) for i in word_ids(word, vocab_path)]
-
-
-def tokenize(texts, pad_with="end", context_length=77, vocab_path=VOCAB_PATH):
-    """[SOT] + at most context_length-2 tokens + [EOT] + padding -> LongTensor [B, context_length].
-
-    pad_with="end" pads with EOT 49407 (CLIP-L: Hugging Face's tokenizer, as sgm and DMD2 use it);
-    pad_with="zero" pads with id 0, i.e. "!" (bigG: open_clip.tokenize). The padded positions are not masked in the
-    UNet's cross-attention, so the difference reaches the image."""
-    if pad_with not in ("end", "zero"):
-        raise ValueError(f"pad_with must be 'end' (CLIP-L) or 'zero' (bigG), got {pad_with!r}")
-    pad = EOT if pad_with == "end" else 0
-    rows = []
-    for text in [texts] if isinstance(texts, str) else texts:
-        ids = [SOT] + encode_text(text, vocab_path)[:context_length - 2] + [EOT]  # long prompts keep their EOT
-        rows.append(ids + [pad] * (context_length - len(ids)))
-    return torch.tensor(rows, dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text encoders (sgm FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2): pre-LN causal transformers.
-# CLIP-L keeps Hugging Face's names, bigG keeps open_clip's.
-
-@dataclass
-class TextConfig:
-    width: int = 768          # hidden size; the MLP is 4x wider
-    layers: int = 12          # transformer blocks
-    heads: int = 12           # attention heads of width//heads channels
-    act: str = "quick_gelu"   # "quick_gelu" x*sigmoid(1.702x) (CLIP-L) or "gelu", exact erf GELU (bigG)
-    embed_dim: int = 0        # text_projection output width (bigG 1280); 0: no projection (CLIP-L)
-    vocab: int = 49408        # token embedding rows
-    context: int = 77         # positions
-
-
-CLIP_L = TextConfig()                                                                  # 123,060,480 parameters
-CLIP_G = TextConfig(width=1280, layers=32, heads=20, act="gelu", embed_dim=1280)       # 694,659,840 parameters
-
-
-def activation(name, x):
-    return x * torch.sigmoid(1.702 * x) if name == "quick_gelu" else F.gelu(x)
-
-
-def causal_attention(q, k, v, heads):
-    """Multi-head softmax attention where token i sees tokens <= i. q, k, v [B, T, W] -> [B, T, W]."""
-    B, T, W = q.shape
-    q, k, v = (x.view(B, T, heads, W // heads).transpose(1, 2) for x in (q, k, v))  # [B, heads, T, W/heads]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, W)
-
-
-class CLIPLayer(nn.Module):
-    """One CLIP-L block, Hugging Face names: x += attn(LN1(x)); x += fc2(act(fc1(LN2(x))))."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        W, self.heads, self.act = cfg.width, cfg.heads, cfg.act
-        self.self_attn = nn.ModuleDict({n: nn.Linear(W, W) for n in ("q_proj", "k_proj", "v_proj", "out_proj")})
-        self.layer_norm1 = nn.LayerNorm(W)
-        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(W, 4 * W), fc2=nn.Linear(4 * W, W)))
-        self.layer_norm2 = nn.LayerNorm(W)
-
-    def forward(self, x):  # [B, T, W]
-        a, h = self.self_attn, self.layer_norm1(x)
-        x = x + a.out_proj(causal_attention(a.q_proj(h), a.k_proj(h), a.v_proj(h), self.heads))
-        return x + self.mlp.fc2(activation(self.act, self.mlp.fc1(self.layer_norm2(x))))
-
-
-class CLIPTextModel(nn.Module):
-    """CLIP ViT-L/14 text tower; state_dict keys = the checkpoint's under PREFIX_CLIP_L."""
-
-    def __init__(self, cfg=CLIP_L):
-        super().__init__()
-        self.embeddings = nn.ModuleDict(dict(token_embedding=nn.Embedding(cfg.vocab, cfg.width),
-                                        position_embedding=nn.Embedding(cfg.context, cfg.width)))
-        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))))
-        self.final_layer_norm = nn.LayerNorm(cfg.width)  # in the checkpoint, unused by SDXL
-
-    def forward(self, ids):  # ids [B, T] -> penultimate hidden state [B, T, W]
-        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[:ids.shape[1]]
-        for layer in self.encoder.layers[:-1]:  # SDXL takes the output of layer 11 of 12, without the final LayerNorm
-            x = layer(x)
-        return x
-
-
-class OpenCLIPBlock(nn.Module):
-    """One bigG block, open_clip names; attn.in_proj_weight stacks the q, k, v rows as nn.MultiheadAttention does."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        W, self.heads, self.act = cfg.width, cfg.heads, cfg.act
-        self.ln_1 = nn.LayerNorm(W)
-        self.attn = nn.Module()
-        self.attn.in_proj_weight = nn.Parameter(torch.randn(3 * W, W) * W ** -0.5)  # [q; k; v] rows
-        self.attn.in_proj_bias = nn.Parameter(torch.zeros(3 * W))
-        self.attn.out_proj = nn.Linear(W, W)
-        self.ln_2 = nn.LayerNorm(W)
-        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(W, 4 * W), c_proj=nn.Linear(4 * W, W)))
-
-    def forward(self, x):  # [B, T, W]
-        q, k, v = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
-        x = x + self.attn.out_proj(causal_attention(q, k, v, self.heads))
-        return x + self.mlp.c_proj(activation(self.act, self.mlp.c_fc(self.ln_2(x))))
-
-
-class OpenCLIPTextModel(nn.Module):
-    """OpenCLIP ViT-bigG/14 text tower; state_dict keys = the checkpoint's under PREFIX_CLIP_G."""
-
-    def __init__(self, cfg=CLIP_G):
-        super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.randn(cfg.context, cfg.width) * 0.01)
-        self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(OpenCLIPBlock(cfg) for _ in range(cfg.layers))))
-        self.ln_final = nn.LayerNorm(cfg.width)
-        self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.embed_dim) * cfg.width ** -0.5)  # used as x @ W
-
-    def forward(self, ids):  # ids [B, T] (EOT = largest id) -> penultimate [B, T, W], pooled [B, embed_dim]
-        x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]
-        for block in self.transformer.resblocks[:-1]:
-            x = block(x)
-        penultimate = x                                           # input of the last block, no ln_final (layer="penultimate")
-        x = self.ln_final(self.transformer.resblocks[-1](x))
-        eot = x[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]  # [B, W] features at each EOT token
-        return penultimate, eot @ self.text_projection
-
-
-def encode_prompt(clip_l, clip_g, prompts, vocab_path=VOCAB_PATH):
-    """prompts (list of str) -> context [B, 77, 768+1280] = [CLIP-L | bigG] penultimate states, pooled bigG [B, 1280]."""
-    device = clip_l.embeddings.token_embedding.weight.device
-    ids_l = tokenize(prompts, "end", clip_l.embeddings.position_embedding.num_embeddings, vocab_path).to(device)
-    ids_g = tokenize(prompts, "zero", clip_g.positional_embedding.shape[0], vocab_path).to(device)
-    context_g, pooled = clip_g(ids_g)
-    return torch.cat([clip_l(ids_l).to(context_g.dtype), context_g], dim=-1), pooled
-
-
-SIZE_COND_DIM = 6 * 256  # the six size embeddings that follow the pooled text embedding in y
-
-
-def vector_cond(pooled, original_size=(1024, 1024), crop_coords=(0, 0), target_size=(1024, 1024)):
-    """SDXL micro-conditioning y (SDXL paper Sec. 2.2; sgm ConcatTimestepEmbedderND): [pooled bigG | E(orig h) E(orig w) E(crop top) E(crop left) E(target h) E(target w)],
-    each E a 256-d embedding of the raw pixel number. pooled [B, 1280] -> y [B, 1280 + 6*256 = 2816]; sizes are (height, width)."""
-    sizes = torch.tensor([*original_size, *crop_coords, *target_size], dtype=torch.float32, device=pooled.device)  # [6]
-    emb = timestep_embedding(sizes, 256).reshape(1, SIZE_COND_DIM).expand(len(pooled), -1)                          # [B, 1536]
-    return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# VAE (sgm diffusionmodules/model.py): ldm/sgm AutoencoderKL with its names. Encoder: image [-1, 1] -> 8x smaller latent; decoder: back.
-# All GroupNorms are 32 groups, eps 1e-6. Run it in fp32 or bf16: SDXL's VAE overflows in fp16 (NaN / black images).
-
-@dataclass
-class VAEConfig:
-    ch: int = 128                   # width of the full-resolution level (a multiple of 32 for GroupNorm)
-    ch_mult: tuple = (1, 2, 4, 4)   # width multiplier per level; every level but the last changes resolution by 2
-    num_res_blocks: int = 2         # ResnetBlocks per encoder level (the decoder has one more)
-    z_channels: int = 4             # latent channels
-    scale_factor: float = 0.13025   # latents = z * scale_factor have roughly unit variance (SDXL's value)
-
-
-def group_norm(channels):
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        if cin != cout:
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
-
-    def forward(self, x):  # [B, cin, H, W] -> [B, cout, H, W]
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions; q, k, v, proj_out are 1x1 convs."""
-
-    def __init__(self, C):
-        super().__init__()
-        self.norm = group_norm(C)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(C, C, 1) for _ in range(4))
-
-    def forward(self, x):  # [B, C, H, W]
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # [B, HW, C]
-        h = F.scaled_dot_product_attention(q, k, v)                                          # softmax(q k^T / sqrt(C)) v
-        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
-
-
-def mid_block(C):
-    return nn.ModuleDict(dict(block_1=ResnetBlock(C, C), attn_1=AttnBlock(C), block_2=ResnetBlock(C, C)))
-
-
-def run_mid(mid, x):
-    return mid.block_2(mid.attn_1(mid.block_1(x)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
-        self.down, cin = nn.ModuleList(), cfg.ch
-        for i, cout in enumerate(widths):
-            level = nn.ModuleDict(dict(block=nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks))))
-            if i < len(widths) - 1:
-                level["downsample"] = nn.ModuleDict(dict(conv=nn.Conv2d(cout, cout, 3, stride=2)))
-            self.down.append(level)
-            cin = cout
-        self.mid = mid_block(cin)
-        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
-
-    def forward(self, x):  # [B, 3, H, W] -> mean and log-variance [B, 2*z, H/f, W/f]
-        x = self.conv_in(x)
-        for level in self.down:
-            for block in level.block:
-                x = block(x)
-            if "downsample" in level:
-                x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric zero pad, then stride-2 conv without padding
-        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, x))))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        cin = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
-        self.mid = mid_block(cin)
-        levels = []
-        for i in reversed(range(len(widths))):  # built deepest first, stored by level index: up.0 is full resolution
-            level = nn.ModuleDict(dict(block=nn.ModuleList(ResnetBlock(cin if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1))))
-            if i > 0:
-                level["upsample"] = nn.ModuleDict(dict(conv=nn.Conv2d(widths[i], widths[i], 3, padding=1)))
-            levels.insert(0, level)
-            cin = widths[i]
-        self.up = nn.ModuleList(levels)
-        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 3, 3, padding=1)
-
-    def forward(self, z):  # [B, z, h, w] -> [B, 3, h*f, w*f]
-        x = run_mid(self.mid, self.conv_in(z))
-        for level in reversed(self.up):  # up.3 (deepest) ... up.0
-            for block in level.block:
-                x = block(x)
-            if "upsample" in level:
-                x = level.upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(x)))
-
-
-class AutoencoderKL(nn.Module):
-    """SDXL's VAE; state_dict keys = the checkpoint's under PREFIX_VAE. Latents are scaled by scale_factor."""
-
-    def __init__(self, cfg=VAEConfig()):
-        super().__init__()
-        self.scale_factor = cfg.scale_factor
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
-
-    def encode(self, images, sample=False, generator=None):
-        """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, z, H/f, W/f]: the posterior mean, or a sample of
-        N(mean, exp(logvar)) when sample=True (DMD2's real images for the GAN branch are sampled)."""
-        dtype = self.quant_conv.weight.dtype
-        mean, logvar = self.quant_conv(self.encoder(images.to(dtype))).chunk(2, dim=1)
-        if sample:
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean * self.scale_factor
-
-    def decode(self, latents):
-        """scaled latents [B, z, h, w] -> images [B, 3, f*h, f*w], roughly in [-1, 1]."""
-        z = latents.to(self.post_quant_conv.weight.dtype) / self.scale_factor
-        return self.decoder(self.post_quant_conv(z))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading the single-file checkpoint.
-
-def check_state(module, state, path, what):
-    """Raise ValueError naming path if state's keys or shapes differ from module's (missing, unexpected, mismatched)."""
-    own = module.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    mismatched = [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}"
-                  for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
-    problems = [f"  {title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-                for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
-    if problems:
-        raise ValueError(f"{path}: the {what} weights do not match the model:\n" + "\n".join(problems))
-
-
-def load_part(module_fn, path, prefix, what, device, dtype):
-    """Build a module on the meta device (no memory, no init), check the file's tensors under prefix, then adopt them
-    one by one converted to (device, dtype): peak memory is the converted module, never the whole file."""
-    with torch.device("meta"):
-        module = module_fn()
-    state = {k: v for k, v in read_safetensors(path, prefix).items() if prefix + k not in UNUSED_KEYS}
-    check_state(module, state, path, what)
-    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
-    return module.eval().requires_grad_(False)
-
-
-def infer_configs(path, parts=("clip_l", "clip_g", "vae", "unet")):
-    """{clip_l, clip_g, vae, unet} configs (those named in parts) of any SDXL-format single file: the base, smaller
-    SDXL-family files, tiny test files. Read from its tensor shapes alone (widths, layers, levels and blocks are
-    counted); what the weights do not hold follows SDXL's conventions (64-channel attention heads, CLIP-L quick_gelu,
-    bigG gelu, VAE scale 0.13025). ValueError naming the file and what could not be inferred."""
-    shapes = {k: shape for k, (_, shape, _, _) in read_safetensors_header(path)[0].items()}
-    part = lambda prefix: {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-    infer = dict(
-        clip_l=lambda: infer_text_config(part(PREFIX_CLIP_L), path, "CLIP ViT-L text encoder",
-                                         "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
-                                         "encoder.layers.", "mlp.fc1.weight", None),
-        clip_g=lambda: infer_text_config(part(PREFIX_CLIP_G), path, "OpenCLIP ViT-bigG text encoder",
-                                         "token_embedding.weight", "positional_embedding", "transformer.resblocks.",
-                                         "mlp.c_fc.weight", "text_projection"),
-        vae=lambda: infer_vae_config(part(PREFIX_VAE), path),
-        unet=lambda: unet.infer_sdxl_unet_config(part(PREFIX_UNET), f"{path} (UNet under {PREFIX_UNET})"))
-    return {name: infer[name]() for name in parts}
-
-
-def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_in, projection):
-    """TextConfig from one text tower's shapes: vocab and width from the token embedding, positions, numbered layers,
-    heads of 64 channels (CLIP-L 768 = 12 x 64, bigG 1280 = 20 x 64), the projection width (bigG only)."""
-    def dims(key):
-        if key not in shapes:
-            raise ValueError(f"{path}: cannot infer the {what}'s config: no tensor {key}")
-        return tuple(shapes[key])
-
-    vocab, width = dims(tokens)
-    layers = len({k[len(layer_prefix):].split(".", 1)[0] for k in shapes if k.startswith(layer_prefix)})
-    if width % 64 or dims(f"{layer_prefix}0.{mlp_in}") != (4 * width, width):
-        raise ValueError(f"{path}: cannot infer the {what}'s config: width {width} is not a multiple of CLIP's 64-channel "
-                         f"heads, or its MLP is not 4x wider ({list(dims(f'{layer_prefix}0.{mlp_in}'))})")
-    return TextConfig(width=width, layers=layers, heads=width // 64, act="gelu" if projection else "quick_gelu",
-                      embed_dim=dims(projection)[1] if projection else 0, vocab=vocab, context=dims(positions)[0])
-
-
-def infer_vae_config(shapes, path):
-    """VAEConfig from the encoder's shapes: base width, one multiplier per level, ResnetBlocks per level, latent
-    channels. The decoder is then checked tensor by tensor when the weights load."""
-    def dims(key):
-        if key not in shapes:
-            raise ValueError(f"{path}: cannot infer the VAE's config: no tensor {key}")
-        return tuple(shapes[key])
-
-    ch = dims("encoder.conv_in.weight")[0]
-    levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
-    widths = [dims(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
-    blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
-    if any(w % ch for w in widths):
-        raise ValueError(f"{path}: cannot infer the VAE's config: level widths {widths} are not multiples of {ch}")
-    return VAEConfig(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks,
-                     z_channels=dims("encoder.conv_out.weight")[0] // 2)
-
-
-def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.float32, clip_l=None, clip_g=None, vae=None):
-    """(CLIPTextModel, OpenCLIPTextModel, AutoencoderKL), frozen, from an SDXL-format single file (strict, checked);
-    a config not given is inferred from the file's shapes (infer_configs).
-
-    The UNet lives under PREFIX_UNET of the same file: read_safetensors(path, PREFIX_UNET) gives its sgm-named
-    state dict for the SDXL UNet in unet.py, and infer_configs(path, ["unet"]) its config."""
-    if vae_dtype == torch.float16:
-        raise ValueError("vae_dtype=float16: SDXL's VAE overflows in fp16 (NaN/black images); use float32 or bfloat16")
-    given = dict(clip_l=clip_l, clip_g=clip_g, vae=vae)
-    c = {**given, **infer_configs(path, [name for name, cfg in given.items() if cfg is None])}
-    return (load_part(lambda: CLIPTextModel(c["clip_l"]), path, PREFIX_CLIP_L, "CLIP ViT-L text encoder", device, dtype),
-            load_part(lambda: OpenCLIPTextModel(c["clip_g"]), path, PREFIX_CLIP_G, "OpenCLIP ViT-bigG text encoder", device,
-                      dtype),
-            load_part(lambda: AutoencoderKL(c["vae"]), path, PREFIX_VAE, "VAE", device, vae_dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The UNet's weights from any of the files people have, and the CPU mode's tiny models.
-
-def load_unet_state(path, cfg=SDXLUNetConfig()):
-    """sgm-named UNet state dict (CPU tensors, memory-mapped for .safetensors) from any of: sd_xl_base_1.0.safetensors
-    (its model.diffusion_model. subtree), our generator.safetensors or checkpoint.pt, or DMD2's diffusers-named
-    dmd2_sdxl_{4,1}step_unet_fp16.bin / .safetensors (renamed by diffusers_to_sgm_unet)."""
-    if path.endswith(".safetensors"):
-        state = read_safetensors(path)
-    else:
-        state = unet.load_checkpoint(path)                     # torch.load(weights_only=True): nothing in the file is executed
-        if isinstance(state, dict) and isinstance(state.get("generator"), dict):
-            state = state["generator"]                         # our checkpoint.pt
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise ValueError(f"{path}: expected a UNet state dict (name -> tensor)")
-    if any(k.startswith(PREFIX_UNET) for k in state):
-        state = {k[len(PREFIX_UNET):]: v for k, v in state.items() if k.startswith(PREFIX_UNET)}
-    if "conv_in.weight" in state:                              # diffusers names (DMD2's release)
-        state = diffusers_to_sgm_unet(state, cfg, path)
-    return state
-
-
-def build_unet(state, cfg, device, dtype, source):
-    """A frozen SDXLUNet holding state, built on the meta device: only the (device, dtype) copy is ever allocated."""
-    with torch.device("meta"):
-        net = SDXLUNet(cfg)
-    load_sdxl_unet_state(net, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, source, assign=True)
-    return net.eval().requires_grad_(False)
-
-
-# --preset tiny: the real tokenizer (hence CLIP's 49,408 tokens and 77 positions), everything else small and random.
-TINY_CLIP_L = TextConfig(width=32, layers=2, heads=2)
-TINY_CLIP_G = TextConfig(width=32, layers=2, heads=2, act="gelu", embed_dim=32)
-TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)          # still 8x smaller latents
-TINY_UNET = SDXLUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
-                           num_head_channels=32, context_dim=32 + 32, adm_in_channels=32 + SIZE_COND_DIM)
-
-
-def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float32):
-    """{clip_l, clip_g, vae (frozen, on device), unet_state, unet_cfg, vae_cfg, source}: SDXL base from ckpt, or
-    with preset "tiny" random tiny modules from a fixed seed, so that encode, train and generate all see the same ones."""
-    if preset == "tiny":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            clip_l, clip_g, vae = CLIPTextModel(TINY_CLIP_L), OpenCLIPTextModel(TINY_CLIP_G), AutoencoderKL(TINY_VAE)
-            state = SDXLUNet(TINY_UNET).state_dict()
-        clip_l, clip_g = (m.to(device, dtype).eval().requires_grad_(False) for m in (clip_l, clip_g))
-        vae = vae.to(device, vae_dtype).eval().requires_grad_(False)
-        return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=state, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE,
-                    source="the tiny random UNet")
-    if preset:
-        raise ValueError(f"unknown preset {preset!r} (known: tiny)")
-    if not ckpt:
-        raise ValueError("--ckpt is required: sd_xl_base_1.0.safetensors or any SDXL-format single file "
-                         "(or --preset tiny for random tiny models)")
-    configs = infer_configs(ckpt)
-    clip_l, clip_g, vae = load_sdxl_parts(ckpt, device, dtype, vae_dtype, configs["clip_l"], configs["clip_g"],
-                                          configs["vae"])
-    return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
-                unet_cfg=configs["unet"], vae_cfg=configs["vae"], source=ckpt)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data. Generator prompts: a text file, one per line. Real images for the GAN (DMD2 Sec. 4.3, App. F.4: LAION images
-# as SDXL-VAE latents, each with its own caption): `encode` turns a folder of images with captions (cat.png + cat.txt)
-# into shards latents_00000.safetensors, ... holding "latents" [N, 4, R/8, R/8] (fp16) and the N captions as JSON
-# in the metadata.
-
-IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
+# ----------------------------------------------------------------------------------------------------------------------
+# Data. Real images for the GAN (DMD2 Sec. 4.3, App. F.4: LAION images as SDXL-VAE latents, each with its own
+# caption): `sdxl.py encode` writes shards latents_00000.safetensors, ... holding "latents" [N, 4, R/8, R/8] (fp16)
+# and the N captions as JSON in the metadata. Generator prompts: the captions of a batch of those latents (the
+# official 4-step run), or a text file, one per line.
 
 def read_prompts(path):
     try:
@@ -854,61 +307,6 @@ def read_prompts(path):
     if not prompts:
         raise ValueError(f"{path}: no prompts (expected one per line)")
     return prompts
-
-
-def image_caption_pairs(folder):
-    """[(image path, caption)] for every image in folder, each with a caption file of the same name: cat.png + cat.txt."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: not a folder")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXT))
-    if not names:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXT)})")
-    pairs = []
-    for name in names:
-        image, txt = os.path.join(folder, name), os.path.join(folder, os.path.splitext(name)[0] + ".txt")
-        if not os.path.isfile(txt):
-            raise ValueError(f"{image}: no caption (expected the text file {txt})")
-        with open(txt, encoding="utf-8") as f:
-            caption = f.read().strip()
-        if not caption:
-            raise ValueError(f"{txt}: empty caption")
-        pairs.append((image, caption))
-    return pairs
-
-
-def load_image(path, resolution):
-    """RGB image -> [3, R, R] in [-1, 1]: shorter side resized to R (Lanczos), then the center R x R crop."""
-    try:
-        with PIL.Image.open(path) as f:
-            image = f.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError and truncated files are OSErrors
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
-    scale = resolution / min(image.size)
-    w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-    image = image.resize((w, h), PIL.Image.LANCZOS)
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = np.asarray(image.crop((left, top, left + resolution, top + resolution)))  # [R, R, 3] uint8
-    return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
-@torch.no_grad()
-def encode_folder(vae, folder, out, resolution, batch=8, shard_size=1000, seed=0):
-    """Encode every captioned image of folder once (VAE posterior SAMPLES, as DMD2's generate_vae_latents.py) into
-    out/latents_00000.safetensors, ...; each shard is written atomically. Returns the number of images."""
-    pairs = image_caption_pairs(folder)
-    if glob.glob(os.path.join(glob.escape(out), "latents_*.safetensors")):
-        raise ValueError(f"{out}: already holds latents_*.safetensors shards; choose an empty folder")
-    os.makedirs(out, exist_ok=True)
-    device = vae.quant_conv.weight.device
-    g = torch.Generator(device).manual_seed(seed)
-    for s in range(0, len(pairs), shard_size):
-        chunk, latents = pairs[s:s + shard_size], []
-        for i in range(0, len(chunk), batch):
-            images = torch.stack([load_image(path, resolution) for path, _ in chunk[i:i + batch]]).to(device)  # [b, 3, R, R]
-            latents.append(vae.encode(images, sample=True, generator=g).float().cpu())                         # [b, 4, R/8, R/8]
-        write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"), {"latents": torch.cat(latents).half()},
-                          {"captions": json.dumps([c for _, c in chunk]), "resolution": str(resolution)})
-    return len(pairs)
 
 
 class LatentDataset:
@@ -949,9 +347,12 @@ def encode_condition(clip_l, clip_g, prompts, height, width):
     return context.float(), vector_cond(pooled.float(), (height, width), (0, 0), (height, width))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Noise schedule and samplers (sdxl.md §7). SDXL is a discrete DDPM predicting eps, t = 0..999:
-#   x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+# ----------------------------------------------------------------------------------------------------------------------
+# Models. Teacher, generator and fake score are SDXL UNets (unet.SDXLUNet, sgm names) predicting eps on SDXL's
+# discrete DDPM schedule, t = 0..999 (sdxl.md §7):  x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+# teacher: frozen base UNet, with classifier-free guidance (official real_unet). generator: the student, initialised
+# from the base (official feedforward_model). fake score: a trained copy of the base (official fake_unet) with the
+# GAN head on its middle block (official cls_pred_branch), one module (official guidance_model minus the teacher).
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -1011,77 +412,6 @@ def dmd2_timesteps(steps, conditioning_timestep=399):
     return list(range(NUM_TRAIN_TIMESTEPS - 1, 0, -(NUM_TRAIN_TIMESTEPS // steps)))[:steps]
 
 
-def sample_dmd2(eps_fn, noise, context, y, timesteps, alphas_cumprod, generator):
-    """DMD2's few-step sampler (Sec. 4.4; demo/text_to_image_sdxl.py; = diffusers' LCMScheduler with these timesteps):
-    x = pure noise at timesteps[0]; at each t predict x0, then re-noise it with FRESH noise to the next t.
-    noise [B, 4, h, w] ~ N(0, I); eps_fn(x_t, t [B], context, y) -> eps. Returns the last x0 [B, 4, h, w]."""
-    x = noise
-    for i, t in enumerate(timesteps):
-        t_batch = torch.full((len(x),), t, device=x.device)                                   # one t for the whole batch
-        x0 = x0_from_eps(x, eps_fn(x, t_batch, context, y), t_batch, alphas_cumprod)
-        if i + 1 < len(timesteps):
-            x = add_noise(x0, randn(x.shape, generator, x.device), timesteps[i + 1], alphas_cumprod)
-    return x0
-
-
-def sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, alphas_cumprod, spacing="trailing"):
-    """The base model's sampler (the teacher): Euler steps of the probability-flow ODE dx/dsigma = eps in sigma-space,
-    x_sigma = x_t / sqrt(alpha_bar_t), sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), with CFG at every step
-    (Karras et al. 2022, Alg. 1 without churn; k-diffusion sample_euler; diffusers EulerDiscreteScheduler).
-    spacing "trailing": t_i = round(1000 - i * 1000/steps) - 1, so it starts at 999 (DMD2's ODE pairs);
-    "leading": t_i = i * (1000 // steps) + 1 in descending order (SDXL's diffusers default, steps_offset 1).
-    noise [B, 4, h, w] ~ N(0, I) -> x0 [B, 4, h, w]."""
-    if spacing == "trailing":
-        ts = [round(NUM_TRAIN_TIMESTEPS - i * NUM_TRAIN_TIMESTEPS / steps) - 1 for i in range(steps)]
-    elif spacing == "leading":
-        ts = [i * (NUM_TRAIN_TIMESTEPS // steps) + 1 for i in reversed(range(steps))]
-    else:
-        raise ValueError(f"spacing must be 'trailing' or 'leading', got {spacing!r}")
-    ab = alphas_cumprod[ts]
-    sigmas = ((1 - ab) / ab).sqrt().tolist() + [0.0]
-    x = noise * math.sqrt(1 + sigmas[0] ** 2)        # x_sigma = x_t / sqrt(alpha_bar) with x_t ~ N(0, I): std sqrt(1 + sigma^2) (sgm)
-    for i, t in enumerate(ts):
-        eps = cfg_eps(eps_fn, x / math.sqrt(1 + sigmas[i] ** 2), t, context, y, guidance_scale)  # the UNet sees x_t (c_in)
-        x = x + (sigmas[i + 1] - sigmas[i]) * eps                                                  # Euler step, d = eps
-    return x                                                                                       # at sigma = 0, x = x0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# DMD2's losses (tianweiy/DMD2 main/sd_guidance.py, sd_unified_model.py). teacher: the frozen base UNet (mu_real);
-# guidance: the fake score (fake_unet, mu_fake) and the GAN head on its middle block (cls_pred_branch). All UNets
-# predict eps; x0_from_eps turns that into the x0-predictions mu_real, mu_fake. g: this iteration's RNG.
-
-def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumprod, cfg, g):
-    """1) The distribution-matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3) as the official code computes it: noise
-    the generator's x0 to t ~ UniformInt[20, 980], take the teacher's CFG prediction x0_real and the fake score's
-    x0_fake there, grad = (p_real - p_fake) / mean|p_real| with p = x - x0 (NO alpha_t factor, dmd2.md §2.1).
-    Gradient descent moves x along -grad, i.e. along x0_real - x0_fake: toward the teacher, away from the fake score.
-    x [B, 4, h, w] float32 -> a scalar whose gradient w.r.t. x is grad / x.numel() (the "mean" reduction)."""
-    lo, hi = int(cfg.min_step_percent * NUM_TRAIN_TIMESTEPS), int(cfg.max_step_percent * NUM_TRAIN_TIMESTEPS)
-    with torch.no_grad():
-        t = torch.randint(lo, hi + 1, (len(x),), generator=g, device=g.device).to(x.device)     # [B]
-        x_t = add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod)
-        eps_real = cfg_eps(teacher, x_t, t, context, y, cfg.guidance_scale).float()            # bf16 teacher under autocast
-        with torch.autocast(x.device.type, enabled=False):                                      # fake UNet in fp32, as official
-            eps_fake = fake_score(x_t, t, context, y).float()
-        x0_real = x0_from_eps(x_t, eps_real, t, alphas_cumprod)                                 # [B, 4, h, w]
-        x0_fake = x0_from_eps(x_t, eps_fake, t, alphas_cumprod)
-        p_real, p_fake = x - x0_real, x - x0_fake
-        w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                                      # per-sample normaliser
-        grad = torch.nan_to_num((p_real - p_fake) / w)                                          # = (x0_fake - x0_real) / w
-    return 0.5 * F.mse_loss(x, (x - grad).detach())
-
-
-def loss_fake_score(fake_score, x, context, y, alphas_cumprod, g):
-    """2) The fake score's denoising loss on the detached generator output (official compute_loss_fake):
-    t ~ UniformInt[0, 999], plain eps-prediction MSE, conditional only. It runs every iteration while the generator
-    steps every dfake_gen_update_ratio-th (TTUR, DMD2 Sec. 4.2), so mu_fake keeps up with the moving generator."""
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
-    noise = randn(x.shape, g, x.device)
-    eps_fake = fake_score(add_noise(x, noise, t, alphas_cumprod), t, context, y).float()
-    return F.mse_loss(eps_fake, noise)
-
-
 def gan_head(channels, resolution):
     """cls_pred_branch (DMD2 Sec. 4.3, sd_guidance.py): on the fake UNet's middle-block output ([B, 1280, 32, 32] at
     1024^2), (conv 4x4/2, GroupNorm 32, SiLU) down to 4x4, then conv 4x4/4 + GroupNorm + SiLU to 1x1, then a 1x1 conv
@@ -1111,8 +441,54 @@ class FakeScore(nn.Module):
             return self.fake_unet(x, t, context, y)                          # eps_fake [B, 4, h, w]
         rep = self.fake_unet.mid_features(x, t, context, y)                 # [B, 1280, h/4, w/4], no decoder
         with torch.autocast(x.device.type, enabled=False):                  # the head runs in fp32, as official
-            return self.cls_pred_branch(rep.float()).sum(dim=[2, 3])        # logits [B, 1] (a new tensor, not a view: FSDP hooks it)
+            # logits [B, 1] (a new tensor, not a view: FSDP hooks it)
+            return self.cls_pred_branch(rep.float()).sum(dim=[2, 3])
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Distribution matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3; tianweiy/DMD2 main/sd_guidance.py).
+# x0_real, x0_fake: the teacher's and the fake score's x0-predictions at x_t; p_real = x - x0_real, p_fake = x - x0_fake.
+# g is this micro-batch's RNG.
+
+def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumprod, cfg, g):
+    """1) The distribution-matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3) as the official code computes it: noise
+    the generator's x0 to t ~ UniformInt[20, 980], take the teacher's CFG prediction x0_real and the fake score's
+    x0_fake there, grad = (p_real - p_fake) / mean|p_real| with p = x - x0 (NO alpha_t factor, dmd2.md §2.1).
+    Gradient descent moves x along -grad, i.e. along x0_real - x0_fake: toward the teacher, away from the fake score.
+    x [B, 4, h, w] float32 -> a scalar whose gradient w.r.t. x is grad / x.numel() (the "mean" reduction)."""
+    lo, hi = int(cfg.min_step_percent * NUM_TRAIN_TIMESTEPS), int(cfg.max_step_percent * NUM_TRAIN_TIMESTEPS)
+    with torch.no_grad():
+        t = torch.randint(lo, hi + 1, (len(x),), generator=g, device=g.device).to(x.device)     # [B]
+        x_t = add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod)
+        # bf16 teacher under autocast
+        eps_real = cfg_eps(teacher, x_t, t, context, y, cfg.guidance_scale).float()
+        # fake UNet in fp32, as official
+        with torch.autocast(x.device.type, enabled=False):
+            eps_fake = fake_score(x_t, t, context, y).float()
+        x0_real = x0_from_eps(x_t, eps_real, t, alphas_cumprod)                                 # [B, 4, h, w]
+        x0_fake = x0_from_eps(x_t, eps_fake, t, alphas_cumprod)
+        p_real, p_fake = x - x0_real, x - x0_fake
+        w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                                      # per-sample normaliser
+        # = (x0_fake - x0_real) / w
+        grad = torch.nan_to_num((p_real - p_fake) / w)
+    return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Fake score and the two time-scale update rule (DMD2 Sec. 4.2).
+
+def loss_fake_score(fake_score, x, context, y, alphas_cumprod, g):
+    """2) The fake score's denoising loss on the detached generator output (official compute_loss_fake):
+    t ~ UniformInt[0, 999], plain eps-prediction MSE, conditional only. It runs every iteration while the generator
+    steps every dfake_gen_update_ratio-th (TTUR, DMD2 Sec. 4.2), so mu_fake keeps up with the moving generator."""
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
+    noise = randn(x.shape, g, x.device)
+    eps_fake = fake_score(add_noise(x, noise, t, alphas_cumprod), t, context, y).float()
+    return F.mse_loss(eps_fake, noise)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. GAN head (DMD2 Sec. 4.3): a diffusion GAN on the fake UNet's middle block (gan_head and FakeScore above).
 
 def gan_logits(fake_score, x, context, y, alphas_cumprod, g):
     """3) The GAN classifier, a diffusion GAN (DMD2 Sec. 4.3): noise x to t ~ UniformInt[0, 999] and classify the fake
@@ -1121,6 +497,9 @@ def gan_logits(fake_score, x, context, y, alphas_cumprod, g):
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
     return fake_score(add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod), t, context, y, classify=True)
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Backward simulation (DMD2 Sec. 4.5; official sd_unified_model.py sample_backward, prepare_denoising_data).
 
 def shared_step_index(n, seed, step, device):
     """k ~ UniformInt[0, n) for backward simulation: the first draw of global micro-batch 0's RNG, which every
@@ -1156,7 +535,7 @@ def noised_real_latents(x_real, timesteps, alphas_cumprod, g):
     return torch.where(pure, noise, x_t), t
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # The training loop (official train_sd.py train_one_step, SDXL 4-step with backward simulation). An iteration is a
 # generator turn (with a gradient every dfake_gen_update_ratio-th iteration) and a fake-score turn, each over
 # `rounds` micro-batches per process whose gradients add up to the global batch's (gradient accumulation).
@@ -1266,9 +645,135 @@ def train(cfg):
     return dict(generator=run.generator, fake_score=run.fake_score, history=history)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: prompts -> images with DMD2's few-step sampler (or the teacher's Euler + CFG), and a latency /
+# memory benchmark. The benchmark's optional reference (diffusers' StableDiffusionXLPipeline + LCMScheduler, DMD2's
+# README recipe) lives in tests/sdxl_diffusers.py: diffusers is a test-only reference, never imported here.
+
+@torch.no_grad()
+def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="dmd2", steps=4, guidance_scale=8.0,
+             conditioning_timestep=399):
+    """prompts -> uint8 images [B, H, W, 3]. sampler "dmd2": DMD2's generator (steps 4 -> t = 999, 749, 499, 249;
+    1 -> t = conditioning_timestep); "euler": the base model, Euler + CFG guidance_scale. The initial noise and every
+    re-noise come from one CPU generator seeded with seed (as DMD2's demo), so an image does not depend on the device."""
+    factor = 8 * 2 ** (len(net.cfg.channel_mult) - 1)
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor} (the VAE's 8 x the UNet's downsampling), got {height}x{width}")
+    device = clip_l.embeddings.token_embedding.weight.device
+    context, y = encode_condition(clip_l, clip_g, prompts, height, width)
+    g = torch.Generator().manual_seed(seed)
+    noise = randn((len(prompts), 4, height // 8, width // 8), g, device)               # [B, 4, h, w]
+    ab = ddpm_alphas_cumprod().to(device)
+    eps_fn = unet_fn(net)
+    if sampler == "dmd2":
+        x0 = sample_dmd2(eps_fn, noise, context, y, dmd2_timesteps(steps, conditioning_timestep), ab, g)
+    elif sampler == "euler":
+        x0 = sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, ab)
+    else:
+        raise ValueError(f"sampler must be 'dmd2' or 'euler', got {sampler!r}")
+    with torch.autocast(device.type, enabled=False):                                   # one image at a time: the
+        images = torch.cat([vae.decode(x0[i:i + 1]).float() for i in range(len(x0))])  # VAE's peak is at full size
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_dmd2(eps_fn, noise, context, y, timesteps, alphas_cumprod, generator):
+    """DMD2's few-step sampler (Sec. 4.4; demo/text_to_image_sdxl.py; = diffusers' LCMScheduler with these timesteps):
+    x = pure noise at timesteps[0]; at each t predict x0, then re-noise it with FRESH noise to the next t.
+    noise [B, 4, h, w] ~ N(0, I); eps_fn(x_t, t [B], context, y) -> eps. Returns the last x0 [B, 4, h, w]."""
+    x = noise
+    for i, t in enumerate(timesteps):
+        # one t for the whole batch
+        t_batch = torch.full((len(x),), t, device=x.device)
+        x0 = x0_from_eps(x, eps_fn(x, t_batch, context, y), t_batch, alphas_cumprod)
+        if i + 1 < len(timesteps):
+            x = add_noise(x0, randn(x.shape, generator, x.device), timesteps[i + 1], alphas_cumprod)
+    return x0
+
+
+def sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, alphas_cumprod, spacing="trailing"):
+    """The base model's sampler (the teacher): Euler steps of the probability-flow ODE dx/dsigma = eps in sigma-space,
+    x_sigma = x_t / sqrt(alpha_bar_t), sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), with CFG at every step
+    (Karras et al. 2022, Alg. 1 without churn; k-diffusion sample_euler; diffusers EulerDiscreteScheduler).
+    spacing "trailing": t_i = round(1000 - i * 1000/steps) - 1, so it starts at 999 (DMD2's ODE pairs);
+    "leading": t_i = i * (1000 // steps) + 1 in descending order (SDXL's diffusers default, steps_offset 1).
+    noise [B, 4, h, w] ~ N(0, I) -> x0 [B, 4, h, w]."""
+    if spacing == "trailing":
+        ts = [round(NUM_TRAIN_TIMESTEPS - i * NUM_TRAIN_TIMESTEPS / steps) - 1 for i in range(steps)]
+    elif spacing == "leading":
+        ts = [i * (NUM_TRAIN_TIMESTEPS // steps) + 1 for i in reversed(range(steps))]
+    else:
+        raise ValueError(f"spacing must be 'trailing' or 'leading', got {spacing!r}")
+    ab = alphas_cumprod[ts]
+    sigmas = ((1 - ab) / ab).sqrt().tolist() + [0.0]
+    # x_sigma = x_t / sqrt(alpha_bar) with x_t ~ N(0, I): std sqrt(1 + sigma^2) (sgm)
+    x = noise * math.sqrt(1 + sigmas[0] ** 2)
+    for i, t in enumerate(ts):
+        # the UNet sees x_t (c_in)
+        eps = cfg_eps(eps_fn, x / math.sqrt(1 + sigmas[i] ** 2), t, context, y, guidance_scale)
+        x = x + (sigmas[i + 1] - sigmas[i]) * eps                                                  # Euler step, d = eps
+    # at sigma = 0, x = x0
+    return x
+
+
+def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat", height=1024, width=1024, steps=4,
+                    seed=0, reps=5, reference=None):
+    """Time prompt embeddings -> image ([1, 3, H, W] in [0, 1]: `steps` UNet calls of DMD2's sampler + VAE decode) for
+    our code and, if `reference` is given, for the pipeline it builds, reference(net, vae, vae_cfg, device, dtype)
+    -> a diffusers-style StableDiffusionXLPipeline (tests/sdxl_diffusers.py), on the same weights and initial noise. The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
+    -> {"text_encoders": seconds, "ours"/"diffusers": dict(median, min, peak_gib, weights_gib, image)}"""
+    device = net.out[2].weight.device
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timesteps, ab, dtype = dmd2_timesteps(steps), ddpm_alphas_cumprod().to(device), net.out[2].weight.dtype
+
+    def measure(fn):
+        fn()                                                       # warm-up (kernel selection, allocator)
+        sync()
+        weights = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else math.nan
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            image = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else math.nan
+        return dict(median=float(np.median(times)), min=min(times), peak_gib=peak, weights_gib=weights, image=image.float().cpu())
+
+    def noise_and_generator():
+        g = torch.Generator().manual_seed(seed)
+        return randn((1, 4, height // 8, width // 8), g, device), g
+
+    with torch.no_grad():
+        encode = lambda: encode_condition(clip_l, clip_g, [prompt], height, width)
+        results = dict(text_encoders=measure(lambda: encode()[0])["median"])
+        context, y = encode()
+        clip_l.to("cpu"), clip_g.to("cpu")
+
+        def ours():
+            noise, g = noise_and_generator()
+            x0 = sample_dmd2(unet_fn(net), noise, context, y, timesteps, ab, g)
+            return (vae.decode(x0).float() / 2 + 0.5).clamp(0, 1)
+        results["ours"] = measure(ours)
+        if reference is not None:
+            net.to("cpu"), vae.to("cpu")                              # leave the GPU to the reference's copies
+            if cuda:
+                torch.cuda.empty_cache()
+            pipe = reference(net, vae, vae_cfg, device, dtype)
+
+            def theirs():
+                noise, g = noise_and_generator()
+                return pipe(prompt_embeds=context.to(dtype), pooled_prompt_embeds=y[:, :-SIZE_COND_DIM].to(dtype), guidance_scale=0.0,
+                            timesteps=timesteps, height=height, width=width, latents=noise.to(dtype), generator=g, output_type="pt").images
+            results["diffusers"] = measure(theirs)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Run plumbing: models on every process (FSDP2 when several), micro-batching, learning rates, optimiser steps that
-# stop on NaN, checkpoints and samples. Process setup, per-step RNG and NaN stops are unet.py's (shared with imagenet64.py).
+# stop on NaN, checkpoints and samples. Process setup, per-step RNG and NaN stops are unet.py's (shared with
+# imagenet64.py).
 
 def fsdp_units(net):
     """The layers of an SDXLUNet that FSDP shards one by one: the ones its forward CALLS (ResBlocks, transformer blocks,
@@ -1481,96 +986,7 @@ def save_samples(run, done):
             os.path.join(run.cfg.outdir, f"samples_{done:07d}.png"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Generation.
-
-@torch.no_grad()
-def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="dmd2", steps=4, guidance_scale=8.0,
-             conditioning_timestep=399):
-    """prompts -> uint8 images [B, H, W, 3]. sampler "dmd2": DMD2's generator (steps 4 -> t = 999, 749, 499, 249;
-    1 -> t = conditioning_timestep); "euler": the base model, Euler + CFG guidance_scale. The initial noise and every
-    re-noise come from one CPU generator seeded with seed (as DMD2's demo), so an image does not depend on the device."""
-    factor = 8 * 2 ** (len(net.cfg.channel_mult) - 1)
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor} (the VAE's 8 x the UNet's downsampling), got {height}x{width}")
-    device = clip_l.embeddings.token_embedding.weight.device
-    context, y = encode_condition(clip_l, clip_g, prompts, height, width)
-    g = torch.Generator().manual_seed(seed)
-    noise = randn((len(prompts), 4, height // 8, width // 8), g, device)               # [B, 4, h, w]
-    ab = ddpm_alphas_cumprod().to(device)
-    eps_fn = unet_fn(net)
-    if sampler == "dmd2":
-        x0 = sample_dmd2(eps_fn, noise, context, y, dmd2_timesteps(steps, conditioning_timestep), ab, g)
-    elif sampler == "euler":
-        x0 = sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, ab)
-    else:
-        raise ValueError(f"sampler must be 'dmd2' or 'euler', got {sampler!r}")
-    with torch.autocast(device.type, enabled=False):                                   # one image at a time: the
-        images = torch.cat([vae.decode(x0[i:i + 1]).float() for i in range(len(x0))])  # VAE's peak is at full size
-    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark: our 4-step pipeline, optionally against a reference pipeline on the same weights. The reference
-# (diffusers' StableDiffusionXLPipeline + LCMScheduler, DMD2's README recipe) lives in tests/sdxl_diffusers.py:
-# diffusers is a test-only reference, never imported by this file.
-
-def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat", height=1024, width=1024, steps=4,
-                    seed=0, reps=5, reference=None):
-    """Time prompt embeddings -> image ([1, 3, H, W] in [0, 1]: `steps` UNet calls of DMD2's sampler + VAE decode) for
-    our code and, if `reference` is given, for the pipeline it builds, reference(net, vae, vae_cfg, device, dtype)
-    -> a diffusers-style StableDiffusionXLPipeline (tests/sdxl_diffusers.py), on the same weights and initial noise. The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
-    -> {"text_encoders": seconds, "ours"/"diffusers": dict(median, min, peak_gib, weights_gib, image)}"""
-    device = net.out[2].weight.device
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    timesteps, ab, dtype = dmd2_timesteps(steps), ddpm_alphas_cumprod().to(device), net.out[2].weight.dtype
-
-    def measure(fn):
-        fn()                                                       # warm-up (kernel selection, allocator)
-        sync()
-        weights = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else math.nan
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            image = fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else math.nan
-        return dict(median=float(np.median(times)), min=min(times), peak_gib=peak, weights_gib=weights, image=image.float().cpu())
-
-    def noise_and_generator():
-        g = torch.Generator().manual_seed(seed)
-        return randn((1, 4, height // 8, width // 8), g, device), g
-
-    with torch.no_grad():
-        encode = lambda: encode_condition(clip_l, clip_g, [prompt], height, width)
-        results = dict(text_encoders=measure(lambda: encode()[0])["median"])
-        context, y = encode()
-        clip_l.to("cpu"), clip_g.to("cpu")
-
-        def ours():
-            noise, g = noise_and_generator()
-            x0 = sample_dmd2(unet_fn(net), noise, context, y, timesteps, ab, g)
-            return (vae.decode(x0).float() / 2 + 0.5).clamp(0, 1)
-        results["ours"] = measure(ours)
-        if reference is not None:
-            net.to("cpu"), vae.to("cpu")                              # leave the GPU to the reference's copies
-            if cuda:
-                torch.cuda.empty_cache()
-            pipe = reference(net, vae, vae_cfg, device, dtype)
-
-            def theirs():
-                noise, g = noise_and_generator()
-                return pipe(prompt_embeds=context.to(dtype), pooled_prompt_embeds=y[:, :-SIZE_COND_DIM].to(dtype), guidance_scale=0.0,
-                            timesteps=timesteps, height=height, width=width, latents=noise.to(dtype), generator=g, output_type="pt").images
-            results["diffusers"] = measure(theirs)
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # Command line.
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -1622,14 +1038,15 @@ def cmd_encode(args):
     print(f"wrote {n} latents [4, {resolution // 8}, {resolution // 8}] with captions to {args.out}")
 
 
-def cmd_bench(args):
+def cmd_bench(args, reference=None):
+    """reference: see bench_pipelines (tests/sdxl_diffusers.py passes diffusers' pipeline)."""
     if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu") and args.preset != "tiny":
         raise ValueError("bench measures GPU latency and memory: it needs CUDA (or --preset tiny for a CPU smoke run)")
     net, parts = load_for_inference(args)
     side = 128 if args.preset == "tiny" else 1024
     H, W = args.height or side, args.width or side
     r = bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], args.prompt, H, W,
-                        args.steps, args.seed, args.reps, reference=args.reference)
+                        args.steps, args.seed, args.reps, reference=reference)
     gpu = torch.cuda.get_device_name(net.out[2].weight.device) if net.out[2].weight.is_cuda else "CPU"
     print(f"bench: {H}x{W}, {args.steps} steps, batch 1, UNet {net.out[2].weight.dtype}, VAE {next(parts['vae'].parameters()).dtype}, "
           f"{gpu}, torch {torch.__version__}; median of {args.reps} after a warm-up")
@@ -1679,37 +1096,36 @@ def cmd_inspect(args):
 def add_model_args(p):
     p.add_argument("--ckpt", default="", help="an SDXL-format single file (sd_xl_base_1.0.safetensors, smaller SDXL-family "
                                               "files): text encoders, VAE, base UNet, configs read from its shapes")
-    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: random tiny models instead of --ckpt (CPU, seconds)")
+    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: random tiny models instead of --ckpt (CPU)")
     p.add_argument("--unet", default="", help="UNet weights replacing the base UNet: DMD2's dmd2_sdxl_4step_unet_fp16.bin, "
                                               "our generator.safetensors / checkpoint.pt, any sgm or diffusers SDXL UNet")
     p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="UNet and text encoders; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="UNet and text encoders; auto = bf16 on CUDA, "
+                                                                              "fp32 on CPU")
     p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
+    p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
+    p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
 
 
-def main(argv=None, bench_reference=None):
-    """bench_reference: see bench_pipelines (tests/sdxl_diffusers.py passes diffusers' pipeline)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", formatter_class=fmt, help="prompt -> PNG with DMD2's sampler or the base model's Euler + CFG")
+def add_generate_parser(sub, fmt):
+    p = sub.add_parser("generate", formatter_class=fmt, help="prompt -> PNG with DMD2's sampler or the base's Euler + CFG")
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--out", default="out/sdxl.png", help="PNG file to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noising")
-    p.add_argument("--sampler", default="auto", choices=["auto", "dmd2", "euler"], help="auto: dmd2 with --unet or --preset, else euler")
+    p.add_argument("--sampler", default="auto", choices=["auto", "dmd2", "euler"],
+                   help="auto: dmd2 with --unet or --preset, else euler")
     p.add_argument("--steps", type=int, default=0, help="0 = 4 for dmd2 (t = 999, 749, 499, 249), 30 for euler")
     p.add_argument("--guidance", type=float, default=8.0, help="CFG scale of the euler sampler (DMD2's teacher: 8)")
     p.add_argument("--conditioning_timestep", type=int, default=399, help="t of a 1-step DMD2 generator (--steps 1)")
-    p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
-    p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("encode", formatter_class=fmt, help="folder of images + .txt captions -> VAE latent shards for train --latents")
+
+def add_encode_parser(sub, fmt):
+    p = sub.add_parser("encode", formatter_class=fmt, help="images + .txt captions -> VAE latent shards for train --latents")
     p.add_argument("--ckpt", default="", help="an SDXL-format single file (only its VAE is read)")
     p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: the tiny random VAE of train --preset tiny")
-    p.add_argument("--images", required=True, help="folder of images (.png/.jpg/.jpeg/.webp/.bmp), each with a caption NAME.txt beside it")
+    p.add_argument("--images", required=True, help="folder of images (.png/.jpg/.jpeg/.webp/.bmp), each with NAME.txt")
     p.add_argument("--out", required=True, help="empty folder for latents_00000.safetensors, ...")
     p.add_argument("--resolution", type=int, default=0, help="center crop side; 0 = 1024 (128 with --preset tiny)")
     p.add_argument("--batch", type=int, default=8, help="images per VAE call")
@@ -1720,31 +1136,34 @@ def main(argv=None, bench_reference=None):
     p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
     p.set_defaults(run=cmd_encode)
 
-    train_parser = p = sub.add_parser("train", formatter_class=fmt, help="DMD2 distillation (torchrun + FSDP on several GPUs)")
-    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # Config's end-of-line comments
+
+def add_train_parser(sub, fmt):
+    """One flag per Config field, its end-of-line comment as the help."""
+    p = sub.add_parser("train", formatter_class=fmt, help="DMD2 distillation (torchrun + FSDP on several GPUs)")
+    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
         if f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=comments[f.name])
     p.set_defaults(run=lambda args: train(Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})))
+    return p
 
-    p = sub.add_parser("bench", formatter_class=fmt, help="4-step latency and peak memory (CUDA); vs diffusers: tests/sdxl_diffusers.py")
+
+def add_other_parsers(sub, fmt):
+    p = sub.add_parser("bench", formatter_class=fmt, help="4-step latency and peak memory (CUDA); "
+                                                          "vs diffusers: tests/sdxl_diffusers.py")
     add_model_args(p)
     p.add_argument("--prompt", default="a photo of a cat", help="text prompt")
-    p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
-    p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
     p.add_argument("--steps", type=int, default=4, help="DMD2 sampler steps")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for both pipelines)")
     p.add_argument("--reps", type=int, default=10, help="timed runs after one warm-up")
     p.set_defaults(run=cmd_bench)
-
-    p = sub.add_parser("export", formatter_class=fmt, help="a trained generator -> diffusers UNet names (DMD2's release format)")
+    p = sub.add_parser("export", formatter_class=fmt, help="a trained generator -> diffusers UNet names (DMD2's release)")
     p.add_argument("--unet", required=True, help="generator.safetensors, checkpoint.pt or any sgm-named SDXL UNet file")
     p.add_argument("--format", default="diffusers", choices=["diffusers"], help="naming of the written file")
     p.add_argument("--out", required=True, help=".safetensors file to write")
     p.set_defaults(run=cmd_export)
-
     p = sub.add_parser("tokenize", help="print CLIP BPE token ids of a prompt for both text encoders")
     p.add_argument("prompt", help="text to tokenize")
     p.set_defaults(run=cmd_tokenize)
@@ -1752,20 +1171,691 @@ def main(argv=None, bench_reference=None):
     p.add_argument("path", help="a .safetensors file, e.g. sd_xl_base_1.0.safetensors")
     p.set_defaults(run=cmd_inspect)
 
+
+def build_parser():
+    """-> (parser, its train subparser, whose defaults a --preset replaces)"""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub, fmt)
+    add_encode_parser(sub, fmt)
+    train_parser = add_train_parser(sub, fmt)
+    add_other_parsers(sub, fmt)
+    return parser, train_parser
+
+
+def main(argv=None):
+    parser, train_parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train" and args.preset:
         if args.preset not in PRESETS:
             parser.error(f"unknown --preset {args.preset}; choose from {list(PRESETS)}")
         train_parser.set_defaults(**PRESETS[args.preset])  # explicit flags still win
         args = parser.parse_args(argv)
-    args.reference = bench_reference
     try:
         args.run(args)
-    except (ValueError, OSError, unet.NonFiniteLoss) as e:  # these name the file and the problem; a traceback adds nothing
+    # these name the file and the problem; a traceback adds nothing
+    except (ValueError, OSError, unet.NonFiniteLoss) as e:
         parser.exit(1, f"error: {e}\n")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ======================================================================================================================
+# PART 2. SDXL in plain PyTorch, without diffusers: the CLIP tokenizer, the two text encoders, the VAE and the
+# loading of Stability's single-file checkpoints (the UNet is unet.py's section 5). Module names equal the
+# checkpoint's keys, so loading needs no renaming table.
+# ======================================================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+VOCAB_PATH = os.path.join(HERE, "bpe_simple_vocab_16e6.txt.gz")  # CLIP's BPE merges (MIT, from open_clip/openai CLIP)
+
+# Prefixes of the three parts inside sd_xl_base_1.0.safetensors (587 + 248 + 1680 = 2515 tensors, all F16).
+PREFIX_CLIP_L = "conditioner.embedders.0.transformer.text_model."  # CLIP ViT-L/14, Hugging Face names
+
+
+PREFIX_CLIP_G = "conditioner.embedders.1.model."                    # OpenCLIP ViT-bigG/14, open_clip names
+
+
+PREFIX_VAE = "first_stage_model."                                   # ldm/sgm AutoencoderKL names
+
+
+PREFIX_UNET = "model.diffusion_model."                              # sgm UNet names (see unet.py)
+
+
+UNUSED_KEYS = {PREFIX_CLIP_L + "embeddings.position_ids",           # the constant arange(77), stored as F16
+               PREFIX_CLIP_G + "logit_scale"}                       # CLIP's contrastive temperature, unused by SDXL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLIP BPE tokenizer (openai/CLIP simple_tokenizer.py, open_clip tokenizer.py), shared by both encoders; only the
+# padding id differs.
+# Pipeline: clean text -> split into pre-tokens -> UTF-8 bytes as printable characters -> byte-pair merges -> ids.
+
+SOT, EOT = 49406, 49407                                  # <|startoftext|>, <|endoftext|>
+
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+# CLIP's vocabulary is 49,408 = 2*256 byte symbols + 48,894 merges + 2 specials
+NUM_MERGES = 49152 - 256 - 2
+
+
+def bytes_to_unicode():
+    """byte -> printable character (GPT-2/CLIP): the 188 printable bytes map to themselves, the other 68 to chr(256+n),
+    so BPE works on visible characters. Returned in vocabulary order (printable bytes first)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+BYTE_TO_CHAR = bytes_to_unicode()
+
+
+@functools.lru_cache(maxsize=4)
+def load_clip_vocab(path=VOCAB_PATH):
+    """(vocab {symbol: id}, merge ranks {(left, right): rank}) from bpe_simple_vocab_16e6.txt.gz."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the CLIP BPE vocabulary ({e})") from None
+    merges = [tuple(line.split()) for line in lines[1:1 + NUM_MERGES]]  # line 0 is a version header
+    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{path}: expected {NUM_MERGES} merge lines of two symbols after the header")
+    base = list(BYTE_TO_CHAR.values())
+    symbols = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
+    return {s: i for i, s in enumerate(symbols)}, {m: i for i, m in enumerate(merges)}
+
+
+def clean_text(text):
+    """CLIP's clean-up without ftfy: unescape HTML twice, NFC-normalise, collapse whitespace, lowercase.
+
+    ftfy.fix_text (upstream; not a dependency here) would also repair mojibake, uncurl quotes and fold some compatibility
+    characters; Hugging Face's fast CLIP tokenizer (used by diffusers and DMD2) skips ftfy too. ASCII prompts are
+    unaffected either way."""
+    text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _char_class(ch):
+    """'L' letter, 'N' number, ' ' whitespace, 'P' anything else (\\p{L}, \\p{N}, \\s of CLIP's pattern)."""
+    if ch.isspace():
+        return " "
+    kind = unicodedata.category(ch)[0]
+    return kind if kind in "LN" else "P"
+
+
+def pre_tokenize(text):
+    """Split cleaned text like CLIP's pattern (which needs the third-party `regex` module for \\p{L}, \\p{N}):
+        <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+
+    At each position: a special token or contraction if one starts here, else a maximal run of letters, ONE number
+    character (so "2024" gives four pre-tokens), or a maximal run of other non-space characters; spaces separate."""
+    words, i = [], 0
+    while i < len(text):
+        literal = next((s for s in SPECIAL_TOKENS + CONTRACTIONS if text.startswith(s, i)), None)
+        kind = _char_class(text[i])
+        if literal:
+            j = i + len(literal)
+        elif kind == " ":
+            i += 1
+            continue
+        else:
+            j = i + 1
+            while kind != "N" and j < len(text) and _char_class(text[j]) == kind:
+                j += 1
+        words.append(text[i:j])
+        i = j
+    return words
+
+
+def bpe(word, ranks):
+    """Byte-pair encode one pre-token given as byte characters: the last symbol carries the end-of-word mark </w>;
+    repeatedly merge every occurrence (left to right) of the adjacent pair with the lowest rank until none is ranked."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        rank, pair = min((ranks.get(p, math.inf), p) for p in zip(parts, parts[1:]))
+        if rank == math.inf:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def word_ids(word, vocab_path=VOCAB_PATH):
+    """Token ids of one pre-token, cached: prompts repeat their words (1,000 varied prompts hold ~45k words, ~8.5k of
+    them distinct), and merging a word again was most of the tokenizer's time. -> tuple of ids"""
+    vocab, ranks = load_clip_vocab(vocab_path)
+    if word in SPECIAL_TOKENS:
+        return (vocab[word],)
+    return tuple(vocab[p] for p in bpe("".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8")), ranks))
+
+
+def encode_text(text, vocab_path=VOCAB_PATH):
+    """Token ids of one string, without start/end tokens or padding."""
+    return [i for word in pre_tokenize(clean_text(text)) for i in word_ids(word, vocab_path)]
+
+
+def tokenize(texts, pad_with="end", context_length=77, vocab_path=VOCAB_PATH):
+    """[SOT] + at most context_length-2 tokens + [EOT] + padding -> LongTensor [B, context_length].
+
+    pad_with="end" pads with EOT 49407 (CLIP-L: Hugging Face's tokenizer, as sgm and DMD2 use it);
+    pad_with="zero" pads with id 0, i.e. "!" (bigG: open_clip.tokenize). The padded positions are not masked in the
+    UNet's cross-attention, so the difference reaches the image."""
+    if pad_with not in ("end", "zero"):
+        raise ValueError(f"pad_with must be 'end' (CLIP-L) or 'zero' (bigG), got {pad_with!r}")
+    pad = EOT if pad_with == "end" else 0
+    rows = []
+    for text in [texts] if isinstance(texts, str) else texts:
+        ids = [SOT] + encode_text(text, vocab_path)[:context_length - 2] + [EOT]  # long prompts keep their EOT
+        rows.append(ids + [pad] * (context_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text encoders (sgm FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2): pre-LN causal transformers.
+# CLIP-L keeps Hugging Face's names, bigG keeps open_clip's.
+
+@dataclass
+class TextConfig:
+    width: int = 768          # hidden size; the MLP is 4x wider
+    layers: int = 12          # transformer blocks
+    heads: int = 12           # attention heads of width//heads channels
+    act: str = "quick_gelu"   # "quick_gelu" x*sigmoid(1.702x) (CLIP-L) or "gelu", exact erf GELU (bigG)
+    embed_dim: int = 0        # text_projection output width (bigG 1280); 0: no projection (CLIP-L)
+    vocab: int = 49408        # token embedding rows
+    context: int = 77         # positions
+
+
+CLIP_L = TextConfig()                                                                  # 123,060,480 parameters
+
+
+CLIP_G = TextConfig(width=1280, layers=32, heads=20, act="gelu", embed_dim=1280)       # 694,659,840 parameters
+
+
+def activation(name, x):
+    return x * torch.sigmoid(1.702 * x) if name == "quick_gelu" else F.gelu(x)
+
+
+def causal_attention(q, k, v, heads):
+    """Multi-head softmax attention where token i sees tokens <= i. q, k, v [B, T, W] -> [B, T, W]."""
+    B, T, W = q.shape
+    q, k, v = (x.view(B, T, heads, W // heads).transpose(1, 2) for x in (q, k, v))  # [B, heads, T, W/heads]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, W)
+
+
+class CLIPLayer(nn.Module):
+    """One CLIP-L block, Hugging Face names: x += attn(LN1(x)); x += fc2(act(fc1(LN2(x))))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        W, self.heads, self.act = cfg.width, cfg.heads, cfg.act
+        self.self_attn = nn.ModuleDict({n: nn.Linear(W, W) for n in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.layer_norm1 = nn.LayerNorm(W)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(W, 4 * W), fc2=nn.Linear(4 * W, W)))
+        self.layer_norm2 = nn.LayerNorm(W)
+
+    def forward(self, x):  # [B, T, W]
+        a, h = self.self_attn, self.layer_norm1(x)
+        x = x + a.out_proj(causal_attention(a.q_proj(h), a.k_proj(h), a.v_proj(h), self.heads))
+        return x + self.mlp.fc2(activation(self.act, self.mlp.fc1(self.layer_norm2(x))))
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP ViT-L/14 text tower; state_dict keys = the checkpoint's under PREFIX_CLIP_L."""
+
+    def __init__(self, cfg=CLIP_L):
+        super().__init__()
+        self.embeddings = nn.ModuleDict(dict(token_embedding=nn.Embedding(cfg.vocab, cfg.width),
+                                        position_embedding=nn.Embedding(cfg.context, cfg.width)))
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))))
+        self.final_layer_norm = nn.LayerNorm(cfg.width)  # in the checkpoint, unused by SDXL
+
+    def forward(self, ids):  # ids [B, T] -> penultimate hidden state [B, T, W]
+        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[:ids.shape[1]]
+        for layer in self.encoder.layers[:-1]:  # SDXL takes the output of layer 11 of 12, without the final LayerNorm
+            x = layer(x)
+        return x
+
+
+class OpenCLIPBlock(nn.Module):
+    """One bigG block, open_clip names; attn.in_proj_weight stacks the q, k, v rows as nn.MultiheadAttention does."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        W, self.heads, self.act = cfg.width, cfg.heads, cfg.act
+        self.ln_1 = nn.LayerNorm(W)
+        self.attn = nn.Module()
+        self.attn.in_proj_weight = nn.Parameter(torch.randn(3 * W, W) * W ** -0.5)  # [q; k; v] rows
+        self.attn.in_proj_bias = nn.Parameter(torch.zeros(3 * W))
+        self.attn.out_proj = nn.Linear(W, W)
+        self.ln_2 = nn.LayerNorm(W)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(W, 4 * W), c_proj=nn.Linear(4 * W, W)))
+
+    def forward(self, x):  # [B, T, W]
+        q, k, v = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
+        x = x + self.attn.out_proj(causal_attention(q, k, v, self.heads))
+        return x + self.mlp.c_proj(activation(self.act, self.mlp.c_fc(self.ln_2(x))))
+
+
+class OpenCLIPTextModel(nn.Module):
+    """OpenCLIP ViT-bigG/14 text tower; state_dict keys = the checkpoint's under PREFIX_CLIP_G."""
+
+    def __init__(self, cfg=CLIP_G):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.context, cfg.width) * 0.01)
+        self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(OpenCLIPBlock(cfg) for _ in range(cfg.layers))))
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.embed_dim) * cfg.width ** -0.5)  # used as x @ W
+
+    def forward(self, ids):  # ids [B, T] (EOT = largest id) -> penultimate [B, T, W], pooled [B, embed_dim]
+        x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]
+        for block in self.transformer.resblocks[:-1]:
+            x = block(x)
+        # input of the last block, no ln_final (layer="penultimate")
+        penultimate = x
+        x = self.ln_final(self.transformer.resblocks[-1](x))
+        eot = x[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]  # [B, W] features at each EOT token
+        return penultimate, eot @ self.text_projection
+
+
+def encode_prompt(clip_l, clip_g, prompts, vocab_path=VOCAB_PATH):
+    """prompts (list of str) -> context [B, 77, 768+1280] = [CLIP-L | bigG] penultimate states, pooled bigG [B, 1280]."""
+    device = clip_l.embeddings.token_embedding.weight.device
+    ids_l = tokenize(prompts, "end", clip_l.embeddings.position_embedding.num_embeddings, vocab_path).to(device)
+    ids_g = tokenize(prompts, "zero", clip_g.positional_embedding.shape[0], vocab_path).to(device)
+    context_g, pooled = clip_g(ids_g)
+    return torch.cat([clip_l(ids_l).to(context_g.dtype), context_g], dim=-1), pooled
+
+
+SIZE_COND_DIM = 6 * 256  # the six size embeddings that follow the pooled text embedding in y
+
+
+def vector_cond(pooled, original_size=(1024, 1024), crop_coords=(0, 0), target_size=(1024, 1024)):
+    """SDXL micro-conditioning y (SDXL paper Sec. 2.2; sgm ConcatTimestepEmbedderND): [pooled bigG | E(orig h) E(orig w) E(crop top) E(crop left) E(target h) E(target w)],
+    each E a 256-d embedding of the raw pixel number. pooled [B, 1280] -> y [B, 1280 + 6*256 = 2816]; sizes are (height, width)."""
+    sizes = torch.tensor([*original_size, *crop_coords, *target_size], dtype=torch.float32, device=pooled.device)  # [6]
+    # [B, 1536]
+    emb = timestep_embedding(sizes, 256).reshape(1, SIZE_COND_DIM).expand(len(pooled), -1)
+    return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VAE (sgm diffusionmodules/model.py): ldm/sgm AutoencoderKL with its names. Encoder: image [-1, 1] -> 8x smaller
+# latent; decoder: back. All GroupNorms are 32 groups, eps 1e-6. Run it in fp32 or bf16: SDXL's VAE overflows in
+# fp16 (NaN / black images).
+
+@dataclass
+class VAEConfig:
+    ch: int = 128                   # width of the full-resolution level (a multiple of 32 for GroupNorm)
+    ch_mult: tuple = (1, 2, 4, 4)   # width multiplier per level; every level but the last changes resolution by 2
+    num_res_blocks: int = 2         # ResnetBlocks per encoder level (the decoder has one more)
+    z_channels: int = 4             # latent channels
+    scale_factor: float = 0.13025   # latents = z * scale_factor have roughly unit variance (SDXL's value)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):  # [B, cin, H, W] -> [B, cout, H, W]
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions; q, k, v, proj_out are 1x1 convs."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.norm = group_norm(C)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(C, C, 1) for _ in range(4))
+
+    def forward(self, x):  # [B, C, H, W]
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # [B, HW, C]
+        # softmax(q k^T / sqrt(C)) v
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+def mid_block(C):
+    return nn.ModuleDict(dict(block_1=ResnetBlock(C, C), attn_1=AttnBlock(C), block_2=ResnetBlock(C, C)))
+
+
+def run_mid(mid, x):
+    return mid.block_2(mid.attn_1(mid.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.down, cin = nn.ModuleList(), cfg.ch
+        for i, cout in enumerate(widths):
+            level = nn.ModuleDict(dict(block=nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks))))
+            if i < len(widths) - 1:
+                level["downsample"] = nn.ModuleDict(dict(conv=nn.Conv2d(cout, cout, 3, stride=2)))
+            self.down.append(level)
+            cin = cout
+        self.mid = mid_block(cin)
+        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):  # [B, 3, H, W] -> mean and log-variance [B, 2*z, H/f, W/f]
+        x = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                x = block(x)
+            if "downsample" in level:
+                # asymmetric zero pad, then stride-2 conv without padding
+                x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        cin = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.mid = mid_block(cin)
+        levels = []
+        for i in reversed(range(len(widths))):  # built deepest first, stored by level index: up.0 is full resolution
+            level = nn.ModuleDict(dict(block=nn.ModuleList(ResnetBlock(cin if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1))))
+            if i > 0:
+                level["upsample"] = nn.ModuleDict(dict(conv=nn.Conv2d(widths[i], widths[i], 3, padding=1)))
+            levels.insert(0, level)
+            cin = widths[i]
+        self.up = nn.ModuleList(levels)
+        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z):  # [B, z, h, w] -> [B, 3, h*f, w*f]
+        x = run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):  # up.3 (deepest) ... up.0
+            for block in level.block:
+                x = block(x)
+            if "upsample" in level:
+                x = level.upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """SDXL's VAE; state_dict keys = the checkpoint's under PREFIX_VAE. Latents are scaled by scale_factor."""
+
+    def __init__(self, cfg=VAEConfig()):
+        super().__init__()
+        self.scale_factor = cfg.scale_factor
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    def encode(self, images, sample=False, generator=None):
+        """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, z, H/f, W/f]: the posterior mean, or a sample of
+        N(mean, exp(logvar)) when sample=True (DMD2's real images for the GAN branch are sampled)."""
+        dtype = self.quant_conv.weight.dtype
+        mean, logvar = self.quant_conv(self.encoder(images.to(dtype))).chunk(2, dim=1)
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean * self.scale_factor
+
+    def decode(self, latents):
+        """scaled latents [B, z, h, w] -> images [B, 3, f*h, f*w], roughly in [-1, 1]."""
+        z = latents.to(self.post_quant_conv.weight.dtype) / self.scale_factor
+        return self.decoder(self.post_quant_conv(z))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real images -> latents with captions, for `sdxl.py encode` (the shards LatentDataset reads).
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_caption_pairs(folder):
+    """[(image path, caption)] for every image in folder, each with a caption file of the same name: cat.png + cat.txt."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXT))
+    if not names:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXT)})")
+    pairs = []
+    for name in names:
+        image, txt = os.path.join(folder, name), os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+        if not os.path.isfile(txt):
+            raise ValueError(f"{image}: no caption (expected the text file {txt})")
+        with open(txt, encoding="utf-8") as f:
+            caption = f.read().strip()
+        if not caption:
+            raise ValueError(f"{txt}: empty caption")
+        pairs.append((image, caption))
+    return pairs
+
+
+def load_image(path, resolution):
+    """RGB image -> [3, R, R] in [-1, 1]: shorter side resized to R (Lanczos), then the center R x R crop."""
+    try:
+        with PIL.Image.open(path) as f:
+            image = f.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"{path}: cannot read the image ({e})") from None
+    scale = resolution / min(image.size)
+    w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((w, h), PIL.Image.LANCZOS)
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = np.asarray(image.crop((left, top, left + resolution, top + resolution)))  # [R, R, 3] uint8
+    return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_folder(vae, folder, out, resolution, batch=8, shard_size=1000, seed=0):
+    """Encode every captioned image of folder once (VAE posterior SAMPLES, as DMD2's generate_vae_latents.py) into
+    out/latents_00000.safetensors, ...; each shard is written atomically. Returns the number of images."""
+    pairs = image_caption_pairs(folder)
+    if glob.glob(os.path.join(glob.escape(out), "latents_*.safetensors")):
+        raise ValueError(f"{out}: already holds latents_*.safetensors shards; choose an empty folder")
+    os.makedirs(out, exist_ok=True)
+    device = vae.quant_conv.weight.device
+    g = torch.Generator(device).manual_seed(seed)
+    for s in range(0, len(pairs), shard_size):
+        chunk, latents = pairs[s:s + shard_size], []
+        for i in range(0, len(chunk), batch):
+            # [b, 3, R, R]
+            images = torch.stack([load_image(path, resolution) for path, _ in chunk[i:i + batch]]).to(device)
+            # [b, 4, R/8, R/8]
+            latents.append(vae.encode(images, sample=True, generator=g).float().cpu())
+        write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"), {"latents": torch.cat(latents).half()},
+                          {"captions": json.dumps([c for _, c in chunk]), "resolution": str(resolution)})
+    return len(pairs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading any SDXL-format single file (configs read from its shapes), the UNet's weights from any of the files
+# people have, and the CPU mode's tiny models.
+
+def check_state(module, state, path, what):
+    """Raise ValueError naming path if state's keys or shapes differ from module's (missing, unexpected, mismatched)."""
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    mismatched = [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}"
+                  for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
+    problems = [f"  {title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"{path}: the {what} weights do not match the model:\n" + "\n".join(problems))
+
+
+def load_part(module_fn, path, prefix, what, device, dtype):
+    """Build a module on the meta device (no memory, no init), check the file's tensors under prefix, then adopt them
+    one by one converted to (device, dtype): peak memory is the converted module, never the whole file."""
+    with torch.device("meta"):
+        module = module_fn()
+    state = {k: v for k, v in read_safetensors(path, prefix).items() if prefix + k not in UNUSED_KEYS}
+    check_state(module, state, path, what)
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def infer_configs(path, parts=("clip_l", "clip_g", "vae", "unet")):
+    """{clip_l, clip_g, vae, unet} configs (those named in parts) of any SDXL-format single file: the base, smaller
+    SDXL-family files, tiny test files. Read from its tensor shapes alone (widths, layers, levels and blocks are
+    counted); what the weights do not hold follows SDXL's conventions (64-channel attention heads, CLIP-L quick_gelu,
+    bigG gelu, VAE scale 0.13025). ValueError naming the file and what could not be inferred."""
+    shapes = {k: shape for k, (_, shape, _, _) in read_safetensors_header(path)[0].items()}
+    part = lambda prefix: {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    infer = dict(
+        clip_l=lambda: infer_text_config(part(PREFIX_CLIP_L), path, "CLIP ViT-L text encoder",
+                                         "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+                                         "encoder.layers.", "mlp.fc1.weight", None),
+        clip_g=lambda: infer_text_config(part(PREFIX_CLIP_G), path, "OpenCLIP ViT-bigG text encoder",
+                                         "token_embedding.weight", "positional_embedding", "transformer.resblocks.",
+                                         "mlp.c_fc.weight", "text_projection"),
+        vae=lambda: infer_vae_config(part(PREFIX_VAE), path),
+        unet=lambda: unet.infer_sdxl_unet_config(part(PREFIX_UNET), f"{path} (UNet under {PREFIX_UNET})"))
+    return {name: infer[name]() for name in parts}
+
+
+def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_in, projection):
+    """TextConfig from one text tower's shapes: vocab and width from the token embedding, positions, numbered layers,
+    heads of 64 channels (CLIP-L 768 = 12 x 64, bigG 1280 = 20 x 64), the projection width (bigG only)."""
+    def dims(key):
+        if key not in shapes:
+            raise ValueError(f"{path}: cannot infer the {what}'s config: no tensor {key}")
+        return tuple(shapes[key])
+
+    vocab, width = dims(tokens)
+    layers = len({k[len(layer_prefix):].split(".", 1)[0] for k in shapes if k.startswith(layer_prefix)})
+    if width % 64 or dims(f"{layer_prefix}0.{mlp_in}") != (4 * width, width):
+        raise ValueError(f"{path}: cannot infer the {what}'s config: width {width} is not a multiple of CLIP's 64-channel "
+                         f"heads, or its MLP is not 4x wider ({list(dims(f'{layer_prefix}0.{mlp_in}'))})")
+    return TextConfig(width=width, layers=layers, heads=width // 64, act="gelu" if projection else "quick_gelu",
+                      embed_dim=dims(projection)[1] if projection else 0, vocab=vocab, context=dims(positions)[0])
+
+
+def infer_vae_config(shapes, path):
+    """VAEConfig from the encoder's shapes: base width, one multiplier per level, ResnetBlocks per level, latent
+    channels. The decoder is then checked tensor by tensor when the weights load."""
+    def dims(key):
+        if key not in shapes:
+            raise ValueError(f"{path}: cannot infer the VAE's config: no tensor {key}")
+        return tuple(shapes[key])
+
+    ch = dims("encoder.conv_in.weight")[0]
+    levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
+    widths = [dims(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
+    blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
+    if any(w % ch for w in widths):
+        raise ValueError(f"{path}: cannot infer the VAE's config: level widths {widths} are not multiples of {ch}")
+    return VAEConfig(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks,
+                     z_channels=dims("encoder.conv_out.weight")[0] // 2)
+
+
+def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.float32, clip_l=None, clip_g=None, vae=None):
+    """(CLIPTextModel, OpenCLIPTextModel, AutoencoderKL), frozen, from an SDXL-format single file (strict, checked);
+    a config not given is inferred from the file's shapes (infer_configs).
+
+    The UNet lives under PREFIX_UNET of the same file: read_safetensors(path, PREFIX_UNET) gives its sgm-named
+    state dict for the SDXL UNet in unet.py, and infer_configs(path, ["unet"]) its config."""
+    if vae_dtype == torch.float16:
+        raise ValueError("vae_dtype=float16: SDXL's VAE overflows in fp16 (NaN/black images); use float32 or bfloat16")
+    given = dict(clip_l=clip_l, clip_g=clip_g, vae=vae)
+    c = {**given, **infer_configs(path, [name for name, cfg in given.items() if cfg is None])}
+    return (load_part(lambda: CLIPTextModel(c["clip_l"]), path, PREFIX_CLIP_L, "CLIP ViT-L text encoder", device, dtype),
+            load_part(lambda: OpenCLIPTextModel(c["clip_g"]), path, PREFIX_CLIP_G, "OpenCLIP ViT-bigG text encoder", device,
+                      dtype),
+            load_part(lambda: AutoencoderKL(c["vae"]), path, PREFIX_VAE, "VAE", device, vae_dtype))
+
+
+def load_unet_state(path, cfg=SDXLUNetConfig()):
+    """sgm-named UNet state dict (CPU tensors, memory-mapped for .safetensors) from any of: sd_xl_base_1.0.safetensors
+    (its model.diffusion_model. subtree), our generator.safetensors or checkpoint.pt, or DMD2's diffusers-named
+    dmd2_sdxl_{4,1}step_unet_fp16.bin / .safetensors (renamed by diffusers_to_sgm_unet)."""
+    if path.endswith(".safetensors"):
+        state = read_safetensors(path)
+    else:
+        # torch.load(weights_only=True): nothing in the file is executed
+        state = unet.load_checkpoint(path)
+        if isinstance(state, dict) and isinstance(state.get("generator"), dict):
+            state = state["generator"]                         # our checkpoint.pt
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"{path}: expected a UNet state dict (name -> tensor)")
+    if any(k.startswith(PREFIX_UNET) for k in state):
+        state = {k[len(PREFIX_UNET):]: v for k, v in state.items() if k.startswith(PREFIX_UNET)}
+    if "conv_in.weight" in state:                              # diffusers names (DMD2's release)
+        state = diffusers_to_sgm_unet(state, cfg, path)
+    return state
+
+
+def build_unet(state, cfg, device, dtype, source):
+    """A frozen SDXLUNet holding state, built on the meta device: only the (device, dtype) copy is ever allocated."""
+    with torch.device("meta"):
+        net = SDXLUNet(cfg)
+    load_sdxl_unet_state(net, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, source, assign=True)
+    return net.eval().requires_grad_(False)
+
+
+# --preset tiny: the real tokenizer (hence CLIP's 49,408 tokens and 77 positions), everything else small and random.
+TINY_CLIP_L = TextConfig(width=32, layers=2, heads=2)
+
+
+TINY_CLIP_G = TextConfig(width=32, layers=2, heads=2, act="gelu", embed_dim=32)
+
+
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)          # still 8x smaller latents
+
+
+TINY_UNET = SDXLUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
+                           num_head_channels=32, context_dim=32 + 32, adm_in_channels=32 + SIZE_COND_DIM)
+
+
+def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float32):
+    """{clip_l, clip_g, vae (frozen, on device), unet_state, unet_cfg, vae_cfg, source}: SDXL base from ckpt, or
+    with preset "tiny" random tiny modules from a fixed seed, so that encode, train and generate all see the same ones."""
+    if preset == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip_l, clip_g, vae = CLIPTextModel(TINY_CLIP_L), OpenCLIPTextModel(TINY_CLIP_G), AutoencoderKL(TINY_VAE)
+            state = SDXLUNet(TINY_UNET).state_dict()
+        clip_l, clip_g = (m.to(device, dtype).eval().requires_grad_(False) for m in (clip_l, clip_g))
+        vae = vae.to(device, vae_dtype).eval().requires_grad_(False)
+        return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=state, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE,
+                    source="the tiny random UNet")
+    if preset:
+        raise ValueError(f"unknown preset {preset!r} (known: tiny)")
+    if not ckpt:
+        raise ValueError("--ckpt is required: sd_xl_base_1.0.safetensors or any SDXL-format single file "
+                         "(or --preset tiny for random tiny models)")
+    configs = infer_configs(ckpt)
+    clip_l, clip_g, vae = load_sdxl_parts(ckpt, device, dtype, vae_dtype, configs["clip_l"], configs["clip_g"],
+                                          configs["vae"])
+    return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
+                unet_cfg=configs["unet"], vae_cfg=configs["vae"], source=ckpt)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,21 @@ scipy are imported. Sources are named where each part is built: tianweiy/DMD2, S
 Generate (one GPU; ~7 GB of weights: bf16 UNet and text encoders, fp32 VAE; the UNet file is tianweiy/DMD2's release):
     python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin \
         --prompt "a photo of a cat" --steps 4 --seed 0 --out cat.png            # DMD2: t = 999, 749, 499, 249
-    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_1step_unet_fp16.bin --steps 1 ...   # t = 399
-    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --prompt "..." --steps 30 --guidance 8 --out base.png  # the teacher: Euler + CFG
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_1step_unet_fp16.bin --steps 1 ...
+                                                                                        # 1 step: t = 399
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --prompt "..." --steps 30 --guidance 8 --out base.png
+                                                                                        # the teacher: Euler + CFG
 Train (DMD2 SDXL 4-step; three 2.6B UNets + two AdamW do not fit one 80 GB GPU: FSDP over N GPUs, 2 images per GPU
 and gradient accumulation up to the global --batch_size 128; the paper used 64 A100 for ~60 h, 20k iterations; the
 generator is conditioned on the real latents' captions, as in the official 4-step run):
-    python sdxl.py encode --ckpt sd_xl_base_1.0.safetensors --images laion_images/ --out latents/   # once: cat.png + cat.txt -> latents
+    python sdxl.py encode --ckpt sd_xl_base_1.0.safetensors --images laion_images/ --out latents/  # cat.png + cat.txt
     torchrun --nproc_per_node=8 sdxl.py train --ckpt sd_xl_base_1.0.safetensors --latents latents/   # 8 rounds of 8 x 2
-    torchrun --nproc_per_node=8 sdxl.py train ... --resume                                          # continue from --outdir
-    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet out/sdxl/generator.safetensors --prompt "..." --out img.png
+    torchrun --nproc_per_node=8 sdxl.py train ... --resume                                  # continue from --outdir
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet out/sdxl/generator.safetensors --prompt "..."
     python sdxl.py export --unet out/sdxl/generator.safetensors --format diffusers --out unet_diffusers.safetensors
 Tiny CPU mode (random tiny text encoders / VAE / UNet built from configs, no weights needed; seconds on a laptop):
     python sdxl.py encode --preset tiny --images my_images/ --out out/tiny_latents       # any images with .txt captions
-    python sdxl.py train --preset tiny --latents out/tiny_latents                        # 10 iterations, backward simulation
+    python sdxl.py train --preset tiny --latents out/tiny_latents              # 10 iterations, backward simulation
     python sdxl.py generate --preset tiny --unet out/sdxl_tiny/generator.safetensors --prompt "a cat" --out tiny.png
 Latency and peak memory at 1024x1024, 4 steps, bf16 (CUDA); the second also times diffusers' StableDiffusionXLPipeline
 on the same weights (needs the test requirements):
@@ -45,7 +47,8 @@ In Python (one GPU; ~1.7 GB of text encoders in fp16 + 0.33 GB of VAE in fp32):
     y = vector_cond(pooled, (1024, 1024), (0, 0), (1024, 1024))               # [1, 2816]
     images = vae.decode(latents)                                              # [B, 3, 8h, 8w] in about [-1, 1]
 
-Expected (the PAPER's figures, not measured by us): DMD2 4-step COCO-10k FID 19.32, 1-step 19.01, teacher (100 NFE, CFG 8) 20.39.
+Expected (the PAPER's figures, not measured by us): DMD2 4-step COCO-10k FID 19.32, 1-step 19.01, teacher (100 NFE,
+CFG 8) 20.39.
 """
 import argparse
 import dataclasses
@@ -88,14 +91,14 @@ from unet import SDXLUNet, SDXLUNetConfig, diffusers_to_sgm_unet, load_sdxl_unet
 @dataclass
 class Config:
     preset: str = ""                      # "" = SDXL base 1.0 from --ckpt; "tiny" = random tiny models on CPU, seconds
-    ckpt: str = ""                        # an SDXL-format .safetensors (sd_xl_base_1.0): teacher, generator and fake-score init, text encoders, VAE
-    prompts: str = ""                     # generator prompts, one per line; "" = the captions of a real-latent batch (official 4-step run)
-    latents: str = ""                     # folder written by `sdxl.py encode`: real latents + captions (GAN real branch, generator prompts)
-    outdir: str = "out/sdxl"              # checkpoint.pt (resume), generator.safetensors (generate --unet), samples_*.png, log.txt
-    seed: int = 0                         # prompts, noise, t and k are a pure function of (seed, step, micro-batch): resuming is exact
+    ckpt: str = ""                        # SDXL-format single file: teacher, G and fake-score init, text encoders, VAE
+    prompts: str = ""                     # G's prompts, one per line; "" = a real-latent batch's captions (official)
+    latents: str = ""                     # `sdxl.py encode` output: real latents + captions (GAN, G's prompts)
+    outdir: str = "out/sdxl"              # checkpoint.pt, generator.safetensors, samples_*.png, log.txt
+    seed: int = 0                         # all draws are a function of (seed, step, micro-batch): exact resume
     device: str = ""                      # "" = cuda:LOCAL_RANK if available, else cpu
     total_steps: int = 20_000             # iterations (paper F.4: 20k for 4 steps; the released UNet is from 19k)
-    batch_size: int = 128                 # global batch per iteration, on any number of GPUs (official: 2 per GPU x 64 GPUs)
+    batch_size: int = 128                 # global batch, on any GPU count (official: 2 per GPU x 64 GPUs)
     batch_gpu: int = 2                    # micro-batch per process and accumulation round; 0 = batch_size / processes
     resolution: int = 1024                # image side in pixels; latents are resolution / 8
     num_denoising_step: int = 4           # generator steps: 4 -> t = 999, 749, 499, 249; 1 -> t = conditioning_timestep
@@ -113,16 +116,16 @@ class Config:
     min_step_percent: float = 0.02        # DM gradient: t from 0.02 * 1000 = 20 ...
     max_step_percent: float = 0.98        # ... to 0.98 * 1000 = 980 (inclusive)
     gen_gan_weight: float = 5e-3          # GAN weight in the generator loss (official gen_cls_loss_weight)
-    fake_gan_weight: float = 1e-2         # GAN (discriminator) weight in the fake-score loss (official guidance_cls_loss_weight)
-    backward_simulation: bool = True      # off: Table 4's ablation, generator input = a real latent noised to a random step
-    gan_only: bool = False                # Table 4's "w/o distribution matching": the generator minimises the GAN loss alone (official gan_alone)
-    precision: str = "bf16"               # "bf16": bf16 teacher, autocast on the trained passes, fake UNet in fp32 in the DM loss; "fp32": none
-    no_grad_bf16: bool = False            # also run text encoders, backward simulation and critic-step generator passes in bf16 (official: fp32)
+    fake_gan_weight: float = 1e-2         # discriminator weight (official guidance_cls_loss_weight)
+    backward_simulation: bool = True      # off: Table 4 ablation, G's input = a noised real latent
+    gan_only: bool = False                # Table 4 ablation: G minimises the GAN loss alone (gan_alone)
+    precision: str = "bf16"               # bf16: bf16 teacher, autocast on trained passes (official); fp32
+    no_grad_bf16: bool = False            # text encoders, chain, critic-step G pass in bf16 (official fp32)
     tf32: bool = True                     # allow TF32 matmuls/convs on Ampere+ (official does)
     checkpointing: bool = True            # activation checkpointing in the generator and the fake UNet
     log_every: int = 10                   # print losses every N iterations
-    ckpt_every: int = 500                 # write generator.safetensors + checkpoint.pt every N iterations (0 = only at the end)
-    sample_every: int = 500               # write a 4-image PNG of fixed prompts and noise every N iterations (0 = never)
+    ckpt_every: int = 500                 # write generator + checkpoint every N iterations (0 = at the end)
+    sample_every: int = 500               # 4-image PNG of fixed prompts and noise every N (0 = never)
     resume: bool = False                  # continue from outdir/checkpoint.pt
 
 
@@ -310,7 +313,8 @@ def read_prompts(path):
 
 
 class LatentDataset:
-    """The shards written by encode_folder, memory-mapped: sample(n, g) -> (latents [n, 4, R/8, R/8] float32, n captions)."""
+    """The shards written by encode_folder, memory-mapped.
+    sample(n, g) -> (latents [n, 4, R/8, R/8] float32, n captions)"""
 
     def __init__(self, folder, resolution):
         paths = sorted(glob.glob(os.path.join(glob.escape(folder), "latents_*.safetensors")))
@@ -321,12 +325,14 @@ class LatentDataset:
             latents, metadata = read_safetensors(path).get("latents"), read_safetensors_header(path)[1]
             if latents is None or latents.ndim != 4 or tuple(latents.shape[1:]) != (4, side, side):
                 got = "no tensor 'latents'" if latents is None else f"'latents' {list(latents.shape)}"
-                raise ValueError(f"{path}: expected 'latents' [N, 4, {side}, {side}] for --resolution {resolution}, found {got}")
+                raise ValueError(f"{path}: expected 'latents' [N, 4, {side}, {side}] for --resolution {resolution}, "
+                                 f"found {got}")
             try:
                 captions = json.loads(metadata.get("captions", "null"))
             except ValueError:
                 captions = None
-            if not (isinstance(captions, list) and len(captions) == len(latents) and all(isinstance(c, str) for c in captions)):
+            if not (isinstance(captions, list) and len(captions) == len(latents)
+                    and all(isinstance(c, str) for c in captions)):
                 raise ValueError(f"{path}: metadata 'captions' must be a JSON list of {len(latents)} strings")
             self.rows += [(len(self.shards), i) for i in range(len(latents))]
             self.shards.append(latents)
@@ -383,7 +389,7 @@ def x0_from_eps(x_t, eps, t, alphas_cumprod):
 
 
 def randn(shape, g, device):
-    """N(0, I) drawn by generator g on its own device, then moved: a CPU generator gives the same numbers on any device."""
+    """N(0, I) drawn by generator g on its own device, then moved: a CPU generator gives the same numbers anywhere."""
     return torch.randn(shape, generator=g, device=g.device).to(device)
 
 
@@ -415,7 +421,7 @@ def dmd2_timesteps(steps, conditioning_timestep=399):
 def gan_head(channels, resolution):
     """cls_pred_branch (DMD2 Sec. 4.3, sd_guidance.py): on the fake UNet's middle-block output ([B, 1280, 32, 32] at
     1024^2), (conv 4x4/2, GroupNorm 32, SiLU) down to 4x4, then conv 4x4/4 + GroupNorm + SiLU to 1x1, then a 1x1 conv
-    to one logit. Smaller maps (the tiny preset) skip stride-2 stages; the Sequential indices match the official head."""
+    to one logit. Smaller maps (the tiny preset) skip stride-2 stages; Sequential indices match the official head."""
     if resolution < 4 or resolution & (resolution - 1):
         raise ValueError(f"the GAN head needs a square middle block of 4 * 2^n pixels, got {resolution} "
                          f"(SDXL: --resolution 1024 -> 128 latent -> 32)")
@@ -423,7 +429,8 @@ def gan_head(channels, resolution):
     while resolution > 4:
         layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(32, channels), nn.SiLU()]
         resolution //= 2
-    layers += [nn.Conv2d(channels, channels, 4, stride=4), nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
+    layers += [nn.Conv2d(channels, channels, 4, stride=4), nn.GroupNorm(32, channels), nn.SiLU(),
+               nn.Conv2d(channels, 1, 1)]
     return nn.Sequential(*layers)
 
 
@@ -447,7 +454,8 @@ class FakeScore(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Distribution matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3; tianweiy/DMD2 main/sd_guidance.py).
-# x0_real, x0_fake: the teacher's and the fake score's x0-predictions at x_t; p_real = x - x0_real, p_fake = x - x0_fake.
+# x0_real, x0_fake: the teacher's and the fake score's x0-predictions at x_t; p_real = x - x0_real,
+# p_fake = x - x0_fake.
 # g is this micro-batch's RNG.
 
 def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumprod, cfg, g):
@@ -504,7 +512,8 @@ def gan_logits(fake_score, x, context, y, alphas_cumprod, g):
 def shared_step_index(n, seed, step, device):
     """k ~ UniformInt[0, n) for backward simulation: the first draw of global micro-batch 0's RNG, which every
     process computes alike (official sample_backward: drawn on rank 0 and broadcast). The whole global batch, over all
-    processes and accumulation rounds, trains the same step, and every rank calls the sharded generator equally often."""
+    processes and accumulation rounds, trains the same step, and every rank calls the sharded generator equally
+    often."""
     return int(torch.randint(n, (1,), generator=unet.batch_generator(seed, step, 0, device), device=device))
 
 
@@ -655,10 +664,11 @@ def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="
              conditioning_timestep=399):
     """prompts -> uint8 images [B, H, W, 3]. sampler "dmd2": DMD2's generator (steps 4 -> t = 999, 749, 499, 249;
     1 -> t = conditioning_timestep); "euler": the base model, Euler + CFG guidance_scale. The initial noise and every
-    re-noise come from one CPU generator seeded with seed (as DMD2's demo), so an image does not depend on the device."""
+    re-noise come from one CPU generator seeded with seed (as DMD2's demo): an image does not depend on the device."""
     factor = 8 * 2 ** (len(net.cfg.channel_mult) - 1)
     if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor} (the VAE's 8 x the UNet's downsampling), got {height}x{width}")
+        raise ValueError(f"height and width must be multiples of {factor} (the VAE's 8 x the UNet's downsampling), "
+                         f"got {height}x{width}")
     device = clip_l.embeddings.token_embedding.weight.device
     context, y = encode_condition(clip_l, clip_g, prompts, height, width)
     g = torch.Generator().manual_seed(seed)
@@ -719,7 +729,8 @@ def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat"
                     seed=0, reps=5, reference=None):
     """Time prompt embeddings -> image ([1, 3, H, W] in [0, 1]: `steps` UNet calls of DMD2's sampler + VAE decode) for
     our code and, if `reference` is given, for the pipeline it builds, reference(net, vae, vae_cfg, device, dtype)
-    -> a diffusers-style StableDiffusionXLPipeline (tests/sdxl_diffusers.py), on the same weights and initial noise. The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
+    -> a diffusers-style StableDiffusionXLPipeline (tests/sdxl_diffusers.py), on the same weights and initial noise.
+    The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
     -> {"text_encoders": seconds, "ours"/"diffusers": dict(median, min, peak_gib, weights_gib, image)}"""
     device = net.out[2].weight.device
     cuda = device.type == "cuda"
@@ -739,7 +750,8 @@ def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat"
             sync()
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else math.nan
-        return dict(median=float(np.median(times)), min=min(times), peak_gib=peak, weights_gib=weights, image=image.float().cpu())
+        return dict(median=float(np.median(times)), min=min(times), peak_gib=peak, weights_gib=weights,
+                    image=image.float().cpu())
 
     def noise_and_generator():
         g = torch.Generator().manual_seed(seed)
@@ -764,8 +776,9 @@ def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat"
 
             def theirs():
                 noise, g = noise_and_generator()
-                return pipe(prompt_embeds=context.to(dtype), pooled_prompt_embeds=y[:, :-SIZE_COND_DIM].to(dtype), guidance_scale=0.0,
-                            timesteps=timesteps, height=height, width=width, latents=noise.to(dtype), generator=g, output_type="pt").images
+                return pipe(prompt_embeds=context.to(dtype), pooled_prompt_embeds=y[:, :-SIZE_COND_DIM].to(dtype),
+                            guidance_scale=0.0, timesteps=timesteps, height=height, width=width,
+                            latents=noise.to(dtype), generator=g, output_type="pt").images
             results["diffusers"] = measure(theirs)
     return results
 
@@ -800,12 +813,12 @@ def make_trainable(module, state, device, world):
 
 
 def micro_batching(cfg, world):
-    """-> (batch_gpu, rounds) with batch_gpu x world x rounds = batch_size: the official global batch on any GPU count."""
+    """-> (batch_gpu, rounds), batch_gpu x world x rounds = batch_size: the official global batch on any GPU count."""
     batch_gpu = cfg.batch_gpu or cfg.batch_size // world
     rounds = cfg.batch_size // (batch_gpu * world) if batch_gpu > 0 else 0
     if rounds < 1 or rounds * batch_gpu * world != cfg.batch_size:
-        raise ValueError(f"--batch_size {cfg.batch_size} is not --batch_gpu {cfg.batch_gpu} x {world} processes x a whole "
-                         f"number of accumulation rounds")
+        raise ValueError(f"--batch_size {cfg.batch_size} is not --batch_gpu {cfg.batch_gpu} x {world} processes "
+                         f"x a whole number of accumulation rounds")
     return batch_gpu, rounds
 
 
@@ -825,7 +838,8 @@ def setup_training(cfg):
         torch.backends.cudnn.allow_tf32 = True
     bf16 = cfg.precision == "bf16"
     run = types.SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, batch_gpu=batch_gpu, rounds=rounds,
-                                amp=autocast_bf16(device, bf16), no_grad_amp=autocast_bf16(device, bf16 and cfg.no_grad_bf16),
+                                amp=autocast_bf16(device, bf16),
+                                no_grad_amp=autocast_bf16(device, bf16 and cfg.no_grad_bf16),
                                 ckpt_path=os.path.join(cfg.outdir, "checkpoint.pt"),
                                 gen_path=os.path.join(cfg.outdir, "generator.safetensors"))
     if rank == 0:
@@ -845,7 +859,7 @@ def setup_training(cfg):
 
 def build_models(run, frozen_dtype, text_dtype):
     """Frozen and replicated: text encoders, VAE (sample strips), teacher (official: bf16). Trained: generator and fake
-    UNet, both the base UNet (fp32 master weights), and a new GAN head, seeded so every rank starts with the same one."""
+    UNet, both the base UNet (fp32 master weights), and a new GAN head, seeded: every rank starts with the same one."""
     cfg = run.cfg
     parts = load_parts(cfg.preset, cfg.ckpt, run.device, text_dtype)
     run.clip_l, run.clip_g, run.vae, run.unet_cfg = parts["clip_l"], parts["clip_g"], parts["vae"], parts["unet_cfg"]
@@ -885,7 +899,8 @@ def optimizer_step(run, name, stats):
     optimiser state turns finite gradients into NaN weights), so no save ever sees them. -> stats averaged over ranks"""
     module, opt = getattr(run, name), run.opt[name]
     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), run.cfg.max_grad_norm)
-    stats["grad_norm_" + ("g" if name == "generator" else "d")] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm            # FSDP2 returns a DTensor
+    stats["grad_norm_" + ("g" if name == "generator" else "d")] = norm
     stats = unet.check_finite(stats, run.step, run.world, run.ckpt_path)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -944,7 +959,8 @@ def save_training(run, step):
     """Every rank gathers its shards; rank 0 writes generator.safetensors FIRST, then checkpoint.pt (both atomic):
     a kill between the two leaves the generator ahead of the checkpoint, which the resumed run rewrites, never a
     finished checkpoint beside a stale generator."""
-    unet.check_finite_weights({"generator": run.generator, "fake_score": run.fake_score}, step, run.world, run.ckpt_path)
+    modules = {"generator": run.generator, "fake_score": run.fake_score}
+    unet.check_finite_weights(modules, step, run.world, run.ckpt_path)
     gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = dict(generator=get_model_state_dict(run.generator, options=gathered),
                  fake_score=get_model_state_dict(run.fake_score, options=gathered),
@@ -1016,8 +1032,9 @@ def cmd_generate(args):
     net, parts = load_for_inference(args)
     sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
     side = 128 if args.preset == "tiny" else 1024
-    image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], args.height or side, args.width or side,
-                     args.seed, sampler, args.steps or (4 if sampler == "dmd2" else 30), args.guidance, args.conditioning_timestep)[0]
+    image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], args.height or side,
+                     args.width or side, args.seed, sampler, args.steps or (4 if sampler == "dmd2" else 30),
+                     args.guidance, args.conditioning_timestep)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     PIL.Image.fromarray(image).save(args.out)
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {sampler} sampler)")
@@ -1048,16 +1065,19 @@ def cmd_bench(args, reference=None):
     r = bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], args.prompt, H, W,
                         args.steps, args.seed, args.reps, reference=reference)
     gpu = torch.cuda.get_device_name(net.out[2].weight.device) if net.out[2].weight.is_cuda else "CPU"
-    print(f"bench: {H}x{W}, {args.steps} steps, batch 1, UNet {net.out[2].weight.dtype}, VAE {next(parts['vae'].parameters()).dtype}, "
+    print(f"bench: {H}x{W}, {args.steps} steps, batch 1, UNet {net.out[2].weight.dtype}, "
+          f"VAE {next(parts['vae'].parameters()).dtype}, "
           f"{gpu}, torch {torch.__version__}; median of {args.reps} after a warm-up")
     print(f"  text encoders (ours, once per prompt)          {1000 * r['text_encoders']:9.1f} ms")
     for name in ("ours", "diffusers"):
         if name in r:
             m = r[name]
-            print(f"  {name:9s} {args.steps} UNet steps + VAE decode   {1000 * m['median']:9.1f} ms  (min {1000 * m['min']:.1f})  "
+            print(f"  {name:9s} {args.steps} UNet steps + VAE decode   {1000 * m['median']:9.1f} ms  "
+                  f"(min {1000 * m['min']:.1f})  "
                   f"peak {m['peak_gib']:.2f} GiB (weights {m['weights_gib']:.2f} GiB)")
     if "diffusers" in r:
-        print(f"  max |ours - diffusers| over the [0, 1] image: {(r['ours']['image'] - r['diffusers']['image']).abs().max():.4f}")
+        gap = (r['ours']['image'] - r['diffusers']['image']).abs().max()
+        print(f"  max |ours - diffusers| over the [0, 1] image: {gap:.4f}")
 
 
 def cmd_export(args):
@@ -1074,7 +1094,8 @@ def cmd_tokenize(args):
     for name, pad in (("CLIP-L", "end"), ("bigG", "zero")):
         ids = tokenize(args.prompt, pad)[0].tolist()
         n = ids.index(EOT) + 1  # SOT, the prompt's tokens, EOT
-        print(f"{name} ids ({n} of 77 used, padded with {ids[-1] if n < 77 else 'nothing'}): {' '.join(map(str, ids[:n]))}")
+        padding = ids[-1] if n < 77 else "nothing"
+        print(f"{name} ids ({n} of 77 used, padded with {padding}): {' '.join(map(str, ids[:n]))}")
     symbols = {i: s for s, i in load_clip_vocab()[0].items()}
     print("pieces:", " ".join(symbols[i] for i in ids[1:n - 1]))
 
@@ -1083,32 +1104,34 @@ def cmd_inspect(args):
     entries, metadata, data_start = read_safetensors_header(args.path)
     groups = {}
     for name, (dtype, shape, begin, end) in entries.items():
-        prefix = next((p for p in (PREFIX_CLIP_L, PREFIX_CLIP_G, PREFIX_VAE, PREFIX_UNET) if name.startswith(p)), name.split(".")[0])
+        prefix = next((p for p in (PREFIX_CLIP_L, PREFIX_CLIP_G, PREFIX_VAE, PREFIX_UNET) if name.startswith(p)),
+                      name.split(".")[0])
         count, nbytes, numel, dtypes = groups.get(prefix, (0, 0, 0, set()))
         groups[prefix] = (count + 1, nbytes + end - begin, numel + math.prod(shape), dtypes | {DTYPE_NAMES[dtype]})
     print(f"{args.path}: {len(entries)} tensors, header {data_start - 8} bytes, {len(metadata)} metadata keys")
     for prefix, (count, nbytes, numel, dtypes) in sorted(groups.items()):
-        print(f"  {prefix:50s} {count:5d} tensors {numel:>14,d} numbers {nbytes:>15,d} bytes  {'/'.join(sorted(dtypes))}")
+        print(f"  {prefix:50s} {count:5d} tensors {numel:>14,d} numbers {nbytes:>15,d} bytes  "
+              f"{'/'.join(sorted(dtypes))}")
     for k, v in sorted(metadata.items()):
         print(f"  __metadata__ {k} = {v[:100]}")
 
 
 def add_model_args(p):
-    p.add_argument("--ckpt", default="", help="an SDXL-format single file (sd_xl_base_1.0.safetensors, smaller SDXL-family "
-                                              "files): text encoders, VAE, base UNet, configs read from its shapes")
-    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: random tiny models instead of --ckpt (CPU)")
-    p.add_argument("--unet", default="", help="UNet weights replacing the base UNet: DMD2's dmd2_sdxl_4step_unet_fp16.bin, "
-                                              "our generator.safetensors / checkpoint.pt, any sgm or diffusers SDXL UNet")
+    p.add_argument("--ckpt", default="", help="an SDXL-format single file (sd_xl_base_1.0.safetensors, smaller "
+                   "SDXL-family files): text encoders, VAE, base UNet, configs read from its shapes")
+    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: random tiny models, no --ckpt (CPU)")
+    p.add_argument("--unet", default="", help="UNet weights replacing the base UNet: DMD2's "
+                   "dmd2_sdxl_4step_unet_fp16.bin, our generator.safetensors / checkpoint.pt, any SDXL UNet")
     p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="UNet and text encoders; auto = bf16 on CUDA, "
-                                                                              "fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="UNet and text encoders; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
     p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
     p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
 
 
 def add_generate_parser(sub, fmt):
-    p = sub.add_parser("generate", formatter_class=fmt, help="prompt -> PNG with DMD2's sampler or the base's Euler + CFG")
+    p = sub.add_parser("generate", formatter_class=fmt, help="prompt -> PNG, DMD2's sampler or the base's Euler + CFG")
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--out", default="out/sdxl.png", help="PNG file to write")
@@ -1122,9 +1145,9 @@ def add_generate_parser(sub, fmt):
 
 
 def add_encode_parser(sub, fmt):
-    p = sub.add_parser("encode", formatter_class=fmt, help="images + .txt captions -> VAE latent shards for train --latents")
+    p = sub.add_parser("encode", formatter_class=fmt, help="images + captions -> latent shards (train --latents)")
     p.add_argument("--ckpt", default="", help="an SDXL-format single file (only its VAE is read)")
-    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: the tiny random VAE of train --preset tiny")
+    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: the random VAE of train --preset tiny")
     p.add_argument("--images", required=True, help="folder of images (.png/.jpg/.jpeg/.webp/.bmp), each with NAME.txt")
     p.add_argument("--out", required=True, help="empty folder for latents_00000.safetensors, ...")
     p.add_argument("--resolution", type=int, default=0, help="center crop side; 0 = 1024 (128 with --preset tiny)")
@@ -1143,10 +1166,12 @@ def add_train_parser(sub, fmt):
     comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
         if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=comments[f.name])
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=comments[f.name])
-    p.set_defaults(run=lambda args: train(Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})))
+    p.set_defaults(run=lambda args: train(Config(**{f.name: getattr(args, f.name)
+                                                    for f in dataclasses.fields(Config)})))
     return p
 
 
@@ -1159,7 +1184,7 @@ def add_other_parsers(sub, fmt):
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for both pipelines)")
     p.add_argument("--reps", type=int, default=10, help="timed runs after one warm-up")
     p.set_defaults(run=cmd_bench)
-    p = sub.add_parser("export", formatter_class=fmt, help="a trained generator -> diffusers UNet names (DMD2's release)")
+    p = sub.add_parser("export", formatter_class=fmt, help="a trained generator -> diffusers UNet names (as DMD2's)")
     p.add_argument("--unet", required=True, help="generator.safetensors, checkpoint.pt or any sgm-named SDXL UNet file")
     p.add_argument("--format", default="diffusers", choices=["diffusers"], help="naming of the written file")
     p.add_argument("--out", required=True, help=".safetensors file to write")
@@ -1278,7 +1303,8 @@ def load_clip_vocab(path=VOCAB_PATH):
 def clean_text(text):
     """CLIP's clean-up without ftfy: unescape HTML twice, NFC-normalise, collapse whitespace, lowercase.
 
-    ftfy.fix_text (upstream; not a dependency here) would also repair mojibake, uncurl quotes and fold some compatibility
+    ftfy.fix_text (upstream; not a dependency here) would also repair mojibake, uncurl quotes and fold some
+    compatibility
     characters; Hugging Face's fast CLIP tokenizer (used by diffusers and DMD2) skips ftfy too. ASCII prompts are
     unaffected either way."""
     text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
@@ -1476,7 +1502,8 @@ class OpenCLIPTextModel(nn.Module):
 
 
 def encode_prompt(clip_l, clip_g, prompts, vocab_path=VOCAB_PATH):
-    """prompts (list of str) -> context [B, 77, 768+1280] = [CLIP-L | bigG] penultimate states, pooled bigG [B, 1280]."""
+    """prompts (list of str) -> context [B, 77, 768+1280] = [CLIP-L | bigG] penultimate states,
+    pooled bigG [B, 1280]."""
     device = clip_l.embeddings.token_embedding.weight.device
     ids_l = tokenize(prompts, "end", clip_l.embeddings.position_embedding.num_embeddings, vocab_path).to(device)
     ids_g = tokenize(prompts, "zero", clip_g.positional_embedding.shape[0], vocab_path).to(device)
@@ -1488,8 +1515,9 @@ SIZE_COND_DIM = 6 * 256  # the six size embeddings that follow the pooled text e
 
 
 def vector_cond(pooled, original_size=(1024, 1024), crop_coords=(0, 0), target_size=(1024, 1024)):
-    """SDXL micro-conditioning y (SDXL paper Sec. 2.2; sgm ConcatTimestepEmbedderND): [pooled bigG | E(orig h) E(orig w) E(crop top) E(crop left) E(target h) E(target w)],
-    each E a 256-d embedding of the raw pixel number. pooled [B, 1280] -> y [B, 1280 + 6*256 = 2816]; sizes are (height, width)."""
+    """SDXL micro-conditioning y (SDXL paper Sec. 2.2; sgm ConcatTimestepEmbedderND):
+    [pooled bigG | E(orig h) E(orig w) E(crop top) E(crop left) E(target h) E(target w)], each E a 256-d embedding of
+    the raw pixel number. pooled [B, 1280] -> y [B, 1280 + 6*256 = 2816]; sizes are (height, width)."""
     sizes = torch.tensor([*original_size, *crop_coords, *target_size], dtype=torch.float32, device=pooled.device)  # [6]
     # [B, 1536]
     emb = timestep_embedding(sizes, 256).reshape(1, SIZE_COND_DIM).expand(len(pooled), -1)
@@ -1560,7 +1588,8 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
         self.down, cin = nn.ModuleList(), cfg.ch
         for i, cout in enumerate(widths):
-            level = nn.ModuleDict(dict(block=nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks))))
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks)]
+            level = nn.ModuleDict(dict(block=nn.ModuleList(blocks)))
             if i < len(widths) - 1:
                 level["downsample"] = nn.ModuleDict(dict(conv=nn.Conv2d(cout, cout, 3, stride=2)))
             self.down.append(level)
@@ -1588,7 +1617,8 @@ class Decoder(nn.Module):
         self.mid = mid_block(cin)
         levels = []
         for i in reversed(range(len(widths))):  # built deepest first, stored by level index: up.0 is full resolution
-            level = nn.ModuleDict(dict(block=nn.ModuleList(ResnetBlock(cin if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1))))
+            blocks = [ResnetBlock(cin if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1)]
+            level = nn.ModuleDict(dict(block=nn.ModuleList(blocks)))
             if i > 0:
                 level["upsample"] = nn.ModuleDict(dict(conv=nn.Conv2d(widths[i], widths[i], 3, padding=1)))
             levels.insert(0, level)
@@ -1639,7 +1669,8 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def image_caption_pairs(folder):
-    """[(image path, caption)] for every image in folder, each with a caption file of the same name: cat.png + cat.txt."""
+    """[(image path, caption)] for every image in folder, each with a caption file of the same name (cat.png +
+    cat.txt)."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXT))
@@ -1690,7 +1721,8 @@ def encode_folder(vae, folder, out, resolution, batch=8, shard_size=1000, seed=0
             images = torch.stack([load_image(path, resolution) for path, _ in chunk[i:i + batch]]).to(device)
             # [b, 4, R/8, R/8]
             latents.append(vae.encode(images, sample=True, generator=g).float().cpu())
-        write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"), {"latents": torch.cat(latents).half()},
+        write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"),
+                          {"latents": torch.cat(latents).half()},
                           {"captions": json.dumps([c for _, c in chunk]), "resolution": str(resolution)})
     return len(pairs)
 
@@ -1706,7 +1738,8 @@ def check_state(module, state, path, what):
     mismatched = [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}"
                   for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
     problems = [f"  {title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-                for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+                for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", mismatched)) if keys]
     if problems:
         raise ValueError(f"{path}: the {what} weights do not match the model:\n" + "\n".join(problems))
 
@@ -1752,8 +1785,8 @@ def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_i
     vocab, width = dims(tokens)
     layers = len({k[len(layer_prefix):].split(".", 1)[0] for k in shapes if k.startswith(layer_prefix)})
     if width % 64 or dims(f"{layer_prefix}0.{mlp_in}") != (4 * width, width):
-        raise ValueError(f"{path}: cannot infer the {what}'s config: width {width} is not a multiple of CLIP's 64-channel "
-                         f"heads, or its MLP is not 4x wider ({list(dims(f'{layer_prefix}0.{mlp_in}'))})")
+        raise ValueError(f"{path}: cannot infer the {what}'s config: width {width} is not a multiple of CLIP's "
+                         f"64-channel heads, or its MLP is not 4x wider ({list(dims(f'{layer_prefix}0.{mlp_in}'))})")
     return TextConfig(width=width, layers=layers, heads=width // 64, act="gelu" if projection else "quick_gelu",
                       embed_dim=dims(projection)[1] if projection else 0, vocab=vocab, context=dims(positions)[0])
 
@@ -1776,7 +1809,8 @@ def infer_vae_config(shapes, path):
                      z_channels=dims("encoder.conv_out.weight")[0] // 2)
 
 
-def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.float32, clip_l=None, clip_g=None, vae=None):
+def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.float32, clip_l=None, clip_g=None,
+                    vae=None):
     """(CLIPTextModel, OpenCLIPTextModel, AutoencoderKL), frozen, from an SDXL-format single file (strict, checked);
     a config not given is inferred from the file's shapes (infer_configs).
 
@@ -1786,9 +1820,10 @@ def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.flo
         raise ValueError("vae_dtype=float16: SDXL's VAE overflows in fp16 (NaN/black images); use float32 or bfloat16")
     given = dict(clip_l=clip_l, clip_g=clip_g, vae=vae)
     c = {**given, **infer_configs(path, [name for name, cfg in given.items() if cfg is None])}
-    return (load_part(lambda: CLIPTextModel(c["clip_l"]), path, PREFIX_CLIP_L, "CLIP ViT-L text encoder", device, dtype),
-            load_part(lambda: OpenCLIPTextModel(c["clip_g"]), path, PREFIX_CLIP_G, "OpenCLIP ViT-bigG text encoder", device,
+    return (load_part(lambda: CLIPTextModel(c["clip_l"]), path, PREFIX_CLIP_L, "CLIP ViT-L text encoder", device,
                       dtype),
+            load_part(lambda: OpenCLIPTextModel(c["clip_g"]), path, PREFIX_CLIP_G, "OpenCLIP ViT-bigG text encoder",
+                      device, dtype),
             load_part(lambda: AutoencoderKL(c["vae"]), path, PREFIX_VAE, "VAE", device, vae_dtype))
 
 
@@ -1836,7 +1871,7 @@ TINY_UNET = SDXLUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_block
 
 def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float32):
     """{clip_l, clip_g, vae (frozen, on device), unet_state, unet_cfg, vae_cfg, source}: SDXL base from ckpt, or
-    with preset "tiny" random tiny modules from a fixed seed, so that encode, train and generate all see the same ones."""
+    with preset "tiny" random tiny modules from a fixed seed, so that encode, train and generate see the same ones."""
     if preset == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

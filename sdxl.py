@@ -455,8 +455,7 @@ class FakeScore(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Distribution matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3; tianweiy/DMD2 main/sd_guidance.py).
 # x0_real, x0_fake: the teacher's and the fake score's x0-predictions at x_t; p_real = x - x0_real,
-# p_fake = x - x0_fake.
-# g is this micro-batch's RNG.
+# p_fake = x - x0_fake. g is this micro-batch's RNG.
 
 def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumprod, cfg, g):
     """1) The distribution-matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3) as the official code computes it: noise
@@ -468,17 +467,14 @@ def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumpro
     with torch.no_grad():
         t = torch.randint(lo, hi + 1, (len(x),), generator=g, device=g.device).to(x.device)     # [B]
         x_t = add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod)
-        # bf16 teacher under autocast
-        eps_real = cfg_eps(teacher, x_t, t, context, y, cfg.guidance_scale).float()
-        # fake UNet in fp32, as official
-        with torch.autocast(x.device.type, enabled=False):
+        eps_real = cfg_eps(teacher, x_t, t, context, y, cfg.guidance_scale).float()   # bf16 teacher under autocast
+        with torch.autocast(x.device.type, enabled=False):                          # fake UNet in fp32, as official
             eps_fake = fake_score(x_t, t, context, y).float()
         x0_real = x0_from_eps(x_t, eps_real, t, alphas_cumprod)                                 # [B, 4, h, w]
         x0_fake = x0_from_eps(x_t, eps_fake, t, alphas_cumprod)
         p_real, p_fake = x - x0_real, x - x0_fake
         w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                                      # per-sample normaliser
-        # = (x0_fake - x0_real) / w
-        grad = torch.nan_to_num((p_real - p_fake) / w)
+        grad = torch.nan_to_num((p_real - p_fake) / w)                              # = (x0_fake - x0_real) / w
     return 0.5 * F.mse_loss(x, (x - grad).detach())
 
 
@@ -488,7 +484,7 @@ def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumpro
 def loss_fake_score(fake_score, x, context, y, alphas_cumprod, g):
     """2) The fake score's denoising loss on the detached generator output (official compute_loss_fake):
     t ~ UniformInt[0, 999], plain eps-prediction MSE, conditional only. It runs every iteration while the generator
-    steps every dfake_gen_update_ratio-th (TTUR, DMD2 Sec. 4.2), so mu_fake keeps up with the moving generator."""
+    steps every dfake_gen_update_ratio-th (TTUR, DMD2 Sec. 4.2), so x0_fake keeps up with the moving generator."""
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
     noise = randn(x.shape, g, x.device)
     eps_fake = fake_score(add_noise(x, noise, t, alphas_cumprod), t, context, y).float()

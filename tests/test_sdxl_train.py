@@ -754,6 +754,7 @@ out = sdxl.train(cfg)
 own_k = [int(torch.randint(4, (1,), generator=sdxl.unet.batch_generator(1, 0, dist.get_rank(), "cpu")))]  # first draw
 print("RESULT", json.dumps(dict(rank=dist.get_rank(), k=[h["k"] for h in out["history"]], own_k=own_k,
                                 loss=[h["loss_fake"] for h in out["history"]],
+                                norms=[[h["grad_norm_g"], h["grad_norm_d"]] for h in out["history"]],
                                 sharded=type(out["generator"].out[2].weight).__name__)), flush=True)
 dist.destroy_process_group()
 """
@@ -787,6 +788,9 @@ def test_two_fsdp_processes_equal_one_process_with_accumulation(tiny_run, tmp_pa
     assert results[0]["loss"] == results[1]["loss"]                             # logged values are averaged over ranks
     assert single["history"][0]["k"] == results[0]["k"][0]
     assert abs(single["history"][0]["loss_fake"] - results[0]["loss"][0]) < 1e-5
+    # Gradients are averaged over the global batch both ways (Adam would hide a factor of 2 in the weights).
+    norms = (single["history"][0]["grad_norm_g"], single["history"][0]["grad_norm_d"])
+    assert norms == pytest.approx(results[0]["norms"][0], rel=1e-4) and min(norms) > 0
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)   # gathered into plain tensors by rank 0
     init = sdxl.load_parts("tiny", "", "cpu")["unet_state"]
     assert ckpt["step"] == 1 and not torch.equal(ckpt["generator"]["out.2.weight"], init["out.2.weight"])

@@ -30,7 +30,6 @@ import io
 import math
 import os
 import pickle
-import pickletools
 import time
 import urllib.request
 import warnings
@@ -45,6 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from unet import (PickledOrderedDict, describe_value, legacy_storage_nbytes, load_legacy_storage,  # hostile files
+                  scan_pickle)
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -403,6 +405,8 @@ class InceptionV3(nn.Module):
 # ----------------------------------------------------------------------------
 # Weights. A pickle runs whatever callables it names, and NVIDIA's persistence pickles even exec() the network's source
 # text. So the .pkl and TorchScript files are read by an unpickler that builds only tensors and inert placeholder objects.
+# A hostile file can also ask for far more memory than it holds; the checks for that are shared with unet.py (its
+# section 2: scan_pickle, load_legacy_storage, PickledOrderedDict), and shapes are checked before values are read.
 
 class _Node:
     """Placeholder for any pickled object (an nn.Module of NVIDIA's pickle, a TorchScript object): keeps its state only."""
@@ -426,7 +430,7 @@ _NUMPY_NAMES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"
 
 def _numpy_dtype(name, align=False, copy=False):
     if not isinstance(name, str) or name not in _NUMPY_NAMES:
-        raise pickle.UnpicklingError(f"numpy dtype {name!r:.40} is not a plain numeric type")
+        raise pickle.UnpicklingError(f"numpy dtype {describe_value(name)} is not a plain numeric type")
     return np.dtype(name, False, True)  # a copy: the BUILD that follows calls its __setstate__
 
 
@@ -455,10 +459,10 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
 _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
                    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
-# Globals that build data. Those marked as copying make a new object as large as their argument; the unpickler
-# charges that size to a budget tied to the file's size (see _RestrictedUnpickler.call).
+# Globals that build data. Each call is charged the length of its sized arguments (set(), list() and OrderedDict()
+# copy them) to a budget tied to the file's size (see _RestrictedUnpickler.call); a string names an unpickler method.
 _SAFE_GLOBALS = {
-    ("collections", "OrderedDict"): OrderedDict,
+    ("collections", "OrderedDict"): PickledOrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set,  # protocol 2 (Python 2 compatible) names builtins so and stores bytes as latin-1 text
@@ -479,55 +483,12 @@ _SAFE_GLOBALS = {
 _PLAIN_MODULES = {("torch.nn.modules.container", "Sequential"), ("torch.nn.modules.container", "ModuleList"),
                   ("torch.nn.modules.container", "ModuleDict"), ("torch.nn.modules.pooling", "MaxPool2d"),
                   ("torch.nn.modules.pooling", "AvgPool2d"), ("torch.nn.modules.linear", "Linear")}
-_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
-
-
-class _BoundedReader:
-    """File wrapper for pickletools.genops that refuses any read longer than what is left of the stream."""
-
-    def __init__(self, f, end):
-        self.f, self.end = f, end
-
-    def read(self, n):
-        if n > self.end - self.f.tell():
-            raise pickle.UnpicklingError(f"an opcode at byte {self.f.tell()} declares {n} bytes, but only "
-                                         f"{self.end - self.f.tell()} are left")
-        return self.f.read(n)
-
-    def readline(self):
-        return self.f.readline()
-
-    def tell(self):
-        return self.f.tell()
-
-
-def _scan_pickle(f):
-    """Walk the opcode stream once before unpickling it (pickletools.genops: decodes, builds nothing) and return its
-    length. The C unpickler trusts two numbers from the file: a string's or frame's length, for which it allocates
-    before reading, and a memo index, for which it grows its memo table to index + 1 slots; so a 12-byte file can ask
-    for gigabytes. Here a length may not exceed the bytes left, and a memo index may not exceed the number of opcodes
-    read so far (picklers number memo entries 0, 1, 2, ..., one per object, each object at least one opcode). Both
-    are then bounded by the file's own size. Overriding the memo opcodes instead would need the slow pure-Python
-    unpickler; a pre-scan keeps the C one and checks the stream exactly as it will be read."""
-    start = f.tell()
-    end = f.seek(0, os.SEEK_END)
-    f.seek(start)
-    try:
-        for count, (op, arg, _) in enumerate(pickletools.genops(_BoundedReader(f, end))):
-            if op.name in _MEMO_PUTS and not 0 <= arg <= count:
-                raise pickle.UnpicklingError(f"memo index {arg} at opcode {count} (a pickler numbers them 0, 1, ...)")
-            if op.name == "FRAME" and arg > end - f.tell():
-                raise pickle.UnpicklingError(f"a frame declares {arg} bytes, but only {end - f.tell()} are left")
-    except ValueError as e:  # genops' own errors: truncated stream, unknown opcode, malformed argument
-        raise pickle.UnpicklingError(f"malformed pickle stream ({e})") from None
-    f.seek(start)
-    return end - start
-
 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals above; anything else (os.system, builtins.eval, ...) is refused.
-    The stream is pre-scanned (_scan_pickle), and globals that copy their argument (a memo reference can hand the
-    same large string to thousands of calls) share a budget of twice the stream's size plus 1 MiB."""
+    The stream is pre-scanned (unet.scan_pickle: declared lengths and memo indices), and globals that copy their
+    argument (a memo reference can hand the same large string to thousands of calls) share a budget of twice the
+    stream's size plus 1 MiB."""
 
     def __init__(self, file, path, archive=None, prefix=""):
         super().__init__(file)
@@ -535,7 +496,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.budget = 0
 
     def load(self):
-        self.budget = 2 * _scan_pickle(self.file) + (1 << 20)
+        start = self.file.tell()
+        self.budget = 2 * (scan_pickle(self.file) - start) + (1 << 20)
         return super().load()
 
     def charge(self, n):
@@ -559,11 +521,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return text.encode("latin1")
 
     def load_storage(self, b):
-        """torch.storage._load_from_bytes, but with torch's own safe unpickler instead of a full one."""
-        if not isinstance(b, bytes):
-            raise pickle.UnpicklingError("a storage record does not hold bytes")
-        self.charge(len(b))
-        return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+        """torch.storage._load_from_bytes, with torch's own safe unpickler and its declared sizes checked."""
+        self.charge(len(b) if isinstance(b, bytes) else 0)
+        return load_legacy_storage(b)
 
     def find_class(self, module, name):
         if (module, name) in _SAFE_GLOBALS:
@@ -579,10 +539,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         """TorchScript archives keep each storage in the zip entry <prefix>data/<key>: ('storage', dtype, key, device, numel)."""
         if self.archive is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {pid!r:.80}")
+            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {describe_value(pid)}")
         _, dtype, key, _, numel = pid
         if not (isinstance(key, str) and isinstance(dtype, torch.dtype) and type(numel) is int):
-            raise pickle.UnpicklingError(f"{self.path}: malformed storage record {pid!r:.80}")
+            raise pickle.UnpicklingError(f"{self.path}: malformed storage record {describe_value(pid)}")
         if key not in self.storages:
             data = bytearray(_read_member(self.archive, f"{self.prefix}data/{key}", self.path))
             flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
@@ -676,7 +636,7 @@ def _from_torchvision(sd, path):
         if not all(out[f"layers.{nv}.{p}"].shape == wanted[f"layers.{nv}.{p}"].shape for p in ("weight", "beta")) \
                 or sd[f"{tv}.bn.weight"].shape != wanted[f"layers.{nv}.beta"].shape:
             raise ValueError(f"{path}: {tv} has the wrong shapes for the FID Inception")
-        if not torch.all(sd[f"{tv}.bn.weight"] == 1):  # TF's batch norm here has no scale; torchvision's would apply one
+        if not torch.all(sd[f"{tv}.bn.weight"] == 1):  # TF's batch norm here has no scale; torchvision's has one
             raise ValueError(f"{path}: {tv}.bn.weight is not all ones, so these are not the FID Inception weights")
     return out
 
@@ -703,7 +663,11 @@ def read_inception_weights(path):
         else:
             with open(path, "rb") as f:
                 root = _RestrictedUnpickler(f, path).load()
+                f.seek(0)
+                declared = legacy_storage_nbytes(f) if isinstance(root, int) else 0
             if isinstance(root, int):  # legacy torch.save files begin with a pickled magic number (pytorch-fid's .pth)
+                if declared > os.path.getsize(path):  # torch allocates what the file declares before reading it
+                    raise ValueError(f"its storages declare {declared} bytes, more than the file holds")
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             else:  # NVIDIA's .pkl: a persistent InceptionV3 object
                 sd = _flatten(root) if isinstance(root, _Node) else root
@@ -713,7 +677,7 @@ def read_inception_weights(path):
         raise ValueError(f"{path}: cannot read FID Inception weights ({type(e).__name__}: {e})") from e
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict or a network, got {type(sd).__name__}")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if "Conv2d_1a_3x3.conv.weight" in sd:
         sd = _from_torchvision(sd, path)
     anchor = next((k for k in sd if k == "layers.conv.weight" or k.endswith(".layers.conv.weight")), None)
@@ -849,7 +813,7 @@ def load_stats(path):
         raise ValueError(f"{path}: cannot read statistics (no such file)")
     with open(path, "rb") as f:
         if f.read(6) == b"\x93NUMPY":
-            raise ValueError(f"{path}: statistics must be an .npz with arrays 'mu' and 'sigma', not a single .npy array")
+            raise ValueError(f"{path}: statistics must be an .npz with arrays 'mu' and 'sigma', not one .npy array")
     headers = _npz_headers(path)
     if "mu" not in headers or "sigma" not in headers:
         raise ValueError(f"{path}: statistics need arrays 'mu' and 'sigma'; this file has {list(headers)}")

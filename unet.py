@@ -34,6 +34,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import warnings
@@ -304,6 +305,145 @@ class EDMPrecond(nn.Module):
 # storage is torch.storage._load_from_bytes(<a legacy torch.save of it>), which we decode with weights_only=True.
 # Any other global in the file is refused.
 
+# Hostile files. Besides running code, a pickle can make the reader allocate far more than the file holds: the C
+# unpickler allocates a string's or frame's declared length before reading it and grows its memo table to any index
+# the file names; torch's legacy loader allocates each storage's declared size before reading its bytes; a memo
+# reference hands one object to any number of calls (nested, 2**n copies: "billion laughs"); a stride-0 view can
+# declare any shape. So: scan_pickle checks lengths and memo indices before the C unpickler runs, storages are
+# checked against their bytes, copying calls are charged to a budget tied to the file's size, nothing from the
+# file is stringified or compared in depth, and tensors stay views until their shapes match the model.
+
+class _BoundedReader:
+    """File wrapper for pickletools.genops that refuses any read longer than what is left of the stream."""
+
+    def __init__(self, f, end):
+        self.f, self.end = f, end
+
+    def read(self, n):
+        if n > self.end - self.f.tell():
+            raise pickle.UnpicklingError(f"an opcode at byte {self.f.tell()} declares {n} bytes, but only "
+                                         f"{self.end - self.f.tell()} are left")
+        return self.f.read(n)
+
+    def readline(self):
+        return self.f.readline()
+
+    def tell(self):
+        return self.f.tell()
+
+
+def scan_pickle(f):
+    """Walk one pickle's opcodes (pickletools.genops decodes them and builds nothing) and return the offset just past
+    its STOP, leaving f where it was. A declared length may not exceed the bytes left, and a memo index may not exceed
+    the number of opcodes read so far (picklers number memo entries 0, 1, 2, ..., one per object of at least one
+    opcode), so both stay below the file's size. Overriding the memo opcodes instead would need the slow pure-Python
+    unpickler; a pre-scan keeps the C one and checks the stream exactly as it will be read."""
+    start = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    f.seek(start)
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(_BoundedReader(f, end))):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg <= count:
+                raise pickle.UnpicklingError(f"memo index {arg} at opcode {count} (a pickler numbers them 0, 1, ...)")
+            if op.name == "FRAME" and arg > end - f.tell():
+                raise pickle.UnpicklingError(f"a frame declares {arg} bytes, but only {end - f.tell()} are left")
+    except ValueError as e:                                                        # genops: truncated, unknown opcode
+        raise pickle.UnpicklingError(f"malformed pickle stream ({e})") from None
+    stop = f.tell()
+    f.seek(start)
+    return stop
+
+
+_STORAGE_ITEMSIZE = {"FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+                     "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+                     "UntypedStorage": 1}
+
+
+class _Inert:
+    """Stand-in for every object of a legacy torch.save pickle while only its storage records are counted."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageSizes(pickle.Unpickler):
+    """Reads the main pickle of a legacy torch.save stream for its storage records ('storage', type, key, device,
+    numel, ...) only: {key: declared bytes}. Every global is an inert stand-in; nothing is built from the data."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.nbytes = {}
+
+    def find_class(self, module, name):
+        return _STORAGE_ITEMSIZE[name] if module == "torch" and name in _STORAGE_ITEMSIZE else _Inert
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and type(pid[1]) is int
+                and type(pid[4]) is int and pid[4] >= 0 and isinstance(pid[2], str)):
+            raise pickle.UnpicklingError("malformed storage record in a torch.save stream")
+        self.nbytes[pid[2]] = max(self.nbytes.get(pid[2], 0), pid[1] * pid[4])      # torch keeps the first claim
+        return _Inert()
+
+
+def legacy_storage_nbytes(f):
+    """Total bytes the storages of a legacy torch.save stream declare (torch allocates them before reading them).
+    The stream is 3 small pickles (magic number, protocol, system info), the main pickle, then the raw storages."""
+    start = f.tell()
+    for _ in range(3):
+        f.seek(scan_pickle(f))
+    scan_pickle(f)
+    sizes = _StorageSizes(f)
+    sizes.load()
+    f.seek(start)
+    return sum(sizes.nbytes.values())
+
+
+def load_legacy_storage(data):
+    """torch.storage._load_from_bytes with torch's safe unpickler, after checking that the storages it declares fit
+    in the bytes given (torch would allocate them first)."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError("a tensor storage record does not hold bytes")
+    declared = legacy_storage_nbytes(io.BytesIO(data))
+    if declared > len(data):
+        raise pickle.UnpicklingError(f"a storage record declares {declared} bytes but holds only {len(data)}")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class PickledOrderedDict(collections.OrderedDict):
+    """collections.OrderedDict as the restricted unpicklers build it. BUILD on an object without __setstate__ copies
+    the whole state into its __dict__, and a memo reference can hand one large state to every instance; torch's
+    pickles set at most one attribute here (state_dict()'s _metadata), so a few are allowed and no more."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, dict) and len(state) <= 8):
+            raise pickle.UnpicklingError("an OrderedDict record sets more than 8 attributes")
+        self.__dict__.update(state)
+
+
+def describe_value(x):
+    """A short text for a value read from a file, for error messages: str() of a nested structure of memo references
+    can be exponentially long, and repr() of a huge int raises."""
+    if isinstance(x, str):
+        return repr(x[:60]) + ("..." if len(x) > 60 else "")
+    if x is None or isinstance(x, (bool, float)) or (isinstance(x, int) and abs(x) < 10 ** 18):
+        return repr(x)
+    if isinstance(x, (list, tuple)) and len(x) <= 8 and all(isinstance(v, (str, int, float)) for v in x):
+        return "[" + ", ".join(describe_value(v) for v in x) + "]"
+    return f"a {type(x).__name__}"
+
+
 class _Node:
     """Data-only stand-in for one pickled object: its class name and its state (the object's __dict__)."""
     class_name, state = None, None
@@ -318,19 +458,13 @@ class _ModuleDictNode(_Node):
 
 def _persistent_node(meta):
     """Replaces torch_utils.persistence._reconstruct_persistent_obj: keeps class_name and state, never runs module_src."""
-    if not (isinstance(meta, dict) and meta.get("type") == "class" and meta.get("version") == 6 and "state" in meta):
-        raise pickle.UnpicklingError("unsupported torch_utils.persistence record (expected type 'class', version 6)")
+    if not (isinstance(meta, dict) and meta.get("type") == "class" and meta.get("version") == 6 and "state" in meta
+            and isinstance(meta.get("class_name"), str)):
+        raise pickle.UnpicklingError("unsupported torch_utils.persistence record (expected type 'class', version 6 "
+                                     "and a class name)")
     node = _Node()
-    node.class_name, node.state = str(meta.get("class_name")), meta["state"]
+    node.class_name, node.state = meta["class_name"], meta["state"]
     return node
-
-
-def _load_storage(data):
-    """Replaces torch.storage._load_from_bytes, which would hand the file's bytes to torch's full (code-running)
-    unpickler; here they are read as raw storage bytes only."""
-    if not isinstance(data, bytes):
-        raise pickle.UnpicklingError("a tensor storage record does not hold bytes")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -338,9 +472,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     contain the whole view (torch would silently grow the storage instead)."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f"a tensor record refers to a {type(storage).__name__}, not a tensor storage")
+    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and len(size) == len(stride) <= 64):
+        raise pickle.UnpicklingError("malformed tensor record: size and stride must be sequences of one length")
     size, stride = tuple(size), tuple(stride)
-    if not (len(size) == len(stride) and all(isinstance(v, int) and v >= 0 for v in (storage_offset, *size, *stride))):
-        raise pickle.UnpicklingError(f"malformed tensor record: offset {storage_offset}, size {size}, stride {stride}")
+    if not all(type(v) is int and 0 <= v < 2 ** 63 for v in (storage_offset, *size, *stride)):
+        raise pickle.UnpicklingError(f"malformed tensor record: offset {describe_value(storage_offset)}, size "
+                                     f"{describe_value(size)}, stride {describe_value(stride)}")
     if math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.size():
         raise pickle.UnpicklingError(f"a tensor of size {size} reaches past the end of its storage ({storage.size()} elements)")
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
@@ -351,26 +488,31 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 
 def _numpy_dtype(name, align=False, copy=False):
-    if name not in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1"):
-        raise pickle.UnpicklingError(f"numpy dtype {name!r} is not a plain numeric type")
+    if not isinstance(name, str) or name not in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1"):
+        raise pickle.UnpicklingError(f"numpy dtype {describe_value(name)} is not a plain numeric type")
     return np.dtype(name, False, True)                                             # a copy: BUILD then calls its __setstate__
 
 
 def _numpy_scalar(dtype, data):
-    """numpy scalars (EDM's init kwargs hold np.sqrt(1/3)) decoded from their raw bytes into a Python number."""
-    if not (isinstance(dtype, np.dtype) and isinstance(data, bytes) and len(data) == dtype.itemsize):
+    """numpy scalars (EDM's init kwargs hold np.sqrt(1/3)) decoded from their raw bytes into a Python number. The
+    dtype's state comes from the file and can give an 'f8' fields of any dtype while hasobject reads False, so only
+    kind, fields and subdtype are trusted, and the bytes are decoded with a fresh dtype built from its type string."""
+    if not (isinstance(dtype, np.dtype) and dtype.kind in "biuf" and dtype.fields is None and dtype.subdtype is None):
+        raise pickle.UnpicklingError("numpy scalars must have a plain numeric dtype (no fields, subarrays or objects)")
+    plain = np.dtype(dtype.str)
+    if not (isinstance(data, bytes) and len(data) == plain.itemsize):
         raise pickle.UnpicklingError("malformed numpy scalar")
-    return np.frombuffer(data, dtype=dtype)[0].item()
+    return np.frombuffer(data, dtype=plain)[0].item()
 
 
 _ALLOWED_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_node,
     ("torch.nn.modules.container", "ModuleDict"): _ModuleDictNode,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): PickledOrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("torch.storage", "_load_from_bytes"): load_legacy_storage,                    # charged: see _RestrictedUnpickler
     ("numpy", "dtype"): _numpy_dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,                           # numpy 1.x name
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,                          # numpy 2.x name
@@ -382,20 +524,37 @@ class ForbiddenGlobal(pickle.UnpicklingError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals in _ALLOWED_GLOBALS (to our data-only stand-ins); anything else is refused by name."""
+    """Resolves only the globals in _ALLOWED_GLOBALS (to our data-only stand-ins); anything else is refused by name.
+    The stream is pre-scanned (scan_pickle), and every call to an allowed global is charged the length of its sized
+    arguments (OrderedDict copies its items, a storage allocates its bytes): at most twice the stream's size plus
+    1 MiB in all, which a file storing each object once never reaches."""
 
     def __init__(self, file, path):
         super().__init__(file)
-        self.path = path
+        self.file, self.path, self.budget = file, path, 0
+
+    def load(self):
+        self.budget = 2 * scan_pickle(self.file) + (1 << 20)
+        return super().load()
+
+    def _charged(self, fn):
+        def call(*args):
+            self.budget -= sum(len(a) for a in args if isinstance(a, (str, bytes, list, tuple, dict)))
+            if self.budget < 0:
+                raise pickle.UnpicklingError("the pickle builds more data than it holds (repeated references to "
+                                             "large objects); a network pickle stores each tensor once")
+            return fn(*args)
+        return call
 
     def find_class(self, module, name):
         if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[module, name]
+            fn = _ALLOWED_GLOBALS[module, name]
+            return fn if fn is _ModuleDictNode else self._charged(fn)                  # NEWOBJ needs the class itself
         raise ForbiddenGlobal(f"{self.path}: refusing to load the global '{module}.{name}': an EDM network pickle needs "
                               "only tensors, plain containers and torch_utils.persistence records")
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        raise pickle.UnpicklingError(f"unexpected persistent id {describe_value(pid)}")
 
 
 def load_persistence_pickle(path):
@@ -415,66 +574,112 @@ def load_persistence_pickle(path):
 
 def persistent_state_dict(node, prefix=""):
     """The state_dict() of a pickled module tree, computed from the data alone, in Module.state_dict()'s order:
-    own parameters, own persistent buffers, then children (None entries are skipped, as torch does)."""
-    state = node.state if isinstance(node, _Node) else None
-    if not (isinstance(state, dict) and all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))):
-        raise ValueError(f"'{prefix.rstrip('.') or 'root'}' is not a pickled torch module")
-    out = {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    tensors = list(state["_parameters"].items()) + [(k, v) for k, v in state["_buffers"].items() if k not in skip]
-    for name, t in tensors:
-        if t is not None:
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"'{prefix}{name}' is a {type(t).__name__}, not a tensor")
-            out[prefix + name] = t
-    for name, child in state["_modules"].items():
-        if child is not None:
-            out.update(persistent_state_dict(child, f"{prefix}{name}."))
+    own parameters, own persistent buffers, then children (None entries are skipped, as torch does). Iterative, and
+    each node is visited once: a pickle can nest modules thousands deep, make one its own child, or share a child
+    between two parents at every level so that the names double with each level."""
+    out, seen, todo = {}, set(), [(node, prefix)]
+    while todo:
+        node, prefix = todo.pop()
+        where = prefix.rstrip(".") or "root"
+        if id(node) in seen:
+            raise ValueError(f"module '{where}' occurs twice in the tree (a cycle or a shared module)")
+        seen.add(id(node))
+        state = node.state if isinstance(node, _Node) else None
+        if not (isinstance(state, dict)
+                and all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))):
+            raise ValueError(f"'{where}' is not a pickled torch module")
+        skip = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, (set, frozenset, list, tuple)):
+            raise ValueError(f"'{where}' has a _non_persistent_buffers_set that is a {type(skip).__name__}")
+        tensors = list(state["_parameters"].items()) + [(k, v) for k, v in state["_buffers"].items() if k not in skip]
+        for name, t in tensors:
+            if t is not None and not (isinstance(name, str) and isinstance(t, torch.Tensor)):
+                raise ValueError(f"'{prefix}{describe_value(name)}' is a {type(t).__name__}, not a tensor")
+            if t is not None:
+                out[prefix + name] = t
+        children = [(name, child) for name, child in state["_modules"].items() if child is not None]
+        if not all(isinstance(name, str) for name, _ in children):
+            raise ValueError(f"'{where}' has a child module whose name is not a string")
+        todo.extend((child, f"{prefix}{name}.") for name, child in reversed(children))
     return out
 
 
+def _as_float32(t, converted):
+    """t as float32 without materialising a view: the storage is converted once (cached in `converted`) and viewed
+    again with t's size and strides, so a stride-0 view costs its storage, not its shape."""
+    if t.dtype == torch.float32:
+        return t
+    storage = t.untyped_storage()
+    key = (storage.data_ptr(), storage.nbytes(), t.dtype)
+    if key not in converted:
+        flat = torch.empty(0, dtype=t.dtype).set_(storage, 0, (storage.nbytes() // t.element_size(),))
+        converted[key] = flat.float()
+    return converted[key].as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+def _edm_kwargs(path, ema, dropout, n_tensors):
+    """EDMPrecond's constructor arguments as persistence.persistent_class recorded them, minus those our EDMPrecond
+    does not take. They come from the file, so they are checked before a network (even on meta) is built from them:
+    each DhariwalUNet block holds several tensors, so a file cannot declare more blocks than it has tensors."""
+    kwargs = ema.state.get("_init_kwargs")
+    if not isinstance(kwargs, dict) or ema.state.get("_init_args") or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"{path}: the EDMPrecond in 'ema' has no usable recorded constructor arguments (_init_kwargs)")
+    kwargs = dict(kwargs)
+    model_type = kwargs.pop("model_type", "DhariwalUNet")
+    if model_type != "DhariwalUNet":
+        raise ValueError(f"{path}: only EDM's DhariwalUNet (ADM) is supported, this pickle holds "
+                         f"a {describe_value(model_type)}")
+    kwargs.pop("use_fp16", None)                                                   # EDM's fp16 switch; we use autocast instead
+    for name, default in (("sigma_min", 0), ("sigma_max", float("inf"))):       # EDMPrecond's defaults, never changed by EDM
+        value = kwargs.pop(name, default)
+        if not (isinstance(value, (int, float)) and value == default):
+            raise ValueError(f"{path}: {name}={describe_value(value)} is not supported (only EDM's default {default})")
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    levels, blocks = kwargs.get("channel_mult", (1, 2, 3, 4)), kwargs.get("num_blocks", 3)
+    if not (isinstance(levels, (list, tuple)) and type(blocks) is int and 0 <= blocks
+            and len(levels) * (blocks + 1) <= n_tensors):
+        raise ValueError(f"{path}: channel_mult={describe_value(levels)} and num_blocks={describe_value(blocks)} "
+                         f"declare more blocks than the file's {n_tensors} tensors could fill")
+    return kwargs
+
+
 def load_edm_pickle(path, device="cpu", dropout=None):
-    """Our EDMPrecond with the `ema` weights of an EDM network pickle (e.g. edm-imagenet-64x64-cond-adm.pkl), built from the
-    constructor arguments stored in the file; eval mode, requires_grad False. `dropout` overrides the stored value
-    (0.10 for ImageNet-64; DMD2 uses 0.0 for the nets it trains). Errors name the file and the problem."""
+    """Our EDMPrecond with the `ema` weights of an EDM network pickle (e.g. edm-imagenet-64x64-cond-adm.pkl), built
+    from the constructor arguments stored in the file; eval mode, requires_grad False. `dropout` overrides the stored
+    value (0.10 for ImageNet-64; DMD2 uses 0.0 for the nets it trains). Errors name the file and the problem."""
     data = load_persistence_pickle(path)
     ema = data.get("ema") if isinstance(data, dict) else None
     if not isinstance(ema, _Node) or ema.class_name != "EDMPrecond" or not isinstance(ema.state, dict):
-        found = f"a {type(data).__name__}" if not isinstance(data, dict) else f"'ema' = {getattr(ema, 'class_name', ema)!r}"
-        raise ValueError(f"{path}: not an EDM network pickle: expected a dict whose 'ema' is a persistent EDMPrecond, found {found}")
-
-    # Constructor arguments, as recorded by persistence.persistent_class; drop the ones our EDMPrecond does not take.
-    kwargs = ema.state.get("_init_kwargs")
-    if not isinstance(kwargs, dict) or ema.state.get("_init_args"):
-        raise ValueError(f"{path}: the EDMPrecond in 'ema' has no usable recorded constructor arguments (_init_kwargs)")
-    kwargs = dict(kwargs)
-    if kwargs.pop("model_type", "DhariwalUNet") != "DhariwalUNet":
-        raise ValueError(f"{path}: only EDM's DhariwalUNet (ADM) is supported, this pickle holds a {ema.state['_init_kwargs']['model_type']}")
-    kwargs.pop("use_fp16", None)                                                   # EDM's fp16 switch; we use autocast instead
-    for name, default in (("sigma_min", 0), ("sigma_max", float("inf"))):       # EDMPrecond's defaults, never changed by EDM
-        if kwargs.pop(name, default) != default:
-            raise ValueError(f"{path}: {name}={ema.state['_init_kwargs'][name]} is not supported (only EDM's default {default})")
-    if dropout is not None:
-        kwargs["dropout"] = dropout
-    try:
-        with torch.device("meta"):                                                 # no memory, no init: weights come from the file
-            net = EDMPrecond(**kwargs)
-    except (TypeError, ValueError, IndexError) as e:
-        raise ValueError(f"{path}: cannot build EDMPrecond from the pickle's arguments {kwargs}: {e}") from None
-
+        found = (f"a {type(data).__name__}" if not isinstance(data, dict)
+                 else f"'ema' = {describe_value(getattr(ema, 'class_name', ema))}")
+        raise ValueError(f"{path}: not an EDM network pickle: expected a dict whose 'ema' is a persistent EDMPrecond, "
+                         f"found {found}")
     try:
         sd = persistent_state_dict(ema)
     except ValueError as e:
         raise ValueError(f"{path}: not an EDM network pickle: {e}") from None
+    kwargs = _edm_kwargs(path, ema, dropout, len(sd))
+    described = ", ".join(f"{k}={describe_value(v)}" for k, v in kwargs.items())
+    try:
+        with torch.device("meta"):                                 # no memory, no init: weights come from the file
+            net = EDMPrecond(**kwargs)
+    except Exception as e:                                         # any failure here means arguments we cannot use
+        raise ValueError(f"{path}: cannot build EDMPrecond from the pickle's arguments ({described}): "
+                         f"{type(e).__name__}: {str(e)[:200]}") from None
+
     expected = net.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     mismatched = [f"{k}: file {tuple(sd[k].shape)}, network {tuple(expected[k].shape)}"
                   for k in expected if k in sd and sd[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        raise ValueError(f"{path}: the 'ema' weights do not fit EDMPrecond({kwargs}):\n"
+        raise ValueError(f"{path}: the 'ema' weights do not fit EDMPrecond({described}):\n"
                          f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {mismatched}")
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)  # assign: replaces the meta tensors
+    # The shapes are the model's, but the model's size was declared by the file: _as_float32 keeps each tensor a view
+    # (a stride-0 one stays one), so loading costs the storages' bytes, not the declared shapes'.
+    converted = {}
+    net.load_state_dict({k: _as_float32(v, converted) for k, v in sd.items()}, strict=True, assign=True)
     return net.to(device).eval().requires_grad_(False)
 
 

@@ -1,8 +1,13 @@
-"""sdxl.py part 2: schedule, samplers, DMD2 losses, backward simulation, encode -> train -> generate, FSDP, bench.
+"""sdxl.py, the method and the command line: schedule, samplers, DMD2 losses (and the DM direction), backward
+simulation, the official run's settings (global batch with gradient accumulation, fp32 passes, warm-up, generator
+prompts from real-latent captions, Table 4 ablations), encode -> train -> generate on the tiny preset and on SDXL-format
+files of unseen layouts, export to diffusers names, NaN-weight stops, kills at the final save, stale temporaries,
+foreign checkpoints, FSDP, bench.
 
-Independent references (test-only packages): diffusers' DDPMScheduler, LCMScheduler, EulerDiscreteScheduler and
-StableDiffusionXLPipeline; closed forms for CFG and the DM gradient; recording stand-in UNets for what the training
-step feeds the generator; a 2-process gloo run of the FSDP path on the CPU.
+Independent references (test-only packages): diffusers' DDPMScheduler, LCMScheduler, EulerDiscreteScheduler,
+UNet2DConditionModel and StableDiffusionXLPipeline; closed forms for CFG and the DM gradient; recording stand-in UNets
+for what the training step feeds the generator; a 2-process gloo run of the FSDP path on the CPU against one process
+with gradient accumulation.
 """
 import json
 import os

@@ -1295,11 +1295,24 @@ def _char_class(ch):
     return kind if kind in "LN" else "P"
 
 
+# CLIP's pattern in the standard library's `re`: Unicode letters are [^\W\d_], decimal digits \d, the rest (underscore
+# included) [^\w\s]. Exact unless the text holds a number that is not a decimal digit ("½", "²", "Ⅻ"), which `re`
+# counts as a letter: such text goes through the character scanner below.
+PRE_TOKEN = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\w\s]|_)+")
+
+
 def pre_tokenize(text):
     """Split cleaned text like CLIP's pattern (which needs the third-party `regex` module for \\p{L}, \\p{N}):
         <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+
     At each position: a special token or contraction if one starts here, else a maximal run of letters, ONE number
     character (so "2024" gives four pre-tokens), or a maximal run of other non-space characters; spaces separate."""
+    if text.isascii() or not any(c.isnumeric() and not c.isdecimal() for c in set(text) if not c.isascii()):
+        return PRE_TOKEN.findall(text)
+    return scan_pre_tokens(text)
+
+
+def scan_pre_tokens(text):
+    """pre_tokenize one character at a time, with unicodedata's categories for \\p{L} and \\p{N}."""
     words, i = [], 0
     while i < len(text):
         literal = next((s for s in SPECIAL_TOKENS + CONTRACTIONS if text.startswith(s, i)), None)
@@ -1340,8 +1353,8 @@ def bpe(word, ranks):
 
 @functools.lru_cache(maxsize=1 << 16)
 def word_ids(word, vocab_path=VOCAB_PATH):
-    """Token ids of one pre-token, cached: prompts repeat their words (1,000 varied prompts hold ~45k words, ~8.5k of
-    them distinct), and merging a word again was most of the tokenizer's time. -> tuple of ids"""
+    """Token ids of one pre-token, cached: prompts repeat their words (tests/bench_sdxl.py's 1,000 prompts hold 43.6k
+    words, 9.4k of them distinct), and merging a word again was most of the tokenizer's time. -> tuple of ids"""
     vocab, ranks = load_clip_vocab(vocab_path)
     if word in SPECIAL_TOKENS:
         return (vocab[word],)

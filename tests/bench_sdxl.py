@@ -39,12 +39,20 @@ def precision():
 
 
 def varied_prompts(n=1000, seed=0):
-    words = ("a photo of cat dog astronaut riding horse on the moon, highly detailed 4k render oil painting "
-             "portrait woman man city skyline at night neon lights watercolor landscape mountains lake sunrise "
-             "cyberpunk street rain reflections cute fluffy kitten sitting in basket macro shot").split()
+    """n prompts of 3-80 words drawn Zipf-like (weight 1 / rank) from the ~30k whole words of CLIP's own vocabulary,
+    with punctuation, numbers, accents and HTML entities mixed in: about 8k distinct words in 40k, like real captions."""
+    vocab = sdxl.load_clip_vocab()[0]
+    words = sorted({s[:-4] for s in vocab if s.endswith("</w>") and s[:-4].isalpha() and s[:-4].isascii()},
+                   key=lambda w: vocab[w + "</w>"])                         # BPE merge order: frequent words first
+    extras = [",", ".", "!", "(", ")", "'s", "#1", "2024", "4k", "caf\u00e9", "na\u00efve", "\u00fcber", "&amp;",
+              "don't", "x-ray", "8k uhd", "--ar", "f/1.8"]
     rng = random.Random(seed)
-    extras = ["'s", "!", "#1", "2024", "caf\u00e9", "na\u00efve", "\u00fcber", "&amp;", "don't", "x-ray"]
-    return [" ".join(rng.choice(words + extras) for _ in range(rng.randint(3, 40))) for _ in range(n)]
+    weights = [1 / (rank + 1) for rank in range(len(words))]
+    prompts = []
+    for _ in range(n):
+        picked = rng.choices(words, weights, k=rng.randint(3, 80))
+        prompts.append(" ".join(w if rng.random() > 0.1 else rng.choice(extras) for w in picked))
+    return prompts
 
 
 def open_clip_tokenizer():

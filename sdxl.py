@@ -90,7 +90,8 @@ from unet import SDXLUNet, SDXLUNetConfig, diffusers_to_sgm_unet, load_sdxl_unet
 
 @dataclass
 class Config:
-    preset: str = ""                      # "" = SDXL base 1.0 from --ckpt; "tiny" = random tiny models on CPU, seconds
+    preset: str = ""                      # "" = SDXL base 1.0 from --ckpt; "tiny" = random tiny models on CPU, seconds;
+                                          # "random" = SDXL base's shapes, random weights (timing without a download)
     ckpt: str = ""                        # SDXL-format single file: teacher, G and fake-score init, text encoders, VAE
     prompts: str = ""                     # G's prompts, one per line; "" = a real-latent batch's captions (official)
     latents: str = ""                     # `sdxl.py encode` output: real latents + captions (GAN, G's prompts)
@@ -955,7 +956,8 @@ def cmd_inspect(args):
 def add_model_args(p):
     p.add_argument("--ckpt", default="", help="an SDXL-format single file (sd_xl_base_1.0.safetensors, smaller "
                    "SDXL-family files): text encoders, VAE, base UNet, configs read from its shapes")
-    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: random tiny models, no --ckpt (CPU)")
+    p.add_argument("--preset", default="", choices=["", "tiny", "random"],
+                   help="tiny: random tiny models, no --ckpt (CPU); random: SDXL base's shapes, random weights")
     p.add_argument("--unet", default="", help="UNet weights replacing the base UNet: DMD2's "
                    "dmd2_sdxl_4step_unet_fp16.bin, our generator.safetensors / checkpoint.pt, any SDXL UNet")
     p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
@@ -1862,8 +1864,10 @@ def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float3
         vae = vae.to(device, vae_dtype).eval().requires_grad_(False)
         return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=state, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE,
                     source="the tiny random UNet")
+    if preset == "random":
+        return random_full_size_parts(device, dtype, vae_dtype)
     if preset:
-        raise ValueError(f"unknown preset {preset!r} (known: tiny)")
+        raise ValueError(f"unknown preset {preset!r} (known: tiny, random)")
     if not ckpt:
         raise ValueError("--ckpt is required: sd_xl_base_1.0.safetensors or any SDXL-format single file "
                          "(or --preset tiny for random tiny models)")
@@ -1872,6 +1876,19 @@ def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float3
                                           configs["vae"])
     return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
                 unet_cfg=configs["unet"], vae_cfg=configs["vae"], source=ckpt)
+
+
+def random_full_size_parts(device, dtype, vae_dtype):
+    """--preset random: SDXL base's shapes with random weights, built on `device` (seconds on a GPU, no download):
+    latency, memory and throughput do not depend on the values."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        clip_l, clip_g = CLIPTextModel(CLIP_L).to(dtype), OpenCLIPTextModel(CLIP_G).to(dtype)
+        vae = AutoencoderKL(VAEConfig()).to(vae_dtype)
+        state = SDXLUNet(SDXLUNetConfig()).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32).state_dict()
+    clip_l, clip_g, vae = (m.eval().requires_grad_(False) for m in (clip_l, clip_g, vae))
+    return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=state, unet_cfg=SDXLUNetConfig(), vae_cfg=VAEConfig(),
+                source="a random full-size UNet")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,38 @@
-"""SDXL in plain PyTorch, and DMD2's 4-step text-to-image distillation of it (Yin et al. 2024, Sec. 4.4-4.5, 5, App. C, F.4).
+"""DMD2 on SDXL: 4-step text-to-image distillation (Yin et al. 2024, Sec. 3-5, App. C, F.4), in plain PyTorch.
 
-Reads Stability's single-file checkpoint `sd_xl_base_1.0.safetensors` with a hand-written safetensors reader
-and rebuilds the two text encoders (CLIP ViT-L/14, OpenCLIP ViT-bigG/14), their BPE tokenizer, the
-micro-conditioning vector and the VAE, with module names equal to the checkpoint's keys so that loading
-needs no renaming table; the UNet is in unet.py. Then: the DDPM schedule, DMD2's 4-step / 1-step samplers and
-the teacher's Euler sampler with classifier-free guidance, and DMD2 training (distribution matching, fake-score
-update with TTUR, GAN head on the fake UNet, backward simulation). Only torch, numpy, pillow, tqdm and scipy are imported.
-Upstream sources of each part are named where it is built: Stability-AI/generative-models ("sgm"), openai/CLIP,
-mlfoundations/open_clip, huggingface transformers/diffusers (test references), tianweiy/DMD2.
+PART 1 is the method. A student generator G, initialised from SDXL base, maps noise to latents in 4 steps
+(t = 999, 749, 499, 249). Each iteration it is trained by the four ideas of DMD2, under the same headings as in
+toy2d.py and imagenet64.py:
+  1. distribution matching: the frozen teacher's x0-prediction minus the fake score's pulls G's output toward the
+     teacher's distribution (gradient descent moves x along x0_real - x0_fake);
+  2. the fake score, a copy of the base UNet trained on G's outputs, updated 5x as often as G (TTUR);
+  3. a GAN head on the fake score's middle block, trained on real latents vs G's, whose loss G also minimises;
+  4. backward simulation: G's input at step k is made by G's own first k steps, as at inference.
+Then the loop (generator_turn, fake_score_turn), generation, run plumbing and the command line.
+PART 2 is SDXL without diffusers: the CLIP tokenizer, the two text encoders (CLIP ViT-L/14, OpenCLIP ViT-bigG/14), the
+micro-conditioning vector, the VAE, and the loading of any SDXL-format single file through a hand-written safetensors
+reader; module names equal the checkpoint's keys, and the UNet is in unet.py. Only torch, numpy, pillow, tqdm and
+scipy are imported. Sources are named where each part is built: tianweiy/DMD2, Stability-AI/generative-models
+("sgm"), openai/CLIP, mlfoundations/open_clip; huggingface transformers/diffusers are test references only.
 
 Generate (one GPU; ~7 GB of weights: bf16 UNet and text encoders, fp32 VAE; the UNet file is tianweiy/DMD2's release):
     python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin \
         --prompt "a photo of a cat" --steps 4 --seed 0 --out cat.png            # DMD2: t = 999, 749, 499, 249
-    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_1step_unet_fp16.bin --steps 1 ...   # t = 399
-    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --prompt "..." --steps 30 --guidance 8 --out base.png  # the teacher: Euler + CFG
-Train (DMD2 SDXL 4-step; three 2.6B UNets + two AdamW do not fit one 80 GB GPU: FSDP over N GPUs, 2 images per GPU;
-the paper used 64 A100 for ~60 h, batch 128, 20k iterations):
-    python sdxl.py encode --ckpt sd_xl_base_1.0.safetensors --images laion_images/ --out latents/   # once: cat.png + cat.txt -> latents
-    torchrun --nproc_per_node=8 sdxl.py train --ckpt sd_xl_base_1.0.safetensors --prompts prompts.txt --latents latents/
-    torchrun --nproc_per_node=8 sdxl.py train ... --resume                                          # continue from --outdir
-    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet out/sdxl/generator.safetensors --prompt "..." --out img.png
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_1step_unet_fp16.bin --steps 1 ...
+                                                                                        # 1 step: t = 399
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --prompt "..." --steps 30 --guidance 8 --out base.png
+                                                                                        # the teacher: Euler + CFG
+Train (DMD2 SDXL 4-step; three 2.6B UNets + two AdamW do not fit one 80 GB GPU: FSDP over N GPUs, 2 images per GPU
+and gradient accumulation up to the global --batch_size 128; the paper used 64 A100 for ~60 h, 20k iterations; the
+generator is conditioned on the real latents' captions, as in the official 4-step run):
+    python sdxl.py encode --ckpt sd_xl_base_1.0.safetensors --images laion_images/ --out latents/  # cat.png + cat.txt
+    torchrun --nproc_per_node=8 sdxl.py train --ckpt sd_xl_base_1.0.safetensors --latents latents/   # 8 rounds of 8 x 2
+    torchrun --nproc_per_node=8 sdxl.py train ... --resume                                  # continue from --outdir
+    python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet out/sdxl/generator.safetensors --prompt "..."
+    python sdxl.py export --unet out/sdxl/generator.safetensors --format diffusers --out unet_diffusers.safetensors
 Tiny CPU mode (random tiny text encoders / VAE / UNet built from configs, no weights needed; seconds on a laptop):
     python sdxl.py encode --preset tiny --images my_images/ --out out/tiny_latents       # any images with .txt captions
-    python sdxl.py train --preset tiny --latents out/tiny_latents                        # 10 iterations, backward simulation
+    python sdxl.py train --preset tiny --latents out/tiny_latents              # 10 iterations, backward simulation
     python sdxl.py generate --preset tiny --unet out/sdxl_tiny/generator.safetensors --prompt "a cat" --out tiny.png
 Latency and peak memory at 1024x1024, 4 steps, bf16 (CUDA); the second also times diffusers' StableDiffusionXLPipeline
 on the same weights (needs the test requirements):
@@ -37,7 +47,8 @@ In Python (one GPU; ~1.7 GB of text encoders in fp16 + 0.33 GB of VAE in fp32):
     y = vector_cond(pooled, (1024, 1024), (0, 0), (1024, 1024))               # [1, 2816]
     images = vae.decode(latents)                                              # [B, 3, 8h, 8w] in about [-1, 1]
 
-Expected (the PAPER's figures, not measured by us): DMD2 4-step COCO-10k FID 19.32, 1-step 19.01, teacher (100 NFE, CFG 8) 20.39.
+Expected (the PAPER's figures, not measured by us): DMD2 4-step COCO-10k FID 19.32, 1-step 19.01, teacher (100 NFE,
+CFG 8) 20.39.
 """
 import argparse
 import dataclasses
@@ -52,6 +63,7 @@ import mmap
 import os
 import re
 import time
+import types
 import unicodedata
 from dataclasses import dataclass
 
@@ -72,49 +84,992 @@ except ImportError:
 import unet
 from unet import SDXLUNet, SDXLUNetConfig, diffusers_to_sgm_unet, load_sdxl_unet_state, timestep_embedding
 
-# ----------------------------------------------------------------------------------------------------------------
-# Defaults: the official SDXL 4-step run (tianweiy/DMD2 experiments/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_scratch.sh, paper App. F.4).
+# ----------------------------------------------------------------------------------------------------------------------
+# Defaults: the official SDXL 4-step run (paper App. F.4; tianweiy/DMD2 experiments/sdxl/
+# sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_scratch.sh).
 
 @dataclass
 class Config:
-    preset: str = ""                      # "" = SDXL base 1.0 from --ckpt; "tiny" = random tiny models on CPU, seconds
-    ckpt: str = ""                        # sd_xl_base_1.0.safetensors: teacher, generator and fake-score init, text encoders, VAE
-    prompts: str = ""                     # generator prompts, one per line ("" = the captions stored in --latents)
-    latents: str = ""                     # folder written by `sdxl.py encode`: real latents + captions for the GAN's real branch
-    outdir: str = "out/sdxl"              # checkpoint.pt (resume), generator.safetensors (generate --unet), samples_*.png, log.txt
-    seed: int = 0                         # prompts, noise, t and k are a pure function of (seed, step, rank): resuming is exact
+    preset: str = ""                      # "" = SDXL base 1.0 from --ckpt; "tiny" = random tiny models on CPU, seconds;
+                                          # "random" = SDXL base's shapes, random weights (timing without a download)
+    ckpt: str = ""                        # SDXL-format single file: teacher, G and fake-score init, text encoders, VAE
+    prompts: str = ""                     # G's prompts, one per line; "" = a real-latent batch's captions (official)
+    latents: str = ""                     # `sdxl.py encode` output: real latents + captions (GAN, G's prompts)
+    outdir: str = "out/sdxl"              # checkpoint.pt, generator.safetensors, samples_*.png, log.txt
+    seed: int = 0                         # all draws are a function of (seed, step, micro-batch): exact resume
     device: str = ""                      # "" = cuda:LOCAL_RANK if available, else cpu
     total_steps: int = 20_000             # iterations (paper F.4: 20k for 4 steps; the released UNet is from 19k)
-    batch_gpu: int = 2                    # images per GPU and iteration (x 64 GPUs = 128 in the paper)
+    batch_size: int = 128                 # global batch, on any GPU count (official: 2 per GPU x 64 GPUs)
+    batch_gpu: int = 2                    # micro-batch per process and accumulation round; 0 = batch_size / processes
     resolution: int = 1024                # image side in pixels; latents are resolution / 8
     num_denoising_step: int = 4           # generator steps: 4 -> t = 999, 749, 499, 249; 1 -> t = conditioning_timestep
     conditioning_timestep: int = 399      # t given to a 1-step generator on pure noise (DMD2's 1-step SDXL)
     guidance_scale: float = 8.0           # teacher CFG: eps_u + s (eps_c - eps_u) (official real_guidance_scale)
-    dfake_gen_update_ratio: int = 5       # TTUR: critic updates per generator update (DMD2 Sec. 4.2)
+    dfake_gen_update_ratio: int = 5       # TTUR: fake-score updates per generator update (DMD2 Sec. 4.2)
     generator_lr: float = 5e-7            # AdamW learning rate of the generator
-    guidance_lr: float = 5e-7             # AdamW learning rate of the fake score + GAN head
+    fake_score_lr: float = 5e-7           # AdamW learning rate of the fake score + GAN head (official guidance_lr)
     beta1: float = 0.9                    # AdamW beta1
     beta2: float = 0.999                  # AdamW beta2
     weight_decay: float = 0.01            # AdamW weight decay
-    warmup_steps: int = 500               # linear warm-up from 0 (diffusers' constant_with_warmup, as official)
+    warmup_steps: int = 500               # linear lr warm-up over 500 scheduler steps, counted as official (next flag)
+    warmup_processes: int = 64            # official: accelerate counts 1 step per process: 64 GPUs -> ~8 iterations
     max_grad_norm: float = 10.0           # gradient clipping of both networks
     min_step_percent: float = 0.02        # DM gradient: t from 0.02 * 1000 = 20 ...
     max_step_percent: float = 0.98        # ... to 0.98 * 1000 = 980 (inclusive)
-    gen_cls_loss_weight: float = 5e-3     # GAN weight in the generator loss
-    guidance_cls_loss_weight: float = 1e-2  # GAN (discriminator) weight in the critic loss
-    precision: str = "bf16"               # "bf16": autocast + bf16 teacher, fake UNet in fp32 inside the DM loss; "fp32": none
+    gen_gan_weight: float = 5e-3          # GAN weight in the generator loss (official gen_cls_loss_weight)
+    fake_gan_weight: float = 1e-2         # discriminator weight (official guidance_cls_loss_weight)
+    backward_simulation: bool = True      # off: Table 4 ablation, G's input = a noised real latent
+    gan_only: bool = False                # Table 4 ablation: G minimises the GAN loss alone (gan_alone)
+    precision: str = "bf16"               # bf16: bf16 teacher, autocast on trained passes (official); fp32
+    no_grad_bf16: bool = False            # text encoders, chain, critic-step G pass in bf16 (official fp32)
     tf32: bool = True                     # allow TF32 matmuls/convs on Ampere+ (official does)
     checkpointing: bool = True            # activation checkpointing in the generator and the fake UNet
     log_every: int = 10                   # print losses every N iterations
-    ckpt_every: int = 500                 # write checkpoint.pt + generator.safetensors every N iterations (0 = only at the end)
-    sample_every: int = 500               # write a 4-image PNG of fixed prompts and noise every N iterations (0 = never)
+    ckpt_every: int = 500                 # write generator + checkpoint every N iterations (0 = at the end)
+    sample_every: int = 500               # 4-image PNG of fixed prompts and noise every N (0 = never)
     resume: bool = False                  # continue from outdir/checkpoint.pt
 
 
 PRESETS = {
-    "tiny": dict(outdir="out/sdxl_tiny", total_steps=10, resolution=128, generator_lr=1e-4, guidance_lr=1e-4,
-                 warmup_steps=0, precision="fp32", log_every=1, ckpt_every=5, sample_every=5),
+    "tiny": dict(outdir="out/sdxl_tiny", total_steps=10, resolution=128, batch_size=2, batch_gpu=0, generator_lr=1e-4,
+                 fake_score_lr=1e-4, warmup_steps=0, precision="fp32", log_every=1, ckpt_every=5, sample_every=5),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data. Real images for the GAN (DMD2 Sec. 4.3, App. F.4: LAION images as SDXL-VAE latents, each with its own
+# caption): `sdxl.py encode` writes shards latents_00000.safetensors, ... holding "latents" [N, 4, R/8, R/8] (fp16)
+# and the N captions as JSON in the metadata. Generator prompts: the captions of a batch of those latents (the
+# official 4-step run), or a text file, one per line.
+
+def read_prompts(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the prompts ({e})") from None
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (expected one per line)")
+    return prompts
+
+
+class LatentDataset:
+    """The shards written by encode_folder, memory-mapped.
+    sample(n, g) -> (latents [n, 4, R/8, R/8] float32, n captions)"""
+
+    def __init__(self, folder, resolution):
+        paths = sorted(glob.glob(os.path.join(glob.escape(folder), "latents_*.safetensors")))
+        if not paths:
+            raise ValueError(f"{folder}: no latents_*.safetensors shards (write them with `python sdxl.py encode`)")
+        side, self.shards, self.captions, self.rows = resolution // 8, [], [], []
+        for path in paths:
+            latents, metadata = read_safetensors(path).get("latents"), read_safetensors_header(path)[1]
+            if latents is None or latents.ndim != 4 or tuple(latents.shape[1:]) != (4, side, side):
+                got = "no tensor 'latents'" if latents is None else f"'latents' {list(latents.shape)}"
+                raise ValueError(f"{path}: expected 'latents' [N, 4, {side}, {side}] for --resolution {resolution}, "
+                                 f"found {got}")
+            try:
+                captions = json.loads(metadata.get("captions", "null"))
+            except ValueError:
+                captions = None
+            if not (isinstance(captions, list) and len(captions) == len(latents)
+                    and all(isinstance(c, str) for c in captions)):
+                raise ValueError(f"{path}: metadata 'captions' must be a JSON list of {len(latents)} strings")
+            self.rows += [(len(self.shards), i) for i in range(len(latents))]
+            self.shards.append(latents)
+            self.captions += captions
+
+    def sample(self, n, g):
+        """n latents drawn uniformly with replacement: a pure function of g, so resuming needs no loader position."""
+        idx = torch.randint(len(self.rows), (n,), generator=g, device=g.device).tolist()
+        latents = torch.stack([self.shards[s][i] for s, i in (self.rows[j] for j in idx)]).to(g.device, torch.float32)
+        return latents, [self.captions[j] for j in idx]
+
+
+@torch.no_grad()
+def encode_condition(clip_l, clip_g, prompts, height, width):
+    """prompts -> context [B, 77, 2048], y [B, 2816] in float32, with the text-to-image micro-conditioning DMD2 uses:
+    original size = target size = (height, width), crop (0, 0)."""
+    context, pooled = encode_prompt(clip_l, clip_g, prompts)
+    return context.float(), vector_cond(pooled.float(), (height, width), (0, 0), (height, width))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models. Teacher, generator and fake score are SDXL UNets (unet.SDXLUNet, sgm names) predicting eps on SDXL's
+# discrete DDPM schedule, t = 0..999 (sdxl.md §7):  x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+# teacher: frozen base UNet, with classifier-free guidance (official real_unet). generator: the student, initialised
+# from the base (official feedforward_model). fake score: a trained copy of the base (official fake_unet) with the
+# GAN head on its middle block (official cls_pred_branch), one module (official guidance_model minus the teacher).
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def ddpm_alphas_cumprod(beta_start=0.00085, beta_end=0.012, n=NUM_TRAIN_TIMESTEPS):
+    """SDXL's "scaled linear" betas (sgm LegacyDDPMDiscretization, diffusers scaled_linear), float64 [n]:
+    beta_t = (sqrt(0.00085) + t/999 (sqrt(0.012) - sqrt(0.00085)))^2,  alpha_bar_t = prod_{i<=t} (1 - beta_i)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def alpha_bar(alphas_cumprod, t):
+    """alpha_bar_t for an int or a [B] tensor of t, shaped [B or 1, 1, 1, 1] to broadcast over latents."""
+    return alphas_cumprod[torch.as_tensor(t, device=alphas_cumprod.device)].reshape(-1, 1, 1, 1)
+
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise, in float32 as diffusers' scheduler.add_noise."""
+    ab = alpha_bar(alphas_cumprod, t).float()
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def x0_from_eps(x_t, eps, t, alphas_cumprod):
+    """x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), in float64 as DMD2's get_x0_from_noise
+    (1/sqrt(alpha_bar_999) = 14.6 amplifies rounding). -> float32, differentiable in eps."""
+    ab = alpha_bar(alphas_cumprod, t)
+    return ((x_t.double() - (1 - ab).sqrt() * eps.double()) / ab.sqrt()).float()
+
+
+def randn(shape, g, device):
+    """N(0, I) drawn by generator g on its own device, then moved: a CPU generator gives the same numbers anywhere."""
+    return torch.randn(shape, generator=g, device=g.device).to(device)
+
+
+def unet_fn(net):
+    """eps_fn(x, t, context, y) that runs net in its own dtype (bf16/fp16 weights need bf16/fp16 inputs) -> float32."""
+    dtype = next(net.parameters()).dtype
+    return lambda x, t, context, y: net(x.to(dtype), t, context.to(dtype), y.to(dtype)).float()
+
+
+def cfg_eps(eps_fn, x_t, t, context, y, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u), one batched call on
+    [uncond, cond]. SDXL's unconditional input is ZERO text context and ZERO pooled text embedding, with the size
+    embeddings kept (sgm force_uc_zero_embeddings=["txt"]; DMD2 sd_unified_model.py)."""
+    t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(len(x_t))                        # [B]
+    y_u = torch.cat([torch.zeros_like(y[:, :-SIZE_COND_DIM]), y[:, -SIZE_COND_DIM:]], dim=1)     # [B, 2816]
+    eps_u, eps_c = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([torch.zeros_like(context), context]),
+                          torch.cat([y_u, y])).chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def dmd2_timesteps(steps, conditioning_timestep=399):
+    """The generator's t: range(999, 0, -1000 // steps), i.e. [999, 749, 499, 249] for 4 steps (DMD2's
+    denoising_step_list); a 1-step generator is told conditioning_timestep (399) on pure noise."""
+    if steps == 1:
+        return [conditioning_timestep]
+    return list(range(NUM_TRAIN_TIMESTEPS - 1, 0, -(NUM_TRAIN_TIMESTEPS // steps)))[:steps]
+
+
+def gan_head(channels, resolution):
+    """cls_pred_branch (DMD2 Sec. 4.3, sd_guidance.py): on the fake UNet's middle-block output ([B, 1280, 32, 32] at
+    1024^2), (conv 4x4/2, GroupNorm 32, SiLU) down to 4x4, then conv 4x4/4 + GroupNorm + SiLU to 1x1, then a 1x1 conv
+    to one logit. Smaller maps (the tiny preset) skip stride-2 stages; Sequential indices match the official head."""
+    if resolution < 4 or resolution & (resolution - 1):
+        raise ValueError(f"the GAN head needs a square middle block of 4 * 2^n pixels, got {resolution} "
+                         f"(SDXL: --resolution 1024 -> 128 latent -> 32)")
+    layers = []
+    while resolution > 4:
+        layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(32, channels), nn.SiLU()]
+        resolution //= 2
+    layers += [nn.Conv2d(channels, channels, 4, stride=4), nn.GroupNorm(32, channels), nn.SiLU(),
+               nn.Conv2d(channels, 1, 1)]
+    return nn.Sequential(*layers)
+
+
+class FakeScore(nn.Module):
+    """What the fake-score turn trains (the official guidance_model minus its frozen teacher): the fake UNet
+    (fake_unet) and the GAN head on its middle block (cls_pred_branch). One module for one AdamW and one FSDP root;
+    FSDP gathers a root's parameters in its forward hook, so both uses go through forward()."""
+
+    def __init__(self, fake_unet, cls_pred_branch):
+        super().__init__()
+        self.fake_unet, self.cls_pred_branch = fake_unet, cls_pred_branch
+
+    def forward(self, x, t, context, y, classify=False):
+        if not classify:
+            return self.fake_unet(x, t, context, y)                          # eps_fake [B, 4, h, w]
+        rep = self.fake_unet.mid_features(x, t, context, y)                 # [B, 1280, h/4, w/4], no decoder
+        with torch.autocast(x.device.type, enabled=False):                  # the head runs in fp32, as official
+            # logits [B, 1] (a new tensor, not a view: FSDP hooks it)
+            return self.cls_pred_branch(rep.float()).sum(dim=[2, 3])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Distribution matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3; tianweiy/DMD2 main/sd_guidance.py).
+# x0_real, x0_fake: the teacher's and the fake score's x0-predictions at x_t; p_real = x - x0_real,
+# p_fake = x - x0_fake. g is this micro-batch's RNG.
+
+def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumprod, cfg, g):
+    """1) The distribution-matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3) as the official code computes it: noise
+    the generator's x0 to t ~ UniformInt[20, 980], take the teacher's CFG prediction x0_real and the fake score's
+    x0_fake there, grad = (p_real - p_fake) / mean|p_real| with p = x - x0 (NO alpha_t factor, dmd2.md §2.1).
+    Gradient descent moves x along -grad, i.e. along x0_real - x0_fake: toward the teacher, away from the fake score.
+    x [B, 4, h, w] float32 -> a scalar whose gradient w.r.t. x is grad / x.numel() (the "mean" reduction)."""
+    lo, hi = int(cfg.min_step_percent * NUM_TRAIN_TIMESTEPS), int(cfg.max_step_percent * NUM_TRAIN_TIMESTEPS)
+    with torch.no_grad():
+        t = torch.randint(lo, hi + 1, (len(x),), generator=g, device=g.device).to(x.device)     # [B]
+        x_t = add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod)
+        eps_real = cfg_eps(teacher, x_t, t, context, y, cfg.guidance_scale).float()   # bf16 teacher under autocast
+        with torch.autocast(x.device.type, enabled=False):                          # fake UNet in fp32, as official
+            eps_fake = fake_score(x_t, t, context, y).float()
+        x0_real = x0_from_eps(x_t, eps_real, t, alphas_cumprod)                                 # [B, 4, h, w]
+        x0_fake = x0_from_eps(x_t, eps_fake, t, alphas_cumprod)
+        p_real, p_fake = x - x0_real, x - x0_fake
+        w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                                      # per-sample normaliser
+        grad = torch.nan_to_num((p_real - p_fake) / w)                              # = (x0_fake - x0_real) / w
+    return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Fake score and the two time-scale update rule (DMD2 Sec. 4.2).
+
+def loss_fake_score(fake_score, x, context, y, alphas_cumprod, g):
+    """2) The fake score's denoising loss on the detached generator output (official compute_loss_fake):
+    t ~ UniformInt[0, 999], plain eps-prediction MSE, conditional only. It runs every iteration while the generator
+    steps every dfake_gen_update_ratio-th (TTUR, DMD2 Sec. 4.2), so x0_fake keeps up with the moving generator."""
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
+    noise = randn(x.shape, g, x.device)
+    eps_fake = fake_score(add_noise(x, noise, t, alphas_cumprod), t, context, y).float()
+    return F.mse_loss(eps_fake, noise)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. GAN head (DMD2 Sec. 4.3): a diffusion GAN on the fake UNet's middle block (gan_head and FakeScore above).
+
+def gan_logits(fake_score, x, context, y, alphas_cumprod, g):
+    """3) The GAN classifier, a diffusion GAN (DMD2 Sec. 4.3): noise x to t ~ UniformInt[0, 999] and classify the fake
+    UNet's middle block there. Non-saturating losses on these logits (Eq. 4 in softplus form): discriminator
+    softplus(D(fake)) + softplus(-D(real)), generator softplus(-D(fake)). -> logits [B, 1]"""
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
+    return fake_score(add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod), t, context, y, classify=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Backward simulation (DMD2 Sec. 4.5; official sd_unified_model.py sample_backward, prepare_denoising_data).
+
+def shared_step_index(n, seed, step, device):
+    """k ~ UniformInt[0, n) for backward simulation: the first draw of global micro-batch 0's RNG, which every
+    process computes alike (official sample_backward: drawn on rank 0 and broadcast). The whole global batch, over all
+    processes and accumulation rounds, trains the same step, and every rank calls the sharded generator equally
+    often."""
+    return int(torch.randint(n, (1,), generator=unet.batch_generator(seed, step, 0, device), device=device))
+
+
+@torch.no_grad()
+def backward_simulation(eps_fn, shape, context, y, k, timesteps, alphas_cumprod, g):
+    """4) Backward simulation (DMD2 Sec. 4.5; official sample_backward): the generator's input at step k is made the
+    way inference makes it: its own first k steps from pure noise (sample_dmd2 on timesteps[:k]), the last x0
+    re-noised to timesteps[k] with fresh noise. k = 0 is pure noise at t = 999 (the schedule is not zero-terminal-SNR,
+    so noising a clean latent there would leak signal: sqrt(alpha_bar_999) = 0.068). The losses then act on the
+    single-step x0 of step k only: no backpropagation through the chain. -> x_{t_k} [B, 4, h, w]"""
+    noise = randn(shape, g, g.device)
+    if k == 0:
+        return noise
+    x0 = sample_dmd2(eps_fn, noise, context, y, timesteps[:k], alphas_cumprod, g)
+    return add_noise(x0, randn(shape, g, g.device), timesteps[k], alphas_cumprod)
+
+
+@torch.no_grad()
+def noised_real_latents(x_real, timesteps, alphas_cumprod, g):
+    """Table 4's "w/o backward simulation" (official --denoising without --backward_simulation): each sample gets its
+    own step k and the generator's input is a REAL latent noised to t_k (pure noise at t = 999, as above): the
+    train/inference mismatch backward simulation removes. -> x_t [B, 4, h, w], t [B]"""
+    ks = torch.randint(len(timesteps), (len(x_real),), generator=g, device=g.device)
+    t = torch.tensor(timesteps, device=x_real.device)[ks.to(x_real.device)]                  # [B]
+    noise = randn(x_real.shape, g, x_real.device)
+    x_t = add_noise(x_real, noise, t, alphas_cumprod)
+    pure = (t == NUM_TRAIN_TIMESTEPS - 1).reshape(-1, 1, 1, 1)
+    return torch.where(pure, noise, x_t), t
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop (official train_sd.py train_one_step, SDXL 4-step with backward simulation). An iteration is a
+# generator turn (with a gradient every dfake_gen_update_ratio-th iteration) and a fake-score turn, each over
+# `rounds` micro-batches per process whose gradients add up to the global batch's (gradient accumulation).
+
+@dataclass
+class MicroBatch:
+    g: torch.Generator      # this micro-batch's RNG: a pure function of (seed, step, global micro-batch index)
+    context: torch.Tensor   # the generator prompts' text context [B, 77, 2048]
+    y: torch.Tensor         # pooled text + size embeddings [B, 2816]
+    x_t: torch.Tensor       # the generator's input [B, 4, h, w]
+    t: torch.Tensor         # its timestep [B]
+
+
+def draw_micro_batch(run, step, index, k):
+    """Prompts and the generator's input of global micro-batch `index`. In the official 4-step run (--denoising) the
+    generator is conditioned on the captions of a batch of real latents (dmd2.md §4.5); --prompts replaces them."""
+    cfg, B = run.cfg, run.batch_gpu
+    g = unet.batch_generator(cfg.seed, step, index, run.device)
+    torch.randint(len(run.timesteps), (1,), generator=g, device=g.device)           # the k draw (micro-batch 0's is k)
+    x_real, prompts = run.data.sample(B, g)                                           # [B, 4, h, w], B captions
+    if run.prompts is not None:
+        prompts = [run.prompts[i] for i in torch.randint(len(run.prompts), (B,), generator=g, device=g.device).tolist()]
+    context, y = text_condition(run, prompts)
+    with run.no_grad_amp():
+        if cfg.backward_simulation:
+            x_t = backward_simulation(run.generator, run.shape, context, y, k, run.timesteps, run.ab, g)
+            t = torch.full((B,), run.timesteps[k], device=run.device)                 # one t for the whole batch
+        else:
+            x_t, t = noised_real_latents(x_real, run.timesteps, run.ab, g)
+    return MicroBatch(g, context, y, x_t, t)
+
+
+def text_condition(run, prompts):
+    """Text encoders in fp32 as official (bf16 with --no_grad_bf16). -> context [B, 77, 2048], y [B, 2816] float32"""
+    with run.no_grad_amp():
+        return encode_condition(run.clip_l, run.clip_g, prompts, run.cfg.resolution, run.cfg.resolution)
+
+
+def generator_turn(run, batches, train_generator):
+    """The generator's x0 at t for every micro-batch; on generator iterations also minimise (DMD2 Sec. 3, 4.3)
+    loss_dm + gen_gan_weight * loss_g_gan, with the fake score frozen so the GAN gradient reaches the generator only.
+    The trained pass runs under autocast; the no-grad pass of the fake-score-only iterations in fp32, as official.
+    -> ([x_fake [B, 4, h, w] detached per micro-batch], stats)"""
+    cfg, fakes, stats = run.cfg, [], {}
+    run.fake_score.requires_grad_(False)
+    for mb in batches:
+        with torch.set_grad_enabled(train_generator), run.amp() if train_generator else run.no_grad_amp():
+            x_fake = x0_from_eps(mb.x_t, run.generator(mb.x_t, mb.t, mb.context, mb.y), mb.t, run.ab)   # float32
+            if train_generator:
+                loss_g_gan = F.softplus(-gan_logits(run.fake_score, x_fake, mb.context, mb.y, run.ab, mb.g)).mean()
+                loss = cfg.gen_gan_weight * loss_g_gan
+                add_stat(stats, "loss_g_gan", loss_g_gan, run.rounds)
+                if not cfg.gan_only:
+                    loss_dm = loss_distribution_matching(x_fake, mb.context, mb.y, run.teacher, run.fake_score, run.ab,
+                                                         cfg, mb.g)
+                    loss = loss + loss_dm
+                    add_stat(stats, "loss_dm", loss_dm, run.rounds)
+        if train_generator:
+            (loss / run.rounds).backward()
+        fakes.append(x_fake.detach())
+    run.fake_score.requires_grad_(True)
+    if train_generator:
+        stats = optimizer_step(run, "generator", stats)
+    return fakes, stats
+
+
+def fake_score_turn(run, batches, fakes):
+    """Every iteration (TTUR, DMD2 Sec. 4.2), on the generator's detached x0: the fake score's eps loss plus the
+    discriminator loss on noised fake latents and noised real latents, each real one with its own caption. -> stats"""
+    cfg, stats = run.cfg, {}
+    for mb, x_fake in zip(batches, fakes):
+        x_real, captions = run.data.sample(run.batch_gpu, mb.g)                           # [B, 4, h, w], B captions
+        context_real, y_real = text_condition(run, captions)
+        with run.amp():
+            loss_fake = loss_fake_score(run.fake_score, x_fake, mb.context, mb.y, run.ab, mb.g)
+            logits_fake = gan_logits(run.fake_score, x_fake, mb.context, mb.y, run.ab, mb.g)          # [B, 1]
+            logits_real = gan_logits(run.fake_score, x_real, context_real, y_real, run.ab, mb.g)      # [B, 1]
+            loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
+        ((loss_fake + cfg.fake_gan_weight * loss_d) / run.rounds).backward()
+        add_stat(stats, "loss_fake", loss_fake, run.rounds)
+        add_stat(stats, "loss_d", loss_d, run.rounds)
+    return optimizer_step(run, "fake_score", stats)
+
+
+def train(cfg):
+    """DMD2 (Algorithm 1 with TTUR, the GAN head and backward simulation) on SDXL; see Config for every setting."""
+    run = setup_training(cfg)
+    history, t_log, step_log = [], time.time(), run.start_step
+    for step in range(run.start_step, cfg.total_steps):
+        t0, run.step = time.time(), step
+        set_learning_rates(run, step)
+        k = shared_step_index(len(run.timesteps), cfg.seed, step, run.device)             # this iteration's chain step
+        batches = [draw_micro_batch(run, step, run.rank * run.rounds + r, k) for r in range(run.rounds)]
+        fakes, stats = generator_turn(run, batches, train_generator=step % cfg.dfake_gen_update_ratio == 0)
+        stats.update(fake_score_turn(run, batches, fakes))
+        history.append(dict(step=step, k=k, seconds=time.time() - t0, **stats))
+        done = step + 1
+        if run.rank == 0 and (done % cfg.log_every == 0 or done == cfg.total_steps):
+            log_line(run, done, k, stats, cfg.batch_size * (done - step_log) / (time.time() - t_log))
+            t_log, step_log = time.time(), done
+        if cfg.sample_every and done % cfg.sample_every == 0:
+            save_samples(run, done)
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.total_steps:
+            save_training(run, done)
+    if run.log is not None:
+        run.log.close()
+    return dict(generator=run.generator, fake_score=run.fake_score, history=history)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: prompts -> images with DMD2's few-step sampler (or the teacher's Euler + CFG), and a latency /
+# memory benchmark. The benchmark's optional reference (diffusers' StableDiffusionXLPipeline + LCMScheduler, DMD2's
+# README recipe) lives in tests/sdxl_diffusers.py: diffusers is a test-only reference, never imported here.
+
+@torch.no_grad()
+def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="dmd2", steps=4, guidance_scale=8.0,
+             conditioning_timestep=399):
+    """prompts -> uint8 images [B, H, W, 3]. sampler "dmd2": DMD2's generator (steps 4 -> t = 999, 749, 499, 249;
+    1 -> t = conditioning_timestep); "euler": the base model, Euler + CFG guidance_scale. The initial noise and every
+    re-noise come from one CPU generator seeded with seed (as DMD2's demo): an image does not depend on the device."""
+    factor = 8 * 2 ** (len(net.cfg.channel_mult) - 1)
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor} (the VAE's 8 x the UNet's downsampling), "
+                         f"got {height}x{width}")
+    device = clip_l.embeddings.token_embedding.weight.device
+    context, y = encode_condition(clip_l, clip_g, prompts, height, width)
+    g = torch.Generator().manual_seed(seed)
+    noise = randn((len(prompts), 4, height // 8, width // 8), g, device)               # [B, 4, h, w]
+    ab = ddpm_alphas_cumprod().to(device)
+    eps_fn = unet_fn(net)
+    if sampler == "dmd2":
+        x0 = sample_dmd2(eps_fn, noise, context, y, dmd2_timesteps(steps, conditioning_timestep), ab, g)
+    elif sampler == "euler":
+        x0 = sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, ab)
+    else:
+        raise ValueError(f"sampler must be 'dmd2' or 'euler', got {sampler!r}")
+    with torch.autocast(device.type, enabled=False):                                   # one image at a time: the
+        images = torch.cat([vae.decode(x0[i:i + 1]).float() for i in range(len(x0))])  # VAE's peak is at full size
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_dmd2(eps_fn, noise, context, y, timesteps, alphas_cumprod, generator):
+    """DMD2's few-step sampler (Sec. 4.4; demo/text_to_image_sdxl.py; = diffusers' LCMScheduler with these timesteps):
+    x = pure noise at timesteps[0]; at each t predict x0, then re-noise it with FRESH noise to the next t.
+    noise [B, 4, h, w] ~ N(0, I); eps_fn(x_t, t [B], context, y) -> eps. Returns the last x0 [B, 4, h, w]."""
+    x = noise
+    for i, t in enumerate(timesteps):
+        # one t for the whole batch
+        t_batch = torch.full((len(x),), t, device=x.device)
+        x0 = x0_from_eps(x, eps_fn(x, t_batch, context, y), t_batch, alphas_cumprod)
+        if i + 1 < len(timesteps):
+            x = add_noise(x0, randn(x.shape, generator, x.device), timesteps[i + 1], alphas_cumprod)
+    return x0
+
+
+def sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, alphas_cumprod, spacing="trailing"):
+    """The base model's sampler (the teacher): Euler steps of the probability-flow ODE dx/dsigma = eps in sigma-space,
+    x_sigma = x_t / sqrt(alpha_bar_t), sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), with CFG at every step
+    (Karras et al. 2022, Alg. 1 without churn; k-diffusion sample_euler; diffusers EulerDiscreteScheduler).
+    spacing "trailing": t_i = round(1000 - i * 1000/steps) - 1, so it starts at 999 (DMD2's ODE pairs);
+    "leading": t_i = i * (1000 // steps) + 1 in descending order (SDXL's diffusers default, steps_offset 1).
+    noise [B, 4, h, w] ~ N(0, I) -> x0 [B, 4, h, w]."""
+    if spacing == "trailing":
+        ts = [round(NUM_TRAIN_TIMESTEPS - i * NUM_TRAIN_TIMESTEPS / steps) - 1 for i in range(steps)]
+    elif spacing == "leading":
+        ts = [i * (NUM_TRAIN_TIMESTEPS // steps) + 1 for i in reversed(range(steps))]
+    else:
+        raise ValueError(f"spacing must be 'trailing' or 'leading', got {spacing!r}")
+    ab = alphas_cumprod[ts]
+    sigmas = ((1 - ab) / ab).sqrt().tolist() + [0.0]
+    # x_sigma = x_t / sqrt(alpha_bar) with x_t ~ N(0, I): std sqrt(1 + sigma^2) (sgm)
+    x = noise * math.sqrt(1 + sigmas[0] ** 2)
+    for i, t in enumerate(ts):
+        # the UNet sees x_t (c_in)
+        eps = cfg_eps(eps_fn, x / math.sqrt(1 + sigmas[i] ** 2), t, context, y, guidance_scale)
+        x = x + (sigmas[i + 1] - sigmas[i]) * eps                                                  # Euler step, d = eps
+    # at sigma = 0, x = x0
+    return x
+
+
+def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat", height=1024, width=1024, steps=4,
+                    seed=0, reps=5, reference=None):
+    """Time prompt embeddings -> image ([1, 3, H, W] in [0, 1]: `steps` UNet calls of DMD2's sampler + VAE decode) for
+    our code and, if `reference` is given, for the pipeline it builds, reference(net, vae, vae_cfg, device, dtype)
+    -> a diffusers-style StableDiffusionXLPipeline (tests/sdxl_diffusers.py), on the same weights and initial noise.
+    The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
+    -> {"text_encoders": seconds, "ours"/"diffusers": dict(median, min, peak_gib, weights_gib, image)}"""
+    device = net.out[2].weight.device
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timesteps, ab, dtype = dmd2_timesteps(steps), ddpm_alphas_cumprod().to(device), net.out[2].weight.dtype
+
+    def measure(fn):
+        fn()                                                       # warm-up (kernel selection, allocator)
+        sync()
+        weights = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else math.nan
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            image = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else math.nan
+        return dict(median=float(np.median(times)), min=min(times), peak_gib=peak, weights_gib=weights,
+                    image=image.float().cpu())
+
+    def noise_and_generator():
+        g = torch.Generator().manual_seed(seed)
+        return randn((1, 4, height // 8, width // 8), g, device), g
+
+    with torch.no_grad():
+        encode = lambda: encode_condition(clip_l, clip_g, [prompt], height, width)
+        results = dict(text_encoders=measure(lambda: encode()[0])["median"])
+        context, y = encode()
+        clip_l.to("cpu"), clip_g.to("cpu")
+
+        def ours():
+            noise, g = noise_and_generator()
+            x0 = sample_dmd2(unet_fn(net), noise, context, y, timesteps, ab, g)
+            return (vae.decode(x0).float() / 2 + 0.5).clamp(0, 1)
+        results["ours"] = measure(ours)
+        if reference is not None:
+            net.to("cpu"), vae.to("cpu")                              # leave the GPU to the reference's copies
+            if cuda:
+                torch.cuda.empty_cache()
+            pipe = reference(net, vae, vae_cfg, device, dtype)
+
+            def theirs():
+                noise, g = noise_and_generator()
+                return pipe(prompt_embeds=context.to(dtype), pooled_prompt_embeds=y[:, :-SIZE_COND_DIM].to(dtype),
+                            guidance_scale=0.0, timesteps=timesteps, height=height, width=width,
+                            latents=noise.to(dtype), generator=g, output_type="pt").images
+            results["diffusers"] = measure(theirs)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run plumbing: models on every process (FSDP2 when several), micro-batching, learning rates, optimiser steps that
+# stop on NaN, checkpoints and samples. Process setup, per-step RNG and NaN stops are unet.py's (shared with
+# imagenet64.py).
+
+def fsdp_units(net):
+    """The layers of an SDXLUNet that FSDP shards one by one: the ones its forward CALLS (ResBlocks, transformer blocks,
+    SpatialTransformers, convs, up/downsamplers); FSDP2 gathers a unit's weights in a forward hook, and the blocks
+    themselves are iterated over, never called."""
+    for block in [*net.input_blocks, net.middle_block, *net.output_blocks]:
+        for layer in block:
+            yield from getattr(layer, "transformer_blocks", [])
+            yield layer
+
+
+def make_trainable(module, state, device, world):
+    """module built on the meta device -> sharded with FSDP2 when world > 1 (each rank keeps 1/world of every weight,
+    gradient and AdamW moment; a layer's full weights exist only while it runs) -> allocated on device -> state
+    (a full, unsharded state dict, e.g. memory-mapped fp16 from the checkpoint) copied in."""
+    if world > 1:
+        for net in [m for m in module.modules() if isinstance(m, SDXLUNet)]:
+            for layer in fsdp_units(net):
+                fully_shard(layer)
+        fully_shard(module)
+    module.to_empty(device=device)
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+    return module.train()
+
+
+def micro_batching(cfg, world):
+    """-> (batch_gpu, rounds), batch_gpu x world x rounds = batch_size: the official global batch on any GPU count."""
+    batch_gpu = cfg.batch_gpu or cfg.batch_size // world
+    rounds = cfg.batch_size // (batch_gpu * world) if batch_gpu > 0 else 0
+    if rounds < 1 or rounds * batch_gpu * world != cfg.batch_size:
+        raise ValueError(f"--batch_size {cfg.batch_size} is not --batch_gpu {cfg.batch_gpu} x {world} processes "
+                         f"x a whole number of accumulation rounds")
+    return batch_gpu, rounds
+
+
+def autocast_bf16(device, enabled):
+    """A fresh context each call: bf16 autocast, or autocast explicitly OFF (fp32 even inside an outer autocast)."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def setup_training(cfg):
+    """Everything the loop reads, as one namespace: models, optimisers, data, schedule, precision, files."""
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ValueError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    rank, world, device = unet.init_distributed(cfg.device)
+    batch_gpu, rounds = micro_batching(cfg, world)
+    if cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = cfg.precision == "bf16"
+    run = types.SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, batch_gpu=batch_gpu, rounds=rounds,
+                                amp=autocast_bf16(device, bf16),
+                                no_grad_amp=autocast_bf16(device, bf16 and cfg.no_grad_bf16),
+                                ckpt_path=os.path.join(cfg.outdir, "checkpoint.pt"),
+                                gen_path=os.path.join(cfg.outdir, "generator.safetensors"))
+    if rank == 0:
+        remove_stale_temporaries(cfg.outdir)
+    build_models(run, frozen_dtype=torch.bfloat16 if bf16 else torch.float32,
+                 text_dtype=torch.bfloat16 if bf16 and cfg.no_grad_bf16 else torch.float32)
+    run.data = LatentDataset(cfg.latents, cfg.resolution)
+    run.prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    run.timesteps = dmd2_timesteps(cfg.num_denoising_step, cfg.conditioning_timestep)
+    run.ab = ddpm_alphas_cumprod().to(device)                                        # alpha_bar_t, float64 [1000]
+    run.shape = (batch_gpu, run.unet_cfg.in_channels, cfg.resolution // 8, cfg.resolution // 8)  # [B, 4, h, w]
+    run.start_step = resume_training(run) if cfg.resume and os.path.exists(run.ckpt_path) else 0
+    os.makedirs(cfg.outdir, exist_ok=True)
+    run.log = open(os.path.join(cfg.outdir, "log.txt"), "a") if rank == 0 else None
+    return run
+
+
+def build_models(run, frozen_dtype, text_dtype):
+    """Frozen and replicated: text encoders, VAE (sample strips), teacher (official: bf16). Trained: generator and fake
+    UNet, both the base UNet (fp32 master weights), and a new GAN head, seeded: every rank starts with the same one."""
+    cfg = run.cfg
+    parts = load_parts(cfg.preset, cfg.ckpt, run.device, text_dtype)
+    run.clip_l, run.clip_g, run.vae, run.unet_cfg = parts["clip_l"], parts["clip_g"], parts["vae"], parts["unet_cfg"]
+    state = parts["unet_state"]
+    run.teacher = build_unet(state, run.unet_cfg, run.device, frozen_dtype, parts["source"])
+    channels = run.unet_cfg.model_channels * run.unet_cfg.channel_mult[-1]
+    mid = cfg.resolution // 8 // 2 ** (len(run.unet_cfg.channel_mult) - 1)
+    torch.manual_seed(cfg.seed)
+    head = gan_head(channels, mid)
+    with torch.device("meta"):
+        generator = SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing)
+        fake_score = FakeScore(SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing), gan_head(channels, mid))
+    run.generator = make_trainable(generator, state, run.device, run.world)
+    run.fake_score = make_trainable(fake_score, {**{"fake_unet." + k: v for k, v in state.items()},
+                                                 **{"cls_pred_branch." + k: v for k, v in head.state_dict().items()}},
+                                    run.device, run.world)
+    adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    run.opt = dict(generator=torch.optim.AdamW(run.generator.parameters(), lr=cfg.generator_lr, **adamw),
+                   fake_score=torch.optim.AdamW(run.fake_score.parameters(), lr=cfg.fake_score_lr, **adamw))
+
+
+def set_learning_rates(run, step):
+    """diffusers' constant_with_warmup, stepped as accelerate steps it: warmup_processes scheduler steps per iteration
+    (official 64 GPUs: lr x min(1, 64 step / 500), full after 8 iterations), the same on any number of GPUs here."""
+    cfg = run.cfg
+    scale = min(1.0, step * cfg.warmup_processes / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    run.opt["generator"].param_groups[0]["lr"] = cfg.generator_lr * scale
+    run.opt["fake_score"].param_groups[0]["lr"] = cfg.fake_score_lr * scale
+
+
+def add_stat(stats, name, value, rounds):
+    stats[name] = stats.get(name, 0) + value.detach().float() / rounds
+
+
+def optimizer_step(run, name, stats):
+    """Clip, stop every rank on a non-finite loss BEFORE the step and on non-finite weights AFTER it (a corrupted
+    optimiser state turns finite gradients into NaN weights), so no save ever sees them. -> stats averaged over ranks"""
+    module, opt = getattr(run, name), run.opt[name]
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), run.cfg.max_grad_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm            # FSDP2 returns a DTensor
+    stats["grad_norm_" + ("g" if name == "generator" else "d")] = norm
+    stats = unet.check_finite(stats, run.step, run.world, run.ckpt_path)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    unet.check_finite_weights({name: module}, run.step, run.world, run.ckpt_path)
+    return stats
+
+
+CHECKPOINT_KEYS = ("step", "cfg", "generator", "fake_score", "opt_g", "opt_d")
+
+
+def load_training_checkpoint(path):
+    """checkpoint.pt, memory-mapped (every rank reads it without a private copy of tens of GB; unet.load_checkpoint
+    reads it whole), weights_only: nothing is executed. Checked to be this script's training checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from None
+    return unet.require_keys(ckpt, CHECKPOINT_KEYS, path, "an sdxl.py training checkpoint")
+
+
+def resume_training(run):
+    """Weights and AdamW moments from checkpoint.pt (RNG needs no state: it is a function of the step). A generator
+    file left behind by a kill is rewritten to match. -> the step to continue from"""
+    ckpt, full = load_training_checkpoint(run.ckpt_path), StateDictOptions(full_state_dict=True)
+    try:
+        set_model_state_dict(run.generator, ckpt["generator"], options=full)
+        set_model_state_dict(run.fake_score, ckpt["fake_score"], options=full)
+        set_optimizer_state_dict(run.generator, run.opt["generator"], ckpt["opt_g"], options=full)
+        set_optimizer_state_dict(run.fake_score, run.opt["fake_score"], ckpt["opt_d"], options=full)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"{run.ckpt_path}: does not fit this run's models ({type(e).__name__}: {e})") from None
+    step, cfg = ckpt["step"], run.cfg
+    if run.rank == 0 and generator_file_step(run.gen_path) != step:
+        write_generator(run.gen_path, ckpt["generator"], step)
+    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["cfg"].items()
+               if getattr(cfg, k, v) != v and k not in ("resume", "total_steps")}
+    if run.rank == 0:
+        print(f"resumed from {run.ckpt_path} at step {step}" + (f"; changed settings: {changed}" if changed else ""))
+    return step
+
+
+def generator_file_step(path):
+    """The step stored in generator.safetensors' metadata, or None (no file, unreadable, no step)."""
+    try:
+        return int(read_safetensors_header(path)[1].get("step"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_generator(path, state, step):
+    write_safetensors(path, {k: v.half() for k, v in state.items()},
+                      {"step": str(step), "format": "SDXL UNet, sgm names without model.diffusion_model."})
+
+
+def save_training(run, step):
+    """Every rank gathers its shards; rank 0 writes generator.safetensors FIRST, then checkpoint.pt (both atomic):
+    a kill between the two leaves the generator ahead of the checkpoint, which the resumed run rewrites, never a
+    finished checkpoint beside a stale generator."""
+    modules = {"generator": run.generator, "fake_score": run.fake_score}
+    unet.check_finite_weights(modules, step, run.world, run.ckpt_path)
+    gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = dict(generator=get_model_state_dict(run.generator, options=gathered),
+                 fake_score=get_model_state_dict(run.fake_score, options=gathered),
+                 opt_g=get_optimizer_state_dict(run.generator, run.opt["generator"], options=gathered),
+                 opt_d=get_optimizer_state_dict(run.fake_score, run.opt["fake_score"], options=gathered))
+    if run.rank == 0:
+        write_generator(run.gen_path, state["generator"], step)
+        unet.save_checkpoint(dict(step=step, cfg=dataclasses.asdict(run.cfg), **state), run.ckpt_path)
+
+
+def remove_stale_temporaries(outdir):
+    """Temporaries a killed run left beside its own files (tens of GB each at full size): unet.save_checkpoint's
+    checkpoint.pt.<random>.tmp and write_safetensors' generator.safetensors.tmp<pid>. Nothing else is touched."""
+    removed = unet.remove_stale_temporaries(outdir, ["checkpoint.pt", "generator.safetensors"])
+    for path in glob.glob(os.path.join(glob.escape(outdir), "generator.safetensors.tmp*")):
+        if re.fullmatch(r"generator\.safetensors\.tmp\d+", os.path.basename(path)) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def log_line(run, done, k, stats, images_per_second):
+    line = "  ".join([f"step {done:7d}", f"k {k}"] + [f"{name} {v:.4g}" for name, v in stats.items()] +
+                     [f"{images_per_second:.2f} img/s"])
+    print(line, flush=True)
+    run.log.write(line + "\n")
+    run.log.flush()
+
+
+def save_samples(run, done):
+    """Every rank runs the (sharded) generator on 4 fixed prompts and noise; rank 0 writes them side by side."""
+    prompts = (run.prompts or run.data.captions)[:4]
+    with run.amp():
+        images = generate(run.generator, run.clip_l, run.clip_g, run.vae, prompts, run.cfg.resolution,
+                          run.cfg.resolution, seed=1, steps=run.cfg.num_denoising_step,
+                          conditioning_timestep=run.cfg.conditioning_timestep)
+    if run.rank == 0:
+        PIL.Image.fromarray(np.concatenate(list(images), axis=1)).save(
+            os.path.join(run.cfg.outdir, f"samples_{done:07d}.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def runtime(args):
+    """-> device, UNet/text dtype (auto: bf16 on CUDA, fp32 on CPU), VAE dtype; TF32 on (as DMD2's demo)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype, DTYPES[args.vae_dtype]
+
+
+def load_for_inference(args):
+    """(net, parts): the UNet of --unet (or the checkpoint's own) and the frozen text encoders and VAE."""
+    device, dtype, vae_dtype = runtime(args)
+    parts = load_parts(args.preset, args.ckpt, device, dtype, vae_dtype)
+    state, cfg, source = parts["unet_state"], parts["unet_cfg"], parts["source"]
+    if args.unet:                      # its own config, read from its shapes: it may differ from --ckpt's UNet
+        state, source = load_unet_state(args.unet, cfg), args.unet
+        cfg = unet.infer_sdxl_unet_config({k: v.shape for k, v in state.items()}, args.unet)
+    return build_unet(state, cfg, device, dtype, source), parts
+
+
+def cmd_generate(args):
+    net, parts = load_for_inference(args)
+    sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
+    side = 128 if args.preset == "tiny" else 1024
+    image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], args.height or side,
+                     args.width or side, args.seed, sampler, args.steps or (4 if sampler == "dmd2" else 30),
+                     args.guidance, args.conditioning_timestep)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    PIL.Image.fromarray(image).save(args.out)
+    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {sampler} sampler)")
+
+
+def cmd_encode(args):
+    device, _, vae_dtype = runtime(args)
+    if args.preset:
+        vae = load_parts(args.preset, "", device, vae_dtype=vae_dtype)["vae"]
+    elif args.ckpt:
+        cfg = infer_configs(args.ckpt, ["vae"])["vae"]
+        vae = load_part(lambda: AutoencoderKL(cfg), args.ckpt, PREFIX_VAE, "VAE", device, vae_dtype)
+    else:
+        raise ValueError("--ckpt is required: an SDXL-format single file such as sd_xl_base_1.0.safetensors "
+                         "(or --preset tiny)")
+    resolution = args.resolution or (128 if args.preset == "tiny" else 1024)
+    n = encode_folder(vae, args.images, args.out, resolution, args.batch, args.shard_size, args.seed)
+    print(f"wrote {n} latents [4, {resolution // 8}, {resolution // 8}] with captions to {args.out}")
+
+
+def cmd_bench(args, reference=None):
+    """reference: see bench_pipelines (tests/sdxl_diffusers.py passes diffusers' pipeline)."""
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu") and args.preset != "tiny":
+        raise ValueError("bench measures GPU latency and memory: it needs CUDA (or --preset tiny for a CPU smoke run)")
+    net, parts = load_for_inference(args)
+    side = 128 if args.preset == "tiny" else 1024
+    H, W = args.height or side, args.width or side
+    r = bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], args.prompt, H, W,
+                        args.steps, args.seed, args.reps, reference=reference)
+    gpu = torch.cuda.get_device_name(net.out[2].weight.device) if net.out[2].weight.is_cuda else "CPU"
+    print(f"bench: {H}x{W}, {args.steps} steps, batch 1, UNet {net.out[2].weight.dtype}, "
+          f"VAE {next(parts['vae'].parameters()).dtype}, "
+          f"{gpu}, torch {torch.__version__}; median of {args.reps} after a warm-up")
+    print(f"  text encoders (ours, once per prompt)          {1000 * r['text_encoders']:9.1f} ms")
+    for name in ("ours", "diffusers"):
+        if name in r:
+            m = r[name]
+            print(f"  {name:9s} {args.steps} UNet steps + VAE decode   {1000 * m['median']:9.1f} ms  "
+                  f"(min {1000 * m['min']:.1f})  "
+                  f"peak {m['peak_gib']:.2f} GiB (weights {m['weights_gib']:.2f} GiB)")
+    if "diffusers" in r:
+        gap = (r['ours']['image'] - r['diffusers']['image']).abs().max()
+        print(f"  max |ours - diffusers| over the [0, 1] image: {gap:.4f}")
+
+
+def cmd_export(args):
+    """Our generator (any file load_unet_state reads) -> one .safetensors in diffusers UNet2DConditionModel names, as
+    DMD2's release: diffusers, ComfyUI and others load it. The config is read from the file's shapes."""
+    state = load_unet_state(args.unet)
+    cfg = unet.infer_sdxl_unet_config({k: v.shape for k, v in state.items()}, args.unet)
+    renamed = unet.sgm_to_diffusers_unet(state, cfg, args.unet)
+    write_safetensors(args.out, {k: v.contiguous() for k, v in renamed.items()}, {"format": "pt"})
+    print(f"wrote {args.out}: {len(renamed)} tensors in diffusers UNet2DConditionModel names ({cfg})")
+
+
+def cmd_tokenize(args):
+    for name, pad in (("CLIP-L", "end"), ("bigG", "zero")):
+        ids = tokenize(args.prompt, pad)[0].tolist()
+        n = ids.index(EOT) + 1  # SOT, the prompt's tokens, EOT
+        padding = ids[-1] if n < 77 else "nothing"
+        print(f"{name} ids ({n} of 77 used, padded with {padding}): {' '.join(map(str, ids[:n]))}")
+    symbols = {i: s for s, i in load_clip_vocab()[0].items()}
+    print("pieces:", " ".join(symbols[i] for i in ids[1:n - 1]))
+
+
+def cmd_inspect(args):
+    entries, metadata, data_start = read_safetensors_header(args.path)
+    groups = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        prefix = next((p for p in (PREFIX_CLIP_L, PREFIX_CLIP_G, PREFIX_VAE, PREFIX_UNET) if name.startswith(p)),
+                      name.split(".")[0])
+        count, nbytes, numel, dtypes = groups.get(prefix, (0, 0, 0, set()))
+        groups[prefix] = (count + 1, nbytes + end - begin, numel + math.prod(shape), dtypes | {DTYPE_NAMES[dtype]})
+    print(f"{args.path}: {len(entries)} tensors, header {data_start - 8} bytes, {len(metadata)} metadata keys")
+    for prefix, (count, nbytes, numel, dtypes) in sorted(groups.items()):
+        print(f"  {prefix:50s} {count:5d} tensors {numel:>14,d} numbers {nbytes:>15,d} bytes  "
+              f"{'/'.join(sorted(dtypes))}")
+    for k, v in sorted(metadata.items()):
+        print(f"  __metadata__ {k} = {v[:100]}")
+
+
+def add_model_args(p):
+    p.add_argument("--ckpt", default="", help="an SDXL-format single file (sd_xl_base_1.0.safetensors, smaller "
+                   "SDXL-family files): text encoders, VAE, base UNet, configs read from its shapes")
+    p.add_argument("--preset", default="", choices=["", "tiny", "random"],
+                   help="tiny: random tiny models, no --ckpt (CPU); random: SDXL base's shapes, random weights")
+    p.add_argument("--unet", default="", help="UNet weights replacing the base UNet: DMD2's "
+                   "dmd2_sdxl_4step_unet_fp16.bin, our generator.safetensors / checkpoint.pt, any SDXL UNet")
+    p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="UNet and text encoders; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
+    p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
+    p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
+
+
+def add_generate_parser(sub, fmt):
+    p = sub.add_parser("generate", formatter_class=fmt, help="prompt -> PNG, DMD2's sampler or the base's Euler + CFG")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--out", default="out/sdxl.png", help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noising")
+    p.add_argument("--sampler", default="auto", choices=["auto", "dmd2", "euler"],
+                   help="auto: dmd2 with --unet or --preset, else euler")
+    p.add_argument("--steps", type=int, default=0, help="0 = 4 for dmd2 (t = 999, 749, 499, 249), 30 for euler")
+    p.add_argument("--guidance", type=float, default=8.0, help="CFG scale of the euler sampler (DMD2's teacher: 8)")
+    p.add_argument("--conditioning_timestep", type=int, default=399, help="t of a 1-step DMD2 generator (--steps 1)")
+    p.set_defaults(run=cmd_generate)
+
+
+def add_encode_parser(sub, fmt):
+    p = sub.add_parser("encode", formatter_class=fmt, help="images + captions -> latent shards (train --latents)")
+    p.add_argument("--ckpt", default="", help="an SDXL-format single file (only its VAE is read)")
+    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: the random VAE of train --preset tiny")
+    p.add_argument("--images", required=True, help="folder of images (.png/.jpg/.jpeg/.webp/.bmp), each with NAME.txt")
+    p.add_argument("--out", required=True, help="empty folder for latents_00000.safetensors, ...")
+    p.add_argument("--resolution", type=int, default=0, help="center crop side; 0 = 1024 (128 with --preset tiny)")
+    p.add_argument("--batch", type=int, default=8, help="images per VAE call")
+    p.add_argument("--shard_size", type=int, default=1000, help="images per shard file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples")
+    p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
+    p.set_defaults(run=cmd_encode)
+
+
+def add_train_parser(sub, fmt):
+    """One flag per Config field, its end-of-line comment as the help."""
+    p = sub.add_parser("train", formatter_class=fmt, help="DMD2 distillation (torchrun + FSDP on several GPUs)")
+    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
+    for f in dataclasses.fields(Config):
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=comments[f.name])
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=comments[f.name])
+    p.set_defaults(run=lambda args: train(Config(**{f.name: getattr(args, f.name)
+                                                    for f in dataclasses.fields(Config)})))
+    return p
+
+
+def add_other_parsers(sub, fmt):
+    p = sub.add_parser("bench", formatter_class=fmt, help="4-step latency and peak memory (CUDA); "
+                                                          "vs diffusers: tests/sdxl_diffusers.py")
+    add_model_args(p)
+    p.add_argument("--prompt", default="a photo of a cat", help="text prompt")
+    p.add_argument("--steps", type=int, default=4, help="DMD2 sampler steps")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the same for both pipelines)")
+    p.add_argument("--reps", type=int, default=10, help="timed runs after one warm-up")
+    p.set_defaults(run=cmd_bench)
+    p = sub.add_parser("export", formatter_class=fmt, help="a trained generator -> diffusers UNet names (as DMD2's)")
+    p.add_argument("--unet", required=True, help="generator.safetensors, checkpoint.pt or any sgm-named SDXL UNet file")
+    p.add_argument("--format", default="diffusers", choices=["diffusers"], help="naming of the written file")
+    p.add_argument("--out", required=True, help=".safetensors file to write")
+    p.set_defaults(run=cmd_export)
+    p = sub.add_parser("tokenize", help="print CLIP BPE token ids of a prompt for both text encoders")
+    p.add_argument("prompt", help="text to tokenize")
+    p.set_defaults(run=cmd_tokenize)
+    p = sub.add_parser("inspect", help="summarise a .safetensors file's header (tensors, dtypes, bytes per prefix)")
+    p.add_argument("path", help="a .safetensors file, e.g. sd_xl_base_1.0.safetensors")
+    p.set_defaults(run=cmd_inspect)
+
+
+def build_parser():
+    """-> (parser, its train subparser, whose defaults a --preset replaces)"""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub, fmt)
+    add_encode_parser(sub, fmt)
+    train_parser = add_train_parser(sub, fmt)
+    add_other_parsers(sub, fmt)
+    return parser, train_parser
+
+
+def main(argv=None):
+    parser, train_parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.preset:
+        if args.preset not in PRESETS:
+            parser.error(f"unknown --preset {args.preset}; choose from {list(PRESETS)}")
+        train_parser.set_defaults(**PRESETS[args.preset])  # explicit flags still win
+        args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    # these name the file and the problem; a traceback adds nothing
+    except (ValueError, OSError, unet.NonFiniteLoss) as e:
+        parser.exit(1, f"error: {e}\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ======================================================================================================================
+# PART 2. SDXL in plain PyTorch, without diffusers: the safetensors format, the CLIP tokenizer, the two text encoders,
+# the VAE and the loading of Stability's single-file checkpoints (the UNet is unet.py's section 5). Module names equal
+# the checkpoint's keys, so loading needs no renaming table.
+# ======================================================================================================================
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB_PATH = os.path.join(HERE, "bpe_simple_vocab_16e6.txt.gz")  # CLIP's BPE merges (MIT, from open_clip/openai CLIP)
@@ -128,7 +1083,7 @@ UNUSED_KEYS = {PREFIX_CLIP_L + "embeddings.position_ids",           # the consta
                PREFIX_CLIP_G + "logit_scale"}                       # CLIP's contrastive temperature, unused by SDXL
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # safetensors by hand (huggingface/safetensors format):
 # [8-byte little-endian header length N][N bytes of JSON][raw little-endian tensor data].
 # Each JSON entry is name -> {"dtype", "shape", "data_offsets": [begin, end]}, offsets relative to the data section.
@@ -282,7 +1237,7 @@ def write_safetensors(path, tensors, metadata=None):
         raise
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # CLIP BPE tokenizer (openai/CLIP simple_tokenizer.py, open_clip tokenizer.py), shared by both encoders; only the
 # padding id differs.
 # Pipeline: clean text -> split into pre-tokens -> UTF-8 bytes as printable characters -> byte-pair merges -> ids.
@@ -290,7 +1245,10 @@ def write_safetensors(path, tensors, metadata=None):
 SOT, EOT = 49406, 49407                                  # <|startoftext|>, <|endoftext|>
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-NUM_MERGES = 49152 - 256 - 2                             # CLIP's vocabulary is 49,408 = 2*256 byte symbols + 48,894 merges + 2 specials
+
+
+# CLIP's vocabulary is 49,408 = 2*256 byte symbols + 48,894 merges + 2 specials
+NUM_MERGES = 49152 - 256 - 2
 
 
 def bytes_to_unicode():
@@ -323,7 +1281,8 @@ def load_clip_vocab(path=VOCAB_PATH):
 def clean_text(text):
     """CLIP's clean-up without ftfy: unescape HTML twice, NFC-normalise, collapse whitespace, lowercase.
 
-    ftfy.fix_text (upstream; not a dependency here) would also repair mojibake, uncurl quotes and fold some compatibility
+    ftfy.fix_text (upstream; not a dependency here) would also repair mojibake, uncurl quotes and fold some
+    compatibility
     characters; Hugging Face's fast CLIP tokenizer (used by diffusers and DMD2) skips ftfy too. ASCII prompts are
     unaffected either way."""
     text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
@@ -338,11 +1297,24 @@ def _char_class(ch):
     return kind if kind in "LN" else "P"
 
 
+# CLIP's pattern in the standard library's `re`: Unicode letters are [^\W\d_], decimal digits \d, the rest (underscore
+# included) [^\w\s]. Exact unless the text holds a number that is not a decimal digit ("½", "²", "Ⅻ"), which `re`
+# counts as a letter: such text goes through the character scanner below.
+PRE_TOKEN = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\w\s]|_)+")
+
+
 def pre_tokenize(text):
     """Split cleaned text like CLIP's pattern (which needs the third-party `regex` module for \\p{L}, \\p{N}):
         <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+
     At each position: a special token or contraction if one starts here, else a maximal run of letters, ONE number
     character (so "2024" gives four pre-tokens), or a maximal run of other non-space characters; spaces separate."""
+    if text.isascii() or not any(c.isnumeric() and not c.isdecimal() for c in set(text) if not c.isascii()):
+        return PRE_TOKEN.findall(text)
+    return scan_pre_tokens(text)
+
+
+def scan_pre_tokens(text):
+    """pre_tokenize one character at a time, with unicodedata's categories for \\p{L} and \\p{N}."""
     words, i = [], 0
     while i < len(text):
         literal = next((s for s in SPECIAL_TOKENS + CONTRACTIONS if text.startswith(s, i)), None)
@@ -381,16 +1353,19 @@ def bpe(word, ranks):
     return parts
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def word_ids(word, vocab_path=VOCAB_PATH):
+    """Token ids of one pre-token, cached: prompts repeat their words (tests/bench_sdxl.py's 1,000 prompts hold 43.6k
+    words, 9.4k of them distinct), and merging a word again was most of the tokenizer's time. -> tuple of ids"""
+    vocab, ranks = load_clip_vocab(vocab_path)
+    if word in SPECIAL_TOKENS:
+        return (vocab[word],)
+    return tuple(vocab[p] for p in bpe("".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8")), ranks))
+
+
 def encode_text(text, vocab_path=VOCAB_PATH):
     """Token ids of one string, without start/end tokens or padding."""
-    vocab, ranks = load_clip_vocab(vocab_path)
-    ids = []
-    for word in pre_tokenize(clean_text(text)):
-        if word in SPECIAL_TOKENS:
-            ids.append(vocab[word])
-        else:
-            ids += [vocab[p] for p in bpe("".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8")), ranks)]
-    return ids
+    return [i for word in pre_tokenize(clean_text(text)) for i in word_ids(word, vocab_path)]
 
 
 def tokenize(texts, pad_with="end", context_length=77, vocab_path=VOCAB_PATH):
@@ -409,7 +1384,7 @@ def tokenize(texts, pad_with="end", context_length=77, vocab_path=VOCAB_PATH):
     return torch.tensor(rows, dtype=torch.long)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # Text encoders (sgm FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2): pre-LN causal transformers.
 # CLIP-L keeps Hugging Face's names, bigG keeps open_clip's.
 
@@ -508,14 +1483,16 @@ class OpenCLIPTextModel(nn.Module):
         x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]
         for block in self.transformer.resblocks[:-1]:
             x = block(x)
-        penultimate = x                                           # input of the last block, no ln_final (layer="penultimate")
+        # input of the last block, no ln_final (layer="penultimate")
+        penultimate = x
         x = self.ln_final(self.transformer.resblocks[-1](x))
         eot = x[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]  # [B, W] features at each EOT token
         return penultimate, eot @ self.text_projection
 
 
 def encode_prompt(clip_l, clip_g, prompts, vocab_path=VOCAB_PATH):
-    """prompts (list of str) -> context [B, 77, 768+1280] = [CLIP-L | bigG] penultimate states, pooled bigG [B, 1280]."""
+    """prompts (list of str) -> context [B, 77, 768+1280] = [CLIP-L | bigG] penultimate states,
+    pooled bigG [B, 1280]."""
     device = clip_l.embeddings.token_embedding.weight.device
     ids_l = tokenize(prompts, "end", clip_l.embeddings.position_embedding.num_embeddings, vocab_path).to(device)
     ids_g = tokenize(prompts, "zero", clip_g.positional_embedding.shape[0], vocab_path).to(device)
@@ -527,16 +1504,19 @@ SIZE_COND_DIM = 6 * 256  # the six size embeddings that follow the pooled text e
 
 
 def vector_cond(pooled, original_size=(1024, 1024), crop_coords=(0, 0), target_size=(1024, 1024)):
-    """SDXL micro-conditioning y (SDXL paper Sec. 2.2; sgm ConcatTimestepEmbedderND): [pooled bigG | E(orig h) E(orig w) E(crop top) E(crop left) E(target h) E(target w)],
-    each E a 256-d embedding of the raw pixel number. pooled [B, 1280] -> y [B, 1280 + 6*256 = 2816]; sizes are (height, width)."""
+    """SDXL micro-conditioning y (SDXL paper Sec. 2.2; sgm ConcatTimestepEmbedderND):
+    [pooled bigG | E(orig h) E(orig w) E(crop top) E(crop left) E(target h) E(target w)], each E a 256-d embedding of
+    the raw pixel number. pooled [B, 1280] -> y [B, 1280 + 6*256 = 2816]; sizes are (height, width)."""
     sizes = torch.tensor([*original_size, *crop_coords, *target_size], dtype=torch.float32, device=pooled.device)  # [6]
-    emb = timestep_embedding(sizes, 256).reshape(1, SIZE_COND_DIM).expand(len(pooled), -1)                          # [B, 1536]
+    # [B, 1536]
+    emb = timestep_embedding(sizes, 256).reshape(1, SIZE_COND_DIM).expand(len(pooled), -1)
     return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# VAE (sgm diffusionmodules/model.py): ldm/sgm AutoencoderKL with its names. Encoder: image [-1, 1] -> 8x smaller latent; decoder: back.
-# All GroupNorms are 32 groups, eps 1e-6. Run it in fp32 or bf16: SDXL's VAE overflows in fp16 (NaN / black images).
+# ----------------------------------------------------------------------------------------------------------------------
+# VAE (sgm diffusionmodules/model.py): ldm/sgm AutoencoderKL with its names. Encoder: image [-1, 1] -> 8x smaller
+# latent; decoder: back. All GroupNorms are 32 groups, eps 1e-6. Run it in fp32 or bf16: SDXL's VAE overflows in
+# fp16 (NaN / black images).
 
 @dataclass
 class VAEConfig:
@@ -577,7 +1557,8 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # [B, HW, C]
-        h = F.scaled_dot_product_attention(q, k, v)                                          # softmax(q k^T / sqrt(C)) v
+        # softmax(q k^T / sqrt(C)) v
+        h = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
 
 
@@ -596,7 +1577,8 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
         self.down, cin = nn.ModuleList(), cfg.ch
         for i, cout in enumerate(widths):
-            level = nn.ModuleDict(dict(block=nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks))))
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks)]
+            level = nn.ModuleDict(dict(block=nn.ModuleList(blocks)))
             if i < len(widths) - 1:
                 level["downsample"] = nn.ModuleDict(dict(conv=nn.Conv2d(cout, cout, 3, stride=2)))
             self.down.append(level)
@@ -610,7 +1592,8 @@ class Encoder(nn.Module):
             for block in level.block:
                 x = block(x)
             if "downsample" in level:
-                x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric zero pad, then stride-2 conv without padding
+                # asymmetric zero pad, then stride-2 conv without padding
+                x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))
         return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, x))))
 
 
@@ -623,7 +1606,8 @@ class Decoder(nn.Module):
         self.mid = mid_block(cin)
         levels = []
         for i in reversed(range(len(widths))):  # built deepest first, stored by level index: up.0 is full resolution
-            level = nn.ModuleDict(dict(block=nn.ModuleList(ResnetBlock(cin if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1))))
+            blocks = [ResnetBlock(cin if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1)]
+            level = nn.ModuleDict(dict(block=nn.ModuleList(blocks)))
             if i > 0:
                 level["upsample"] = nn.ModuleDict(dict(conv=nn.Conv2d(widths[i], widths[i], 3, padding=1)))
             levels.insert(0, level)
@@ -667,125 +1651,15 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading the single-file checkpoint.
-
-def check_state(module, state, path, what):
-    """Raise ValueError naming path if state's keys or shapes differ from module's (missing, unexpected, mismatched)."""
-    own = module.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    mismatched = [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}"
-                  for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
-    problems = [f"  {title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-                for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
-    if problems:
-        raise ValueError(f"{path}: the {what} weights do not match the model:\n" + "\n".join(problems))
-
-
-def load_part(module_fn, path, prefix, what, device, dtype):
-    """Build a module on the meta device (no memory, no init), check the file's tensors under prefix, then adopt them
-    one by one converted to (device, dtype): peak memory is the converted module, never the whole file."""
-    with torch.device("meta"):
-        module = module_fn()
-    state = {k: v for k, v in read_safetensors(path, prefix).items() if prefix + k not in UNUSED_KEYS}
-    check_state(module, state, path, what)
-    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
-    return module.eval().requires_grad_(False)
-
-
-def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.float32, clip_l=CLIP_L, clip_g=CLIP_G, vae=VAEConfig()):
-    """(CLIPTextModel, OpenCLIPTextModel, AutoencoderKL), frozen, from sd_xl_base_1.0.safetensors (strict, checked).
-
-    The UNet lives under PREFIX_UNET of the same file: read_safetensors(path, PREFIX_UNET) gives its sgm-named
-    state dict for the SDXL UNet in unet.py."""
-    if vae_dtype == torch.float16:
-        raise ValueError("vae_dtype=float16: SDXL's VAE overflows in fp16 (NaN/black images); use float32 or bfloat16")
-    return (load_part(lambda: CLIPTextModel(clip_l), path, PREFIX_CLIP_L, "CLIP ViT-L text encoder", device, dtype),
-            load_part(lambda: OpenCLIPTextModel(clip_g), path, PREFIX_CLIP_G, "OpenCLIP ViT-bigG text encoder", device, dtype),
-            load_part(lambda: AutoencoderKL(vae), path, PREFIX_VAE, "VAE", device, vae_dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The UNet's weights from any of the files people have, and the CPU mode's tiny models.
-
-def load_unet_state(path, cfg=SDXLUNetConfig()):
-    """sgm-named UNet state dict (CPU tensors, memory-mapped for .safetensors) from any of: sd_xl_base_1.0.safetensors
-    (its model.diffusion_model. subtree), our generator.safetensors or checkpoint.pt, or DMD2's diffusers-named
-    dmd2_sdxl_{4,1}step_unet_fp16.bin / .safetensors (renamed by diffusers_to_sgm_unet)."""
-    if path.endswith(".safetensors"):
-        state = read_safetensors(path)
-    else:
-        state = unet.load_checkpoint(path)                     # torch.load(weights_only=True): nothing in the file is executed
-        if isinstance(state, dict) and isinstance(state.get("generator"), dict):
-            state = state["generator"]                         # our checkpoint.pt
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise ValueError(f"{path}: expected a UNet state dict (name -> tensor)")
-    if any(k.startswith(PREFIX_UNET) for k in state):
-        state = {k[len(PREFIX_UNET):]: v for k, v in state.items() if k.startswith(PREFIX_UNET)}
-    if "conv_in.weight" in state:                              # diffusers names (DMD2's release)
-        state = diffusers_to_sgm_unet(state, cfg, path)
-    return state
-
-
-def build_unet(state, cfg, device, dtype, source):
-    """A frozen SDXLUNet holding state, built on the meta device: only the (device, dtype) copy is ever allocated."""
-    with torch.device("meta"):
-        net = SDXLUNet(cfg)
-    load_sdxl_unet_state(net, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, source, assign=True)
-    return net.eval().requires_grad_(False)
-
-
-# --preset tiny: the real tokenizer (hence CLIP's 49,408 tokens and 77 positions), everything else small and random.
-TINY_CLIP_L = TextConfig(width=32, layers=2, heads=2)
-TINY_CLIP_G = TextConfig(width=32, layers=2, heads=2, act="gelu", embed_dim=32)
-TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)          # still 8x smaller latents
-TINY_UNET = SDXLUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
-                           num_head_channels=32, context_dim=32 + 32, adm_in_channels=32 + SIZE_COND_DIM)
-
-
-def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float32):
-    """{clip_l, clip_g, vae (frozen, on device), unet_state, unet_cfg, vae_cfg, source}: SDXL base from ckpt, or
-    with preset "tiny" random tiny modules from a fixed seed, so that encode, train and generate all see the same ones."""
-    if preset == "tiny":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            clip_l, clip_g, vae = CLIPTextModel(TINY_CLIP_L), OpenCLIPTextModel(TINY_CLIP_G), AutoencoderKL(TINY_VAE)
-            state = SDXLUNet(TINY_UNET).state_dict()
-        clip_l, clip_g = (m.to(device, dtype).eval().requires_grad_(False) for m in (clip_l, clip_g))
-        vae = vae.to(device, vae_dtype).eval().requires_grad_(False)
-        return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=state, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE,
-                    source="the tiny random UNet")
-    if preset:
-        raise ValueError(f"unknown preset {preset!r} (known: tiny)")
-    if not ckpt:
-        raise ValueError("--ckpt sd_xl_base_1.0.safetensors is required (or --preset tiny for random tiny models)")
-    clip_l, clip_g, vae = load_sdxl_parts(ckpt, device, dtype, vae_dtype)
-    return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
-                unet_cfg=SDXLUNetConfig(), vae_cfg=VAEConfig(), source=ckpt)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data. Generator prompts: a text file, one per line. Real images for the GAN (DMD2 Sec. 4.3, App. F.4: LAION images
-# as SDXL-VAE latents, each with its own caption): `encode` turns a folder of images with captions (cat.png + cat.txt)
-# into shards latents_00000.safetensors, ... holding "latents" [N, 4, R/8, R/8] (fp16) and the N captions as JSON
-# in the metadata.
+# ----------------------------------------------------------------------------------------------------------------------
+# Real images -> latents with captions, for `sdxl.py encode` (the shards LatentDataset reads).
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def read_prompts(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the prompts ({e})") from None
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (expected one per line)")
-    return prompts
-
-
 def image_caption_pairs(folder):
-    """[(image path, caption)] for every image in folder, each with a caption file of the same name: cat.png + cat.txt."""
+    """[(image path, caption)] for every image in folder, each with a caption file of the same name (cat.png +
+    cat.txt)."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXT))
@@ -832,733 +1706,189 @@ def encode_folder(vae, folder, out, resolution, batch=8, shard_size=1000, seed=0
     for s in range(0, len(pairs), shard_size):
         chunk, latents = pairs[s:s + shard_size], []
         for i in range(0, len(chunk), batch):
-            images = torch.stack([load_image(path, resolution) for path, _ in chunk[i:i + batch]]).to(device)  # [b, 3, R, R]
-            latents.append(vae.encode(images, sample=True, generator=g).float().cpu())                         # [b, 4, R/8, R/8]
-        write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"), {"latents": torch.cat(latents).half()},
+            # [b, 3, R, R]
+            images = torch.stack([load_image(path, resolution) for path, _ in chunk[i:i + batch]]).to(device)
+            # [b, 4, R/8, R/8]
+            latents.append(vae.encode(images, sample=True, generator=g).float().cpu())
+        write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"),
+                          {"latents": torch.cat(latents).half()},
                           {"captions": json.dumps([c for _, c in chunk]), "resolution": str(resolution)})
     return len(pairs)
 
 
-class LatentDataset:
-    """The shards written by encode_folder, memory-mapped: sample(n, g) -> (latents [n, 4, R/8, R/8] float32, n captions)."""
-
-    def __init__(self, folder, resolution):
-        paths = sorted(glob.glob(os.path.join(glob.escape(folder), "latents_*.safetensors")))
-        if not paths:
-            raise ValueError(f"{folder}: no latents_*.safetensors shards (write them with `python sdxl.py encode`)")
-        side, self.shards, self.captions, self.rows = resolution // 8, [], [], []
-        for path in paths:
-            latents, metadata = read_safetensors(path).get("latents"), read_safetensors_header(path)[1]
-            if latents is None or latents.ndim != 4 or tuple(latents.shape[1:]) != (4, side, side):
-                got = "no tensor 'latents'" if latents is None else f"'latents' {list(latents.shape)}"
-                raise ValueError(f"{path}: expected 'latents' [N, 4, {side}, {side}] for --resolution {resolution}, found {got}")
-            try:
-                captions = json.loads(metadata.get("captions", "null"))
-            except ValueError:
-                captions = None
-            if not (isinstance(captions, list) and len(captions) == len(latents) and all(isinstance(c, str) for c in captions)):
-                raise ValueError(f"{path}: metadata 'captions' must be a JSON list of {len(latents)} strings")
-            self.rows += [(len(self.shards), i) for i in range(len(latents))]
-            self.shards.append(latents)
-            self.captions += captions
-
-    def sample(self, n, g):
-        """n latents drawn uniformly with replacement: a pure function of g, so resuming needs no loader position."""
-        idx = torch.randint(len(self.rows), (n,), generator=g, device=g.device).tolist()
-        latents = torch.stack([self.shards[s][i] for s, i in (self.rows[j] for j in idx)]).to(g.device, torch.float32)
-        return latents, [self.captions[j] for j in idx]
-
-
-@torch.no_grad()
-def encode_condition(clip_l, clip_g, prompts, height, width):
-    """prompts -> context [B, 77, 2048], y [B, 2816] in float32, with the text-to-image micro-conditioning DMD2 uses:
-    original size = target size = (height, width), crop (0, 0)."""
-    context, pooled = encode_prompt(clip_l, clip_g, prompts)
-    return context.float(), vector_cond(pooled.float(), (height, width), (0, 0), (height, width))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Noise schedule and samplers (sdxl.md §7). SDXL is a discrete DDPM predicting eps, t = 0..999:
-#   x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
-
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-def ddpm_alphas_cumprod(beta_start=0.00085, beta_end=0.012, n=NUM_TRAIN_TIMESTEPS):
-    """SDXL's "scaled linear" betas (sgm LegacyDDPMDiscretization, diffusers scaled_linear), float64 [n]:
-    beta_t = (sqrt(0.00085) + t/999 (sqrt(0.012) - sqrt(0.00085)))^2,  alpha_bar_t = prod_{i<=t} (1 - beta_i)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def alpha_bar(alphas_cumprod, t):
-    """alpha_bar_t for an int or a [B] tensor of t, shaped [B or 1, 1, 1, 1] to broadcast over latents."""
-    return alphas_cumprod[torch.as_tensor(t, device=alphas_cumprod.device)].reshape(-1, 1, 1, 1)
-
-
-def add_noise(x0, noise, t, alphas_cumprod):
-    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise, in float32 as diffusers' scheduler.add_noise."""
-    ab = alpha_bar(alphas_cumprod, t).float()
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-
-def x0_from_eps(x_t, eps, t, alphas_cumprod):
-    """x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), in float64 as DMD2's get_x0_from_noise
-    (1/sqrt(alpha_bar_999) = 14.6 amplifies rounding). -> float32, differentiable in eps."""
-    ab = alpha_bar(alphas_cumprod, t)
-    return ((x_t.double() - (1 - ab).sqrt() * eps.double()) / ab.sqrt()).float()
-
-
-def randn(shape, g, device):
-    """N(0, I) drawn by generator g on its own device, then moved: a CPU generator gives the same numbers on any device."""
-    return torch.randn(shape, generator=g, device=g.device).to(device)
-
-
-def unet_fn(net):
-    """eps_fn(x, t, context, y) that runs net in its own dtype (bf16/fp16 weights need bf16/fp16 inputs) -> float32."""
-    dtype = next(net.parameters()).dtype
-    return lambda x, t, context, y: net(x.to(dtype), t, context.to(dtype), y.to(dtype)).float()
-
-
-def cfg_eps(eps_fn, x_t, t, context, y, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u), one batched call on
-    [uncond, cond]. SDXL's unconditional input is ZERO text context and ZERO pooled text embedding, with the size
-    embeddings kept (sgm force_uc_zero_embeddings=["txt"]; DMD2 sd_unified_model.py)."""
-    t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(len(x_t))                        # [B]
-    y_u = torch.cat([torch.zeros_like(y[:, :-SIZE_COND_DIM]), y[:, -SIZE_COND_DIM:]], dim=1)     # [B, 2816]
-    eps_u, eps_c = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([torch.zeros_like(context), context]),
-                          torch.cat([y_u, y])).chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
-
-
-def dmd2_timesteps(steps, conditioning_timestep=399):
-    """The generator's t: range(999, 0, -1000 // steps), i.e. [999, 749, 499, 249] for 4 steps (DMD2's
-    denoising_step_list); a 1-step generator is told conditioning_timestep (399) on pure noise."""
-    if steps == 1:
-        return [conditioning_timestep]
-    return list(range(NUM_TRAIN_TIMESTEPS - 1, 0, -(NUM_TRAIN_TIMESTEPS // steps)))[:steps]
-
-
-def sample_dmd2(eps_fn, noise, context, y, timesteps, alphas_cumprod, generator):
-    """DMD2's few-step sampler (Sec. 4.4; demo/text_to_image_sdxl.py; = diffusers' LCMScheduler with these timesteps):
-    x = pure noise at timesteps[0]; at each t predict x0, then re-noise it with FRESH noise to the next t.
-    noise [B, 4, h, w] ~ N(0, I); eps_fn(x_t, t [B], context, y) -> eps. Returns the last x0 [B, 4, h, w]."""
-    x = noise
-    for i, t in enumerate(timesteps):
-        t_batch = torch.full((len(x),), t, device=x.device)                                   # one t for the whole batch
-        x0 = x0_from_eps(x, eps_fn(x, t_batch, context, y), t_batch, alphas_cumprod)
-        if i + 1 < len(timesteps):
-            x = add_noise(x0, randn(x.shape, generator, x.device), timesteps[i + 1], alphas_cumprod)
-    return x0
-
-
-def sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, alphas_cumprod, spacing="trailing"):
-    """The base model's sampler (the teacher): Euler steps of the probability-flow ODE dx/dsigma = eps in sigma-space,
-    x_sigma = x_t / sqrt(alpha_bar_t), sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), with CFG at every step
-    (Karras et al. 2022, Alg. 1 without churn; k-diffusion sample_euler; diffusers EulerDiscreteScheduler).
-    spacing "trailing": t_i = round(1000 - i * 1000/steps) - 1, so it starts at 999 (DMD2's ODE pairs);
-    "leading": t_i = i * (1000 // steps) + 1 in descending order (SDXL's diffusers default, steps_offset 1).
-    noise [B, 4, h, w] ~ N(0, I) -> x0 [B, 4, h, w]."""
-    if spacing == "trailing":
-        ts = [round(NUM_TRAIN_TIMESTEPS - i * NUM_TRAIN_TIMESTEPS / steps) - 1 for i in range(steps)]
-    elif spacing == "leading":
-        ts = [i * (NUM_TRAIN_TIMESTEPS // steps) + 1 for i in reversed(range(steps))]
-    else:
-        raise ValueError(f"spacing must be 'trailing' or 'leading', got {spacing!r}")
-    ab = alphas_cumprod[ts]
-    sigmas = ((1 - ab) / ab).sqrt().tolist() + [0.0]
-    x = noise * math.sqrt(1 + sigmas[0] ** 2)        # x_sigma = x_t / sqrt(alpha_bar) with x_t ~ N(0, I): std sqrt(1 + sigma^2) (sgm)
-    for i, t in enumerate(ts):
-        eps = cfg_eps(eps_fn, x / math.sqrt(1 + sigmas[i] ** 2), t, context, y, guidance_scale)  # the UNet sees x_t (c_in)
-        x = x + (sigmas[i + 1] - sigmas[i]) * eps                                                  # Euler step, d = eps
-    return x                                                                                       # at sigma = 0, x = x0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# DMD2's losses (tianweiy/DMD2 main/sd_guidance.py, sd_unified_model.py). teacher: the frozen base UNet (mu_real);
-# guidance: the fake score (fake_unet, mu_fake) and the GAN head on its middle block (cls_pred_branch). All UNets
-# predict eps; x0_from_eps turns that into the x0-predictions mu_real, mu_fake. g: this iteration's RNG.
-
-def loss_distribution_matching(x, context, y, teacher, guidance, alphas_cumprod, cfg, g):
-    """1) The distribution-matching gradient (DMD v1 Eq. 7-8, DMD2 Sec. 3) as the official code computes it: noise
-    the generator's x0 to t ~ UniformInt[20, 980], take the teacher's CFG prediction mu_real and the fake score's
-    mu_fake there, and push x along (mu_fake - mu_real) / mean|x - mu_real|, with NO alpha_t factor (dmd2.md §2.1).
-    x [B, 4, h, w] float32 -> a scalar whose gradient w.r.t. x is grad / x.numel() (the "mean" reduction)."""
-    lo, hi = int(cfg.min_step_percent * NUM_TRAIN_TIMESTEPS), int(cfg.max_step_percent * NUM_TRAIN_TIMESTEPS)
-    with torch.no_grad():
-        t = torch.randint(lo, hi + 1, (len(x),), generator=g, device=g.device).to(x.device)     # [B]
-        x_t = add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod)
-        eps_real = cfg_eps(teacher, x_t, t, context, y, cfg.guidance_scale).float()            # bf16 teacher under autocast
-        with torch.autocast(x.device.type, enabled=False):                                      # fake UNet in fp32, as official
-            eps_fake = guidance(x_t, t, context, y).float()
-        D_real = x0_from_eps(x_t, eps_real, t, alphas_cumprod)                                  # mu_real [B, 4, h, w]
-        D_fake = x0_from_eps(x_t, eps_fake, t, alphas_cumprod)                                  # mu_fake
-        p_real = x - D_real
-        p_fake = x - D_fake
-        w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                                      # per-sample normaliser
-        grad = torch.nan_to_num((p_real - p_fake) / w)                                          # = (D_fake - D_real) / w
-    return 0.5 * F.mse_loss(x, (x - grad).detach())
-
-
-def loss_fake_score(guidance, x, context, y, alphas_cumprod, g):
-    """2) The fake score's denoising loss on the detached generator output (official compute_loss_fake):
-    t ~ UniformInt[0, 999], plain eps-prediction MSE, conditional only. It runs every iteration while the generator
-    steps every dfake_gen_update_ratio-th (TTUR, DMD2 Sec. 4.2), so mu_fake keeps up with the moving generator."""
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
-    noise = randn(x.shape, g, x.device)
-    eps_fake = guidance(add_noise(x, noise, t, alphas_cumprod), t, context, y).float()
-    return F.mse_loss(eps_fake, noise)
-
-
-def gan_head(channels, resolution):
-    """cls_pred_branch (DMD2 Sec. 4.3, sd_guidance.py): on the fake UNet's middle-block output ([B, 1280, 32, 32] at
-    1024^2), (conv 4x4/2, GroupNorm 32, SiLU) down to 4x4, then conv 4x4/4 + GroupNorm + SiLU to 1x1, then a 1x1 conv
-    to one logit. Smaller maps (the tiny preset) skip stride-2 stages; the Sequential indices match the official head."""
-    if resolution < 4 or resolution & (resolution - 1):
-        raise ValueError(f"the GAN head needs a square middle block of 4 * 2^n pixels, got {resolution} "
-                         f"(SDXL: --resolution 1024 -> 128 latent -> 32)")
-    layers = []
-    while resolution > 4:
-        layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(32, channels), nn.SiLU()]
-        resolution //= 2
-    layers += [nn.Conv2d(channels, channels, 4, stride=4), nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
-    return nn.Sequential(*layers)
-
-
-class Guidance(nn.Module):
-    """What the critic update trains (the official guidance_model minus its frozen teacher): the fake score
-    (fake_unet) and the GAN head on its middle block (cls_pred_branch). One module for one AdamW and one FSDP root;
-    FSDP gathers a root's parameters in its forward hook, so both uses go through forward()."""
-
-    def __init__(self, fake_unet, cls_pred_branch):
-        super().__init__()
-        self.fake_unet, self.cls_pred_branch = fake_unet, cls_pred_branch
-
-    def forward(self, x, t, context, y, classify=False):
-        if not classify:
-            return self.fake_unet(x, t, context, y)                          # eps_fake [B, 4, h, w]
-        rep = self.fake_unet.mid_features(x, t, context, y)                 # [B, 1280, h/4, w/4], no decoder
-        with torch.autocast(x.device.type, enabled=False):                  # the head runs in fp32, as official
-            return self.cls_pred_branch(rep.float()).sum(dim=[2, 3])        # logits [B, 1] (a new tensor, not a view: FSDP hooks it)
-
-
-def gan_logits(guidance, x, context, y, alphas_cumprod, g):
-    """3) The GAN classifier, a diffusion GAN (DMD2 Sec. 4.3): noise x to t ~ UniformInt[0, 999] and classify the fake
-    UNet's middle block there. Non-saturating losses on these logits (Eq. 4 in softplus form): discriminator
-    softplus(D(fake)) + softplus(-D(real)), generator softplus(-D(fake)). -> logits [B, 1]"""
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=g, device=g.device).to(x.device)  # [B]
-    return guidance(add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod), t, context, y, classify=True)
-
-
-def shared_step_index(n, g, world):
-    """k ~ UniformInt[0, n) for backward simulation, drawn on rank 0 and broadcast (official sample_backward): the
-    whole global batch trains the same step, and every rank calls the (FSDP-sharded) generator equally often."""
-    k = torch.randint(n, (1,), generator=g, device=g.device)
-    if world > 1:
-        dist.broadcast(k, src=0)
-    return int(k)
-
-
-@torch.no_grad()
-def backward_simulation(eps_fn, shape, context, y, k, timesteps, alphas_cumprod, g):
-    """4) Backward simulation (DMD2 Sec. 4.5; official sample_backward): the generator's input at step k is made the
-    way inference makes it: its own first k steps from pure noise (sample_dmd2 on timesteps[:k]), the last x0
-    re-noised to timesteps[k] with fresh noise. k = 0 is pure noise at t = 999 (the schedule is not zero-terminal-SNR,
-    so noising a clean latent there would leak signal: sqrt(alpha_bar_999) = 0.068). The losses then act on the
-    single-step x0 of step k only: no backpropagation through the chain. -> x_{t_k} [B, 4, h, w]"""
-    noise = randn(shape, g, g.device)
-    if k == 0:
-        return noise
-    x0 = sample_dmd2(eps_fn, noise, context, y, timesteps[:k], alphas_cumprod, g)
-    return add_noise(x0, randn(shape, g, g.device), timesteps[k], alphas_cumprod)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run management: processes, FSDP, checkpoints.
-
-def init_distributed(device=""):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process. -> rank, world, device"""
-    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def batch_generator(seed, step, rank, device):
-    """This iteration's RNG on this rank: a pure function of (seed, step, rank), so resuming needs no RNG state."""
-    s = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device).manual_seed(int(s[0]) << 31 ^ int(s[1]))
-
-
-def fsdp_units(net):
-    """The layers of an SDXLUNet that FSDP shards one by one: the ones its forward CALLS (ResBlocks, transformer blocks,
-    SpatialTransformers, convs, up/downsamplers); FSDP2 gathers a unit's weights in a forward hook, and the blocks
-    themselves are iterated over, never called."""
-    for block in [*net.input_blocks, net.middle_block, *net.output_blocks]:
-        for layer in block:
-            yield from getattr(layer, "transformer_blocks", [])
-            yield layer
-
-
-def make_trainable(module, state, device, world):
-    """module built on the meta device -> sharded with FSDP2 when world > 1 (each rank keeps 1/world of every weight,
-    gradient and AdamW moment; a layer's full weights exist only while it runs) -> allocated on device -> state
-    (a full, unsharded state dict, e.g. memory-mapped fp16 from the checkpoint) copied in."""
-    if world > 1:
-        for net in [m for m in module.modules() if isinstance(m, SDXLUNet)]:
-            for layer in fsdp_units(net):
-                fully_shard(layer)
-        fully_shard(module)
-    module.to_empty(device=device)
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
-    return module.train()
-
-
-def clip_grad(module, max_norm):
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
-
-
-def check_finite(stats, step, world, ckpt_path):
-    """Average logged values over ranks and stop every rank together on NaN/inf, BEFORE the optimiser step, so that
-    neither the weights in memory nor the last checkpoint on disk see the bad update."""
-    t = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    out = dict(zip(stats, t.tolist()))
-    if not all(math.isfinite(v) for v in out.values()):
-        kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
-        raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(f'{k}={v}' for k, v in out.items())}; "
-                            f"stopping. Last good checkpoint: {kept}")
-    return out
-
-
-def load_training_checkpoint(path):
-    """checkpoint.pt, memory-mapped (every rank reads it without a private copy), weights_only: nothing is executed."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from None
-
-
-def save_strip(images, path):
-    """uint8 [B, H, W, 3] -> one PNG, side by side."""
-    PIL.Image.fromarray(np.concatenate(list(images), axis=1)).save(path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training loop (official train_sd.py train_one_step, SDXL 4-step with backward simulation).
-
-def train(cfg):
-    rank, world, device = init_distributed(cfg.device)
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
-    if cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    frozen_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    ckpt_path, gen_path = os.path.join(cfg.outdir, "checkpoint.pt"), os.path.join(cfg.outdir, "generator.safetensors")
-    resume = cfg.resume and os.path.exists(ckpt_path)
-
-    # Frozen, replicated on every rank: text encoders, VAE (for the sample strips), the teacher (official: bf16).
-    parts = load_parts(cfg.preset, cfg.ckpt, device, frozen_dtype)
-    clip_l, clip_g, vae, state, unet_cfg = (parts[k] for k in ("clip_l", "clip_g", "vae", "unet_state", "unet_cfg"))
-    teacher = build_unet(state, unet_cfg, device, frozen_dtype, parts["source"])
-    data = LatentDataset(cfg.latents, cfg.resolution)
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else data.captions
-    latent = cfg.resolution // 8
-    channels, mid = unet_cfg.model_channels * unet_cfg.channel_mult[-1], latent // 2 ** (len(unet_cfg.channel_mult) - 1)
-
-    # Trained: generator and fake score both start as the base UNet (fp32 master weights), the GAN head is new
-    # (seeded, so every rank starts with the same head).
-    torch.manual_seed(cfg.seed)
-    head = gan_head(channels, mid)
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading any SDXL-format single file (configs read from its shapes), the UNet's weights from any of the files
+# people have, and the CPU mode's tiny models.
+
+def check_state(module, state, path, what):
+    """Raise ValueError naming path if state's keys or shapes differ from module's (missing, unexpected, mismatched)."""
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    mismatched = [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}"
+                  for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
+    problems = [f"  {title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"{path}: the {what} weights do not match the model:\n" + "\n".join(problems))
+
+
+def load_part(module_fn, path, prefix, what, device, dtype):
+    """Build a module on the meta device (no memory, no init), check the file's tensors under prefix, then adopt them
+    one by one converted to (device, dtype): peak memory is the converted module, never the whole file."""
     with torch.device("meta"):
-        generator = SDXLUNet(unet_cfg, checkpointing=cfg.checkpointing)
-        guidance = Guidance(SDXLUNet(unet_cfg, checkpointing=cfg.checkpointing), gan_head(channels, mid))
-    generator = make_trainable(generator, state, device, world)
-    guidance = make_trainable(guidance, {**{"fake_unet." + k: v for k, v in state.items()},
-                                         **{"cls_pred_branch." + k: v for k, v in head.state_dict().items()}}, device, world)
-    del parts, state, head
-    adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **adamw)
-    opt_d = torch.optim.AdamW(guidance.parameters(), lr=cfg.guidance_lr, **adamw)
-    full = StateDictOptions(full_state_dict=True)
-    start_step = 0
-    if resume:
-        ckpt = load_training_checkpoint(ckpt_path)
-        set_model_state_dict(generator, ckpt["generator"], options=full)
-        set_model_state_dict(guidance, ckpt["guidance"], options=full)
-        set_optimizer_state_dict(generator, opt_g, ckpt["opt_g"], options=full)
-        set_optimizer_state_dict(guidance, opt_d, ckpt["opt_d"], options=full)
-        start_step = ckpt["step"]
-        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["cfg"].items() if getattr(cfg, k, v) != v and k not in ("resume", "total_steps")}
-        if rank == 0:
-            print(f"resumed from {ckpt_path} at step {start_step}" + (f"; changed settings: {changed}" if changed else ""))
-        del ckpt
-
-    timesteps = dmd2_timesteps(cfg.num_denoising_step, cfg.conditioning_timestep)
-    ab = ddpm_alphas_cumprod().to(device)                                    # alpha_bar_t, float64 [1000]
-    shape = (cfg.batch_gpu, unet_cfg.in_channels, latent, latent)            # [B, 4, h, w]
-    os.makedirs(cfg.outdir, exist_ok=True)
-    log = open(os.path.join(cfg.outdir, "log.txt"), "a") if rank == 0 else None
-    history, t_log, step_log = [], time.time(), start_step
-
-    def save(step):  # every rank takes part in gathering the shards; rank 0 writes (atomically: temp file + rename)
-        gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = dict(generator=get_model_state_dict(generator, options=gathered),
-                     guidance=get_model_state_dict(guidance, options=gathered),
-                     opt_g=get_optimizer_state_dict(generator, opt_g, options=gathered),
-                     opt_d=get_optimizer_state_dict(guidance, opt_d, options=gathered))
-        if rank == 0:
-            unet.save_checkpoint(dict(step=step, cfg=dataclasses.asdict(cfg), **state), ckpt_path)
-            write_safetensors(gen_path, {k: v.half() for k, v in state["generator"].items()},
-                              {"step": str(step), "format": "SDXL UNet, sgm names without model.diffusion_model."})
-
-    for step in range(start_step, cfg.total_steps):
-        t0 = time.time()
-        # Constant learning rate after a linear warm-up from 0 (diffusers' "constant_with_warmup", as official).
-        for opt, lr in ((opt_g, cfg.generator_lr), (opt_d, cfg.guidance_lr)):
-            opt.param_groups[0]["lr"] = lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else lr
-        g = batch_generator(cfg.seed, step, rank, device)
-        COMPUTE_GENERATOR_GRADIENT = step % cfg.dfake_gen_update_ratio == 0   # TTUR: 1 generator update per 5 critic updates
-        k = shared_step_index(len(timesteps), g, world)                       # this iteration's step of the 4-step chain
-        t = torch.full((cfg.batch_gpu,), timesteps[k], device=device)         # [B], the same t for the whole batch
-        prompt_ids = torch.randint(len(prompts), (cfg.batch_gpu,), generator=g, device=device).tolist()
-        context, y = encode_condition(clip_l, clip_g, [prompts[i] for i in prompt_ids], cfg.resolution, cfg.resolution)
-
-        # Generator turn: the step-k x0 of a backward-simulated chain. On generator steps, minimise
-        # loss_dm + w_G * loss_g_gan with the guidance weights frozen (the GAN gradient reaches G only).
-        stats = {}
-        guidance.requires_grad_(False)
-        with amp:
-            x_t = backward_simulation(generator, shape, context, y, k, timesteps, ab, g)       # [B, 4, h, w], no grad
-            with torch.set_grad_enabled(COMPUTE_GENERATOR_GRADIENT):
-                x_fake = x0_from_eps(x_t, generator(x_t, t, context, y), t, ab)           # [B, 4, h, w] float32
-            if COMPUTE_GENERATOR_GRADIENT:
-                loss_dm = loss_distribution_matching(x_fake, context, y, teacher, guidance, ab, cfg, g)
-                loss_g_gan = F.softplus(-gan_logits(guidance, x_fake, context, y, ab, g)).mean()
-        if COMPUTE_GENERATOR_GRADIENT:
-            (loss_dm + cfg.gen_cls_loss_weight * loss_g_gan).backward()
-            stats.update(loss_dm=loss_dm, loss_g_gan=loss_g_gan, grad_norm_g=clip_grad(generator, cfg.max_grad_norm))
-            check_finite(stats, step, world, ckpt_path)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-        guidance.requires_grad_(True)
-
-        # Critic turn, every iteration, on the same detached x0: the fake score's eps loss plus the discriminator
-        # loss on noised fake latents and noised real latents, each with its own caption.
-        x_fake = x_fake.detach()
-        x_real, captions = data.sample(cfg.batch_gpu, g)                                     # [B, 4, h, w], B captions
-        context_real, y_real = encode_condition(clip_l, clip_g, captions, cfg.resolution, cfg.resolution)
-        with amp:
-            loss_fake = loss_fake_score(guidance, x_fake, context, y, ab, g)
-            logits_fake = gan_logits(guidance, x_fake, context, y, ab, g)                       # [B, 1]
-            logits_real = gan_logits(guidance, x_real, context_real, y_real, ab, g)             # [B, 1]
-            loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
-        (loss_fake + cfg.guidance_cls_loss_weight * loss_d).backward()
-        stats.update(loss_fake=loss_fake, loss_d=loss_d, grad_norm_d=clip_grad(guidance, cfg.max_grad_norm))
-        stats = check_finite(stats, step, world, ckpt_path)
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
-        history.append(dict(step=step, k=k, seconds=time.time() - t0, **stats))
-
-        done = step + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.total_steps):
-            line = "  ".join([f"step {done:7d}", f"k {k}"] + [f"{name} {v:.4g}" for name, v in stats.items()] +
-                             [f"{cfg.batch_gpu * world * (done - step_log) / (time.time() - t_log):.2f} img/s"])
-            t_log, step_log = time.time(), done
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-        if cfg.sample_every and done % cfg.sample_every == 0:  # every rank runs the sharded generator, rank 0 writes
-            with amp:
-                images = generate(generator, clip_l, clip_g, vae, prompts[:4], cfg.resolution, cfg.resolution, seed=1,
-                                  steps=cfg.num_denoising_step, conditioning_timestep=cfg.conditioning_timestep)
-            if rank == 0:
-                save_strip(images, os.path.join(cfg.outdir, f"samples_{done:07d}.png"))
-        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.total_steps:
-            save(done)
-    if log is not None:
-        log.close()
-    return dict(generator=generator, guidance=guidance, history=history)
+        module = module_fn()
+    state = {k: v for k, v in read_safetensors(path, prefix).items() if prefix + k not in UNUSED_KEYS}
+    check_state(module, state, path, what)
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    return module.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Generation.
+def infer_configs(path, parts=("clip_l", "clip_g", "vae", "unet")):
+    """{clip_l, clip_g, vae, unet} configs (those named in parts) of any SDXL-format single file: the base, smaller
+    SDXL-family files, tiny test files. Read from its tensor shapes alone (widths, layers, levels and blocks are
+    counted); what the weights do not hold follows SDXL's conventions (64-channel attention heads, CLIP-L quick_gelu,
+    bigG gelu, VAE scale 0.13025). ValueError naming the file and what could not be inferred."""
+    shapes = {k: shape for k, (_, shape, _, _) in read_safetensors_header(path)[0].items()}
+    part = lambda prefix: {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    infer = dict(
+        clip_l=lambda: infer_text_config(part(PREFIX_CLIP_L), path, "CLIP ViT-L text encoder",
+                                         "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+                                         "encoder.layers.", "mlp.fc1.weight", None),
+        clip_g=lambda: infer_text_config(part(PREFIX_CLIP_G), path, "OpenCLIP ViT-bigG text encoder",
+                                         "token_embedding.weight", "positional_embedding", "transformer.resblocks.",
+                                         "mlp.c_fc.weight", "text_projection"),
+        vae=lambda: infer_vae_config(part(PREFIX_VAE), path),
+        unet=lambda: unet.infer_sdxl_unet_config(part(PREFIX_UNET), f"{path} (UNet under {PREFIX_UNET})"))
+    return {name: infer[name]() for name in parts}
 
-@torch.no_grad()
-def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="dmd2", steps=4, guidance_scale=8.0,
-             conditioning_timestep=399):
-    """prompts -> uint8 images [B, H, W, 3]. sampler "dmd2": DMD2's generator (steps 4 -> t = 999, 749, 499, 249;
-    1 -> t = conditioning_timestep); "euler": the base model, Euler + CFG guidance_scale. The initial noise and every
-    re-noise come from one CPU generator seeded with seed (as DMD2's demo), so an image does not depend on the device."""
-    factor = 8 * 2 ** (len(net.cfg.channel_mult) - 1)
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor} (the VAE's 8 x the UNet's downsampling), got {height}x{width}")
-    device = clip_l.embeddings.token_embedding.weight.device
-    context, y = encode_condition(clip_l, clip_g, prompts, height, width)
-    g = torch.Generator().manual_seed(seed)
-    noise = randn((len(prompts), 4, height // 8, width // 8), g, device)               # [B, 4, h, w]
-    ab = ddpm_alphas_cumprod().to(device)
-    eps_fn = unet_fn(net)
-    if sampler == "dmd2":
-        x0 = sample_dmd2(eps_fn, noise, context, y, dmd2_timesteps(steps, conditioning_timestep), ab, g)
-    elif sampler == "euler":
-        x0 = sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, ab)
+
+def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_in, projection):
+    """TextConfig from one text tower's shapes: vocab and width from the token embedding, positions, numbered layers,
+    heads of 64 channels (CLIP-L 768 = 12 x 64, bigG 1280 = 20 x 64), the projection width (bigG only)."""
+    def dims(key):
+        if key not in shapes:
+            raise ValueError(f"{path}: cannot infer the {what}'s config: no tensor {key}")
+        return tuple(shapes[key])
+
+    vocab, width = dims(tokens)
+    layers = len({k[len(layer_prefix):].split(".", 1)[0] for k in shapes if k.startswith(layer_prefix)})
+    if width % 64 or dims(f"{layer_prefix}0.{mlp_in}") != (4 * width, width):
+        raise ValueError(f"{path}: cannot infer the {what}'s config: width {width} is not a multiple of CLIP's "
+                         f"64-channel heads, or its MLP is not 4x wider ({list(dims(f'{layer_prefix}0.{mlp_in}'))})")
+    return TextConfig(width=width, layers=layers, heads=width // 64, act="gelu" if projection else "quick_gelu",
+                      embed_dim=dims(projection)[1] if projection else 0, vocab=vocab, context=dims(positions)[0])
+
+
+def infer_vae_config(shapes, path):
+    """VAEConfig from the encoder's shapes: base width, one multiplier per level, ResnetBlocks per level, latent
+    channels. The decoder is then checked tensor by tensor when the weights load."""
+    def dims(key):
+        if key not in shapes:
+            raise ValueError(f"{path}: cannot infer the VAE's config: no tensor {key}")
+        return tuple(shapes[key])
+
+    ch = dims("encoder.conv_in.weight")[0]
+    levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
+    widths = [dims(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
+    blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
+    if any(w % ch for w in widths):
+        raise ValueError(f"{path}: cannot infer the VAE's config: level widths {widths} are not multiples of {ch}")
+    return VAEConfig(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks,
+                     z_channels=dims("encoder.conv_out.weight")[0] // 2)
+
+
+def load_sdxl_parts(path, device="cpu", dtype=torch.float32, vae_dtype=torch.float32, clip_l=None, clip_g=None,
+                    vae=None):
+    """(CLIPTextModel, OpenCLIPTextModel, AutoencoderKL), frozen, from an SDXL-format single file (strict, checked);
+    a config not given is inferred from the file's shapes (infer_configs).
+
+    The UNet lives under PREFIX_UNET of the same file: read_safetensors(path, PREFIX_UNET) gives its sgm-named
+    state dict for the SDXL UNet in unet.py, and infer_configs(path, ["unet"]) its config."""
+    if vae_dtype == torch.float16:
+        raise ValueError("vae_dtype=float16: SDXL's VAE overflows in fp16 (NaN/black images); use float32 or bfloat16")
+    given = dict(clip_l=clip_l, clip_g=clip_g, vae=vae)
+    c = {**given, **infer_configs(path, [name for name, cfg in given.items() if cfg is None])}
+    return (load_part(lambda: CLIPTextModel(c["clip_l"]), path, PREFIX_CLIP_L, "CLIP ViT-L text encoder", device,
+                      dtype),
+            load_part(lambda: OpenCLIPTextModel(c["clip_g"]), path, PREFIX_CLIP_G, "OpenCLIP ViT-bigG text encoder",
+                      device, dtype),
+            load_part(lambda: AutoencoderKL(c["vae"]), path, PREFIX_VAE, "VAE", device, vae_dtype))
+
+
+def load_unet_state(path, cfg=SDXLUNetConfig()):
+    """sgm-named UNet state dict (CPU tensors, memory-mapped for .safetensors) from any of: sd_xl_base_1.0.safetensors
+    (its model.diffusion_model. subtree), our generator.safetensors or checkpoint.pt, or DMD2's diffusers-named
+    dmd2_sdxl_{4,1}step_unet_fp16.bin / .safetensors (renamed by diffusers_to_sgm_unet)."""
+    if path.endswith(".safetensors"):
+        state = read_safetensors(path)
     else:
-        raise ValueError(f"sampler must be 'dmd2' or 'euler', got {sampler!r}")
-    with torch.autocast(device.type, enabled=False):                                   # one image at a time: the
-        images = torch.cat([vae.decode(x0[i:i + 1]).float() for i in range(len(x0))])  # VAE's peak is at full size
-    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        # torch.load(weights_only=True): nothing in the file is executed
+        state = unet.load_checkpoint(path)
+        if isinstance(state, dict) and isinstance(state.get("generator"), dict):
+            state = state["generator"]                         # our checkpoint.pt
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"{path}: expected a UNet state dict (name -> tensor)")
+    if any(k.startswith(PREFIX_UNET) for k in state):
+        state = {k[len(PREFIX_UNET):]: v for k, v in state.items() if k.startswith(PREFIX_UNET)}
+    if "conv_in.weight" in state:                              # diffusers names (DMD2's release)
+        state = diffusers_to_sgm_unet(state, cfg, path)
+    return state
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark: our 4-step pipeline, optionally against a reference pipeline on the same weights. The reference
-# (diffusers' StableDiffusionXLPipeline + LCMScheduler, DMD2's README recipe) lives in tests/sdxl_diffusers.py:
-# diffusers is a test-only reference, never imported by this file.
-
-def bench_pipelines(net, clip_l, clip_g, vae, vae_cfg, prompt="a photo of a cat", height=1024, width=1024, steps=4,
-                    seed=0, reps=5, reference=None):
-    """Time prompt embeddings -> image ([1, 3, H, W] in [0, 1]: `steps` UNet calls of DMD2's sampler + VAE decode) for
-    our code and, if `reference` is given, for the pipeline it builds, reference(net, vae, vae_cfg, device, dtype)
-    -> a diffusers-style StableDiffusionXLPipeline (tests/sdxl_diffusers.py), on the same weights and initial noise. The text encoders run once (timed apart) and then leave the GPU, so both peaks count UNet + VAE + activations.
-    -> {"text_encoders": seconds, "ours"/"diffusers": dict(median, min, peak_gib, weights_gib, image)}"""
-    device = net.out[2].weight.device
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    timesteps, ab, dtype = dmd2_timesteps(steps), ddpm_alphas_cumprod().to(device), net.out[2].weight.dtype
-
-    def measure(fn):
-        fn()                                                       # warm-up (kernel selection, allocator)
-        sync()
-        weights = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else math.nan
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            image = fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else math.nan
-        return dict(median=float(np.median(times)), min=min(times), peak_gib=peak, weights_gib=weights, image=image.float().cpu())
-
-    def noise_and_generator():
-        g = torch.Generator().manual_seed(seed)
-        return randn((1, 4, height // 8, width // 8), g, device), g
-
-    with torch.no_grad():
-        encode = lambda: encode_condition(clip_l, clip_g, [prompt], height, width)
-        results = dict(text_encoders=measure(lambda: encode()[0])["median"])
-        context, y = encode()
-        clip_l.to("cpu"), clip_g.to("cpu")
-
-        def ours():
-            noise, g = noise_and_generator()
-            x0 = sample_dmd2(unet_fn(net), noise, context, y, timesteps, ab, g)
-            return (vae.decode(x0).float() / 2 + 0.5).clamp(0, 1)
-        results["ours"] = measure(ours)
-        if reference is not None:
-            net.to("cpu"), vae.to("cpu")                              # leave the GPU to the reference's copies
-            if cuda:
-                torch.cuda.empty_cache()
-            pipe = reference(net, vae, vae_cfg, device, dtype)
-
-            def theirs():
-                noise, g = noise_and_generator()
-                return pipe(prompt_embeds=context.to(dtype), pooled_prompt_embeds=y[:, :-SIZE_COND_DIM].to(dtype), guidance_scale=0.0,
-                            timesteps=timesteps, height=height, width=width, latents=noise.to(dtype), generator=g, output_type="pt").images
-            results["diffusers"] = measure(theirs)
-    return results
+def build_unet(state, cfg, device, dtype, source):
+    """A frozen SDXLUNet holding state, built on the meta device: only the (device, dtype) copy is ever allocated."""
+    with torch.device("meta"):
+        net = SDXLUNet(cfg)
+    load_sdxl_unet_state(net, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, source, assign=True)
+    return net.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line.
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def runtime(args):
-    """-> device, UNet/text dtype (auto: bf16 on CUDA, fp32 on CPU), VAE dtype; TF32 on (as DMD2's demo)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype, DTYPES[args.vae_dtype]
+# --preset tiny: the real tokenizer (hence CLIP's 49,408 tokens and 77 positions), everything else small and random.
+TINY_CLIP_L = TextConfig(width=32, layers=2, heads=2)
+TINY_CLIP_G = TextConfig(width=32, layers=2, heads=2, act="gelu", embed_dim=32)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)          # still 8x smaller latents
+TINY_UNET = SDXLUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
+                           num_head_channels=32, context_dim=32 + 32, adm_in_channels=32 + SIZE_COND_DIM)
 
 
-def load_for_inference(args):
-    """(net, parts): the UNet of --unet (or the checkpoint's own) and the frozen text encoders and VAE."""
-    device, dtype, vae_dtype = runtime(args)
-    parts = load_parts(args.preset, args.ckpt, device, dtype, vae_dtype)
-    state, source = parts["unet_state"], parts["source"]
-    if args.unet:
-        state, source = load_unet_state(args.unet, parts["unet_cfg"]), args.unet
-    return build_unet(state, parts["unet_cfg"], device, dtype, source), parts
+def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float32):
+    """{clip_l, clip_g, vae (frozen, on device), unet_state, unet_cfg, vae_cfg, source}: SDXL base from ckpt, or
+    with preset "tiny" random tiny modules from a fixed seed, so that encode, train and generate see the same ones."""
+    if preset == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip_l, clip_g, vae = CLIPTextModel(TINY_CLIP_L), OpenCLIPTextModel(TINY_CLIP_G), AutoencoderKL(TINY_VAE)
+            state = SDXLUNet(TINY_UNET).state_dict()
+        clip_l, clip_g = (m.to(device, dtype).eval().requires_grad_(False) for m in (clip_l, clip_g))
+        vae = vae.to(device, vae_dtype).eval().requires_grad_(False)
+        return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=state, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE,
+                    source="the tiny random UNet")
+    if preset == "random":
+        return random_full_size_parts(device, dtype, vae_dtype)
+    if preset:
+        raise ValueError(f"unknown preset {preset!r} (known: tiny, random)")
+    if not ckpt:
+        raise ValueError("--ckpt is required: sd_xl_base_1.0.safetensors or any SDXL-format single file "
+                         "(or --preset tiny for random tiny models)")
+    configs = infer_configs(ckpt)
+    clip_l, clip_g, vae = load_sdxl_parts(ckpt, device, dtype, vae_dtype, configs["clip_l"], configs["clip_g"],
+                                          configs["vae"])
+    return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
+                unet_cfg=configs["unet"], vae_cfg=configs["vae"], source=ckpt)
 
 
-def cmd_generate(args):
-    net, parts = load_for_inference(args)
-    sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
-    side = 128 if args.preset == "tiny" else 1024
-    image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], args.height or side, args.width or side,
-                     args.seed, sampler, args.steps or (4 if sampler == "dmd2" else 30), args.guidance, args.conditioning_timestep)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    PIL.Image.fromarray(image).save(args.out)
-    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {sampler} sampler)")
-
-
-def cmd_encode(args):
-    device, _, vae_dtype = runtime(args)
-    if args.preset:
-        vae = load_parts(args.preset, "", device, vae_dtype=vae_dtype)["vae"]
-    elif args.ckpt:
-        vae = load_part(AutoencoderKL, args.ckpt, PREFIX_VAE, "VAE", device, vae_dtype)
-    else:
-        raise ValueError("--ckpt sd_xl_base_1.0.safetensors is required (or --preset tiny)")
-    resolution = args.resolution or (128 if args.preset == "tiny" else 1024)
-    n = encode_folder(vae, args.images, args.out, resolution, args.batch, args.shard_size, args.seed)
-    print(f"wrote {n} latents [4, {resolution // 8}, {resolution // 8}] with captions to {args.out}")
-
-
-def cmd_bench(args):
-    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu") and args.preset != "tiny":
-        raise ValueError("bench measures GPU latency and memory: it needs CUDA (or --preset tiny for a CPU smoke run)")
-    net, parts = load_for_inference(args)
-    side = 128 if args.preset == "tiny" else 1024
-    H, W = args.height or side, args.width or side
-    r = bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], args.prompt, H, W,
-                        args.steps, args.seed, args.reps, reference=args.reference)
-    gpu = torch.cuda.get_device_name(net.out[2].weight.device) if net.out[2].weight.is_cuda else "CPU"
-    print(f"bench: {H}x{W}, {args.steps} steps, batch 1, UNet {net.out[2].weight.dtype}, VAE {next(parts['vae'].parameters()).dtype}, "
-          f"{gpu}, torch {torch.__version__}; median of {args.reps} after a warm-up")
-    print(f"  text encoders (ours, once per prompt)          {1000 * r['text_encoders']:9.1f} ms")
-    for name in ("ours", "diffusers"):
-        if name in r:
-            m = r[name]
-            print(f"  {name:9s} {args.steps} UNet steps + VAE decode   {1000 * m['median']:9.1f} ms  (min {1000 * m['min']:.1f})  "
-                  f"peak {m['peak_gib']:.2f} GiB (weights {m['weights_gib']:.2f} GiB)")
-    if "diffusers" in r:
-        print(f"  max |ours - diffusers| over the [0, 1] image: {(r['ours']['image'] - r['diffusers']['image']).abs().max():.4f}")
-
-
-def cmd_tokenize(args):
-    for name, pad in (("CLIP-L", "end"), ("bigG", "zero")):
-        ids = tokenize(args.prompt, pad)[0].tolist()
-        n = ids.index(EOT) + 1  # SOT, the prompt's tokens, EOT
-        print(f"{name} ids ({n} of 77 used, padded with {ids[-1] if n < 77 else 'nothing'}): {' '.join(map(str, ids[:n]))}")
-    symbols = {i: s for s, i in load_clip_vocab()[0].items()}
-    print("pieces:", " ".join(symbols[i] for i in ids[1:n - 1]))
-
-
-def cmd_inspect(args):
-    entries, metadata, data_start = read_safetensors_header(args.path)
-    groups = {}
-    for name, (dtype, shape, begin, end) in entries.items():
-        prefix = next((p for p in (PREFIX_CLIP_L, PREFIX_CLIP_G, PREFIX_VAE, PREFIX_UNET) if name.startswith(p)), name.split(".")[0])
-        count, nbytes, numel, dtypes = groups.get(prefix, (0, 0, 0, set()))
-        groups[prefix] = (count + 1, nbytes + end - begin, numel + math.prod(shape), dtypes | {DTYPE_NAMES[dtype]})
-    print(f"{args.path}: {len(entries)} tensors, header {data_start - 8} bytes, {len(metadata)} metadata keys")
-    for prefix, (count, nbytes, numel, dtypes) in sorted(groups.items()):
-        print(f"  {prefix:50s} {count:5d} tensors {numel:>14,d} numbers {nbytes:>15,d} bytes  {'/'.join(sorted(dtypes))}")
-    for k, v in sorted(metadata.items()):
-        print(f"  __metadata__ {k} = {v[:100]}")
-
-
-def add_model_args(p):
-    p.add_argument("--ckpt", default="", help="sd_xl_base_1.0.safetensors (text encoders, VAE, base UNet)")
-    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: random tiny models instead of --ckpt (CPU, seconds)")
-    p.add_argument("--unet", default="", help="UNet weights replacing the base UNet: DMD2's dmd2_sdxl_4step_unet_fp16.bin, "
-                                              "our generator.safetensors / checkpoint.pt, any sgm or diffusers SDXL UNet")
-    p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="UNet and text encoders; auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
-
-
-def main(argv=None, bench_reference=None):
-    """bench_reference: see bench_pipelines (tests/sdxl_diffusers.py passes diffusers' pipeline)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", formatter_class=fmt, help="prompt -> PNG with DMD2's sampler or the base model's Euler + CFG")
-    add_model_args(p)
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--out", default="out/sdxl.png", help="PNG file to write")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noising")
-    p.add_argument("--sampler", default="auto", choices=["auto", "dmd2", "euler"], help="auto: dmd2 with --unet or --preset, else euler")
-    p.add_argument("--steps", type=int, default=0, help="0 = 4 for dmd2 (t = 999, 749, 499, 249), 30 for euler")
-    p.add_argument("--guidance", type=float, default=8.0, help="CFG scale of the euler sampler (DMD2's teacher: 8)")
-    p.add_argument("--conditioning_timestep", type=int, default=399, help="t of a 1-step DMD2 generator (--steps 1)")
-    p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
-    p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
-    p.set_defaults(run=cmd_generate)
-
-    p = sub.add_parser("encode", formatter_class=fmt, help="folder of images + .txt captions -> VAE latent shards for train --latents")
-    p.add_argument("--ckpt", default="", help="sd_xl_base_1.0.safetensors (only its VAE is read)")
-    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny: the tiny random VAE of train --preset tiny")
-    p.add_argument("--images", required=True, help="folder of images (.png/.jpg/.jpeg/.webp/.bmp), each with a caption NAME.txt beside it")
-    p.add_argument("--out", required=True, help="empty folder for latents_00000.safetensors, ...")
-    p.add_argument("--resolution", type=int, default=0, help="center crop side; 0 = 1024 (128 with --preset tiny)")
-    p.add_argument("--batch", type=int, default=8, help="images per VAE call")
-    p.add_argument("--shard_size", type=int, default=1000, help="images per shard file")
-    p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples")
-    p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
-    p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
-    p.set_defaults(run=cmd_encode)
-
-    train_parser = p = sub.add_parser("train", formatter_class=fmt, help="DMD2 distillation (torchrun + FSDP on several GPUs)")
-    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # Config's end-of-line comments
-    for f in dataclasses.fields(Config):
-        if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=comments[f.name])
-    p.set_defaults(run=lambda args: train(Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})))
-
-    p = sub.add_parser("bench", formatter_class=fmt, help="4-step latency and peak memory (CUDA); vs diffusers: tests/sdxl_diffusers.py")
-    add_model_args(p)
-    p.add_argument("--prompt", default="a photo of a cat", help="text prompt")
-    p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
-    p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
-    p.add_argument("--steps", type=int, default=4, help="DMD2 sampler steps")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (the same for both pipelines)")
-    p.add_argument("--reps", type=int, default=10, help="timed runs after one warm-up")
-    p.set_defaults(run=cmd_bench)
-
-    p = sub.add_parser("tokenize", help="print CLIP BPE token ids of a prompt for both text encoders")
-    p.add_argument("prompt", help="text to tokenize")
-    p.set_defaults(run=cmd_tokenize)
-    p = sub.add_parser("inspect", help="summarise a .safetensors file's header (tensors, dtypes, bytes per prefix)")
-    p.add_argument("path", help="a .safetensors file, e.g. sd_xl_base_1.0.safetensors")
-    p.set_defaults(run=cmd_inspect)
-
-    args = parser.parse_args(argv)
-    if args.command == "train" and args.preset:
-        if args.preset not in PRESETS:
-            parser.error(f"unknown --preset {args.preset}; choose from {list(PRESETS)}")
-        train_parser.set_defaults(**PRESETS[args.preset])  # explicit flags still win
-        args = parser.parse_args(argv)
-    args.reference = bench_reference
-    try:
-        args.run(args)
-    except (ValueError, OSError, NonFiniteLoss) as e:  # these name the file and the problem; a traceback adds nothing
-        parser.exit(1, f"error: {e}\n")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def random_full_size_parts(device, dtype, vae_dtype):
+    """--preset random: SDXL base's shapes with random weights, built on `device` (seconds on a GPU, no download):
+    latency, memory and throughput do not depend on the values."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        clip_l, clip_g = CLIPTextModel(CLIP_L).to(dtype), OpenCLIPTextModel(CLIP_G).to(dtype)
+        vae = AutoencoderKL(VAEConfig()).to(vae_dtype)
+        state = SDXLUNet(SDXLUNetConfig()).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32).state_dict()
+    clip_l, clip_g, vae = (m.eval().requires_grad_(False) for m in (clip_l, clip_g, vae))
+    return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=state, unet_cfg=SDXLUNetConfig(), vae_cfg=VAEConfig(),
+                source="a random full-size UNet")
 
 
 if __name__ == "__main__":

@@ -272,7 +272,7 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x, sigma, class_labels=None, return_bottleneck=False, augment_labels=None, bottleneck_only=False):
         # bottleneck_only=True returns just the encoder output h [B, C_b, H/8, W/8] and skips the decoder, as DMD2's
-        # GAN branch does (about half the cost of a full forward).
+        # GAN branch does: at full size 60 of a full forward's 219 GFLOP per image (0.27; 0.27-0.32 of its time).
         x = x.float()                                                              # [B, C, H, W]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)  # [B or 1, 1, 1, 1]
         if self.label_dim == 0:
@@ -777,9 +777,9 @@ class SDXLUNetConfig:
     in_channels: int = 4                       # latent channels in
     out_channels: int = 4                      # eps channels out
     model_channels: int = 320                  # width of level 0; the time embedding is 4x wider (1280)
-    channel_mult: tuple = (1, 2, 4)            # width multiplier per level; every level but the last ends in a 2x downsample
+    channel_mult: tuple = (1, 2, 4)            # width multiplier per level; all but the last end in a 2x downsample
     num_res_blocks: int = 2                    # ResBlocks per level going down (one more going up)
-    transformer_depth: tuple = (0, 2, 10)      # transformer blocks per SpatialTransformer at each level (0: no attention); the middle block uses the last
+    transformer_depth: tuple = (0, 2, 10)      # transformer blocks per level (0: no attention); the middle block: last
     num_head_channels: int = 64                # attention head width; heads = channels // num_head_channels
     context_dim: int = 2048                    # cross-attention input width: [CLIP-L 768 | bigG 1280]
     adm_in_channels: int = 2816                # width of y: pooled bigG 1280 + 6 size embeddings x 256
@@ -815,7 +815,7 @@ def maybe_checkpoint(fn, *args, enabled):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are computed in fp32 and cast back (sgm util.GroupNorm32), so fp16/bf16 weights stay accurate."""
+    """GroupNorm with statistics in fp32, cast back (sgm util.GroupNorm32), so fp16/bf16 weights stay accurate."""
 
     def forward(self, x):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
@@ -828,12 +828,14 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(32, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
-        self.out_layers = nn.Sequential(GroupNorm32(32, cout), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1))
+        self.out_layers = nn.Sequential(GroupNorm32(32, cout), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(cout, cout, 3, padding=1))
         self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):                                               # x [B, cin, H, W], emb [B, 1280]
         h = self.in_layers(x)                                                # [B, cout, H, W]
-        h = h + self.emb_layers(emb)[:, :, None, None]                       # timestep + size conditioning, added per channel
+        # timestep + size conditioning, added per channel
+        h = h + self.emb_layers(emb)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -900,7 +902,8 @@ class SpatialTransformer(nn.Module):
     def __init__(self, dim, depth, context_dim, head_channels):
         super().__init__()
         self.norm = GroupNorm32(32, dim, eps=1e-6)
-        self.proj_in = nn.Linear(dim, dim)                                   # use_linear_in_transformer=True: Linear, not 1x1 conv
+        # use_linear_in_transformer=True: Linear, not 1x1 conv
+        self.proj_in = nn.Linear(dim, dim)
         self.transformer_blocks = nn.ModuleList(TransformerBlock(dim, context_dim, head_channels) for _ in range(depth))
         self.proj_out = nn.Linear(dim, dim)
 
@@ -945,10 +948,12 @@ class SDXLUNet(nn.Module):
         C, emb_dim, levels = cfg.model_channels, 4 * cfg.model_channels, len(cfg.channel_mult)
         st = lambda ch, depth: SpatialTransformer(ch, depth, cfg.context_dim, cfg.num_head_channels)
         self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                     nn.Linear(emb_dim, emb_dim)))
 
         self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(cfg.in_channels, C, 3, padding=1))])
-        skips, ch = [C], C                                                   # widths of the features pushed for the skips
+        # widths of the features pushed for the skips
+        skips, ch = [C], C
         for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, mult * C, emb_dim)] + ([st(mult * C, depth)] if depth else [])
@@ -959,7 +964,8 @@ class SDXLUNet(nn.Module):
                 self.input_blocks.append(nn.Sequential(Downsample(ch)))
                 skips.append(ch)
 
-        self.middle_block = nn.Sequential(ResBlock(ch, ch, emb_dim), st(ch, cfg.transformer_depth[-1]), ResBlock(ch, ch, emb_dim))
+        self.middle_block = nn.Sequential(ResBlock(ch, ch, emb_dim), st(ch, cfg.transformer_depth[-1]),
+                                          ResBlock(ch, ch, emb_dim))
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
@@ -996,7 +1002,7 @@ class SDXLUNet(nn.Module):
         return self.run_block(self.middle_block, h, emb, context), hs, emb
 
     def mid_features(self, x, timesteps, context, y):
-        """Middle-block output only, without running the decoder: the features of DMD2's GAN head. [B, 1280, h/4, w/4]"""
+        """Middle-block output only, without the decoder: the features of DMD2's GAN head. [B, 1280, h/4, w/4]"""
         return self.encode(x, timesteps, context, y)[0]
 
     def forward(self, x, timesteps, context, y, return_mid=False):
@@ -1005,7 +1011,8 @@ class SDXLUNet(nn.Module):
         mid, hs, emb = self.encode(x, timesteps, context, y)
         h = mid
         for block in self.output_blocks:
-            h = self.run_block(block, torch.cat([h, hs.pop()], dim=1), emb, context)  # current features first, skip second
+            # current features first, skip second
+            h = self.run_block(block, torch.cat([h, hs.pop()], dim=1), emb, context)
         eps = self.out(h)
         return (eps, mid) if return_mid else eps
 
@@ -1014,10 +1021,12 @@ class SDXLUNet(nn.Module):
 
 RESNET_RENAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                   "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-TOP_RENAMES = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+TOP_RENAMES = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+               "time_embedding.linear_2": "time_embed.2",
                "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
                "conv_norm_out": "out.0", "conv_out": "out.2"}
-BLOCK_KEY = re.compile(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+BLOCK_KEY = re.compile(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?"
+                       r"(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
 
 
 def sgm_key(key, cfg):
@@ -1049,6 +1058,45 @@ def sgm_key(key, cfg):
     return f"output_blocks.{n * i + j}.{0 if part == 'resnets' else 1}.{rest}"
 
 
+def diffusers_key(key, cfg):
+    """The diffusers UNet2DConditionModel name of one sgm key (the inverse of sgm_key), or None if no rule applies."""
+    top, _, param = key.rpartition(".")
+    inverse_top = {v: k for k, v in TOP_RENAMES.items()}
+    if top in inverse_top:
+        return f"{inverse_top[top]}.{param}"
+    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?(\d+)\.(.+)", key)
+    if m is None:
+        return None
+    where, block, layer, rest = m[1], int(m[2] or 0), int(m[3]), m[4]
+    n, levels = cfg.num_res_blocks + 1, len(cfg.channel_mult)
+    if where == "middle_block":
+        block, where, i, j, part = 0, "mid_block", None, layer // 2, ("resnets", "attentions", "resnets")[layer]
+    elif where == "input_blocks":
+        i, j = (block - 1) // n, (block - 1) % n
+        part = "downsamplers" if j == n - 1 else ("resnets", "attentions")[layer]
+        j, rest = (0, rest.replace("op.", "conv.", 1)) if part == "downsamplers" else (j, rest)
+        where = "down_blocks"
+    else:
+        i, j, where = block // n, block % n, "up_blocks"
+        has_attention = cfg.transformer_depth[levels - 1 - i] > 0
+        part = "resnets" if layer == 0 else ("attentions" if layer == 1 and has_attention else "upsamplers")
+        j = 0 if part == "upsamplers" else j
+    if part == "resnets":
+        rest = next((ours + rest[len(theirs):] for ours, theirs in RESNET_RENAMES.items()
+                     if rest.startswith(theirs + ".")), rest)
+    return f"{where}.{'' if i is None else str(i) + '.'}{part}.{j}.{rest}"
+
+
+def sgm_to_diffusers_unet(state_dict, cfg=SDXLUNetConfig(), source_name="sgm UNet state dict"):
+    """Rename SDXLUNet's sgm keys to diffusers UNet2DConditionModel's (the names DMD2's release, diffusers and
+    ComfyUI load): the inverse of diffusers_to_sgm_unet, checked by mapping every name back."""
+    wrong = sorted(k for k in state_dict if sgm_key(diffusers_key(k, cfg) or "", cfg) != k)
+    if wrong:
+        raise ValueError(f"{source_name}: cannot rename to diffusers names:\n"
+                         + _listing("keys without an inverse", wrong))
+    return {diffusers_key(k, cfg): v for k, v in state_dict.items()}
+
+
 def _listing(title, items, limit=12):
     shown = "\n    ".join(items[:limit]) + (f"\n    ... and {len(items) - limit} more" if len(items) > limit else "")
     return f"  {title} ({len(items)}):\n    {shown}"
@@ -1059,7 +1107,8 @@ def _state_problems(state_dict, expected_shapes):
     missing = sorted(expected_shapes.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected_shapes.keys())
     wrong = [f"{k}: file {list(state_dict[k].shape)}, model {list(expected_shapes[k])}"
-             for k in sorted(expected_shapes.keys() & state_dict.keys()) if tuple(state_dict[k].shape) != tuple(expected_shapes[k])]
+             for k in sorted(expected_shapes.keys() & state_dict.keys())
+             if tuple(state_dict[k].shape) != tuple(expected_shapes[k])]
     return [_listing(title, items) for title, items in
             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if items]
 
@@ -1086,8 +1135,63 @@ def diffusers_to_sgm_unet(state_dict, cfg=SDXLUNetConfig(), source_name="diffuse
     if collisions:
         problems.insert(0, _listing("keys renamed onto an already used name", collisions))
     if problems:
-        raise ValueError(f"{source_name}: does not map onto SDXLUNet({cfg}) (after renaming diffusers -> sgm):\n" + "\n".join(problems))
+        raise ValueError(f"{source_name}: does not map onto SDXLUNet({cfg}) (after renaming diffusers -> sgm):\n"
+                         + "\n".join(problems))
     return renamed
+
+
+def _transformer_depth(shapes, prefix):
+    """Number of transformer blocks under prefix (e.g. 'input_blocks.4.1.'), 0 without a SpatialTransformer."""
+    head = prefix + "transformer_blocks."
+    found = {int(k[len(head):].split(".", 1)[0]) for k in shapes if k.startswith(head)}
+    return len(found) if found == set(range(len(found))) else -1
+
+
+def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=64):
+    """The SDXLUNetConfig that explains an sgm-named UNet's tensor shapes {key: shape} (no model.diffusion_model.):
+    widths from the ResBlock convs, ResBlocks per level from the input blocks between downsamplers, transformer depth
+    per level from the numbered transformer_blocks, cross-attention width from attn2.to_k, and heads by SDXL's
+    convention of 64-channel heads (on narrower models, the largest width dividing every level's and 64). Checked
+    against SDXLUNet(cfg) on the meta device; ValueError naming source_name and what could not be inferred."""
+    def dims(key):
+        if key not in shapes:
+            raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: no tensor {key}")
+        return tuple(shapes[key])
+
+    C, in_channels = dims("input_blocks.0.0.weight")[:2]
+    blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.")})[1:]
+    levels = [[]]
+    for i in blocks:
+        if f"input_blocks.{i}.0.op.weight" in shapes:
+            levels.append([])                                          # a Downsample ends the level
+        else:
+            levels[-1].append(i)
+    if len({len(level) for level in levels}) != 1 or not levels[0]:
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: ResBlocks per level "
+                         f"{[len(level) for level in levels]} differ (SDXLUNetConfig has one num_res_blocks)")
+    widths = [dims(f"input_blocks.{level[0]}.0.in_layers.2.weight")[0] for level in levels]
+    depths = [{_transformer_depth(shapes, f"input_blocks.{i}.1.") for i in level} for level in levels]
+    if any(len(d) != 1 or -1 in d for d in depths) or any(w % C for w in widths):
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: transformer depths per block "
+                         f"{[sorted(d) for d in depths]} or widths {widths} are not one value per level, "
+                         f"a multiple of {C}")
+    depths = [d.pop() for d in depths]
+    if _transformer_depth(shapes, "middle_block.1.") != depths[-1]:
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: the middle block's transformer depth "
+                         f"{_transformer_depth(shapes, 'middle_block.1.')} differs from the last level's {depths[-1]}")
+    to_k = sorted(k for k in shapes if k.endswith("attn2.to_k.weight"))
+    if not to_k:
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: no cross-attention (attn2.to_k) weights")
+    cfg = SDXLUNetConfig(in_channels=in_channels, out_channels=dims("out.2.weight")[0], model_channels=C,
+                         channel_mult=tuple(w // C for w in widths), num_res_blocks=len(levels[0]),
+                         transformer_depth=tuple(depths), num_head_channels=math.gcd(head_channels, *widths),
+                         context_dim=dims(to_k[0])[1], adm_in_channels=dims("label_emb.0.0.weight")[1])
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in SDXLUNet(cfg).state_dict().items()}
+    problems = _state_problems({k: torch.empty(v, device="meta") for k, v in shapes.items()}, expected)
+    if problems:
+        raise ValueError(f"{source_name}: the inferred {cfg} does not explain the file:\n" + "\n".join(problems))
+    return cfg
 
 
 def load_sdxl_unet_state(model, state_dict, source_name, assign=False):
@@ -1098,7 +1202,8 @@ def load_sdxl_unet_state(model, state_dict, source_name, assign=False):
     problems = _state_problems(state_dict, {k: v.shape for k, v in model.state_dict().items()})
     if problems:
         if any(k.startswith("model.diffusion_model.") for k in state_dict):
-            problems.append("  hint: keys carry the 'model.diffusion_model.' prefix of the full sgm checkpoint: strip it first")
+            problems.append("  hint: keys carry the 'model.diffusion_model.' prefix of the full sgm checkpoint: "
+                            "strip it first")
         if "conv_in.weight" in state_dict:
             problems.append("  hint: keys are diffusers names: pass the state dict through diffusers_to_sgm_unet first")
         raise ValueError(f"{source_name}: cannot load into SDXLUNet({model.cfg}):\n" + "\n".join(problems))

@@ -56,4 +56,4 @@ def diffusers_pipeline(net, vae, vae_cfg, device, dtype):
 
 
 if __name__ == "__main__":
-    sdxl.main(["bench", *sys.argv[1:]], bench_reference=diffusers_pipeline)
+    sdxl.cmd_bench(sdxl.build_parser()[0].parse_args(["bench", *sys.argv[1:]]), reference=diffusers_pipeline)

@@ -1,14 +1,20 @@
-"""sdxl.py part 2: schedule, samplers, DMD2 losses, backward simulation, encode -> train -> generate, FSDP, bench.
+"""sdxl.py, the method and the command line: schedule, samplers, DMD2 losses (and the DM direction), backward
+simulation, the official run's settings (global batch with gradient accumulation, fp32 passes, warm-up, generator
+prompts from real-latent captions, Table 4 ablations), encode -> train -> generate on the tiny preset and on SDXL-format
+files of unseen layouts, export to diffusers names, NaN-weight stops, kills at the final save, stale temporaries,
+foreign checkpoints, FSDP, bench.
 
-Independent references (test-only packages): diffusers' DDPMScheduler, LCMScheduler, EulerDiscreteScheduler and
-StableDiffusionXLPipeline; closed forms for CFG and the DM gradient; recording stand-in UNets for what the training
-step feeds the generator; a 2-process gloo run of the FSDP path on the CPU.
+Independent references (test-only packages): diffusers' DDPMScheduler, LCMScheduler, EulerDiscreteScheduler,
+UNet2DConditionModel and StableDiffusionXLPipeline; closed forms for CFG and the DM gradient; recording stand-in UNets
+for what the training step feeds the generator; a 2-process gloo run of the FSDP path on the CPU against one process
+with gradient accumulation.
 """
 import json
 import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -119,8 +125,8 @@ def test_cfg_uses_zero_text_and_keeps_sizes():
 # ---------------------------------------------------------------------------------------------------------------
 # DMD2 losses
 
-class RecordingGuidance(nn.Module):
-    """Stand-in for Guidance: eps = standin_eps + shift; records its inputs."""
+class RecordingFakeScore(nn.Module):
+    """Stand-in for FakeScore: eps = standin_eps + shift; records its inputs."""
 
     def __init__(self, shift=0.0):
         super().__init__()
@@ -138,7 +144,7 @@ def test_dm_gradient_sign_and_scale():
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
     teacher_calls = []
     teacher = lambda *args: teacher_calls.append(args) or standin_eps(*args)
-    fake = RecordingGuidance(shift=0.2)
+    fake = RecordingFakeScore(shift=0.2)
     cfg = sdxl.Config(guidance_scale=3.0)
     loss = sdxl.loss_distribution_matching(x, context, y, teacher, fake, AB, cfg, torch.Generator().manual_seed(2))
     loss.backward()
@@ -162,10 +168,34 @@ def test_dm_gradient_sign_and_scale():
     assert (-x.grad.double() * (mu_real - mu_fake)).sum() > 0
 
 
+def test_a_small_step_on_the_dm_loss_moves_x_toward_the_teachers_x0():
+    """The direction (conventions: gradient descent moves x along x0_real - x0_fake). A teacher that predicts a fixed
+    x0* and a fake score that predicts x itself (it has fit the generator's current sample): one small gradient step
+    on the surrogate moves x straight toward x0*."""
+    context, y = conditioning(B=2)
+    target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))              # the teacher's x0*
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4), requires_grad=True)
+
+    def predicting(x0):                                     # eps such that x0_from_eps(x_t, eps, t) == x0
+        def eps_fn(x_t, t, context, y, classify=False):
+            ab = AB[t].reshape(-1, 1, 1, 1).float()
+            return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return eps_fn
+
+    teacher = lambda x_t, t, c, y: predicting(torch.cat([target, target]))(x_t, t, c, y)  # CFG batch [uncond, cond]
+    loss = sdxl.loss_distribution_matching(x, context, y, teacher, predicting(x.detach()), AB, sdxl.Config(),
+                                           torch.Generator().manual_seed(0))
+    loss.backward()
+    step = -x.grad * x.numel() * 1e-2                                                       # lr 1e-2 on the sum
+    direction = (target - x.detach()).flatten(1)
+    assert torch.nn.functional.cosine_similarity(step.flatten(1), direction).min() > 0.999
+    assert ((x.detach() + step - target).norm() < (x.detach() - target).norm())
+
+
 def test_fake_score_loss_is_eps_mse():
     context, y = conditioning(B=4)
     x = torch.randn(4, 4, 8, 8)
-    fake = RecordingGuidance(shift=0.1)
+    fake = RecordingFakeScore(shift=0.1)
     loss = sdxl.loss_fake_score(fake, x, context, y, AB, torch.Generator().manual_seed(0))
     (x_t, t, classify), = fake.calls
     assert not classify and t.min() >= 0 and t.max() <= 999
@@ -174,7 +204,7 @@ def test_fake_score_loss_is_eps_mse():
     torch.testing.assert_close(loss, ((standin_eps(x_t, t, context, y) + 0.1 - noise) ** 2).mean(), rtol=1e-4, atol=1e-6)
 
 
-def test_gan_head_layout_and_guidance_logits():
+def test_gan_head_layout_and_fake_score_logits():
     with torch.device("meta"):
         head = sdxl.gan_head(1280, 32)                          # SDXL: middle block [B, 1280, 32, 32] at 1024^2
         assert head(torch.zeros(2, 1280, 32, 32)).shape == (2, 1, 1, 1)
@@ -186,11 +216,11 @@ def test_gan_head_layout_and_guidance_logits():
         with pytest.raises(ValueError, match="GAN head"):
             sdxl.gan_head(64, bad)
     cfg = sdxl.TINY_UNET
-    guidance = sdxl.Guidance(sdxl.SDXLUNet(cfg), sdxl.gan_head(64, 4)).eval()
+    fake_score = sdxl.FakeScore(sdxl.SDXLUNet(cfg), sdxl.gan_head(64, 4)).eval()
     context, y = torch.randn(2, 77, cfg.context_dim), torch.randn(2, cfg.adm_in_channels)
     with torch.no_grad():
-        logits = guidance(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), context, y, classify=True)
-        eps = guidance(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), context, y)
+        logits = fake_score(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), context, y, classify=True)
+        eps = fake_score(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), context, y)
     assert logits.shape == (2, 1) and logits._base is None and eps.shape == (2, 4, 8, 8)
 
 
@@ -250,7 +280,7 @@ def tiny_run(tmp_path_factory):
 
     def recording(module, *args):
         module = make_trainable(module, *args)
-        if isinstance(module, sdxl.SDXLUNet):  # the generator (the fake score sits inside Guidance)
+        if isinstance(module, sdxl.SDXLUNet):  # the generator (the fake UNet sits inside FakeScore)
             module.register_forward_pre_hook(lambda m, inputs: calls.append((inputs[1].clone(), torch.is_grad_enabled())))
         return module
 
@@ -310,7 +340,7 @@ def test_training_changes_weights_and_writes_files(tiny_run):
     assert ckpt["generator"].keys() == init.keys()
     changed = [k for k in init if not torch.equal(ckpt["generator"][k], init[k])]
     assert len(changed) > 0.5 * len(init)                                                   # the generator was trained
-    assert not torch.equal(ckpt["guidance"]["fake_unet.out.2.weight"], init["out.2.weight"])  # so was the fake score
+    assert not torch.equal(ckpt["fake_score"]["fake_unet.out.2.weight"], init["out.2.weight"])  # so was the fake score
     export = sdxl.read_safetensors(os.path.join(out, "generator.safetensors"))
     assert all(torch.equal(export[k], v.half()) for k, v in ckpt["generator"].items())
     assert PIL.Image.open(os.path.join(out, "samples_0000004.png")).size == (4 * 128, 128)
@@ -331,6 +361,28 @@ def test_generate_writes_png_from_trained_generator(tiny_run):
     assert np.abs(direct.astype(int) - pixels.astype(int)).max() <= 2  # fp16 export vs fp32 checkpoint
 
 
+def test_export_to_diffusers_names_loads_in_diffusers(tiny_run, tmp_path):
+    """`sdxl.py export --format diffusers` writes the inverse of diffusers_to_sgm_unet: diffusers' UNet2DConditionModel
+    loads it strictly and predicts what our UNet predicts from generator.safetensors."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    gen, out = os.path.join(tiny_run["out"], "generator.safetensors"), str(tmp_path / "unet_diffusers.safetensors")
+    sdxl.main(["export", "--unet", gen, "--format", "diffusers", "--out", out])
+    cfg = sdxl.TINY_UNET
+    ref = UNet2DConditionModel(**sdxl_diffusers.diffusers_unet_config(cfg))
+    exported = load_file(out)                                              # the reference reader
+    ref.load_state_dict({k: v.float() for k, v in exported.items()}, strict=True)
+    state = sdxl.read_safetensors(gen)
+    assert all(torch.equal(v, state[k]) for k, v in sdxl.diffusers_to_sgm_unet(exported, cfg).items())
+    net = sdxl.build_unet(state, cfg, "cpu", torch.float32, gen)
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([999, 249]), torch.randn(2, 77, cfg.context_dim)
+    text_embeds, time_ids = torch.randn(2, 32), torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2)
+    y = sdxl.vector_cond(text_embeds, (128, 128), (0, 0), (128, 128))
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids)).sample
+        assert (net(x, t, context, y) - expected).abs().max() <= 1e-5 and expected.std() > 0.01
+
+
 def test_resume_is_exact(tiny_run, tmp_path):
     """2 iterations, stop, resume for 2 more (with a generator update) == 4 straight (optimizer states restored, RNG a
     function of the step)."""
@@ -339,7 +391,7 @@ def test_resume_is_exact(tiny_run, tmp_path):
     sdxl.train(tiny_config(outdir=out, total_steps=4, resume=True, **kw))
     a = torch.load(os.path.join(tiny_run["out"], "checkpoint.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    for part in ("generator", "guidance"):
+    for part in ("generator", "fake_score"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     for opt in ("opt_g", "opt_d"):
         assert all(torch.equal(a[opt]["state"][k]["exp_avg_sq"], b[opt]["state"][k]["exp_avg_sq"]) for k in a[opt]["state"])
@@ -359,6 +411,198 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_run, tmp_path, monk
     assert exit_info.value.code == 1
     assert "non-finite loss at step 1" in err and "loss_dm=nan" in err and ckpt in err
     assert open(ckpt, "rb").read() == before
+
+
+def recorded_run(monkeypatch, **kw):
+    """A tiny training run whose generator records, per call, (t, gradient on, autocast on) and whose text encoders
+    record their weights' dtype."""
+    calls, encoders, make_trainable = [], [], sdxl.make_trainable
+
+    def recording(module, *args):
+        module = make_trainable(module, *args)
+        if isinstance(module, sdxl.SDXLUNet):
+            module.register_forward_pre_hook(lambda m, inputs: calls.append(
+                (int(inputs[1][0]), torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
+        return module
+
+    encode = sdxl.encode_prompt
+    monkeypatch.setattr(sdxl, "make_trainable", recording)
+    monkeypatch.setattr(sdxl, "encode_prompt", lambda clip_l, clip_g, prompts, *a: encoders.append(
+        (clip_l.final_layer_norm.weight.dtype, clip_g.ln_final.weight.dtype, list(prompts))) or encode(clip_l, clip_g, prompts, *a))
+    result = sdxl.train(tiny_config(**{"sample_every": 0, "device": "cpu", **kw}))
+    return result["history"], calls, encoders
+
+
+@pytest.mark.parametrize("no_grad_bf16", [False, True])
+def test_precision_fp32_outside_the_trained_passes(tiny_run, tmp_path, monkeypatch, no_grad_bf16):
+    """--precision bf16 (official --use_fp16): autocast on the generator's TRAINED pass only; the text encoders, the
+    backward-simulation chain and the no-grad generator pass of fake-score-only iterations stay fp32, as official,
+    unless --no_grad_bf16."""
+    history, calls, encoders = recorded_run(monkeypatch, latents=tiny_run["latents"], outdir=str(tmp_path / "p"),
+                                            total_steps=3, dfake_gen_update_ratio=2, precision="bf16",
+                                            no_grad_bf16=no_grad_bf16)
+    expected, i = [], 0
+    for h in history:
+        k, trained = h["k"], h["step"] % 2 == 0
+        expected += [(False, no_grad_bf16)] * k + [(trained, trained or no_grad_bf16)]
+    assert [(grad, amp) for _, grad, amp in calls] == expected
+    assert {(a, b) for a, b, _ in encoders} == {(torch.bfloat16,) * 2 if no_grad_bf16 else (torch.float32,) * 2}
+    assert all(np.isfinite(h["loss_fake"]) for h in history)
+
+
+def test_warmup_counts_scheduler_steps_as_accelerate_does():
+    """constant_with_warmup over 500 scheduler steps, 64 per iteration (one per process of the official 64-GPU run):
+    full learning rate from iteration 8 on, at any GPU count; --help says so."""
+    cfg = sdxl.Config()
+    opt = lambda: torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+    run = SimpleNamespace(cfg=cfg, opt=dict(generator=opt(), fake_score=opt()))
+    lrs = []
+    for step in range(10):
+        sdxl.set_learning_rates(run, step)
+        lrs.append(run.opt["generator"].param_groups[0]["lr"] / cfg.generator_lr)
+    assert lrs == pytest.approx([min(1.0, 64 * i / 500) for i in range(10)]) and lrs[7] < 1 == lrs[8]
+    assert run.opt["fake_score"].param_groups[0]["lr"] == cfg.fake_score_lr
+    help_text = sdxl.build_parser()[1].format_help()                         # what `sdxl.py train --help` prints
+    assert "~8 iterations" in " ".join(help_text.split())
+
+
+def test_generator_prompts_are_the_real_latent_captions(tiny_run, tmp_path, monkeypatch):
+    """Official 4-step run (--denoising): the generator is conditioned on the captions of a batch of real latents;
+    the discriminator's real branch gets another batch, each latent with its own caption."""
+    history, _, encoders = recorded_run(monkeypatch, latents=tiny_run["latents"], outdir=str(tmp_path / "c"),
+                                        total_steps=2)
+    data = sdxl.LatentDataset(tiny_run["latents"], 128)
+    for step in range(2):
+        g = sdxl.unet.batch_generator(0, step, 0, "cpu")
+        torch.randint(4, (1,), generator=g)                                    # the k draw
+        _, captions = data.sample(2, g)
+        assert encoders[2 * step][2] == captions                               # the generator's prompts
+        assert all(c in CAPTIONS for c in encoders[2 * step + 1][2])           # the real branch's captions
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("only this prompt\n")
+    _, _, encoders = recorded_run(monkeypatch, latents=tiny_run["latents"], outdir=str(tmp_path / "p"), total_steps=1,
+                                  prompts=str(prompts))
+    assert encoders[0][2] == ["only this prompt"] * 2 and encoders[1][2] != encoders[0][2]
+
+
+def test_ablation_without_backward_simulation_noises_real_latents(tiny_run, tmp_path, monkeypatch):
+    """Table 4, "w/o backward simulation": no generator chain; each sample's input is its own real latent noised to
+    its own step t_k (pure noise at 999)."""
+    history, calls, _ = recorded_run(monkeypatch, latents=tiny_run["latents"], outdir=str(tmp_path / "nb"),
+                                     total_steps=2, backward_simulation=False, batch_size=4)
+    assert len(calls) == 2 and all(t in (999, 749, 499, 249) for t, _, _ in calls)      # one generator pass each
+    data = sdxl.LatentDataset(tiny_run["latents"], 128)
+    g = torch.Generator().manual_seed(5)
+    x_real, _ = data.sample(64, g)
+    x_t, t = sdxl.noised_real_latents(x_real, [999, 749, 499, 249], AB, torch.Generator().manual_seed(6))
+    assert len(set(t.tolist())) == 4
+    g = torch.Generator().manual_seed(6)
+    torch.randint(4, (64,), generator=g)
+    noise = torch.randn(x_real.shape, generator=g)
+    for i in range(64):
+        ab = AB[t[i]].float()
+        expected = noise[i] if t[i] == 999 else ab.sqrt() * x_real[i] + (1 - ab).sqrt() * noise[i]
+        torch.testing.assert_close(x_t[i], expected)
+
+
+def test_ablation_gan_only_has_no_distribution_matching(tiny_run, tmp_path, monkeypatch):
+    """Table 4, "w/o distribution matching" (official --gan_alone): the generator minimises the GAN loss alone."""
+    monkeypatch.setattr(sdxl, "loss_distribution_matching", lambda *a: pytest.fail("DM loss in a GAN-only run"))
+    history, _, _ = recorded_run(monkeypatch, latents=tiny_run["latents"], outdir=str(tmp_path / "gan"),
+                                 total_steps=1, gan_only=True)
+    assert "loss_dm" not in history[0] and np.isfinite(history[0]["loss_g_gan"]) and history[0]["grad_norm_g"] > 0
+
+
+def test_batch_size_must_split_into_processes_and_rounds():
+    assert sdxl.micro_batching(sdxl.Config(), 64) == (2, 1)                     # official: 2 per GPU x 64
+    assert sdxl.micro_batching(sdxl.Config(), 8) == (2, 8)                      # 8 GPUs: 8 accumulation rounds
+    assert sdxl.micro_batching(sdxl.Config(), 1) == (2, 64)
+    assert sdxl.micro_batching(sdxl.Config(batch_gpu=0, batch_size=6), 3) == (2, 1)
+    for bad in (dict(batch_size=128, batch_gpu=3), dict(batch_size=5, batch_gpu=0)):
+        with pytest.raises(ValueError, match="--batch_size"):
+            sdxl.micro_batching(sdxl.Config(**bad), 2)
+
+
+def test_non_finite_weights_stop_before_any_save(tiny_run, tmp_path, capsys):
+    """A negative AdamW second moment: the losses stay finite, the step writes NaN weights. The run must stop there,
+    and checkpoint.pt must keep the last good weights (issue: the next save used to overwrite it with the NaNs)."""
+    out = str(tmp_path / "nan_weights")
+    args = ["train", "--preset", "tiny", "--latents", tiny_run["latents"], "--outdir", out, "--sample_every", "0",
+            "--dfake_gen_update_ratio", "1", "--device", "cpu"]
+    sdxl.main(args + ["--total_steps", "1"])
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    for state in ckpt["opt_g"]["state"].values():
+        state["exp_avg_sq"].fill_(-1.0)
+    torch.save(ckpt, ckpt_path)
+    before = open(ckpt_path, "rb").read()
+    with pytest.raises(SystemExit) as exit_info:
+        sdxl.main(args + ["--total_steps", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "non-finite weights in generator" in err and ckpt_path in err
+    assert open(ckpt_path, "rb").read() == before
+
+
+def test_kill_at_the_final_save_leaves_no_stale_generator(tiny_run, tmp_path, monkeypatch):
+    """A kill while the final files are written: the generator file must never lag the finished checkpoint."""
+    out = str(tmp_path / "kill")
+    kw = dict(latents=tiny_run["latents"], dfake_gen_update_ratio=1, device="cpu", outdir=out, ckpt_every=1)
+    sdxl.train(tiny_config(total_steps=2, **kw))
+    write = sdxl.write_safetensors
+
+    def killed_at_step_3(path, tensors, metadata=None):
+        if path.endswith("generator.safetensors") and (metadata or {}).get("step") == "3":
+            raise KeyboardInterrupt("killed")
+        return write(path, tensors, metadata)
+
+    monkeypatch.setattr(sdxl, "write_safetensors", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        sdxl.train(tiny_config(total_steps=3, resume=True, **kw))
+    monkeypatch.setattr(sdxl, "write_safetensors", write)
+    sdxl.train(tiny_config(total_steps=3, resume=True, **kw))
+    gen_path, ckpt_path = os.path.join(out, "generator.safetensors"), os.path.join(out, "checkpoint.pt")
+
+    def consistent():
+        ckpt, gen = torch.load(ckpt_path, weights_only=True), sdxl.read_safetensors(gen_path)
+        meta = sdxl.read_safetensors_header(gen_path)[1]
+        return ckpt["step"] == int(meta["step"]) == 3 and all(torch.equal(gen[k], v.half()) for k, v in ckpt["generator"].items())
+
+    assert consistent()
+    # A generator file from an older step beside a finished checkpoint (e.g. an older run's kill): rewritten on resume.
+    old = str(tmp_path / "old.safetensors")
+    sdxl.write_generator(old, sdxl.load_parts("tiny", "", "cpu")["unet_state"], 1)
+    os.replace(old, gen_path)
+    sdxl.train(tiny_config(total_steps=3, resume=True, **kw))
+    assert consistent()
+
+
+def test_stale_temporaries_of_the_run_are_removed_at_start(tiny_run, tmp_path):
+    out = tmp_path / "tmps"
+    out.mkdir()
+    stale = ["checkpoint.pt.k2j3h4.tmp", "generator.safetensors.tmp12345"]
+    kept = ["notes.tmp", "generator.safetensors.tmpX", "other.pt.abc.tmp"]
+    for name in stale + kept:
+        (out / name).write_bytes(b"x" * 10)
+    sdxl.train(tiny_config(latents=tiny_run["latents"], outdir=str(out), total_steps=1, device="cpu"))
+    names = set(os.listdir(out))
+    assert not names & set(stale) and set(kept) <= names
+
+
+def test_resume_from_a_foreign_checkpoint_names_the_file(tiny_run, tmp_path, capsys):
+    out = tmp_path / "foreign"
+    out.mkdir()
+    ckpt_path = str(out / "checkpoint.pt")
+    args = ["train", "--preset", "tiny", "--latents", tiny_run["latents"], "--outdir", str(out), "--device", "cpu",
+            "--total_steps", "1", "--resume"]
+    imagenet64_like = dict(step=1, cfg={}, net_kwargs={}, generator={}, guidance={}, opt_g={}, opt_d={}, rng=[])
+    for bad, words in ((imagenet64_like, "missing fake_score"), ([1, 2], "expected a dict"),
+                       (dict(step=1, cfg={}, generator={"x": torch.zeros(1)}, fake_score={}, opt_g={}, opt_d={}),
+                        "does not fit")):
+        torch.save(bad, ckpt_path)
+        with pytest.raises(SystemExit):
+            sdxl.main(args)
+        err = capsys.readouterr().err
+        assert ckpt_path in err and words in err, err
 
 
 @pytest.mark.parametrize("problem, match", [
@@ -422,6 +666,71 @@ def test_load_unet_state_formats(tmp_path):
         sdxl.load_unet_state(str(tmp_path / "bad.bin"), cfg)
 
 
+# Any SDXL-format single file through the command line: two tiny layouts in Stability's names that no other test uses;
+# every config is inferred from the file's shapes.
+LAYOUTS = {
+    "three_levels": dict(clip_l=sdxl.TextConfig(width=64, layers=3, heads=1),
+                         clip_g=sdxl.TextConfig(width=128, layers=2, heads=2, act="gelu", embed_dim=96),
+                         vae=sdxl.VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+                         unet=sdxl.SDXLUNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                                                  transformer_depth=(0, 1, 2), num_head_channels=64, context_dim=192,
+                                                  adm_in_channels=96 + 6 * 256)),
+    "two_levels": dict(clip_l=sdxl.TextConfig(width=128, layers=1, heads=2),
+                       clip_g=sdxl.TextConfig(width=64, layers=2, heads=1, act="gelu", embed_dim=32),
+                       vae=sdxl.VAEConfig(ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=2),
+                       unet=sdxl.SDXLUNetConfig(model_channels=32, channel_mult=(1, 3), num_res_blocks=1,
+                                                transformer_depth=(1, 3), num_head_channels=32, context_dim=192,
+                                                adm_in_channels=32 + 6 * 256)),
+}
+
+
+def write_sdxl_file(path, layout, seed=0):
+    """Random modules of the layout, written as one fp16 single file with Stability's prefixes and names."""
+    torch.manual_seed(seed)
+    modules = {sdxl.PREFIX_CLIP_L: sdxl.CLIPTextModel(layout["clip_l"]), sdxl.PREFIX_CLIP_G: sdxl.OpenCLIPTextModel(layout["clip_g"]),
+               sdxl.PREFIX_VAE: sdxl.AutoencoderKL(layout["vae"]), sdxl.PREFIX_UNET: sdxl.SDXLUNet(layout["unet"])}
+    with torch.no_grad():
+        for p in modules[sdxl.PREFIX_UNET].parameters():   # the UNet's zero-initialised layers would hide wiring errors
+            p.add_(torch.randn_like(p) * 0.02)
+    sdxl.write_safetensors(str(path), {prefix + k: v.half() for prefix, m in modules.items() for k, v in m.state_dict().items()})
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_any_sdxl_format_file_through_the_command_line(name, tmp_path):
+    layout, ckpt = LAYOUTS[name], str(tmp_path / f"{name}.safetensors")
+    write_sdxl_file(ckpt, layout)
+    assert sdxl.infer_configs(ckpt) == layout
+    png = str(tmp_path / "cat.png")
+    sdxl.main(["generate", "--ckpt", ckpt, "--prompt", "a cat", "--sampler", "dmd2", "--steps", "2", "--height", "64",
+               "--width", "64", "--out", png, "--device", "cpu"])
+    clip_l, clip_g, vae = sdxl.load_sdxl_parts(ckpt, "cpu", clip_l=layout["clip_l"], clip_g=layout["clip_g"], vae=layout["vae"])
+    net = sdxl.build_unet(sdxl.read_safetensors(ckpt, sdxl.PREFIX_UNET), layout["unet"], "cpu", torch.float32, ckpt)
+    direct = sdxl.generate(net, clip_l, clip_g, vae, ["a cat"], 64, 64, seed=0, steps=2)[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(png)), direct) and direct.std() > 0
+    images, latents, out = str(tmp_path / "images"), str(tmp_path / "latents"), str(tmp_path / "run")
+    write_images(images, n=2)
+    sdxl.main(["encode", "--ckpt", ckpt, "--images", images, "--out", latents, "--resolution", "128", "--device", "cpu"])
+    sdxl.main(["train", "--ckpt", ckpt, "--latents", latents, "--resolution", "128", "--outdir", out, "--total_steps", "1",
+               "--batch_size", "2", "--batch_gpu", "0", "--precision", "fp32", "--warmup_steps", "0", "--sample_every", "0",
+               "--no-checkpointing", "--generator_lr", "1e-3", "--device", "cpu"])
+    trained = sdxl.read_safetensors(os.path.join(out, "generator.safetensors"))
+    assert trained.keys() == net.state_dict().keys() and not torch.equal(trained["out.2.weight"], net.out[2].weight.half())
+    sdxl.main(["generate", "--ckpt", ckpt, "--unet", os.path.join(out, "generator.safetensors"), "--prompt", "a cat",
+               "--height", "64", "--width", "64", "--out", png, "--device", "cpu"])
+
+
+def test_uninferable_file_names_what_is_missing(tmp_path, capsys):
+    path = str(tmp_path / "odd.safetensors")
+    write_sdxl_file(path, LAYOUTS["two_levels"])
+    state = sdxl.read_safetensors(path)
+    state = {k: v.clone() for k, v in state.items() if k != sdxl.PREFIX_CLIP_G + "text_projection"}
+    sdxl.write_safetensors(path, state)
+    with pytest.raises(SystemExit):
+        sdxl.main(["generate", "--ckpt", path, "--prompt", "a cat", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert path in err and "bigG" in err and "text_projection" in err
+
+
 def test_bench_pipeline_equals_diffusers_sdxl_pipeline():
     """bench's two pipelines on the tiny models: ours (sample_dmd2 + our VAE) and diffusers' StableDiffusionXLPipeline +
     LCMScheduler with the same weights, converted by diffusers' own single-file converters, and the same noise."""
@@ -444,19 +753,22 @@ sys.path.insert(0, {root!r})
 import torch, torch.distributed as dist
 import sdxl
 cfg = sdxl.Config(**{{**sdxl.PRESETS["tiny"], "preset": "tiny", "latents": sys.argv[1], "outdir": sys.argv[2], "total_steps": 1,
-                     "batch_gpu": 1, "sample_every": 0, "device": "cpu", "seed": 1}})
+                     "batch_size": 2, "sample_every": 0, "device": "cpu", "seed": 1}})
 out = sdxl.train(cfg)
-own_k = [int(torch.randint(4, (1,), generator=sdxl.batch_generator(1, 0, dist.get_rank(), "cpu")))]  # k is the first draw
+own_k = [int(torch.randint(4, (1,), generator=sdxl.unet.batch_generator(1, 0, dist.get_rank(), "cpu")))]  # first draw
 print("RESULT", json.dumps(dict(rank=dist.get_rank(), k=[h["k"] for h in out["history"]], own_k=own_k,
                                 loss=[h["loss_fake"] for h in out["history"]],
+                                norms=[[h["grad_norm_g"], h["grad_norm_d"]] for h in out["history"]],
                                 sharded=type(out["generator"].out[2].weight).__name__)), flush=True)
 dist.destroy_process_group()
 """
 
 
-def test_torchrun_two_processes_fsdp(tiny_run, tmp_path):
+def test_two_fsdp_processes_equal_one_process_with_accumulation(tiny_run, tmp_path):
     """Two ranks started with the environment torchrun gives them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-    without torchrun's launcher process (one torch import less on a 2-core machine)."""
+    without torchrun's launcher process (one torch import less on a 2-core machine): FSDP2 on gloo, global batch 2 =
+    2 processes x 1. Against one process with 2 accumulation rounds of 1 at the same global batch: the micro-batches
+    are the same, so the weights must agree up to float summation order."""
     script, out = tmp_path / "run.py", str(tmp_path / "fsdp")
     script.write_text(FSDP_SCRIPT.format(root=ROOT))
     with socket.socket() as s:
@@ -466,6 +778,8 @@ def test_torchrun_two_processes_fsdp(tiny_run, tmp_path):
                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
              for r in range(2)]
+    single = sdxl.train(tiny_config(latents=tiny_run["latents"], outdir=str(tmp_path / "one"), total_steps=1,
+                                    batch_size=2, batch_gpu=1, device="cpu", seed=1))  # meanwhile, on the same cores
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     stdout = "\n".join(outputs)
@@ -473,12 +787,21 @@ def test_torchrun_two_processes_fsdp(tiny_run, tmp_path):
                      key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["sharded"] == "DTensor" for r in results)                      # FSDP2 really sharded the weights
-    assert results[0]["k"] == results[1]["k"] == results[0]["own_k"]            # rank 0's k, broadcast...
-    assert results[1]["own_k"] != results[1]["k"]                               # ...where rank 1 alone would have drawn others
+    assert results[0]["k"] == results[1]["k"] == results[0]["own_k"]            # micro-batch 0's k, on every rank...
+    assert results[1]["own_k"] != results[1]["k"]                               # ...where rank 1 alone would have drawn another
     assert results[0]["loss"] == results[1]["loss"]                             # logged values are averaged over ranks
+    assert single["history"][0]["k"] == results[0]["k"][0]
+    assert abs(single["history"][0]["loss_fake"] - results[0]["loss"][0]) < 1e-5
+    # Gradients are averaged over the global batch both ways (Adam would hide a factor of 2 in the weights).
+    norms = (single["history"][0]["grad_norm_g"], single["history"][0]["grad_norm_d"])
+    assert norms == pytest.approx(results[0]["norms"][0], rel=1e-4) and min(norms) > 0
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)   # gathered into plain tensors by rank 0
-    net = sdxl.build_unet(sdxl.load_unet_state(os.path.join(out, "generator.safetensors"), sdxl.TINY_UNET),
-                          sdxl.TINY_UNET, "cpu", torch.float32, "fsdp export")
     init = sdxl.load_parts("tiny", "", "cpu")["unet_state"]
     assert ckpt["step"] == 1 and not torch.equal(ckpt["generator"]["out.2.weight"], init["out.2.weight"])
+    one = torch.load(str(tmp_path / "one" / "checkpoint.pt"), weights_only=True)
+    for part in ("generator", "fake_score"):
+        for k, v in one[part].items():
+            assert torch.allclose(ckpt[part][k], v, rtol=0, atol=2e-5), (part, k)   # an Adam step moves weights by ~1e-4
+    net = sdxl.build_unet(sdxl.load_unet_state(os.path.join(out, "generator.safetensors"), sdxl.TINY_UNET),
+                          sdxl.TINY_UNET, "cpu", torch.float32, "fsdp export")
     assert torch.equal(net.out[2].weight, ckpt["generator"]["out.2.weight"].half().float())

@@ -11,8 +11,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from diffusers.models.embeddings import get_timestep_embedding
 
-from unet import (SDXLUNet, SDXLUNetConfig, TransformerBlock, ResBlock, diffusers_to_sgm_unet,
-                            load_sdxl_unet_state, sgm_key, timestep_embedding)
+from unet import (SDXLUNet, SDXLUNetConfig, TransformerBlock, ResBlock, diffusers_to_sgm_unet, infer_sdxl_unet_config,
+                  load_sdxl_unet_state, sgm_key, sgm_to_diffusers_unet, timestep_embedding)
 
 # Two tiny configurations: SDXL-like (no attention at level 0), and one with attention at level 0,
 # none at level 1 (its upsampler then sits at output index .1) and a single ResBlock per level.
@@ -164,6 +164,8 @@ def test_full_size_renaming_against_diffusers():
     assert set(back) == set(ref_sd)
     mismatched = [d for d in ref_sd if sgm_key(d, cfg) != back[d]]
     assert not mismatched, mismatched[:10]
+    exported = sgm_to_diffusers_unet(ours, cfg)           # the inverse, for `sdxl.py export --format diffusers`
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
 
 
 def test_renaming_errors_list_every_problem():
@@ -270,3 +272,42 @@ def test_config_validation():
         SDXLUNetConfig(transformer_depth=(0, 2, 0))
     with pytest.raises(ValueError, match="multiples of 32"):
         SDXLUNetConfig(model_channels=48)
+
+
+# Config inference from shapes: two layouts no other test uses, each following SDXL's 64-channel-head convention
+# (narrower models: the largest width dividing every level's and 64).
+UNSEEN = [SDXLUNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, transformer_depth=(0, 1, 2),
+                         num_head_channels=64, context_dim=192, adm_in_channels=96 + 6 * 256),
+          SDXLUNetConfig(model_channels=32, channel_mult=(1, 3), num_res_blocks=1, transformer_depth=(1, 3),
+                         num_head_channels=32, context_dim=192, adm_in_channels=32 + 6 * 256, in_channels=8, out_channels=4)]
+
+
+def meta_shapes(cfg):
+    with torch.device("meta"):
+        return {k: v.shape for k, v in SDXLUNet(cfg).state_dict().items()}
+
+
+def test_config_inferred_from_shapes_full_size_on_meta():
+    cfg = infer_sdxl_unet_config(meta_shapes(SDXLUNetConfig()), "sd_xl_base_1.0.safetensors")
+    assert cfg == SDXLUNetConfig()
+    with torch.device("meta"):
+        assert sum(p.numel() for p in SDXLUNet(cfg).parameters()) == 2_567_463_684
+
+
+@pytest.mark.parametrize("cfg", UNSEEN, ids=["three_levels", "two_levels_8ch_in"])
+def test_config_inferred_from_shapes_unseen_layouts(cfg):
+    assert infer_sdxl_unet_config(meta_shapes(cfg)) == cfg
+
+
+def test_config_inference_errors_name_the_file_and_what():
+    full = meta_shapes(SDXLUNetConfig())
+    cases = [({k: v for k, v in full.items() if k != "label_emb.0.0.weight"}, "no tensor label_emb.0.0.weight"),
+             ({k: v for k, v in full.items() if not k.startswith("input_blocks.2.")}, "ResBlocks per level [1, 2, 2] differ"),
+             ({k: v for k, v in full.items() if not k.startswith("input_blocks.8.1.transformer_blocks.9.")},
+              "transformer depths per block [[0], [2], [9, 10]]"),
+             ({k: v for k, v in full.items() if not k.startswith("output_blocks.0.")}, "missing keys"),
+             ({k: v for k, v in full.items() if "attn2" not in k}, "no cross-attention")]
+    for shapes, words in cases:
+        with pytest.raises(ValueError) as err:
+            infer_sdxl_unet_config(shapes, "smaller.safetensors")
+        assert "smaller.safetensors" in str(err.value) and words in str(err.value), str(err.value)

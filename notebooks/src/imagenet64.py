@@ -312,14 +312,14 @@ print("the payload ran:", (work / "PWNED").exists())
 #
 # The CPU preset (`--preset gaussian`) replaces ImageNet by a data set whose every number is known: each of 4 classes
 # is a Gaussian "texture" `x | y ~ N(mu_y, Sigma_y)` on 3x8x8 images (`imagenet64.GaussianTeacher`). Its exact
-# denoiser, `D(x; sigma, y) = mu_y + Sigma_y (Sigma_y + sigma^2 I)^-1 (x - mu_y)`, plays the teacher `D_real`. The
+# denoiser, `D(x; sigma, y) = mu_y + Sigma_y (Sigma_y + sigma^2 I)^-1 (x - mu_y)`, plays the teacher. The
 # generator and the fake score are tiny EDM networks, both copies of one network pre-trained with the EDM loss on
 # samples of the data (`imagenet64.pretrain_edm`), as DMD2 copies both from the teacher checkpoint.
 #
-# `imagenet64.train(cfg)` is the whole loop. Run for one iteration, it builds everything (`imagenet64.build_models`),
-# reports the exact Fréchet distance of the student before training, trains one step and writes `checkpoint.pt`; section 4
-# resumes from there. The models it returns are what we take apart now (the changes we make to them below do not
-# touch the checkpoint).
+# `imagenet64.train(cfg)` is the whole loop. Run for one iteration, it builds everything (`imagenet64.setup`,
+# `imagenet64.start`), reports the exact Fréchet distance of the student before training, trains one step and writes
+# `checkpoint.pt`; section 4 resumes from there. It returns the `Run` it worked on (models, optimisers, settings),
+# which we take apart now (the changes we make to it below do not touch the checkpoint).
 
 # %%
 steps, every = (24, 8) if FAST else (300, 60)   # section 4's run (the preset's full run is longer), report interval
@@ -327,105 +327,113 @@ cfg = imagenet64.parse_config(["--preset", "gaussian", "--outdir", str(work / "r
                                "--eval_per_class", "500", "--sample_every", str(every), "--log_every", str(every),
                                "--ckpt_every", "0", *(["--pretrain_steps", "50"] if FAST else [])])
 t0 = time.time()
-out = imagenet64.train(cfg)
-teacher, generator, guidance, data = out["teacher"], out["generator"], out["guidance"], out["data"]
-K = out["net_kwargs"]["label_dim"]
+run = imagenet64.train(cfg)
+teacher, generator, fake_score, data = run.teacher, run.generator, run.fake_score, run.data
+K = run.num_classes
 print(f"{time.time() - t0:.1f} s: teacher {type(teacher).__name__} ({K} classes), generator and fake score "
       f"{sum(p.numel() for p in generator.parameters()):,} parameters each, GAN head "
-      f"{sum(p.numel() for p in guidance.cls_pred_branch.parameters()):,}; wrote {sorted(os.listdir(cfg.outdir))}")
+      f"{sum(p.numel() for p in fake_score.gan_head.parameters()):,}; wrote {sorted(os.listdir(cfg.outdir))}")
 g = torch.Generator().manual_seed(0)
 real, real_y = data.sample(16, g)
 display(Markdown("Real samples, sorted by class:"))
 image_grid([list(real[real_y.argsort()])], scale=6)
 
 # %% [markdown]
-# **The generator's turn.** A batch of noise `z` and classes `y` gives the one-step samples
+# **The distribution-matching gradient.** A batch of noise `z` and classes `y` gives the one-step samples
 # `x = G(80 z; sigma = 80, y)` (`imagenet64.generate`). The distribution-matching loss
 # (`imagenet64.loss_distribution_matching`) then draws one sigma per sample from indices 20..980 of the 1000-point
-# Karras grid, noises `x`, and compares the two denoisers there. Below, the script's loss is computed first; then
-# the generator's random state is rewound and the same draws are replayed by hand, to see every tensor.
+# Karras grid, noises `x`, and compares the two denoisers there: `x0_real` from the teacher, `x0_fake` from the fake
+# score. Below, the script's loss is computed first; then the random state is rewound and the same draws are
+# replayed by hand, to see every tensor.
 
 # %%
 B = 8
-karras = unet.karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho).flip(0)   # [1000], ascending
+karras = imagenet64.sigma_grid(cfg)                                              # [1000], ascending
+lo, hi = int(cfg.min_step_percent * len(karras)), int(cfg.max_step_percent * len(karras)) + 1
+
+
+def dm_tensors(x, labels, g):
+    """Replay loss_distribution_matching's random draws with g: -> sigma, x_t, x0_real, x0_fake, grad."""
+    sigma = imagenet64.grid_sigmas(karras, lo, hi, len(x), g)                   # [B, 1, 1, 1]
+    with torch.no_grad():
+        x_t = x + sigma * torch.randn(x.shape, generator=g)                     # noised samples
+        x0_real = teacher(x_t, sigma, labels)                                   # exact denoiser of the data
+        x0_fake = fake_score.unet(x_t, sigma, labels)                           # the fake score's denoiser
+        p_real, p_fake = x - x0_real, x - x0_fake
+        w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                      # [B, 1, 1, 1] per-sample normaliser
+        grad = (p_real - p_fake) / w                                            # = (x0_fake - x0_real) / w
+    return sigma, x_t, x0_real, x0_fake, grad
+
+
 g = torch.Generator().manual_seed(1)
 z = torch.randn(B, 3, 8, 8, generator=g)                                         # [B, 3, 8, 8]
 y = torch.arange(B) % K                                                          # [B] classes
 labels = imagenet64.one_hot(y, K)                                                # [B, K]
 x = imagenet64.generate(generator, z, y, K)                                      # [B, 3, 8, 8], with grad into G
-
 rng_before = g.get_state()
-loss_dm = imagenet64.loss_distribution_matching(x, labels, teacher, guidance.fake_unet, karras, cfg, g)
-(dloss_dx,) = torch.autograd.grad(loss_dm, x, retain_graph=True)
-
+loss_dm = imagenet64.loss_distribution_matching(x, labels, teacher, fake_score.unet, karras, cfg, g)
+(dloss_dx,) = torch.autograd.grad(loss_dm, x)
 g.set_state(rng_before)                                                          # replay the same random draws
-lo, hi = int(cfg.min_step_percent * len(karras)), int(cfg.max_step_percent * len(karras)) + 1
-sigma = imagenet64.grid_sigmas(karras, lo, hi, B, g)                             # [B, 1, 1, 1]
-with torch.no_grad():
-    x_t = x + sigma * torch.randn(x.shape, generator=g)                          # noised samples
-    D_real = teacher(x_t, sigma, labels)                                         # exact denoiser of the data
-    D_fake = guidance.fake_unet(x_t, sigma, labels)                              # the fake score's denoiser
-    p_real, p_fake = x - D_real, x - D_fake
-    w = p_real.abs().mean(dim=[1, 2, 3], keepdim=True)                           # [B, 1, 1, 1] per-sample normaliser
-    grad = (p_real - p_fake) / w                                                 # = (D_fake - D_real) / w
+sigma, x_t, x0_real, x0_fake, grad = dm_tensors(x.detach(), labels, g)
 print("sigma per sample:", [round(s, 3) for s in sigma.flatten().tolist()])
 print(f"loss_dm = {loss_dm.item():.4f} = 0.5 * mean(grad^2) = {0.5 * grad.pow(2).mean().item():.4f}")
 print("d loss_dm / d x == grad / x.numel():", torch.allclose(dloss_dx, grad / x.numel(), rtol=1e-4, atol=1e-9))
 direction = -grad / grad.abs().amax(dim=[1, 2, 3], keepdim=True)                 # scaled to [-1, 1] for display
-image_grid([list(x.detach()), list(x_t), list(D_real), list(D_fake), list(direction)],
-           labels=["x = G(80z)", "x_t", "D_real(x_t)", "D_fake(x_t)", "-grad (scaled)"], label_width=110)
+image_grid([list(x.detach()), list(x_t), list(x0_real), list(x0_fake), list(direction)],
+           labels=["x = G(80z)", "x_t", "x0_real", "x0_fake", "-grad (scaled)"], label_width=110)
 
 # %% [markdown]
 # The loss value itself means little (it is `0.5 mean(grad^2)` by construction); what matters is its gradient, which
-# is exactly `grad / x.numel()`: each pixel is pushed along `D_real - D_fake`, towards what the data's denoiser
-# expects and away from what the generator's own distribution explains. The generator's loss adds the GAN term
-# `softplus(-logit)` on its samples, weighted by `gen_cls_loss_weight` (3e-3 on ImageNet); the gradients are clipped
-# at norm 10 and AdamW takes a step. With the same `z`, the generator's output moves; the cosine between each
-# sample's change and its `-grad` is positive when the sample moved along the DM direction. It is not 1: AdamW rescales
+# is exactly `grad / x.numel()`. Gradient descent moves each pixel along `-grad`, i.e. along `x0_real - x0_fake`:
+# towards what the data's denoiser expects and away from what the generator's own distribution explains.
+#
+# **The generator's turn** (`imagenet64.generator_turn`, what the loop calls every `dfake_gen_update_ratio = 5`-th
+# iteration): it draws `z` and `y` for each micro-batch from that iteration's random generator, makes the samples,
+# adds the GAN term `softplus(-logit)` (weighted by `gen_gan_weight`, 3e-3 on ImageNet) to `loss_dm` with the fake
+# score frozen, clips the gradient at norm 10 and takes an AdamW step. We call it for iteration 1 and replay its
+# draws, so that we know its samples and their DM direction before the step. The cosine between each sample's change
+# and its `x0_real - x0_fake` is positive when the sample moved along the DM direction. It is not 1: AdamW rescales
 # every parameter's step, the GAN term adds its own push, and one parameter update moves all samples at once.
 
 # %%
-opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, betas=(cfg.beta1, cfg.beta2),
-                          weight_decay=cfg.weight_decay)
-guidance.requires_grad_(False)                                # the GAN gradient flows into G only
-logits_gen = imagenet64.gan_logits(guidance, x, labels, karras, g)                 # [B, 1]
-loss_g_gan = F.softplus(-logits_gen).mean()
-(loss_dm + cfg.gen_cls_loss_weight * loss_g_gan).backward()
-guidance.requires_grad_(True)
-grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.max_grad_norm)
-opt_g.step()
-opt_g.zero_grad(set_to_none=True)
+step = 1
+gens = [unet.batch_generator(cfg.seed, step, r, run.device) for r in range(run.rounds)]   # the loop's draws
+g = unet.batch_generator(cfg.seed, step, 0, run.device)                                   # the same, replayed
+z = torch.randn(run.batch_gpu, *run.image_shape, generator=g)
+y = torch.randint(K, (run.batch_gpu,), generator=g)
 with torch.no_grad():
-    moved = imagenet64.generate(generator, z, y, K) - x.detach()                  # [B, 3, 8, 8]
-cos = F.cosine_similarity(moved.flatten(1), -grad.flatten(1)).tolist()
-print(f"loss_g_gan = {loss_g_gan.item():.4f}, generator gradient norm {grad_norm:.3g} (clipped at {cfg.max_grad_norm})")
-print("cosine(change of each sample, -grad):", [round(c, 2) for c in cos])
+    x_before = imagenet64.generate(generator, z, y, K)
+_, _, x0_real, x0_fake, _ = dm_tensors(x_before, imagenet64.one_hot(y, K), g)
+fakes = imagenet64.generator_turn(run, gens, step, update=True)                         # [(x_fake, y)] per micro-batch
+with torch.no_grad():
+    moved = imagenet64.generate(generator, z, y, K) - x_before                          # [B, 3, 8, 8]
+cos = F.cosine_similarity(moved.flatten(1), (x0_real - x0_fake).flatten(1))
+print("the turn's samples are the replayed ones:", torch.equal(fakes[0][0], x_before))
+print("generator turn:", {k: round(v, 4) for k, v in run.stats_g.items()})
+print(f"cosine(change of each sample, x0_real - x0_fake): mean {cos.mean():.2f}, "
+      f"positive for {(cos > 0).sum().item()} of {len(cos)} samples")
 
 # %% [markdown]
-# **The critic's turn**, every iteration: the fake score learns the generator's current samples with EDM's
-# denoising loss, weighted `1/sigma^2 + 1/sigma_data^2`, at sigmas over the whole grid
-# (`imagenet64.loss_fake_score`), and the GAN head on its bottleneck learns to tell noised real images from noised
-# generated ones (`imagenet64.gan_logits`, loss `softplus(D(fake)) + softplus(-D(real))`, weight 1e-2). Both are in
-# one module (`imagenet64.Guidance`) with one AdamW. The loop (`imagenet64.train`) runs the generator's turn only
-# every `dfake_gen_update_ratio = 5`-th iteration (TTUR), so the fake score gets five updates per generator update.
+# **The fake score's turn** (`imagenet64.fake_score_turn`), every iteration, on the same detached samples: the fake
+# score learns the generator's current samples with EDM's denoising loss, weighted `1/sigma^2 + 1/sigma_data^2`, at
+# sigmas over the whole grid (`imagenet64.loss_fake_score`), and the GAN head on its encoder's output learns to tell
+# noised real images from noised generated ones (`imagenet64.loss_gan_discriminator`, loss
+# `softplus(D(fake)) + softplus(-D(real))`, weight `fake_gan_weight` = 1e-2). Both live in one module
+# (`imagenet64.FakeScore`: `unet` and `gan_head`) with one AdamW. The head needs only the encoder, so every GAN call
+# stops there (`bottleneck_only=True`), about 0.3 of a full pass at full size. `imagenet64.train_step` is these two
+# calls (plus the learning-rate warm-up), and `imagenet64.train` loops over it: DMD2's Algorithm 1.
 
 # %%
-opt_d = torch.optim.AdamW(guidance.parameters(), lr=cfg.guidance_lr, betas=(cfg.beta1, cfg.beta2),
-                          weight_decay=cfg.weight_decay)
-x_fake = x.detach()
+imagenet64.fake_score_turn(run, fakes, gens, step)
+print("fake score turn:", {k: round(v, 4) for k, v in run.stats_d.items()},
+      f"(loss_d = log 4 = {torch.tensor(4.0).log().item():.4f} for an undecided head)")
+g = torch.Generator().manual_seed(3)
 x_real, y_real = data.sample(B, g)
-loss_fake = imagenet64.loss_fake_score(guidance, x_fake, labels, karras, cfg.sigma_data, g)
-logits_fake = imagenet64.gan_logits(guidance, x_fake, labels, karras, g)                        # [B, 1]
-logits_real = imagenet64.gan_logits(guidance, x_real, imagenet64.one_hot(y_real, K), karras, g)  # [B, 1]
-loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
-(loss_fake + cfg.guidance_cls_loss_weight * loss_d).backward()
-torch.nn.utils.clip_grad_norm_(guidance.parameters(), cfg.max_grad_norm)
-opt_d.step()
-opt_d.zero_grad(set_to_none=True)
-print(f"loss_fake = {loss_fake.item():.4f}, loss_d = {loss_d.item():.4f} "
-      f"(log 4 = {torch.tensor(4.0).log().item():.4f} for an undecided head)")
-print("logits on generated:", [round(v, 3) for v in logits_fake.flatten().tolist()])
-print("logits on real:     ", [round(v, 3) for v in logits_real.flatten().tolist()])
+with torch.no_grad():
+    logits_fake = imagenet64.gan_logits(fake_score, fakes[0][0][:B], imagenet64.one_hot(fakes[0][1][:B], K), karras, g)
+    logits_real = imagenet64.gan_logits(fake_score, x_real, imagenet64.one_hot(y_real, K), karras, g)
+print("head logits on generated:", [round(v, 3) for v in logits_fake.flatten().tolist()])
+print("head logits on real:     ", [round(v, 3) for v in logits_real.flatten().tolist()])
 
 # %% [markdown]
 # ## 4. The Gaussian-teacher run: the exact Fréchet distance falls
@@ -451,8 +459,8 @@ print("mean Frechet distance:", [round(sum(fd[s]) / K, 3) for s in at])
 
 # %% [markdown]
 # The distance falls as the student learns (early iterations can be flat); `python imagenet64.py --preset gaussian`
-# runs the preset's full length and prints the final distances. The sample grids the run wrote (`samples_*.png`; rows cycle through the classes; the same
-# noise every time), next to real samples in the same layout:
+# runs the preset's full length and prints the final distances. The sample grids the run wrote (`samples_*.png`;
+# rows cycle through the classes; the same noise every time), next to real samples in the same layout:
 
 # %%
 grids = sorted(Path(cfg.outdir).glob("samples_*.png"))                         # 8 x 8 images of 8 x 8 pixels
@@ -480,25 +488,30 @@ rows = [("teacher", "closed-form Gaussian denoiser", "`edm-imagenet-64x64-cond-a
         ("generator, fake score", "tiny EDM nets, pre-trained here", "copies of the teacher"),
         ("real images for the GAN", "exact samples of the Gaussians", "ImageNet 64x64, EDM's `dataset_tool` zip"),
         ("precision", "fp32", "bf16 autocast (fp16 diverges)"),
-        ("metric", "exact Fréchet distance", "FID-50k, `fid.py` against EDM's `imagenet-64x64.npz`")]
+        ("metric", "exact Fréchet distance", "FID-50k of fp32 samples, DMD2's quantisation, `fid.py` against EDM's "
+                                              "`imagenet-64x64.npz`")]
 rows += [(name, getattr(preset, name), getattr(official, name)) for name in
-         ("batch_size", "generator_lr", "guidance_lr", "warmup_steps", "dfake_gen_update_ratio", "gen_cls_loss_weight",
-          "guidance_cls_loss_weight", "ema_decay", "total_steps")
+         ("batch_size", "generator_lr", "fake_score_lr", "warmup_steps", "dfake_gen_update_ratio", "gen_gan_weight",
+          "fake_gan_weight", "ema_decay", "total_steps")
          if getattr(preset, name) != getattr(official, name) or name == "dfake_gen_update_ratio"]
 display(Markdown("| | CPU preset (this notebook) | ImageNet-64 (paper, App. F.2) |\n|---|---|---|\n" +
                  "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)))
 
 # %% [markdown]
+# The paper's two results, as the README and the script's docstring give them (`T` = `--teacher
+# edm-imagenet-64x64-cond-adm.pkl`, `D` = `--data imagenet-64x64.zip`, `E` = `--fid_ref imagenet-64x64.npz`):
 # ```
-# python imagenet64.py --teacher edm-imagenet-64x64-cond-adm.pkl --data imagenet-64x64.zip --batch_gpu 40 \
-#     --fid_every 5000 --fid_ref imagenet-64x64.npz                 # one GPU, 7 accumulation rounds of 40
-# torchrun --nproc_per_node=7 imagenet64.py --teacher edm-imagenet-64x64-cond-adm.pkl --data imagenet-64x64.zip
-# python imagenet64.py sample --ckpt out/imagenet64/generator.pt --seeds 0-49999 --out samples.npz
-# python fid.py calc --images samples.npz --ref imagenet-64x64.npz  # FID-50k
+# torchrun --nproc_per_node=7 imagenet64.py T D --outdir out/gan --total_steps 200000     # FID 1.51
+# torchrun --nproc_per_node=7 imagenet64.py T --no-gan --outdir out/stage1 --total_steps 410000   # 1.28, stage 1
+# python imagenet64.py evaluate --folder out/stage1 E                                      # finds the best kept file
+# torchrun --nproc_per_node=7 imagenet64.py T D --init_from out/stage1/generator_0405000.pt \
+#     --generator_lr 5e-7 --fake_score_lr 5e-7 --outdir out/stage2 --total_steps 150000     # 1.28, stage 2
+# python imagenet64.py evaluate --folder out/stage2 E
 # python imagenet64.py --teacher random --data random --batch_size 40 --bench   # loop overhead, no downloads
 # ```
 #
 # The paper trains with 40 images per GPU on 7 A100 for about 53 hours. Expected, from the paper (not measured by
-# us): FID 1.51 after about 200k iterations; 1.28 with the longer two-stage schedule (400k iterations without the
-# GAN, then 150k more at learning rate 5e-7 with it). The one-step student beats the teacher's deterministic sampler (2.32 at 511 network calls; EDM's stochastic sampler reaches
-# 1.36). Without the GAN term, the only part that sees real images, DMD2 reaches 2.61 (paper, Table 3).
+# us): FID 1.51 after about 200k iterations; 1.28 with the two-stage schedule (about 400k iterations without the
+# GAN, then about 140k more at learning rate 5e-7 with it). The one-step student beats the teacher's deterministic
+# sampler (2.32 at 511 network calls; EDM's stochastic sampler reaches 1.36). Without the GAN term, the only part
+# that sees real images, DMD2 reaches 2.61 (paper, Table 3).

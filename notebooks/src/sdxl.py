@@ -27,7 +27,8 @@
 # 3. the conditioning: text context, pooled embedding and the micro-conditioning vector `y`,
 # 4. the DDPM schedule and DMD2's 4-step sampler, then the whole pipeline on a tiny random model,
 # 5. renaming DMD2's diffusers-named UNet to Stability's (sgm) names,
-# 6. how to point all of it at the real checkpoints.
+# 6. one DMD2 training iteration with the script's own turn functions,
+# 7. how to point all of it at the real checkpoints.
 #
 # Regenerate this notebook with `python notebooks/build.py sdxl`.
 
@@ -426,7 +427,47 @@ except ValueError as e:
     print("\n".join(line for line in str(e).splitlines() if not line.startswith("    ")))   # the section titles
 
 # %% [markdown]
-# ## 6. Pointing it at the real checkpoints
+# ## 6. One DMD2 iteration, with the script's own turns
+#
+# `sdxl.train` loops over iterations, and each iteration is two calls, as in the paper's Algorithm 1:
+# `generator_turn` (the generator's x0 at the step k that backward simulation chose; on every
+# `dfake_gen_update_ratio`-th iteration also the distribution-matching and GAN losses and an optimiser step) and
+# `fake_score_turn` (the fake score's denoising loss and the discriminator loss on real latents, every iteration).
+# Below, the tiny preset on four random images with captions: `encode` turns them into latents, `setup_training`
+# builds everything `train` would, and we call the turns ourselves. The generator's prompts are the captions of a
+# batch of real latents, as in the official 4-step run.
+
+# %%
+import numpy as np
+
+images_dir, latents_dir = work / "images", work / "latents"
+images_dir.mkdir(exist_ok=True)
+rng = np.random.default_rng(0)
+for i, caption in enumerate(["a red square", "a blue circle on a table", "a green field", "a cat on a mat"]):
+    Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(images_dir / f"im{i}.png")
+    (images_dir / f"im{i}.txt").write_text(caption)
+sdxl.main(["encode", "--preset", "tiny", "--images", str(images_dir), "--out", str(latents_dir), "--device", "cpu"])
+
+cfg = sdxl.Config(**{**sdxl.PRESETS["tiny"], "preset": "tiny", "latents": str(latents_dir), "outdir": str(work / "run"),
+                     "device": "cpu", "dfake_gen_update_ratio": 2})
+run = sdxl.setup_training(cfg)
+print(f"global batch {cfg.batch_size} = {run.batch_gpu} per process x {run.world} process x {run.rounds} round(s)")
+for step in range(4):
+    run.step = step
+    sdxl.set_learning_rates(run, step)
+    k = sdxl.shared_step_index(len(run.timesteps), cfg.seed, step, run.device)         # one chain step per iteration
+    batches = [sdxl.draw_micro_batch(run, step, run.rank * run.rounds + r, k) for r in range(run.rounds)]
+    fakes, stats = sdxl.generator_turn(run, batches, train_generator=step % cfg.dfake_gen_update_ratio == 0)
+    stats.update(sdxl.fake_score_turn(run, batches, fakes))
+    print(f"step {step}  k {k} (t = {run.timesteps[k]})  " + "  ".join(f"{n} {v:.4g}" for n, v in stats.items()))
+
+# %% [markdown]
+# Step 0 and 2 update the generator (`loss_dm`, `loss_g_gan`), steps 1 and 3 only the fake score: TTUR with ratio 2
+# here, 5 in the official run. Table 4's ablations are flags of `train`: `--no-backward_simulation` (the generator's
+# input is a real latent noised to a random step) and `--gan_only` (no distribution matching).
+
+# %% [markdown]
+# ## 7. Pointing it at the real checkpoints
 #
 # Everything above runs unchanged on the real files; only the sizes differ. You need (GPU recommended; the UNet
 # alone is 5 GB in fp16):

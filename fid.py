@@ -1124,10 +1124,32 @@ def read_open_clip_weights(path):
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def load_open_clip(path, cfg=CLIPConfig(), device="cpu"):
+def infer_clip_config(sd, vision_heads=16, text_heads=16):
+    """CLIPConfig from an open_clip state dict's shapes; the head counts are not stored in the file (ViT-g-14: 16, 16)."""
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    try:
+        conv, pos, text_pos = sd["visual.conv1.weight"], sd["visual.positional_embedding"], sd["positional_embedding"]
+        return CLIPConfig(embed_dim=sd["text_projection"].shape[1], patch_size=conv.shape[-1],
+                          image_size=conv.shape[-1] * math.isqrt(pos.shape[0] - 1), vision_width=conv.shape[0],
+                          vision_layers=count("visual.transformer.resblocks."), vision_heads=vision_heads,
+                          vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                          context_length=text_pos.shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                          text_width=text_pos.shape[1], text_heads=text_heads, text_layers=count("transformer.resblocks."),
+                          text_mlp=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"not an open_clip ViT checkpoint (no {e})") from None
+
+
+def load_open_clip(path, cfg=None, device="cpu", heads=(16, 16)):
     """OpenCLIP(cfg) with a local open_clip checkpoint's weights, float32, eval, frozen; ValueError naming the file and
-    listing missing, unexpected and misshapen tensors."""
+    listing missing, unexpected and misshapen tensors. cfg None: read from the file's shapes, with heads (image, text)."""
     sd = read_open_clip_weights(path)
+    if cfg is None:
+        try:
+            cfg = infer_clip_config(sd, *heads)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     with torch.device("meta"):
         model = OpenCLIP(cfg)
     wanted = model.state_dict()

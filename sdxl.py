@@ -81,6 +81,7 @@ try:  # FSDP2; torch >= 2.6 exports it here, 2.4-2.5 only under _composable
 except ImportError:
     from torch.distributed._composable.fsdp import fully_shard
 
+import fid
 import unet
 from unet import SDXLUNet, SDXLUNetConfig, diffusers_to_sgm_unet, load_sdxl_unet_state, timestep_embedding
 
@@ -120,6 +121,9 @@ class Config:
     fake_gan_weight: float = 1e-2         # discriminator weight (official guidance_cls_loss_weight)
     backward_simulation: bool = True      # off: Table 4 ablation, G's input = a noised real latent
     gan_only: bool = False                # Table 4 ablation: G minimises the GAN loss alone (gan_alone)
+    lora_rank: int = 0                    # > 0: LoRA generator of this rank, fake score full (official: 64, lr 5e-5)
+    lora_alpha: float = 8.0               # LoRA update scale alpha / rank (official 8)
+    lora_dropout: float = 0.0             # dropout on the LoRA layers' input (official 0)
     precision: str = "bf16"               # bf16: bf16 teacher, autocast on trained passes (official); fp32
     no_grad_bf16: bool = False            # text encoders, chain, critic-step G pass in bf16 (official fp32)
     tf32: bool = True                     # allow TF32 matmuls/convs on Ampere+ (official does)
@@ -709,12 +713,17 @@ def build_models(run, frozen_dtype, text_dtype):
     with torch.device("meta"):
         generator = SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing)
         fake_score = FakeScore(SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing), gan_head(channels, mid))
-    run.generator = make_trainable(generator, state, run.device, run.world)
+    generator_state = state
+    if cfg.lora_rank:  # DMD2's LoRA generator (README model zoo): the base stays frozen, the low-rank updates train
+        unet.add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        generator_state = {**state, **unet.lora_init_state(generator, cfg.seed)}
+    run.generator = make_trainable(generator, generator_state, run.device, run.world)
     run.fake_score = make_trainable(fake_score, {**{"fake_unet." + k: v for k, v in state.items()},
                                                  **{"cls_pred_branch." + k: v for k, v in head.state_dict().items()}},
                                     run.device, run.world)
     adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    run.opt = dict(generator=torch.optim.AdamW(run.generator.parameters(), lr=cfg.generator_lr, **adamw),
+    trained = [p for p in run.generator.parameters() if p.requires_grad]           # all, or the LoRA weights only
+    run.opt = dict(generator=torch.optim.AdamW(trained, lr=cfg.generator_lr, **adamw),
                    fake_score=torch.optim.AdamW(run.fake_score.parameters(), lr=cfg.fake_score_lr, **adamw))
 
 
@@ -762,8 +771,10 @@ def resume_training(run):
     """Weights and AdamW moments from checkpoint.pt (RNG needs no state: it is a function of the step). A generator
     file left behind by a kill is rewritten to match. -> the step to continue from"""
     ckpt, full = load_training_checkpoint(run.ckpt_path), StateDictOptions(full_state_dict=True)
+    lora = StateDictOptions(full_state_dict=True, strict=False)                   # LoRA runs store the LoRA only
     try:
-        set_model_state_dict(run.generator, ckpt["generator"], options=full)
+        check_generator_keys(run, ckpt["generator"])
+        set_model_state_dict(run.generator, ckpt["generator"], options=lora if run.cfg.lora_rank else full)
         set_model_state_dict(run.fake_score, ckpt["fake_score"], options=full)
         set_optimizer_state_dict(run.generator, run.opt["generator"], ckpt["opt_g"], options=full)
         set_optimizer_state_dict(run.fake_score, run.opt["fake_score"], ckpt["opt_d"], options=full)
@@ -771,7 +782,7 @@ def resume_training(run):
         raise ValueError(f"{run.ckpt_path}: does not fit this run's models ({type(e).__name__}: {e})") from None
     step, cfg = ckpt["step"], run.cfg
     if run.rank == 0 and generator_file_step(run.gen_path) != step:
-        write_generator(run.gen_path, ckpt["generator"], step)
+        write_generator(run.gen_path, ckpt["generator"], step, cfg, run.unet_cfg)
     changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["cfg"].items()
                if getattr(cfg, k, v) != v and k not in ("resume", "total_steps")}
     if run.rank == 0:
@@ -787,9 +798,24 @@ def generator_file_step(path):
         return None
 
 
-def write_generator(path, state, step):
-    write_safetensors(path, {k: v.half() for k, v in state.items()},
-                      {"step": str(step), "format": "SDXL UNet, sgm names without model.diffusion_model."})
+def check_generator_keys(run, state):
+    """A LoRA run's checkpoint holds exactly the generator's LoRA weights (the base is --ckpt's); a full run's, all."""
+    names = set(run.generator.state_dict())
+    wanted = {k for k in names if unet.is_lora_key(k)} if run.cfg.lora_rank else names
+    if set(state) != wanted:
+        raise ValueError(f"generator weights: {len(set(state) - wanted)} unexpected, {len(wanted - set(state))} "
+                         f"missing (--lora_rank {run.cfg.lora_rank} of the checkpoint's run?)")
+
+
+def write_generator(path, state, step, cfg, unet_cfg):
+    """generator.safetensors in fp16: the whole UNet, or for a LoRA run its LoRA weights with rank, alpha and the UNet
+    layout in the metadata (diffusers' 'lora_adapter_metadata' key, so that --lora and diffusers-style readers work)."""
+    metadata = {"step": str(step), "format": "SDXL UNet, sgm names without model.diffusion_model."}
+    if cfg.lora_rank:
+        metadata.update(format="LoRA of the SDXL UNet, sgm module names", unet_config=json.dumps(
+            dataclasses.asdict(unet_cfg)), lora_adapter_metadata=json.dumps(
+            {"unet.r": cfg.lora_rank, "unet.lora_alpha": cfg.lora_alpha}))
+    write_safetensors(path, {k: v.half() for k, v in state.items()}, metadata)
 
 
 def save_training(run, step):
@@ -799,12 +825,15 @@ def save_training(run, step):
     modules = {"generator": run.generator, "fake_score": run.fake_score}
     unet.check_finite_weights(modules, step, run.world, run.ckpt_path)
     gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = dict(generator=get_model_state_dict(run.generator, options=gathered),
+    generator = get_model_state_dict(run.generator, options=gathered)
+    if run.cfg.lora_rank:                                                        # LoRA-only checkpoints
+        generator = {k: v for k, v in generator.items() if unet.is_lora_key(k)}
+    state = dict(generator=generator,
                  fake_score=get_model_state_dict(run.fake_score, options=gathered),
                  opt_g=get_optimizer_state_dict(run.generator, run.opt["generator"], options=gathered),
                  opt_d=get_optimizer_state_dict(run.fake_score, run.opt["fake_score"], options=gathered))
     if run.rank == 0:
-        write_generator(run.gen_path, state["generator"], step)
+        write_generator(run.gen_path, state["generator"], step, run.cfg, run.unet_cfg)
         unet.save_checkpoint(dict(step=step, cfg=dataclasses.asdict(run.cfg), **state), run.ckpt_path)
 
 
@@ -862,7 +891,36 @@ def load_for_inference(args):
     if args.unet:                      # its own config, read from its shapes: it may differ from --ckpt's UNet
         state, source = load_unet_state(args.unet, cfg), args.unet
         cfg = unet.infer_sdxl_unet_config({k: v.shape for k, v in state.items()}, args.unet)
-    return build_unet(state, cfg, device, dtype, source), parts
+    net = build_unet(state, cfg, device, dtype, source)
+    if args.lora:                      # merged into the weights: sampling costs what the plain UNet costs
+        lora_state, metadata = read_lora(args.lora)
+        factors = unet.lora_from_file_state(lora_state, cfg, args.lora, metadata)
+        unet.merge_lora(net, factors, args.lora_scale, args.lora)
+        print(f"merged {args.lora}: {len(factors)} LoRA modules at scale {args.lora_scale}")
+    return net, parts
+
+
+def read_lora(path):
+    """(state dict, safetensors metadata) of a LoRA file: .safetensors (Kohya, diffusers, ours) or a torch file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such LoRA file")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path), read_safetensors_header(path)[1]
+    state = unet.load_checkpoint(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: a LoRA file holds a flat dict of tensors (for a LoRA run: its generator.safetensors,"
+                         " not checkpoint.pt)")
+    return state, {}
+
+
+def lora_unet_config(metadata, path):
+    """The UNet layout a LoRA run stored in its generator.safetensors (write_generator)."""
+    try:
+        fields = json.loads(metadata["unet_config"])
+        return SDXLUNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: no UNet layout in the metadata ({type(e).__name__}: {e}); --format kohya "
+                         "exports the generator.safetensors of a `train --lora_rank` run") from None
 
 
 def cmd_generate(args):
@@ -919,12 +977,45 @@ def cmd_bench(args, reference=None):
 
 def cmd_export(args):
     """Our generator (any file load_unet_state reads) -> one .safetensors in diffusers UNet2DConditionModel names, as
-    DMD2's release: diffusers, ComfyUI and others load it. The config is read from the file's shapes."""
+    DMD2's release: diffusers, ComfyUI and others load it. The config is read from the file's shapes. With --lora and
+    --format kohya: a LoRA run's generator.safetensors -> the Kohya keys of DMD2's released LoRA."""
+    if args.lora or args.format == "kohya":
+        return export_lora(args)
+    if not args.unet:
+        raise ValueError("export needs --unet (a generator) or --lora with --format kohya (a LoRA generator)")
     state = load_unet_state(args.unet)
     cfg = unet.infer_sdxl_unet_config({k: v.shape for k, v in state.items()}, args.unet)
     renamed = unet.sgm_to_diffusers_unet(state, cfg, args.unet)
     write_safetensors(args.out, {k: v.contiguous() for k, v in renamed.items()}, {"format": "pt"})
     print(f"wrote {args.out}: {len(renamed)} tensors in diffusers UNet2DConditionModel names ({cfg})")
+
+
+def export_lora(args):
+    if not (args.lora and args.format == "kohya"):
+        raise ValueError("a LoRA is exported with --lora FILE --format kohya (DMD2's released LoRA format)")
+    state, metadata = read_lora(args.lora)
+    cfg = lora_unet_config(metadata, args.lora)
+    factors = unet.lora_from_file_state(state, cfg, args.lora, metadata)
+    kohya = unet.kohya_lora_state(factors, cfg, DTYPES[args.dtype])
+    write_safetensors(args.out, kohya, {"format": "pt"})
+    alphas = sorted({a for _, _, a in factors.values()})
+    print(f"wrote {args.out}: {len(factors)} LoRA modules in Kohya names (lora_unet_*), alpha {alphas}, {args.dtype}")
+
+
+def cmd_eval(args):
+    """DMD2's COCO metrics (Table 2) of a folder of generated images, paired in sorted file order with the prompts."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prompts = read_prompts(args.prompts)
+    detector = fid.load_inception(args.inception or None, device)
+    ref = fid.coco_reference(args.ref, detector, args.batch, device)
+    if args.save_ref:
+        fid.save_stats(args.save_ref, **ref)
+        print(f"wrote {args.save_ref}")
+    fid_value, patch_fid = fid.coco_fids(args.images, ref, detector, args.batch, device)
+    clip = fid.load_open_clip(args.clip, None, device, args.clip_heads)     # its shapes give the sizes
+    tokens = fid.clip_score_tokens(tokenize(prompts, pad_with="zero"), encode_text(fid.CLIP_PREFIX)[:3])
+    score = fid.clip_score(args.images, tokens, clip, args.batch, device)
+    print(f"FID {fid_value:.3f}  patch-FID {patch_fid:.3f}  CLIP score {score:.4f}  ({len(prompts)} images)")
 
 
 def cmd_tokenize(args):
@@ -964,6 +1055,9 @@ def add_model_args(p):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="UNet and text encoders; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"], help="SDXL's VAE overflows in fp16")
+    p.add_argument("--lora", default="", help="a LoRA merged into the UNet: Kohya (DMD2's "
+                   "dmd2_sdxl_4step_lora_fp16.safetensors), diffusers/peft, or a LoRA run's generator.safetensors")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="W + scale * (alpha / rank) up @ down")
     p.add_argument("--height", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
     p.add_argument("--width", type=int, default=0, help="0 = 1024 (128 with --preset tiny)")
 
@@ -1023,16 +1117,37 @@ def add_other_parsers(sub, fmt):
     p.add_argument("--reps", type=int, default=10, help="timed runs after one warm-up")
     p.set_defaults(run=cmd_bench)
     p = sub.add_parser("export", formatter_class=fmt, help="a trained generator -> diffusers UNet names (as DMD2's)")
-    p.add_argument("--unet", required=True, help="generator.safetensors, checkpoint.pt or any sgm-named SDXL UNet file")
-    p.add_argument("--format", default="diffusers", choices=["diffusers"], help="naming of the written file")
+    p.add_argument("--unet", default="", help="generator.safetensors, checkpoint.pt or any sgm-named SDXL UNet file")
+    p.add_argument("--lora", default="", help="a LoRA run's generator.safetensors (with --format kohya)")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"],
+                   help="naming of the written file: diffusers (a UNet) or kohya (a LoRA, as DMD2's release)")
+    p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="dtype of an exported LoRA (DMD2's: fp16)")
     p.add_argument("--out", required=True, help=".safetensors file to write")
     p.set_defaults(run=cmd_export)
+    add_eval_parser(sub, fmt)
     p = sub.add_parser("tokenize", help="print CLIP BPE token ids of a prompt for both text encoders")
     p.add_argument("prompt", help="text to tokenize")
     p.set_defaults(run=cmd_tokenize)
     p = sub.add_parser("inspect", help="summarise a .safetensors file's header (tensors, dtypes, bytes per prefix)")
     p.add_argument("path", help="a .safetensors file, e.g. sd_xl_base_1.0.safetensors")
     p.set_defaults(run=cmd_inspect)
+
+
+def add_eval_parser(sub, fmt):
+    p = sub.add_parser("eval", formatter_class=fmt, help="FID, patch-FID and CLIP score as DMD2's COCO table "
+                                                         "(README: the 10K COCO-2014 subset)")
+    p.add_argument("--images", required=True, help="folder of generated images, one per prompt, in sorted file order")
+    p.add_argument("--prompts", required=True, help="captions, one per line, in the images' order")
+    p.add_argument("--ref", required=True, help="folder of the real images, or an .npz written by --save_ref")
+    p.add_argument("--save_ref", default="", help="write the reference statistics here (reuse them with --ref)")
+    p.add_argument("--clip", required=True, help="open_clip checkpoint of ViT-g-14 laion2b_s12b_b42k "
+                   "(open_clip_pytorch_model.bin or open_clip_model.safetensors)")
+    p.add_argument("--clip_heads", type=int, nargs=2, default=[16, 16], metavar=("IMAGE", "TEXT"),
+                   help="attention heads of the two towers (not stored in the file; ViT-g-14: 16 16)")
+    p.add_argument("--inception", default="", help="FID Inception weights (fid.py; '' = fid.py's default path)")
+    p.add_argument("--batch", type=int, default=64, help="images per network call")
+    p.add_argument("--device", default="", help="'' = cuda if available, else cpu")
+    p.set_defaults(run=cmd_eval)
 
 
 def build_parser():

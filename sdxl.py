@@ -927,12 +927,35 @@ def cmd_generate(args):
     net, parts = load_for_inference(args)
     sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
     side = 128 if args.preset == "tiny" else 1024
+    if bool(args.prompt) == bool(args.prompts):
+        raise ValueError("generate needs either --prompt (one image) or --prompts with --outdir (one per line)")
+    if args.prompts:
+        return generate_folder(args, net, parts, sampler, args.height or side, args.width or side)
     image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], args.height or side,
                      args.width or side, args.seed, sampler, args.steps or (4 if sampler == "dmd2" else 30),
                      args.guidance, args.conditioning_timestep)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     PIL.Image.fromarray(image).save(args.out)
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {sampler} sampler)")
+
+
+def generate_folder(args, net, parts, sampler, height, width):
+    """One image per line of --prompts, written as OUTDIR/00000.png, 00001.png, ... in the prompts' order (sdxl.py eval
+    pairs them by sorted name). Batch i of --batch prompts draws its noise from seed + i (DMD2's COCO script seeds each
+    batch with its index). Images already written are kept: a stopped run continues."""
+    prompts = read_prompts(args.prompts)
+    os.makedirs(args.outdir, exist_ok=True)
+    for i in range(0, len(prompts), args.batch):
+        names = [os.path.join(args.outdir, f"{j:05d}.png") for j in range(i, min(i + args.batch, len(prompts)))]
+        if all(os.path.exists(n) for n in names):
+            continue
+        images = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], prompts[i:i + args.batch], height,
+                          width, args.seed + i // args.batch, sampler, args.steps or (4 if sampler == "dmd2" else 30),
+                          args.guidance, args.conditioning_timestep)
+        for name, image in zip(names, images):
+            PIL.Image.fromarray(image).save(name[:-4] + ".tmp", format="PNG")   # not an image name: eval skips it
+            os.replace(name[:-4] + ".tmp", name)                                   # a kill leaves no half-written PNG
+    print(f"wrote {len(prompts)} images to {args.outdir} ({sampler} sampler)")
 
 
 def cmd_encode(args):
@@ -1065,8 +1088,11 @@ def add_model_args(p):
 def add_generate_parser(sub, fmt):
     p = sub.add_parser("generate", formatter_class=fmt, help="prompt -> PNG, DMD2's sampler or the base's Euler + CFG")
     add_model_args(p)
-    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--out", default="out/sdxl.png", help="PNG file to write")
+    p.add_argument("--prompts", default="", help="instead of --prompt: a text file, one prompt per line")
+    p.add_argument("--outdir", default="out/sdxl_images", help="with --prompts: folder for 00000.png, 00001.png, ...")
+    p.add_argument("--batch", type=int, default=8, help="with --prompts: prompts per batch (noise seed: seed + batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noising")
     p.add_argument("--sampler", default="auto", choices=["auto", "dmd2", "euler"],
                    help="auto: dmd2 with --unet or --preset, else euler")

@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from test_sdxl_unet import randomize_  # every parameter random and non-zero
 from unet import (LoRALayer, SDXLUNet, SDXLUNetConfig, add_lora, diffusers_to_sgm_unet, kohya_lora_state,
                   load_lora_state, load_sdxl_unet_state, lora_factors, lora_from_file_state, lora_state_dict,
                   lora_targets, merge_lora, sgm_key)
@@ -43,17 +44,6 @@ def diffusers_config(cfg):
                 attention_head_dim=[w // cfg.num_head_channels for w in widths], cross_attention_dim=cfg.context_dim,
                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
                 projection_class_embeddings_input_dim=cfg.adm_in_channels)
-
-
-def randomize_(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def pair(name, seed=0):
@@ -337,6 +327,10 @@ def test_generate_with_a_lora_and_its_errors(lora_run, tmp_path, capsys):
     sdxl.main(["generate", "--preset", "tiny", "--lora", gen, "--lora_scale", "0.5", "--prompt", "a cat",
                "--out", png, "--device", "cpu"])
     assert os.path.getsize(png) > 0 and "at scale 0.5" in capsys.readouterr().out
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\na bird\n")
+    sdxl.main(["generate", "--preset", "tiny", "--lora", gen, "--prompts", str(tmp_path / "prompts.txt"), "--outdir",
+               str(tmp_path / "images"), "--batch", "2", "--device", "cpu"])
+    assert sorted(os.listdir(tmp_path / "images")) == ["00000.png", "00001.png", "00002.png"]
     bad = str(tmp_path / "bad.safetensors")
     state, _ = sdxl.read_lora(gen)
     sdxl.write_safetensors(bad, {**state, "lora_te1_text_model_x.lora_down.weight": torch.zeros(4, 4)})

@@ -9,8 +9,8 @@ checkpoints as plain state dicts. Section 4 is EDM's Heun sampler (Algorithm 2),
 Section 5 is SDXL base's UNet with Stability's parameter names (sd_xl_base_1.0.safetensors loads with strict=True) and
 the short rule that renames DMD2's diffusers-named UNets into it; sdxl.py builds on it. Section 6 is the run plumbing
 imagenet64.py and sdxl.py share: process setup, per-step RNG, the stop on NaN losses or weights, stale temporaries.
-Section 7 is LoRA for the SDXL UNet: DMD2's LoRA generator (a small wrapper on Linear and Conv2d layers), LoRA-only weights,
-reading Kohya- and diffusers-style SDXL LoRA files, merging them into the UNet, and writing DMD2's Kohya format.
+Section 7 is LoRA for the SDXL UNet: DMD2's LoRA generator (a small wrapper on Linear and Conv2d layers), LoRA-only
+weights, reading Kohya- and diffusers-style SDXL LoRA files, merging them into the UNet, writing DMD2's Kohya format.
 
 Library use (the training scripts do this):
     import torch, unet

@@ -213,24 +213,13 @@ def test_bad_open_clip_files_are_refused_naming_the_file(tmp_path, open_clip):
         fid.load_open_clip(tmp_path / "nothing.bin", TINY_CLIP)
 
 
-def test_coco_metrics_end_to_end(open_clip, detector, tmp_path):
-    """FID, patch-FID and CLIP score of a tiny folder: statistics round-trip through a file, other images give a
-    positive FID, and the CLIP score equals open_clip's mean cosine similarity on the same preprocessed images."""
-    (tmp_path / "real").mkdir()
+def test_clip_score_is_open_clips_mean_cosine_similarity(open_clip, tmp_path):
+    """The CLIP score of a folder equals open_clip's mean cosine similarity on the same preprocessed images, and a
+    caption count that differs from the image count is an error. (FID and patch-FID: the `sdxl.py eval` test below.)"""
     (tmp_path / "fake").mkdir()
     names = PHOTOS[1:3]
     for i, name in enumerate(names):
-        PIL.Image.fromarray(photo(name)).save(tmp_path / "real" / f"{i}.png")
         PIL.Image.fromarray(photo(name)[::-1, ::-1].copy()).save(tmp_path / "fake" / f"{i}.png")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                               # 2 images: the biased-FID warning
-        ref = fid.coco_reference(tmp_path / "real", detector, progress=False)
-        fid.save_stats(tmp_path / "ref.npz", **ref)
-        fake_fid, fake_patch = fid.coco_fids(tmp_path / "fake", fid.coco_reference(tmp_path / "ref.npz", detector),
-                                             detector, progress=False, method="eigh")   # sqrtm: ~1 min more
-    assert fake_fid > 1 and fake_patch > 1 and fake_fid != fake_patch
-    loaded = fid.coco_reference(tmp_path / "ref.npz", detector)
-    assert all(np.array_equal(loaded[k], ref[k]) for k in ("mu", "sigma", "patch_mu", "patch_sigma"))
     model = tiny_open_clip(open_clip)
     path = tmp_path / "clip.bin"
     torch.save(model.state_dict(), path)

@@ -924,11 +924,11 @@ def lora_unet_config(metadata, path):
 
 
 def cmd_generate(args):
+    if bool(args.prompt) == bool(args.prompts):
+        raise ValueError("generate needs either --prompt (one image) or --prompts with --outdir (one per line)")
     net, parts = load_for_inference(args)
     sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
     side = 128 if args.preset == "tiny" else 1024
-    if bool(args.prompt) == bool(args.prompts):
-        raise ValueError("generate needs either --prompt (one image) or --prompts with --outdir (one per line)")
     if args.prompts:
         return generate_folder(args, net, parts, sampler, args.height or side, args.width or side)
     image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], args.height or side,

@@ -1312,7 +1312,7 @@ def require_keys(obj, keys, path, what):
 # Merged, W' = W + scale * (alpha / rank) * up @ down (flattened over the kernel), which is what diffusers' fuse_lora does.
 # The targets are DMD2's peft target_modules (main/sdxl/extract_lora_module.py), in diffusers names: attention
 # to_q/to_k/to_v/to_out.0, proj_in/proj_out, ff.net.0.proj, ff.net.2, ResNet conv1/conv2/conv_shortcut/time_emb_proj,
-# downsamplers.0.conv and upsamplers.0.conv. In our sgm names they are found through `sgm_key`.
+# downsamplers.0.conv and upsamplers.0.conv. Our sgm names are mapped to those through `diffusers_key`.
 #
 #     targets = add_lora(model, rank=64, alpha=8)      # wraps the targets in place, freezes everything else
 #     save_checkpoint({"lora": lora_state_dict(model), "rank": 64, "alpha": 8}, "lora.pt")   # LoRA weights only
@@ -1320,61 +1320,24 @@ def require_keys(obj, keys, path, what):
 #     merge_lora(model, factors, scale=1.0, source_name=...)                   # into a plain (unwrapped) SDXLUNet
 #     kohya = kohya_lora_state(factors, model.cfg)    # 'lora_unet_<diffusers name with _>.lora_down.weight', ...
 
-LORA_TRANSFORMER = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-                    "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
-LORA_RESNET = ("conv1", "conv2", "conv_shortcut", "time_emb_proj")
-
-
-def _diffusers_lora_modules(cfg):
-    """Names of every diffusers UNet2DConditionModel module DMD2's LoRA targets, for the layout cfg describes."""
-    def resnet(p):
-        return [f"{p}.{n}" for n in LORA_RESNET]
-
-    def attention(p, depth):
-        blocks = [f"{p}.transformer_blocks.{k}.{n}" for k in range(depth) for n in LORA_TRANSFORMER]
-        return [f"{p}.proj_in", f"{p}.proj_out"] + blocks if depth else []
-
-    levels, n = len(cfg.channel_mult), cfg.num_res_blocks
-    names = []
-    for i, depth in enumerate(cfg.transformer_depth):                         # down_blocks: shallowest level first
-        for j in range(n):
-            names += resnet(f"down_blocks.{i}.resnets.{j}") + attention(f"down_blocks.{i}.attentions.{j}", depth)
-        names += [f"down_blocks.{i}.downsamplers.0.conv"] if i < levels - 1 else []
-    names += resnet("mid_block.resnets.0") + resnet("mid_block.resnets.1")
-    names += attention("mid_block.attentions.0", cfg.transformer_depth[-1])
-    for i, depth in enumerate(reversed(cfg.transformer_depth)):               # up_blocks: deepest level first
-        for j in range(n + 1):
-            names += resnet(f"up_blocks.{i}.resnets.{j}") + attention(f"up_blocks.{i}.attentions.{j}", depth)
-        names += [f"up_blocks.{i}.upsamplers.0.conv"] if i < levels - 1 else []
-    return names
-
-
-def _is_lora_base(module):
-    return isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, LoRALayer)
-
-
-def lora_targets(model):
-    """{sgm module name: diffusers module name} of DMD2's LoRA targets present in this SDXLUNet (a ResBlock with equal
-    widths has no conv_shortcut)."""
-    modules = dict(model.named_modules())
-    out = {}
-    for name in _diffusers_lora_modules(model.cfg):
-        ours = sgm_key(f"{name}.weight", model.cfg).removesuffix(".weight")
-        if _is_lora_base(modules.get(ours)):
-            out[ours] = name
-    return out
+# DMD2's peft target_modules, matched as peft matches them: a module whose diffusers name equals one of these or ends in
+# '.' + one of these.
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                       "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
 def lora_names(cfg):
-    """{sgm module name: diffusers module name} of every Linear and Conv2d of SDXLUNet(cfg): the targets, and the
-    embeddings and in/out convolutions some community LoRAs also train. Used to read LoRA files."""
+    """{sgm module name: diffusers module name} of every Linear and Conv2d of SDXLUNet(cfg): what LoRA files may name."""
     with torch.device("meta"):
         model = SDXLUNet(cfg)
-    names = lora_targets(model)
-    for diffusers_name, ours in TOP_RENAMES.items():
-        if isinstance(model.get_submodule(ours), (nn.Linear, nn.Conv2d)):
-            names[ours] = diffusers_name
-    return names
+    return {name: diffusers_key(f"{name}.weight", cfg).removesuffix(".weight")
+            for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def lora_targets(model):
+    """{sgm module name: diffusers module name} of DMD2's LoRA targets in this SDXLUNet (for SDXL base: 788 layers)."""
+    return {ours: theirs for ours, theirs in lora_names(model.cfg).items()
+            if any(theirs == t or theirs.endswith("." + t) for t in LORA_TARGET_MODULES)}
 
 
 class LoRALayer(nn.Module):

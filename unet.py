@@ -1327,7 +1327,7 @@ LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"
 
 
 def lora_names(cfg):
-    """{sgm module name: diffusers module name} of every Linear and Conv2d of SDXLUNet(cfg): what LoRA files may name."""
+    """{sgm module name: diffusers module name} of every Linear and Conv2d of SDXLUNet(cfg): what a LoRA may name."""
     with torch.device("meta"):
         model = SDXLUNet(cfg)
     return {name: diffusers_key(f"{name}.weight", cfg).removesuffix(".weight")

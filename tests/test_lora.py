@@ -338,3 +338,14 @@ def test_generate_with_a_lora_and_its_errors(lora_run, tmp_path, capsys):
         sdxl.main(["generate", "--preset", "tiny", "--lora", bad, "--prompt", "a", "--out", png, "--device", "cpu"])
     err = capsys.readouterr().err
     assert f"{bad}: not a LoRA" in err and "lora_te1_text_model_x.lora_down.weight" in err
+
+
+def test_full_size_rank_64_lora_has_the_released_files_size():
+    """On SDXL base (meta device), DMD2's targets at rank 64 hold as many weights as the released LoRA files hold
+    bytes: 787 MB in fp32 and 394 MB in fp16 (huggingface.co/tianweiy/DMD2, dmd2.md §8.1; the alphas add 788 values)."""
+    with torch.device("meta"):
+        net = SDXLUNet(SDXLUNetConfig())
+        names = add_lora(net, rank=64, alpha=8)
+    count = sum(v.numel() for v in lora_state_dict(net).values())
+    assert len(names) == 788
+    assert abs(4 * count / 1e6 - 787) < 0.5 and abs(2 * count / 1e6 - 394) < 0.6

@@ -215,6 +215,29 @@ def test_energy_distance_matches_brute_force():
     assert expected > 0.2 and abs(toy2d.energy_distance(x[:350], x[350:])) < 0.05    # same law: near zero
 
 
+def test_mode_shape_kl_known_answers():
+    """Two far-apart modes (no sample is assigned to the wrong one): one drawn with its std scaled by c,
+    KL = c^2 - 1 - 2 ln c; the other shifted by d, KL = d^2 / (2 s^2). evaluate() reports their mean and max."""
+    mix = toy2d.Mixture(torch.tensor([[-10.0, 0.0], [10.0, 0.0]]), torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.5]))
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 200_000, 0.7, 0.15
+    x = torch.cat([mix.means[0] + c * 0.5 * torch.randn(n, 2, generator=g),
+                   mix.means[1] + torch.tensor([d, 0.0]) + 0.3 * torch.randn(n, 2, generator=g)])
+    assign = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    kl = toy2d.mode_shape_kl(mix, x, assign)
+    expected = torch.tensor([c**2 - 1 - 2 * math.log(c), d**2 / (2 * 0.3**2)], dtype=torch.float64)
+    assert torch.allclose(kl, expected, atol=3e-3), (kl, expected)
+    m = toy2d.evaluate(mix, x[::20], x[::100])                  # 10,000 of each mode's samples
+    assert m["mode_shape_kl"] == pytest.approx(float(expected.mean()), abs=0.02)
+    assert m["mode_shape_kl_worst"] == pytest.approx(float(expected.max()), abs=0.02)
+    # A mode that receives (almost) nothing has no shape: +inf, so the mean cannot hide it.
+    assert math.isinf(toy2d.evaluate(mix, x[:n:20], x[::100])["mode_shape_kl_worst"])
+    # Exact samples of the default ring: near 0, above 0 only by the cut tails of the nearest-mode assignment.
+    ring = toy2d.make_mixture("ring")
+    y = toy2d.sample_mixture(ring, 10_000, generator=g)
+    assert 0 < toy2d.evaluate(ring, y, y[::10])["mode_shape_kl"] < 0.01
+
+
 # ---- whole runs ------------------------------------------------------------------------------
 
 TINY = ["--teacher_iters", "150", "--iters", "60", "--batch", "128", "--width", "32", "--depth", "2",

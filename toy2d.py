@@ -25,6 +25,7 @@ The same code runs under bf16 autocast when CUDA is present (--device cuda); the
 import argparse
 import concurrent.futures
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -55,6 +56,7 @@ class Config:
     # teacher: an EDM-preconditioned MLP trained on samples with the EDM loss
     width: int = 128                 # hidden width of every MLP (teacher, fake score, generator)
     depth: int = 3                   # hidden layers of every MLP
+    noise_freq_max: float = 1.0      # highest frequency of the Fourier features of c_noise (EDM's embedding: <= 1)
     teacher_iters: int = 1500        # EDM-loss training steps of the teacher
     teacher_batch: int = 1024        # teacher batch size
     teacher_lr: float = 3e-3         # teacher Adam learning rate (cosine-decayed to 0)
@@ -63,7 +65,8 @@ class Config:
     # DMD2 distillation
     iters: int = 2800                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
     batch: int = 384                 # generator batch (the same number of real samples for the GAN)
-    lr: float = 1e-3                 # AdamW learning rate of generator and fake score (equal, as the paper)
+    generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
+    fake_score_lr: float = 1e-3      # AdamW learning rate of the fake score and the GAN head
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
     min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
@@ -87,49 +90,6 @@ class Config:
     ablation: bool = False           # run the ablation table instead of the main run
     ablation_seeds: int = 2          # seeds per ablation row
     quiet: bool = False              # no progress bars
-
-
-def check_config(cfg):
-    """Refuse impossible options with a message that says which option and why."""
-    errors = []
-    if cfg.dataset not in ("ring", "grid"):
-        errors.append(f"--dataset must be 'ring' or 'grid', not {cfg.dataset!r}")
-    if cfg.real_score not in ("teacher", "exact"):
-        errors.append(f"--real_score must be 'teacher' or 'exact', not {cfg.real_score!r}")
-    if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
-        errors.append(f"--amp must be auto, bf16, fp16 or fp32, not {cfg.amp!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        errors.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        errors.append("--device cuda was asked for but torch.cuda.is_available() is False")
-    if not 0 < cfg.sigma_min < cfg.sigma_max:
-        errors.append(f"need 0 < --sigma_min < --sigma_max, got {cfg.sigma_min} and {cfg.sigma_max}")
-    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
-        errors.append("need 0 <= --min_step_percent < --max_step_percent <= 1")
-    if cfg.threads < 0:
-        errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
-    for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "iters", "batch",
-                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "ablation_seeds", "workers"):
-        if getattr(cfg, name) < 1:
-            errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    try:
-        sig = parse_sigmas(cfg.kstep_sigmas)
-        if len(sig) != cfg.ksteps:
-            errors.append(f"--kstep_sigmas has {len(sig)} values but --ksteps is {cfg.ksteps}")
-        if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
-            errors.append(f"--kstep_sigmas must be positive and strictly decreasing, got {cfg.kstep_sigmas}")
-        if abs(sig[0] - cfg.sigma_max) > 1e-9:
-            errors.append(f"--kstep_sigmas must start at --sigma_max={cfg.sigma_max} (pure noise), got {sig[0]}")
-    except ValueError:
-        errors.append(f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}")
-    if cfg.num_eval < 100:
-        errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
-    if errors:
-        raise ValueError("invalid options:\n  " + "\n  ".join(errors))
-
-
-def parse_sigmas(text):
-    return [float(s) for s in text.split(",")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,10 +178,12 @@ class Denoiser(nn.Module):
     [B, width] when features=True: the GAN head of DMD2 reads the fake score's features).
     """
 
-    def __init__(self, sigma_data, width=128, depth=3, num_freqs=8):
+    def __init__(self, sigma_data, width=128, depth=3, num_freqs=8, max_freq=1.0):
         super().__init__()
         self.sigma_data = sigma_data
-        self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs) * math.pi)   # noise-level Fourier features
+        # Fourier features of c_noise at max_freq, max_freq/2, ..., max_freq/2^(num_freqs-1). c_noise spans
+        # about 2.7 over the grid, so max_freq <= 1 keeps D smooth in sigma, as EDM's positional embedding.
+        self.register_buffer("freqs", max_freq * 2.0 ** -torch.arange(num_freqs - 1, -1, -1.0))
         self.inp = nn.Linear(2 + 2 * num_freqs, width)
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
@@ -296,7 +258,7 @@ def edm_loss(D, x0, P_mean=-1.2, P_std=1.2):
 
 def train_teacher(cfg, mix, device, progress=True):
     """The many-step model DMD2 distills: an MLP denoiser trained on mixture samples."""
-    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth).to(device)
+    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth, max_freq=cfg.noise_freq_max).to(device)
     opt = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr, fused=True)   # fused: one kernel per step
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.teacher_iters)
     for _ in tqdm(range(cfg.teacher_iters), desc="teacher", disable=not progress, leave=False):
@@ -309,7 +271,7 @@ def train_teacher(cfg, mix, device, progress=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# DMD2's losses, in the paper's order. Each takes the networks and returns a scalar loss.
+# 1. Distribution matching gradient (DMD Eq. 7-8, DMD2 Sec. 3)
 
 
 def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
@@ -336,6 +298,10 @@ def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
     return loss, grad
 
 
+# ----------------------------------------------------------------------------------------------
+# 2. Fake score and the two time-scale update rule (DMD2 Sec. 4.2)
+
+
 def fake_score_loss(D_fake, x_fake, sigma_grid):
     """2. Fake-score (critic) denoising loss on detached generator samples, over the whole grid.
 
@@ -349,6 +315,10 @@ def fake_score_loss(D_fake, x_fake, sigma_grid):
     D_x, h = D_fake(x_fake + sigma * torch.randn_like(x_fake), sigma, features=True)
     weight = 1 / sigma**2 + 1 / D_fake.sigma_data**2
     return (weight * (D_x.float() - x_fake) ** 2).mean(), h
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. GAN head (DMD2 Sec. 4.3)
 
 
 def gan_logits(D_fake, head, x, sigma_grid):
@@ -368,6 +338,10 @@ def gan_discriminator_loss(logits_real, logits_fake):
     return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. Backward simulation (DMD2 Sec. 4.5)
+
+
 @torch.no_grad()
 def backward_simulation(G, z, sigmas, k, generator=None):
     """4. Backward simulation (paper Sec. 4.5): the input the K-step generator sees at step k.
@@ -385,7 +359,8 @@ def backward_simulation(G, z, sigmas, k, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop: one function, top to bottom.
+# The training loop (DMD2 Algorithm 1): every iteration the fake score takes a turn; every
+# dfake_gen_update_ratio-th iteration the generator takes one first.
 
 
 def amp_settings(cfg, device):
@@ -397,101 +372,144 @@ def amp_settings(cfg, device):
     return autocast, scaler
 
 
-def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, record_field_at=None, callback=None,
-            position=0):
-    """DMD2: returns the trained generator and a history of losses and quick metrics.
+@dataclass
+class Trainables:
+    """What distillation trains, with its optimisers and the loop's fixed settings."""
+    G: nn.Module                  # the generator (official: feedforward_model)
+    D_fake: nn.Module             # the fake score (official: fake_unet)
+    head: nn.Module               # the GAN head (official: cls_pred_branch)
+    opt_G: torch.optim.Optimizer
+    opt_fake: torch.optim.Optimizer
+    autocast: object              # () -> autocast context
+    scaler: torch.amp.GradScaler
+    sigma_grid: torch.Tensor      # [1000] ascending Karras grid
+    dm_range: tuple               # grid indices (min, max) the DM gradient draws sigma from
 
-    ksteps = 1: the one-step generator G(sigma_max z). ksteps = K: the K-step generator on `sigmas`.
-    callback(it, G, D_fake, head, log), if given, is called after every iteration (the notebook draws with it).
+
+def make_trainables(cfg, teacher, device):
+    """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new."""
+    G = copy.deepcopy(teacher).train().requires_grad_(True)
+    D_fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    head = make_head(cfg.width).to(device)
+    adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
+    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
+    opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=cfg.fake_score_lr, **adamw)
+    sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+    dm_range = (int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000))
+    return Trainables(G, D_fake, head, opt_G, opt_fake, *amp_settings(cfg, device), sigma_grid, dm_range)
+
+
+def optimizer_step(opt, loss, params, scaler, max_grad_norm):
+    """Backward, clip (as the official runs), step; the GradScaler is a no-op unless --amp fp16."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(opt)
+    scaler.update()
+
+
+def generator_input(cfg, mix, G, z, sigmas, k):
+    """The generator's input at step k: pure noise at step 0; later, backward simulation (4.), or noised
+    real data when --backward_simulation false (the ablation). z [B, 2] -> [B, 2]."""
+    if cfg.backward_simulation or k == 0:
+        return backward_simulation(G, z, sigmas, k)
+    return sample_mixture(mix, z.shape[0]).to(z.device) + sigmas[k] * z
+
+
+def generator_turn(cfg, t, D_real, x_in, sigma_k):
+    """One generator update: the DM gradient (1.) plus the GAN generator loss (3.) on G(x_in; sigma_k).
+    -> (generated samples x [B, 2], detached, for the fake score's turn; log)."""
+    log = {}
+    t.D_fake.requires_grad_(False), t.head.requires_grad_(False)     # the GAN gradient flows into G only
+    with t.autocast():
+        x = t.G(x_in, sigma_k).float()                               # [B, 2]
+        loss_G = torch.zeros((), device=x.device)
+        if cfg.dm:
+            loss_dm, _ = dm_loss(x, D_real, t.D_fake, t.sigma_grid, *t.dm_range)
+            loss_G = loss_G + loss_dm
+            log["loss_dm"] = loss_dm.item()
+        if cfg.gen_gan_weight > 0:
+            loss_gan = gan_generator_loss(gan_logits(t.D_fake, t.head, x, t.sigma_grid))
+            loss_G = loss_G + cfg.gen_gan_weight * loss_gan
+            log["loss_g_gan"] = loss_gan.item()
+    optimizer_step(t.opt_G, loss_G, t.G.parameters(), t.scaler, cfg.max_grad_norm)
+    t.D_fake.requires_grad_(True), t.head.requires_grad_(True)
+    return x.detach(), log
+
+
+def fake_score_turn(cfg, t, x_fake, x_real):
+    """One fake-score update: denoising loss on the generator's detached samples x_fake [B, 2] (2.), plus
+    the GAN head's loss, which reuses that forward for the fake logits and noises real data x_real (3.)."""
+    with t.autocast():
+        loss_fake, h_fake = fake_score_loss(t.D_fake, x_fake, t.sigma_grid)
+        loss = loss_fake
+        log = {"loss_fake": loss_fake.item()}
+        if cfg.disc_gan_weight > 0:
+            logits_real = gan_logits(t.D_fake, t.head, x_real, t.sigma_grid)
+            loss_d = gan_discriminator_loss(logits_real, t.head(h_fake).float())
+            loss = loss + cfg.disc_gan_weight * loss_d
+            log["loss_d_gan"] = loss_d.item()
+    optimizer_step(t.opt_fake, loss, [*t.D_fake.parameters(), *t.head.parameters()], t.scaler, cfg.max_grad_norm)
+    return log
+
+
+def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=None, position=0):
+    """DMD2 (paper Algorithm 1): returns the trained generator and a history of losses and quick metrics.
+
+    sigmas: the student's fixed noise levels; [sigma_max] is the one-step generator G(sigma_max z).
+    D_real: the real score (the teacher, or the exact denoiser). callback(it, G, D_fake, head, log), if
+    given, runs after every iteration (the DM-field picture and the notebook's figures use it).
     position: the row of its progress bar (students trained side by side each get one).
     """
-    sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)   # [1000] ascending
-    min_idx, max_idx = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
-    # The generator and the fake score both start as copies of the teacher (paper Sec. 5).
-    G = Denoiser(teacher.sigma_data, cfg.width, cfg.depth).to(device)
-    G.load_state_dict(teacher.state_dict())
-    D_fake = Denoiser(teacher.sigma_data, cfg.width, cfg.depth).to(device)
-    D_fake.load_state_dict(teacher.state_dict())
-    head = make_head(cfg.width).to(device)
-    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
-    opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=cfg.lr,
-                                 betas=(0.9, 0.999), weight_decay=0.01, fused=True)
-    lr_at = (lambda it: cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iters))) if cfg.lr_decay else (lambda it: cfg.lr)
-    autocast, scaler = amp_settings(cfg, device)
-    use_gan = cfg.gen_gan_weight > 0 or cfg.disc_gan_weight > 0
-    eval_real = sample_mixture(mix, 2000).to(device)
-    history, field = [], None
-    for it in tqdm(range(cfg.iters), desc=f"DMD2 {ksteps}-step", disable=not progress, leave=False, position=position):
-        z = torch.randn(cfg.batch, 2, device=device)
-        # The generator's input: pure noise for one step; for K steps, one step index k per batch and
-        # an input made by backward simulation (4.), or by noising real data (the ablation).
-        k = int(torch.randint(0, ksteps, ()))
-        if cfg.backward_simulation or k == 0:
-            x_in = backward_simulation(G, z, sigmas, k)
-        else:
-            x_in = sample_mixture(mix, cfg.batch).to(device) + sigmas[k] * z
-        gen_step = it % cfg.dfake_gen_update_ratio == 0
+    t = make_trainables(cfg, teacher, device)
+    decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.iters))) if cfg.lr_decay else (lambda it: 1.0)
+    eval_real = sample_mixture(mix, 2000)
+    history = []
+    bar = tqdm(range(cfg.iters), desc=f"DMD2 {len(sigmas)}-step", disable=not progress, leave=False,
+               position=position)
+    for it in bar:
+        t.opt_G.param_groups[0]["lr"] = cfg.generator_lr * decay(it)
+        t.opt_fake.param_groups[0]["lr"] = cfg.fake_score_lr * decay(it)
+        k = int(torch.randint(0, len(sigmas), ()))              # one step of the K-step chain per batch
+        x_in = generator_input(cfg, mix, t.G, torch.randn(cfg.batch, 2, device=device), sigmas, k)
         log = {"iter": it}
-        for opt in (opt_G, opt_fake):
-            opt.param_groups[0]["lr"] = lr_at(it)
-
-        # Generator update (every dfake_gen_update_ratio-th iteration), before the critic's.
-        if gen_step:
-            D_fake.requires_grad_(False), head.requires_grad_(False)   # the GAN gradient flows into G only
-            with autocast():
-                x = G(x_in, sigmas[k]).float()                         # [B, 2]
-                loss_G = torch.zeros((), device=device)
-                if cfg.dm:                                             # 1. distribution matching
-                    loss_dm, grad = dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx)
-                    loss_G = loss_G + loss_dm
-                    log["loss_dm"] = loss_dm.item()
-                    if record_field_at is not None and it >= record_field_at and field is None:
-                        field = dm_field(D_real, D_fake, sigma_grid, min_idx, max_idx, x.detach(), mix)
-                        field["iter"] = it
-                if cfg.gen_gan_weight > 0:                             # 3. GAN, generator side
-                    loss_gan = gan_generator_loss(gan_logits(D_fake, head, x, sigma_grid))
-                    loss_G = loss_G + cfg.gen_gan_weight * loss_gan
-                    log["loss_g_gan"] = loss_gan.item()
-            opt_G.zero_grad(set_to_none=True)
-            scaler.scale(loss_G).backward()
-            scaler.unscale_(opt_G)
-            torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.max_grad_norm)
-            scaler.step(opt_G)
-            scaler.update()
-            D_fake.requires_grad_(True), head.requires_grad_(True)
-            x_fake = x.detach()
+        if it % cfg.dfake_gen_update_ratio == 0:                 # TTUR (2.): the generator's turn is rarer
+            x_fake, gen_log = generator_turn(cfg, t, D_real, x_in, sigmas[k])
+            log.update(gen_log)
         else:
-            with torch.no_grad(), autocast():
-                x_fake = G(x_in, sigmas[k]).float()
-
-        # 2. Fake-score update, every iteration (TTUR), on the detached generator samples;
-        # 3. the GAN head learns from the same forward on fakes and a forward on noised real data.
-        with autocast():
-            loss_fake, h_fake = fake_score_loss(D_fake, x_fake, sigma_grid)
-            loss_critic = loss_fake
-            if use_gan and cfg.disc_gan_weight > 0:
-                logits_real = gan_logits(D_fake, head, sample_mixture(mix, cfg.batch).to(device), sigma_grid)
-                loss_d = gan_discriminator_loss(logits_real, head(h_fake).float())
-                loss_critic = loss_critic + cfg.disc_gan_weight * loss_d
-                log["loss_d_gan"] = loss_d.item()
-        opt_fake.zero_grad(set_to_none=True)
-        scaler.scale(loss_critic).backward()
-        scaler.unscale_(opt_fake)
-        torch.nn.utils.clip_grad_norm_([*D_fake.parameters(), *head.parameters()], cfg.max_grad_norm)
-        scaler.step(opt_fake)
-        scaler.update()
-        log["loss_fake"] = loss_fake.item()
+            with torch.no_grad(), t.autocast():
+                x_fake = t.G(x_in, sigmas[k]).float()
+        x_real = sample_mixture(mix, cfg.batch).to(device) if cfg.disc_gan_weight > 0 else None
+        log.update(fake_score_turn(cfg, t, x_fake, x_real))
         if not all(math.isfinite(v) for v in log.values()):
             raise FloatingPointError(f"non-finite loss at iteration {it}: {log}")
-
         if it % cfg.eval_every == 0 or it == cfg.iters - 1:
             with torch.no_grad():
-                xs = generate(G, torch.randn(2000, 2, device=device), sigmas)
-            log["energy"] = energy_distance(xs.float().cpu(), eval_real.cpu())
+                log["energy"] = energy_distance(generate(t.G, torch.randn(2000, 2, device=device), sigmas).cpu(),
+                                                eval_real)
         history.append(log)
         if callback is not None:
-            callback(it, G, D_fake, head, log)
-    return G.eval().requires_grad_(False), history, field
+            callback(it, t.G, t.D_fake, t.head, log)
+    return t.G.eval().requires_grad_(False), history
+
+
+def dm_field_recorder(at, D_real, sigmas, cfg, mix, n=1000):
+    """A distill() callback that records, once, at iteration `at`, where the DM gradient pushes samples over
+    the plane (dm_field) and n generator samples. -> (record dict, filled in at `at`; callback). It runs in
+    a forked RNG, so recording leaves the training run's random numbers, and so its result, unchanged."""
+    record = {}
+
+    def callback(it, G, D_fake, head, log):
+        if it != at:
+            return
+        device = next(G.parameters()).device
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+            samples = generate(G, torch.randn(n, 2, device=device), sigmas)
+            lo, hi = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
+            record.update(dm_field(D_real, D_fake, sigma_grid, lo, hi, samples, mix), iter=it)
+    return record, callback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,72 +686,7 @@ def save_curves_figure(path, histories):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training students side by side. Each distill() run is independent of the others and seeds itself,
-# so on a CPU they can take one core each (--workers) and give the same numbers as one after another.
-
-
-def student_seed(seed, ksteps, row=0):
-    return 1_000_003 * seed + 1000 * row + ksteps
-
-
-def student_job(cfg, mix, teacher_state, sigmas, seed, record_field_at=None, position=0, progress=True):
-    """One distill() run from plain, picklable inputs (so it can run in a worker process).
-    -> (generator state_dict, history, DM field or None)."""
-    device = pick_device(cfg)
-    torch.manual_seed(seed)
-    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth).to(device)
-    teacher.load_state_dict(teacher_state)
-    teacher.eval().requires_grad_(False)
-    D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
-    G, history, field = distill(cfg, mix, teacher, D_real, len(sigmas), sigmas, device, progress,
-                                record_field_at=record_field_at, position=position)
-    return {k: v.cpu() for k, v in G.state_dict().items()}, history, field
-
-
-def _student_job(kwargs):
-    return student_job(**kwargs)
-
-
-def train_students(cfg, mix, teacher, device, jobs):
-    """jobs: [dict(sigmas, seed, ...) per student, with optional "cfg"] -> [(G, history, field), ...].
-    With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each."""
-    state = {k: v.cpu() for k, v in teacher.state_dict().items()}
-    kwargs = [{"cfg": cfg, "mix": mix, "teacher_state": state, "progress": not cfg.quiet, **job} for job in jobs]
-    workers = min(cfg.workers, len(jobs)) if device.type == "cpu" else 1
-    if workers <= 1:
-        results = [student_job(**kw) for kw in kwargs]
-    else:
-        for i, kw in enumerate(kwargs):
-            kw["position"] = i % workers
-        # Spawned (not forked) processes: safe whatever threads torch already started; a worker that
-        # fails raises here instead of hanging.
-        ctx = torch.multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, ctx, torch.set_num_threads, (1,)) as pool:
-            results = list(pool.map(_student_job, kwargs))
-    out = []
-    for kw, (state_G, history, field) in zip(kwargs, results):
-        G = Denoiser(teacher.sigma_data, kw["cfg"].width, kw["cfg"].depth).to(device)
-        G.load_state_dict(state_G)
-        out.append((G.eval().requires_grad_(False), history, field))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Main run and ablation.
-
-
-def pick_device(cfg):
-    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                        else "cpu")
-
-
-def setup(cfg):
-    check_config(cfg)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return pick_device(cfg)
 
 
 def run(cfg):
@@ -833,8 +786,9 @@ def run_ablation(cfg):
     summary = {}
     for name, _, _ in ABLATIONS:
         ms = results[name]
-        agg = {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms])))
-               for k in ("log_likelihood", "modes_covered", "weight_tv", "mode_shape_kl", "energy_distance")}
+        with np.errstate(invalid="ignore"):        # a mode with no samples has shape KL inf: std nan, said so
+            agg = {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms])))
+                   for k in ("log_likelihood", "modes_covered", "weight_tv", "mode_shape_kl", "energy_distance")}
         summary[name] = {"mean": {k: v[0] for k, v in agg.items()}, "std": {k: v[1] for k, v in agg.items()},
                          "per_seed": ms}
         table.append(f"| {name} | {agg['log_likelihood'][0]:.3f} ± {agg['log_likelihood'][1]:.3f} | "
@@ -853,6 +807,115 @@ def run_ablation(cfg):
     save_samples_figure(os.path.join(cfg.out, "ablation.png"), mix,
                         {name: results[(name, "samples")] for name, _, _ in ABLATIONS}, lim)
     return summary, text
+
+
+# ----------------------------------------------------------------------------------------------
+# Run plumbing and the command line: student workers, devices, option checks, flags.
+
+
+
+
+def student_seed(seed, ksteps, row=0):
+    return 1_000_003 * seed + 1000 * row + ksteps
+
+
+def student_job(cfg, mix, teacher_state, sigmas, seed, record_field_at=None, position=0, progress=True):
+    """One distill() run from plain, picklable inputs (so it can run in a worker process).
+    -> (generator state_dict, history, DM field or None)."""
+    device = pick_device(cfg)
+    torch.manual_seed(seed)
+    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth, max_freq=cfg.noise_freq_max).to(device)
+    teacher.load_state_dict(teacher_state)
+    teacher.eval().requires_grad_(False)
+    D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
+    field, callback = dm_field_recorder(record_field_at, D_real, sigmas, cfg, mix) if record_field_at else ({}, None)
+    G, history = distill(cfg, mix, teacher, D_real, sigmas, device, progress, callback, position)
+    return {k: v.cpu() for k, v in G.state_dict().items()}, history, field or None
+
+
+def _student_job(kwargs):
+    return student_job(**kwargs)
+
+
+def train_students(cfg, mix, teacher, device, jobs):
+    """jobs: [dict(sigmas, seed, ...) per student, with optional "cfg"] -> [(G, history, field), ...].
+    With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each."""
+    state = {k: v.cpu() for k, v in teacher.state_dict().items()}
+    kwargs = [{"cfg": cfg, "mix": mix, "teacher_state": state, "progress": not cfg.quiet, **job} for job in jobs]
+    workers = min(cfg.workers, len(jobs)) if device.type == "cpu" else 1
+    if workers <= 1:
+        results = [student_job(**kw) for kw in kwargs]
+    else:
+        for i, kw in enumerate(kwargs):
+            kw["position"] = i % workers
+        # Spawned (not forked) processes: safe whatever threads torch already started; a worker that
+        # fails raises here instead of hanging.
+        ctx = torch.multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, ctx, torch.set_num_threads, (1,)) as pool:
+            results = list(pool.map(_student_job, kwargs))
+    out = []
+    for kw, (state_G, history, field) in zip(kwargs, results):
+        G = copy.deepcopy(teacher)
+        G.load_state_dict(state_G)
+        out.append((G.eval().requires_grad_(False), history, field))
+    return out
+
+
+def pick_device(cfg):
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def setup(cfg):
+    check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return pick_device(cfg)
+
+
+def check_config(cfg):
+    """Refuse impossible options with a message that says which option and why."""
+    errors = []
+    if cfg.dataset not in ("ring", "grid"):
+        errors.append(f"--dataset must be 'ring' or 'grid', not {cfg.dataset!r}")
+    if cfg.real_score not in ("teacher", "exact"):
+        errors.append(f"--real_score must be 'teacher' or 'exact', not {cfg.real_score!r}")
+    if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
+        errors.append(f"--amp must be auto, bf16, fp16 or fp32, not {cfg.amp!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        errors.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        errors.append("--device cuda was asked for but torch.cuda.is_available() is False")
+    if not 0 < cfg.sigma_min < cfg.sigma_max:
+        errors.append(f"need 0 < --sigma_min < --sigma_max, got {cfg.sigma_min} and {cfg.sigma_max}")
+    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
+        errors.append("need 0 <= --min_step_percent < --max_step_percent <= 1")
+    if cfg.threads < 0:
+        errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
+    for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "iters", "batch",
+                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "ablation_seeds", "workers"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    try:
+        sig = parse_sigmas(cfg.kstep_sigmas)
+        if len(sig) != cfg.ksteps:
+            errors.append(f"--kstep_sigmas has {len(sig)} values but --ksteps is {cfg.ksteps}")
+        if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
+            errors.append(f"--kstep_sigmas must be positive and strictly decreasing, got {cfg.kstep_sigmas}")
+        if abs(sig[0] - cfg.sigma_max) > 1e-9:
+            errors.append(f"--kstep_sigmas must start at --sigma_max={cfg.sigma_max} (pure noise), got {sig[0]}")
+    except ValueError:
+        errors.append(f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}")
+    if cfg.num_eval < 100:
+        errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
+    if errors:
+        raise ValueError("invalid options:\n  " + "\n  ".join(errors))
+
+
+def parse_sigmas(text):
+    return [float(s) for s in text.split(",")]
 
 
 def parse_args(argv=None):

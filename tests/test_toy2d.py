@@ -199,8 +199,54 @@ def test_distill_trains_kstep_generator_on_backward_simulated_inputs(monkeypatch
     mix = toy2d.make_mixture("ring")
     teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
     torch.manual_seed(0)
-    toy2d.distill(cfg, mix, teacher, teacher, 4, [80.0, 1.5, 0.5, 0.15], torch.device("cpu"), progress=False)
+    toy2d.distill(cfg, mix, teacher, teacher, [80.0, 1.5, 0.5, 0.15], torch.device("cpu"), progress=False)
     assert len(seen) == 12 and set(seen) <= {0, 1, 2, 3} and len(set(seen)) > 1
+
+
+def test_distill_alternates_generator_and_fake_score_turns(monkeypatch):
+    """Algorithm 1 with TTUR: a fake-score turn every iteration, a generator turn before it every
+    dfake_gen_update_ratio-th iteration, and the fake score learns from that turn's own samples."""
+    calls = []
+    real_gen, real_fake = toy2d.generator_turn, toy2d.fake_score_turn
+
+    def gen_spy(cfg, t, D_real, x_in, sigma_k):
+        x, log = real_gen(cfg, t, D_real, x_in, sigma_k)
+        calls.append(("G", x))
+        return x, log
+
+    def fake_spy(cfg, t, x_fake, x_real):
+        calls.append(("fake", x_fake))
+        return real_fake(cfg, t, x_fake, x_real)
+
+    monkeypatch.setattr(toy2d, "generator_turn", gen_spy)
+    monkeypatch.setattr(toy2d, "fake_score_turn", fake_spy)
+    cfg = toy2d.Config(width=32, depth=2, iters=11, batch=64, eval_every=1000, dfake_gen_update_ratio=5, quiet=True)
+    mix = toy2d.make_mixture("ring")
+    teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
+    torch.manual_seed(0)
+    toy2d.distill(cfg, mix, teacher, teacher, [80.0], torch.device("cpu"), progress=False)
+    kinds = [kind for kind, _ in calls]
+    assert kinds == ["G", "fake"] + ["fake"] * 4 + ["G", "fake"] + ["fake"] * 4 + ["G", "fake"]
+    for i, (kind, x) in enumerate(calls):
+        if kind == "G":
+            assert calls[i + 1][1] is x                        # the same detached samples, not a fresh draw
+
+
+def test_dm_field_recording_leaves_training_unchanged():
+    """The DM field is recorded through distill's callback in a forked RNG: same generator with and without it."""
+    cfg = toy2d.Config(width=32, depth=2, iters=12, batch=64, eval_every=1000, quiet=True)
+    mix = toy2d.make_mixture("ring")
+    torch.manual_seed(0)
+    teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
+    field, callback = toy2d.dm_field_recorder(6, teacher, [80.0], cfg, mix)
+    outs = []
+    for cb in (None, callback):
+        torch.manual_seed(1)
+        G, _ = toy2d.distill(cfg, mix, teacher, teacher, [80.0], torch.device("cpu"), progress=False, callback=cb)
+        outs.append(G(torch.randn(16, 2, generator=torch.Generator().manual_seed(2)) * 80, 80.0))
+    assert torch.equal(outs[0], outs[1])
+    assert field["iter"] == 6 and field["points"].shape == (21 * 21, 2) and field["direction"].shape == (21 * 21, 2)
+    assert field["direction"].abs().sum() > 0
 
 
 def test_energy_distance_matches_brute_force():

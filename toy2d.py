@@ -87,6 +87,7 @@ class Config:
     amp: str = "auto"                # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (with GradScaler), "fp32"
     threads: int = 0                 # CPU threads for teacher and evaluation (0: torch's default; workers use one)
     workers: int = 2                 # CPU processes that train students side by side, one thread each (1: in turn)
+    seeds: int = 1                   # main runs for seeds seed..seed+seeds-1; >1 also writes seeds.md (median, worst)
     ablation: bool = False           # run the ablation table instead of the main run
     ablation_seeds: int = 2          # seeds per ablation row
     quiet: bool = False              # no progress bars
@@ -735,6 +736,42 @@ def run(cfg):
     return result
 
 
+SEED_COLUMNS = [  # (title, function of (student metrics, data metrics, teacher metrics), worst = max or min)
+    ("modes covered", lambda m, d, t: m["modes_covered"], min),
+    ("weight TV", lambda m, d, t: m["weight_tv"], max),
+    ("|LL - data's|", lambda m, d, t: abs(m["log_likelihood"] - d["log_likelihood"]), max),
+    ("mode shape KL", lambda m, d, t: m["mode_shape_kl"], max),
+    ("worst mode's shape KL", lambda m, d, t: m["mode_shape_kl_worst"], max),
+    ("energy / teacher's", lambda m, d, t: m["energy_distance"] / t["energy_distance"], max),
+]
+
+
+def run_seeds(cfg):
+    """The main run for seeds seed..seed+seeds-1 (each in out/seed_N): one table, a row per seed and student,
+    then the median and the worst over seeds of each column. -> markdown text (also written to seeds.md)."""
+    students = ["student_1step", f"student_{cfg.ksteps}step"]
+    per_seed = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        c = Config(**{**asdict(cfg), "seed": seed, "out": os.path.join(cfg.out, f"seed_{seed}")})
+        per_seed[seed] = run(c)["metrics"]
+    lines = ["| seed | student | " + " | ".join(t for t, _, _ in SEED_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(SEED_COLUMNS)]
+    values = {s: [] for s in students}
+    for seed, m in per_seed.items():
+        for s in students:
+            row = [f(m[s], m["data"], m["teacher"]) for _, f, _ in SEED_COLUMNS]
+            values[s].append(row)
+            lines.append(f"| {seed} | {s} | " + " | ".join(f"{v:.3g}" for v in row) + " |")
+    for s in students:
+        cols = list(zip(*values[s]))
+        lines.append(f"| median | {s} | " + " | ".join(f"{float(np.median(c)):.3g}" for c in cols) + " |")
+        lines.append(f"| worst | {s} | " + " | ".join(f"{w(c):.3g}" for c, (_, _, w) in zip(cols, SEED_COLUMNS)) + " |")
+    text = f"Seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, defaults otherwise.\n\n" + "\n".join(lines) + "\n"
+    with open(os.path.join(cfg.out, "seeds.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def format_table(metrics):
     lines = ["| samples | NFE | log-likelihood | modes covered | weight TV | mode shape KL (mean / worst) "
              "| energy distance |", "|---|---|---|---|---|---|---|"]
@@ -895,7 +932,7 @@ def check_config(cfg):
     if cfg.threads < 0:
         errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "iters", "batch",
-                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "ablation_seeds", "workers"):
+                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     try:
@@ -948,6 +985,10 @@ def main(argv=None):
         _, text = run_ablation(cfg)
         print(text)
         print(f"wrote {cfg.out}/ablation.md, ablation.json, ablation.png")
+        return
+    if cfg.seeds > 1:
+        print(run_seeds(cfg))
+        print(f"wrote {cfg.out}/seeds.md and a folder seed_N per seed")
         return
     result = run(cfg)
     print(format_table(result["metrics"]))

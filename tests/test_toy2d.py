@@ -311,6 +311,19 @@ def test_students_in_worker_processes_match_students_in_turn(tmp_path):
         assert np.array_equal(a[key], b[key]), key
 
 
+def test_seeds_table_has_every_seed_median_and_worst(tmp_path):
+    """--seeds N runs the main run per seed and summarises each student: one row per seed, then median and worst."""
+    toy2d.main(TINY + ["--seeds", "2", "--out", str(tmp_path)])
+    table = (tmp_path / "seeds.md").read_text()
+    for student in ("student_1step", "student_4step"):
+        for row in ("| 0 |", "| 1 |", "| median |", "| worst |"):
+            assert f"{row} {student} |" in table
+    per_seed = [json.loads((tmp_path / f"seed_{s}" / "metrics.json").read_text())["metrics"] for s in (0, 1)]
+    worst_tv = max(m["student_1step"]["weight_tv"] for m in per_seed)
+    worst_row = next(line for line in table.splitlines() if line.startswith("| worst | student_1step |"))
+    assert float(worst_row.split("|")[4]) == pytest.approx(worst_tv, rel=1e-2)
+
+
 def test_bad_options_get_clear_errors():
     with pytest.raises(SystemExit, match="--kstep_sigmas has 3 values but --ksteps is 4"):
         toy2d.main(["--kstep_sigmas", "80,1,0.1"])

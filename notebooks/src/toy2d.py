@@ -34,6 +34,7 @@
 
 # %%
 import copy
+import inspect
 import io
 import os
 import sys
@@ -245,9 +246,12 @@ column(row(*top), row(*bottom))
 
 # %% [markdown]
 # The real thing: `toy2d.distill` trains a one-step generator `G(80 z)`, initialised from the teacher, together
-# with an MLP fake score and the GAN head of section 5. With `record_field_at` it stores the DM direction of the
-# *learned* networks over the plane at that iteration; `callback(it, G, D_fake, head, log)`, called after every
-# iteration, lets us keep snapshots of the samples and of the GAN head.
+# with an MLP fake score and the GAN head of section 5. Its loop is the paper's Algorithm 1, printed below: every
+# iteration the fake score takes a turn (`toy2d.fake_score_turn`), and every `dfake_gen_update_ratio`-th iteration
+# the generator takes one first (`toy2d.generator_turn`). `callback(it, G, D_fake, head, log)`, called after every
+# iteration, lets us watch: `toy2d.dm_field_recorder` is such a callback, which stores the DM direction of the
+# *learned* networks over the plane at one iteration, and the one below keeps snapshots of the samples and of the
+# GAN head.
 #
 # The callback also measures how far the fake score lags behind the generator (used in section 4): the relative
 # error of the DM direction it produces, against the direction given by an almost perfect fake score, the exact
@@ -289,11 +293,21 @@ def watcher(ratio, snap_iters=(), head_iters=()):
     return rec, callback
 
 
-ttur, callback = watcher(cfg.dfake_gen_update_ratio, snap_iters={0, cfg.iters // 10, cfg.iters // 3, cfg.iters - 1},
-                         head_iters={cfg.iters // 5, cfg.iters - 1})
+print(inspect.getsource(toy2d.distill))
+
+# %%
+ttur, watch = watcher(cfg.dfake_gen_update_ratio, snap_iters={0, cfg.iters // 10, cfg.iters // 3, cfg.iters - 1},
+                      head_iters={cfg.iters // 5, cfg.iters - 1})
+field1, record_field = toy2d.dm_field_recorder(cfg.iters // 10, teacher, [cfg.sigma_max], cfg, mix)
+
+
+def callback(*args):
+    record_field(*args)
+    watch(*args)
+
+
 t0 = time.time()
-G1, hist1, field1 = toy2d.distill(cfg, mix, teacher, teacher, 1, [cfg.sigma_max], device, False,
-                                  record_field_at=cfg.iters // 10, callback=callback)
+G1, hist1 = toy2d.distill(cfg, mix, teacher, teacher, [cfg.sigma_max], device, False, callback=callback)
 print(f"{cfg.iters} iterations ({cfg.iters // cfg.dfake_gen_update_ratio} generator updates) in {time.time() - t0:.1f} s")
 display(toy2d.field_panel(mix, field1["points"], field1["direction"], field1["samples"],
                           f"learned -grad at iteration {field1['iter']}: D_real = teacher, D_fake = MLP", lim))
@@ -314,7 +328,7 @@ row(*[toy2d.scatter_panel(mix, x, f"1-step generator, iteration {it}", lim, size
 no_ttur, callback = watcher(1)
 c = toy2d.Config(**{**vars(cfg), "dfake_gen_update_ratio": 1, "iters": cfg.iters // cfg.dfake_gen_update_ratio})
 torch.manual_seed(1)
-G1_no_ttur, _, _ = toy2d.distill(c, mix, teacher, teacher, 1, [cfg.sigma_max], device, False, callback=callback)
+G1_no_ttur, _ = toy2d.distill(c, mix, teacher, teacher, [cfg.sigma_max], device, False, callback=callback)
 runs = {"TTUR, ratio 5": (G1, ttur), "no TTUR, ratio 1": (G1_no_ttur, no_ttur)}
 for name, (G, rec) in runs.items():
     print(f"{name}: mean DM-direction error {sum(rec['errors'][1]) / len(rec['errors'][1]):.3f}")
@@ -387,7 +401,7 @@ for bs in (True, False):
     c = toy2d.Config(**{**vars(cfg), "backward_simulation": bs})
     torch.manual_seed(3)
     t0 = time.time()
-    students[bs], _, _ = toy2d.distill(c, mix, teacher, teacher, 4, sigmas4, device, False)
+    students[bs], _ = toy2d.distill(c, mix, teacher, teacher, sigmas4, device, False)
     print(f"4-step student, backward simulation {bs}: {time.time() - t0:.1f} s")
 
 G4 = students[True]

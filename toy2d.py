@@ -769,10 +769,10 @@ def run(cfg):
 
 
 SEED_COLUMNS = [  # (title, function of (student metrics, data metrics, teacher metrics), worst = max or min)
-    ("modes covered", lambda m, d, t: m["modes_covered"], min),
+    ("modes", lambda m, d, t: m["modes_covered"], min),
     ("weight TV", lambda m, d, t: m["weight_tv"], max),
-    ("LL gap to data (nats)", lambda m, d, t: abs(m["log_likelihood"] - d["log_likelihood"]), max),
-    ("mode shape KL", lambda m, d, t: m["mode_shape_kl"], max),
+    ("LL gap (nats)", lambda m, d, t: abs(m["log_likelihood"] - d["log_likelihood"]), max),
+    ("shape KL", lambda m, d, t: m["mode_shape_kl"], max),
     ("worst mode's shape KL", lambda m, d, t: m["mode_shape_kl_worst"], max),
     ("energy / teacher's", lambda m, d, t: m["energy_distance"] / t["energy_distance"], max),
 ]

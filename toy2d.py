@@ -10,13 +10,15 @@ arXiv 2405.14867) distills a many-step diffusion model (the teacher) into a gene
   3. a GAN head on the fake score's features, trained on real data (Sec. 4.3),
   4. backward simulation: a K-step generator is trained on inputs made by its own earlier steps (Sec. 4.5).
 Here the data is a 2D Gaussian mixture known in closed form, so every metric is exact and every
-failure (dropped modes, wrong mode weights, blur between modes) can be seen and counted.
+failure (dropped modes, wrong mode weights, blur between modes, modes of the wrong shape) can be seen
+and counted.
 
 Run it:
-  python toy2d.py                     # teacher + 1-step + 4-step students, ~55 s on 2 CPU cores
+  python toy2d.py                     # teacher + 1-step + 4-step students, about 30 s on 2 CPU cores
   python toy2d.py --dataset grid      # the harder 5x5 grid
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
-  python toy2d.py --ablation          # the paper's ablations at toy scale (~4 min): table + figure
+  python toy2d.py --ablation          # the paper's ablations at toy scale (minutes): table + figure
+  python toy2d.py --seeds 10 --quiet  # seeds 0..9: one table of both students, median and worst (seeds.md)
   python toy2d.py --help              # every option
 Outputs go to --out (default out/toy2d): samples.npz, metrics.json, samples.png, dm_field.png, curves.png.
 The same code runs under bf16 autocast when CUDA is present (--device cuda); the CPU path is fp32.
@@ -25,6 +27,7 @@ The same code runs under bf16 autocast when CUDA is present (--device cuda); the
 import argparse
 import concurrent.futures
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -55,15 +58,17 @@ class Config:
     # teacher: an EDM-preconditioned MLP trained on samples with the EDM loss
     width: int = 128                 # hidden width of every MLP (teacher, fake score, generator)
     depth: int = 3                   # hidden layers of every MLP
+    noise_freq_max: float = 128 * math.pi  # highest frequency of the Fourier features of c_noise (EDM's: 1; README)
     teacher_iters: int = 1500        # EDM-loss training steps of the teacher
     teacher_batch: int = 1024        # teacher batch size
     teacher_lr: float = 3e-3         # teacher Adam learning rate (cosine-decayed to 0)
     heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
-    iters: int = 2800                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
-    batch: int = 384                 # generator batch (the same number of real samples for the GAN)
-    lr: float = 1e-3                 # AdamW learning rate of generator and fake score (equal, as the paper)
+    iters: int = 4500                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
+    batch: int = 192                 # generator batch (the same number of real samples for the GAN)
+    generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
+    fake_score_lr: float = 1e-3      # AdamW learning rate of the fake score and the GAN head
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
     min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
@@ -72,9 +77,11 @@ class Config:
     disc_gan_weight: float = 0.3     # weight of the discriminator loss in the fake-score update (ImageNet: 1e-2)
     dm: bool = True                  # use the DM gradient (False: a GAN-only run, the paper's ablation)
     max_grad_norm: float = 10.0      # gradient clipping, as the official runs
+    one_step_sigma: float = 2.5      # the 1-step student is G(s z; s) at this s (paper: sigma_max = 80); README
     ksteps: int = 4                  # steps of the multi-step student
     kstep_sigmas: str = "80,0.6,0.3,0.12"  # its fixed noise levels, first = sigma_max (pure noise); see README
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
+    fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
     eval_every: int = 500            # iterations between quick metric points on the training curves
@@ -84,52 +91,10 @@ class Config:
     amp: str = "auto"                # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (with GradScaler), "fp32"
     threads: int = 0                 # CPU threads for teacher and evaluation (0: torch's default; workers use one)
     workers: int = 2                 # CPU processes that train students side by side, one thread each (1: in turn)
+    seeds: int = 1                   # main runs for seeds seed..seed+seeds-1; >1 also writes seeds.md (median, worst)
     ablation: bool = False           # run the ablation table instead of the main run
     ablation_seeds: int = 2          # seeds per ablation row
     quiet: bool = False              # no progress bars
-
-
-def check_config(cfg):
-    """Refuse impossible options with a message that says which option and why."""
-    errors = []
-    if cfg.dataset not in ("ring", "grid"):
-        errors.append(f"--dataset must be 'ring' or 'grid', not {cfg.dataset!r}")
-    if cfg.real_score not in ("teacher", "exact"):
-        errors.append(f"--real_score must be 'teacher' or 'exact', not {cfg.real_score!r}")
-    if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
-        errors.append(f"--amp must be auto, bf16, fp16 or fp32, not {cfg.amp!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        errors.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        errors.append("--device cuda was asked for but torch.cuda.is_available() is False")
-    if not 0 < cfg.sigma_min < cfg.sigma_max:
-        errors.append(f"need 0 < --sigma_min < --sigma_max, got {cfg.sigma_min} and {cfg.sigma_max}")
-    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
-        errors.append("need 0 <= --min_step_percent < --max_step_percent <= 1")
-    if cfg.threads < 0:
-        errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
-    for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "iters", "batch",
-                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "ablation_seeds", "workers"):
-        if getattr(cfg, name) < 1:
-            errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    try:
-        sig = parse_sigmas(cfg.kstep_sigmas)
-        if len(sig) != cfg.ksteps:
-            errors.append(f"--kstep_sigmas has {len(sig)} values but --ksteps is {cfg.ksteps}")
-        if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
-            errors.append(f"--kstep_sigmas must be positive and strictly decreasing, got {cfg.kstep_sigmas}")
-        if abs(sig[0] - cfg.sigma_max) > 1e-9:
-            errors.append(f"--kstep_sigmas must start at --sigma_max={cfg.sigma_max} (pure noise), got {sig[0]}")
-    except ValueError:
-        errors.append(f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}")
-    if cfg.num_eval < 100:
-        errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
-    if errors:
-        raise ValueError("invalid options:\n  " + "\n  ".join(errors))
-
-
-def parse_sigmas(text):
-    return [float(s) for s in text.split(",")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,13 +183,21 @@ class Denoiser(nn.Module):
     [B, width] when features=True: the GAN head of DMD2 reads the fake score's features).
     """
 
-    def __init__(self, sigma_data, width=128, depth=3, num_freqs=8):
+    def __init__(self, sigma_data, width=128, depth=3, num_freqs=8, max_freq=128 * math.pi):
         super().__init__()
         self.sigma_data = sigma_data
-        self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs) * math.pi)   # noise-level Fourier features
+        # Fourier features of c_noise at max_freq, max_freq/2, ..., max_freq/2^(num_freqs-1). c_noise spans about
+        # 2.7 over the grid; EDM's positional embedding stays <= 1, but here 1 made both students worse (README).
+        self.register_buffer("freqs", max_freq * 2.0 ** -torch.arange(num_freqs - 1, -1, -1.0))
         self.inp = nn.Linear(2 + 2 * num_freqs, width)
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
+        self.step_emb, self.step = None, 0     # optional: which step of a K-step chain made x (see add_steps)
+
+    def add_steps(self, ksteps):
+        """Let the fake score know which of K steps made a sample: a learned vector per step added to the
+        first layer, zero at the start so the fake score still starts as the teacher. Set self.step before a call."""
+        self.step_emb = nn.Parameter(torch.zeros(ksteps, self.inp.out_features, device=self.inp.weight.device))
 
     def forward(self, x, sigma, features=False):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
@@ -234,7 +207,8 @@ class Denoiser(nn.Module):
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = sigma.log() / 4
         angles = c_noise * self.freqs                                          # [B, num_freqs]
-        h = F.silu(self.inp(torch.cat([c_in * x, angles.cos(), angles.sin()], dim=1)))
+        h = self.inp(torch.cat([c_in * x, angles.cos(), angles.sin()], dim=1))
+        h = F.silu(h if self.step_emb is None else h + self.step_emb[self.step])
         for layer in self.hidden:
             h = h + F.silu(layer(h))                                           # residual MLP
         F_x = self.out(h)
@@ -296,7 +270,7 @@ def edm_loss(D, x0, P_mean=-1.2, P_std=1.2):
 
 def train_teacher(cfg, mix, device, progress=True):
     """The many-step model DMD2 distills: an MLP denoiser trained on mixture samples."""
-    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth).to(device)
+    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth, max_freq=cfg.noise_freq_max).to(device)
     opt = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr, fused=True)   # fused: one kernel per step
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.teacher_iters)
     for _ in tqdm(range(cfg.teacher_iters), desc="teacher", disable=not progress, leave=False):
@@ -309,7 +283,7 @@ def train_teacher(cfg, mix, device, progress=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# DMD2's losses, in the paper's order. Each takes the networks and returns a scalar loss.
+# 1. Distribution matching gradient (DMD Eq. 7-8, DMD2 Sec. 3)
 
 
 def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
@@ -336,6 +310,10 @@ def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
     return loss, grad
 
 
+# ----------------------------------------------------------------------------------------------
+# 2. Fake score and the two time-scale update rule (DMD2 Sec. 4.2)
+
+
 def fake_score_loss(D_fake, x_fake, sigma_grid):
     """2. Fake-score (critic) denoising loss on detached generator samples, over the whole grid.
 
@@ -349,6 +327,10 @@ def fake_score_loss(D_fake, x_fake, sigma_grid):
     D_x, h = D_fake(x_fake + sigma * torch.randn_like(x_fake), sigma, features=True)
     weight = 1 / sigma**2 + 1 / D_fake.sigma_data**2
     return (weight * (D_x.float() - x_fake) ** 2).mean(), h
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. GAN head (DMD2 Sec. 4.3)
 
 
 def gan_logits(D_fake, head, x, sigma_grid):
@@ -368,6 +350,10 @@ def gan_discriminator_loss(logits_real, logits_fake):
     return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. Backward simulation (DMD2 Sec. 4.5)
+
+
 @torch.no_grad()
 def backward_simulation(G, z, sigmas, k, generator=None):
     """4. Backward simulation (paper Sec. 4.5): the input the K-step generator sees at step k.
@@ -385,7 +371,8 @@ def backward_simulation(G, z, sigmas, k, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop: one function, top to bottom.
+# The training loop (DMD2 Algorithm 1): every iteration the fake score takes a turn; every
+# dfake_gen_update_ratio-th iteration the generator takes one first.
 
 
 def amp_settings(cfg, device):
@@ -397,101 +384,147 @@ def amp_settings(cfg, device):
     return autocast, scaler
 
 
-def distill(cfg, mix, teacher, D_real, ksteps, sigmas, device, progress=True, record_field_at=None, callback=None,
-            position=0):
-    """DMD2: returns the trained generator and a history of losses and quick metrics.
+@dataclass
+class Trainables:
+    """What distillation trains, with its optimisers and the loop's fixed settings."""
+    G: nn.Module                  # the generator (official: feedforward_model)
+    D_fake: nn.Module             # the fake score (official: fake_unet)
+    head: nn.Module               # the GAN head (official: cls_pred_branch)
+    opt_G: torch.optim.Optimizer
+    opt_fake: torch.optim.Optimizer
+    autocast: object              # () -> autocast context
+    scaler: torch.amp.GradScaler
+    sigma_grid: torch.Tensor      # [1000] ascending Karras grid
+    dm_range: tuple               # grid indices (min, max) the DM gradient draws sigma from
 
-    ksteps = 1: the one-step generator G(sigma_max z). ksteps = K: the K-step generator on `sigmas`.
-    callback(it, G, D_fake, head, log), if given, is called after every iteration (the notebook draws with it).
+
+def make_trainables(cfg, teacher, device, ksteps=1):
+    """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new."""
+    G = copy.deepcopy(teacher).train().requires_grad_(True)
+    D_fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    if cfg.fake_score_knows_step and ksteps > 1:
+        D_fake.add_steps(ksteps)
+    head = make_head(cfg.width).to(device)
+    adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
+    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
+    opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=cfg.fake_score_lr, **adamw)
+    sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+    dm_range = (int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000))
+    return Trainables(G, D_fake, head, opt_G, opt_fake, *amp_settings(cfg, device), sigma_grid, dm_range)
+
+
+def optimizer_step(opt, loss, params, scaler, max_grad_norm):
+    """Backward, clip (as the official runs), step; the GradScaler is a no-op unless --amp fp16."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(opt)
+    scaler.update()
+
+
+def generator_input(cfg, mix, G, z, sigmas, k):
+    """The generator's input at step k: pure noise at step 0; later, backward simulation (4.), or noised
+    real data when --backward_simulation false (the ablation). z [B, 2] -> [B, 2]."""
+    if cfg.backward_simulation or k == 0:
+        return backward_simulation(G, z, sigmas, k)
+    return sample_mixture(mix, z.shape[0]).to(z.device) + sigmas[k] * z
+
+
+def generator_turn(cfg, t, D_real, x_in, sigma_k):
+    """One generator update: the DM gradient (1.) plus the GAN generator loss (3.) on G(x_in; sigma_k).
+    -> (generated samples x [B, 2], detached, for the fake score's turn; log)."""
+    log = {}
+    t.D_fake.requires_grad_(False), t.head.requires_grad_(False)     # the GAN gradient flows into G only
+    with t.autocast():
+        x = t.G(x_in, sigma_k).float()                               # [B, 2]
+        loss_G = torch.zeros((), device=x.device)
+        if cfg.dm:
+            loss_dm, _ = dm_loss(x, D_real, t.D_fake, t.sigma_grid, *t.dm_range)
+            loss_G = loss_G + loss_dm
+            log["loss_dm"] = loss_dm.item()
+        if cfg.gen_gan_weight > 0:
+            loss_gan = gan_generator_loss(gan_logits(t.D_fake, t.head, x, t.sigma_grid))
+            loss_G = loss_G + cfg.gen_gan_weight * loss_gan
+            log["loss_g_gan"] = loss_gan.item()
+    optimizer_step(t.opt_G, loss_G, t.G.parameters(), t.scaler, cfg.max_grad_norm)
+    t.D_fake.requires_grad_(True), t.head.requires_grad_(True)
+    return x.detach(), log
+
+
+def fake_score_turn(cfg, t, x_fake, x_real):
+    """One fake-score update: denoising loss on the generator's detached samples x_fake [B, 2] (2.), plus
+    the GAN head's loss, which reuses that forward for the fake logits and noises real data x_real (3.)."""
+    with t.autocast():
+        loss_fake, h_fake = fake_score_loss(t.D_fake, x_fake, t.sigma_grid)
+        loss = loss_fake
+        log = {"loss_fake": loss_fake.item()}
+        if cfg.disc_gan_weight > 0:
+            logits_real = gan_logits(t.D_fake, t.head, x_real, t.sigma_grid)
+            loss_d = gan_discriminator_loss(logits_real, t.head(h_fake).float())
+            loss = loss + cfg.disc_gan_weight * loss_d
+            log["loss_d_gan"] = loss_d.item()
+    optimizer_step(t.opt_fake, loss, [*t.D_fake.parameters(), *t.head.parameters()], t.scaler, cfg.max_grad_norm)
+    return log
+
+
+def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=None, position=0):
+    """DMD2 (paper Algorithm 1): returns the trained generator and a history of losses and quick metrics.
+
+    sigmas: the student's fixed noise levels; [s] is the one-step generator G(s z; s) (paper: s = sigma_max).
+    D_real: the real score (the teacher, or the exact denoiser). callback(it, G, D_fake, head, log), if
+    given, runs after every iteration (the DM-field picture and the notebook's figures use it).
     position: the row of its progress bar (students trained side by side each get one).
     """
-    sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)   # [1000] ascending
-    min_idx, max_idx = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
-    # The generator and the fake score both start as copies of the teacher (paper Sec. 5).
-    G = Denoiser(teacher.sigma_data, cfg.width, cfg.depth).to(device)
-    G.load_state_dict(teacher.state_dict())
-    D_fake = Denoiser(teacher.sigma_data, cfg.width, cfg.depth).to(device)
-    D_fake.load_state_dict(teacher.state_dict())
-    head = make_head(cfg.width).to(device)
-    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
-    opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=cfg.lr,
-                                 betas=(0.9, 0.999), weight_decay=0.01, fused=True)
-    lr_at = (lambda it: cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iters))) if cfg.lr_decay else (lambda it: cfg.lr)
-    autocast, scaler = amp_settings(cfg, device)
-    use_gan = cfg.gen_gan_weight > 0 or cfg.disc_gan_weight > 0
-    eval_real = sample_mixture(mix, 2000).to(device)
-    history, field = [], None
-    for it in tqdm(range(cfg.iters), desc=f"DMD2 {ksteps}-step", disable=not progress, leave=False, position=position):
-        z = torch.randn(cfg.batch, 2, device=device)
-        # The generator's input: pure noise for one step; for K steps, one step index k per batch and
-        # an input made by backward simulation (4.), or by noising real data (the ablation).
-        k = int(torch.randint(0, ksteps, ()))
-        if cfg.backward_simulation or k == 0:
-            x_in = backward_simulation(G, z, sigmas, k)
-        else:
-            x_in = sample_mixture(mix, cfg.batch).to(device) + sigmas[k] * z
-        gen_step = it % cfg.dfake_gen_update_ratio == 0
+    t = make_trainables(cfg, teacher, device, len(sigmas))
+    decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.iters))) if cfg.lr_decay else (lambda it: 1.0)
+    eval_real = sample_mixture(mix, 2000)
+    history = []
+    bar = tqdm(range(cfg.iters), desc=f"DMD2 {len(sigmas)}-step", disable=not progress, leave=False,
+               position=position)
+    for it in bar:
+        t.opt_G.param_groups[0]["lr"] = cfg.generator_lr * decay(it)
+        t.opt_fake.param_groups[0]["lr"] = cfg.fake_score_lr * decay(it)
+        k = int(torch.randint(0, len(sigmas), ()))              # one step of the K-step chain per batch
+        t.D_fake.step = k                                        # used only with --fake_score_knows_step
+        x_in = generator_input(cfg, mix, t.G, torch.randn(cfg.batch, 2, device=device), sigmas, k)
         log = {"iter": it}
-        for opt in (opt_G, opt_fake):
-            opt.param_groups[0]["lr"] = lr_at(it)
-
-        # Generator update (every dfake_gen_update_ratio-th iteration), before the critic's.
-        if gen_step:
-            D_fake.requires_grad_(False), head.requires_grad_(False)   # the GAN gradient flows into G only
-            with autocast():
-                x = G(x_in, sigmas[k]).float()                         # [B, 2]
-                loss_G = torch.zeros((), device=device)
-                if cfg.dm:                                             # 1. distribution matching
-                    loss_dm, grad = dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx)
-                    loss_G = loss_G + loss_dm
-                    log["loss_dm"] = loss_dm.item()
-                    if record_field_at is not None and it >= record_field_at and field is None:
-                        field = dm_field(D_real, D_fake, sigma_grid, min_idx, max_idx, x.detach(), mix)
-                        field["iter"] = it
-                if cfg.gen_gan_weight > 0:                             # 3. GAN, generator side
-                    loss_gan = gan_generator_loss(gan_logits(D_fake, head, x, sigma_grid))
-                    loss_G = loss_G + cfg.gen_gan_weight * loss_gan
-                    log["loss_g_gan"] = loss_gan.item()
-            opt_G.zero_grad(set_to_none=True)
-            scaler.scale(loss_G).backward()
-            scaler.unscale_(opt_G)
-            torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.max_grad_norm)
-            scaler.step(opt_G)
-            scaler.update()
-            D_fake.requires_grad_(True), head.requires_grad_(True)
-            x_fake = x.detach()
+        if it % cfg.dfake_gen_update_ratio == 0:                 # TTUR (2.): the generator's turn is rarer
+            x_fake, gen_log = generator_turn(cfg, t, D_real, x_in, sigmas[k])
+            log.update(gen_log)
         else:
-            with torch.no_grad(), autocast():
-                x_fake = G(x_in, sigmas[k]).float()
-
-        # 2. Fake-score update, every iteration (TTUR), on the detached generator samples;
-        # 3. the GAN head learns from the same forward on fakes and a forward on noised real data.
-        with autocast():
-            loss_fake, h_fake = fake_score_loss(D_fake, x_fake, sigma_grid)
-            loss_critic = loss_fake
-            if use_gan and cfg.disc_gan_weight > 0:
-                logits_real = gan_logits(D_fake, head, sample_mixture(mix, cfg.batch).to(device), sigma_grid)
-                loss_d = gan_discriminator_loss(logits_real, head(h_fake).float())
-                loss_critic = loss_critic + cfg.disc_gan_weight * loss_d
-                log["loss_d_gan"] = loss_d.item()
-        opt_fake.zero_grad(set_to_none=True)
-        scaler.scale(loss_critic).backward()
-        scaler.unscale_(opt_fake)
-        torch.nn.utils.clip_grad_norm_([*D_fake.parameters(), *head.parameters()], cfg.max_grad_norm)
-        scaler.step(opt_fake)
-        scaler.update()
-        log["loss_fake"] = loss_fake.item()
+            with torch.no_grad(), t.autocast():
+                x_fake = t.G(x_in, sigmas[k]).float()
+        x_real = sample_mixture(mix, cfg.batch).to(device) if cfg.disc_gan_weight > 0 else None
+        log.update(fake_score_turn(cfg, t, x_fake, x_real))
         if not all(math.isfinite(v) for v in log.values()):
             raise FloatingPointError(f"non-finite loss at iteration {it}: {log}")
-
         if it % cfg.eval_every == 0 or it == cfg.iters - 1:
             with torch.no_grad():
-                xs = generate(G, torch.randn(2000, 2, device=device), sigmas)
-            log["energy"] = energy_distance(xs.float().cpu(), eval_real.cpu())
+                log["energy"] = energy_distance(generate(t.G, torch.randn(2000, 2, device=device), sigmas).cpu(),
+                                                eval_real)
         history.append(log)
         if callback is not None:
-            callback(it, G, D_fake, head, log)
-    return G.eval().requires_grad_(False), history, field
+            callback(it, t.G, t.D_fake, t.head, log)
+    return t.G.eval().requires_grad_(False), history
+
+
+def dm_field_recorder(at, D_real, sigmas, cfg, mix, n=1000):
+    """A distill() callback that records, once, at iteration `at`, where the DM gradient pushes samples over
+    the plane (dm_field) and n generator samples. -> (record dict, filled in at `at`; callback). It runs in
+    a forked RNG, so recording leaves the training run's random numbers, and so its result, unchanged."""
+    record = {}
+
+    def callback(it, G, D_fake, head, log):
+        if it != at:
+            return
+        device = next(G.parameters()).device
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+            samples = generate(G, torch.randn(n, 2, device=device), sigmas)
+            lo, hi = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
+            record.update(dm_field(D_real, D_fake, sigma_grid, lo, hi, samples, mix), iter=it)
+    return record, callback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,19 +552,56 @@ def energy_distance(x, y, yy=None):
     return 2 * mean_distance(x, y) - mean_distance(x) - (mean_distance(y) if yy is None else yy)
 
 
+def mode_shape_kl(mix, x, assign, min_count=10):
+    """Per-mode shape: fit a Gaussian (mean, full covariance) to the samples each mode receives and take
+    KL(fit || true mode) = 0.5 (tr(S)/s^2 + |m - mu|^2/s^2 - 2 + 2 ln s^2 - ln det S)   (2-D, true cov s^2 I).
+    x [N, 2], assign [N] (mode index of each sample) -> [K] in nats; a mode with fewer than min_count
+    samples has no shape to fit and gets +inf. Assigning by the most likely mode cuts each mode's tails
+    a little, so even exact data samples sit slightly above 0 (the data row is the floor)."""
+    x = x.double()
+    kl = torch.full((len(mix.weights),), float("inf"), dtype=torch.float64)
+    for k in range(len(mix.weights)):
+        xs = x[assign == k]                                                                  # [n_k, 2]
+        if len(xs) < min_count:
+            continue
+        m, S = xs.mean(0), torch.cov(xs.T)                                                   # [2], [2, 2]
+        s2, mu = float(mix.stds[k]) ** 2, mix.means[k].double()
+        kl[k] = 0.5 * (torch.trace(S) / s2 + ((m - mu) ** 2).sum() / s2 - 2 + 2 * math.log(s2) - torch.logdet(S))
+    return kl
+
+
+def nearest_mode(mix, x):
+    """The component most likely to have made each sample, and log pi_k N(x; mu_k, s_k^2 I). x [N, 2] -> [N], [N, K]."""
+    log_comp = torch.log(mix.weights) - torch.log(2 * math.pi * mix.stds**2) - \
+        ((x[:, None] - mix.means[None]) ** 2).sum(-1) / (2 * mix.stds**2)                  # [N, K]
+    return log_comp.argmax(1), log_comp
+
+
+@torch.no_grad()
+def shape_per_step(mix, G, z, sigmas):
+    """mode_shape_kl (mean over modes) of the x0 each step of the K-step chain predicts, z [N, 2] -> [K] floats:
+    shows which step's outputs have the data's shape (the fake score only sees the steps' outputs mixed)."""
+    out = []
+    for k, sigma in enumerate(sigmas):
+        x0 = G(backward_simulation(G, z, sigmas, k), sigma).float().cpu()
+        out.append(float(mode_shape_kl(mix, x0, nearest_mode(mix, x0)[0]).mean()))
+    return out
+
+
 def evaluate(mix, x, reference, reference_self=None):
     """Metrics of samples x [N, 2] against the mixture, and an energy distance to fresh data `reference`
     (reference_self: mean_distance(reference), to compute it once for many rows)."""
     x = x.float().cpu()
-    log_comp = torch.log(mix.weights) - torch.log(2 * math.pi * mix.stds**2) - \
-        ((x[:, None] - mix.means[None]) ** 2).sum(-1) / (2 * mix.stds**2)                  # [N, K]
-    assign = log_comp.argmax(1)                                  # the component most likely to have made x
+    assign, log_comp = nearest_mode(mix, x)                                                  # [N], [N, K]
     found = torch.bincount(assign, minlength=len(mix.weights)).float() / len(x)           # [K]
+    shape = mode_shape_kl(mix, x, assign)                                                    # [K]
     return {
         "log_likelihood": float(torch.logsumexp(log_comp, 1).mean()),                   # mean log p0(x)
         "modes_covered": int((found >= 0.5 * mix.weights).sum()),  # a mode counts at half its expected share
         "num_modes": len(mix.weights),
         "weight_tv": float(0.5 * (found - mix.weights).abs().sum()),  # total variation of mode weights
+        "mode_shape_kl": float(shape.mean()),                      # mean over modes of KL(Gaussian fit || mode)
+        "mode_shape_kl_worst": float(shape.max()),                 # the worst single mode
         "energy_distance": energy_distance(x, reference, reference_self),
     }
 
@@ -647,72 +717,7 @@ def save_curves_figure(path, histories):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training students side by side. Each distill() run is independent of the others and seeds itself,
-# so on a CPU they can take one core each (--workers) and give the same numbers as one after another.
-
-
-def student_seed(seed, ksteps, row=0):
-    return 1_000_003 * seed + 1000 * row + ksteps
-
-
-def student_job(cfg, mix, teacher_state, sigmas, seed, record_field_at=None, position=0, progress=True):
-    """One distill() run from plain, picklable inputs (so it can run in a worker process).
-    -> (generator state_dict, history, DM field or None)."""
-    device = pick_device(cfg)
-    torch.manual_seed(seed)
-    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth).to(device)
-    teacher.load_state_dict(teacher_state)
-    teacher.eval().requires_grad_(False)
-    D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
-    G, history, field = distill(cfg, mix, teacher, D_real, len(sigmas), sigmas, device, progress,
-                                record_field_at=record_field_at, position=position)
-    return {k: v.cpu() for k, v in G.state_dict().items()}, history, field
-
-
-def _student_job(kwargs):
-    return student_job(**kwargs)
-
-
-def train_students(cfg, mix, teacher, device, jobs):
-    """jobs: [dict(sigmas, seed, ...) per student, with optional "cfg"] -> [(G, history, field), ...].
-    With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each."""
-    state = {k: v.cpu() for k, v in teacher.state_dict().items()}
-    kwargs = [{"cfg": cfg, "mix": mix, "teacher_state": state, "progress": not cfg.quiet, **job} for job in jobs]
-    workers = min(cfg.workers, len(jobs)) if device.type == "cpu" else 1
-    if workers <= 1:
-        results = [student_job(**kw) for kw in kwargs]
-    else:
-        for i, kw in enumerate(kwargs):
-            kw["position"] = i % workers
-        # Spawned (not forked) processes: safe whatever threads torch already started; a worker that
-        # fails raises here instead of hanging.
-        ctx = torch.multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, ctx, torch.set_num_threads, (1,)) as pool:
-            results = list(pool.map(_student_job, kwargs))
-    out = []
-    for kw, (state_G, history, field) in zip(kwargs, results):
-        G = Denoiser(teacher.sigma_data, kw["cfg"].width, kw["cfg"].depth).to(device)
-        G.load_state_dict(state_G)
-        out.append((G.eval().requires_grad_(False), history, field))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Main run and ablation.
-
-
-def pick_device(cfg):
-    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                        else "cpu")
-
-
-def setup(cfg):
-    check_config(cfg)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return pick_device(cfg)
 
 
 def run(cfg):
@@ -722,7 +727,7 @@ def run(cfg):
     mix = make_mixture(cfg.dataset)
     progress = not cfg.quiet
     teacher = train_teacher(cfg, mix, device, progress)
-    one = [cfg.sigma_max]
+    one = [cfg.one_step_sigma]
     many = parse_sigmas(cfg.kstep_sigmas)
     (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [
         dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=cfg.iters // 10),
@@ -744,6 +749,8 @@ def run(cfg):
     metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
     metrics["student_1step"]["nfe"] = 1
     metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps
+    metrics[f"student_{cfg.ksteps}step"]["mode_shape_kl_per_step"] = shape_per_step(
+        mix, GK, torch.randn(n, 2, device=device), many)
     result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": asdict(cfg)}
 
     os.makedirs(cfg.out, exist_ok=True)
@@ -761,12 +768,54 @@ def run(cfg):
     return result
 
 
+SEED_COLUMNS = [  # (title, function of (student metrics, data metrics, teacher metrics), worst = max or min)
+    ("modes", lambda m, d, t: m["modes_covered"], min),
+    ("weight TV", lambda m, d, t: m["weight_tv"], max),
+    ("LL gap (nats)", lambda m, d, t: abs(m["log_likelihood"] - d["log_likelihood"]), max),
+    ("shape KL", lambda m, d, t: m["mode_shape_kl"], max),
+    ("worst mode's shape KL", lambda m, d, t: m["mode_shape_kl_worst"], max),
+    ("energy / teacher's", lambda m, d, t: m["energy_distance"] / t["energy_distance"], max),
+]
+
+
+def run_seeds(cfg):
+    """The main run for seeds seed..seed+seeds-1 (each in out/seed_N), then one table: a row per seed and student,
+    and the median and the worst over seeds of each column. seeds.md is rewritten after every seed. -> its text."""
+    per_seed = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        c = Config(**{**asdict(cfg), "seed": seed, "out": os.path.join(cfg.out, f"seed_{seed}")})
+        per_seed[seed] = run(c)["metrics"]
+        text = f"Seeds {cfg.seed}..{seed} of {cfg.seed}..{cfg.seed + cfg.seeds - 1}, defaults otherwise.\n\n" + \
+            seeds_table(per_seed, ["student_1step", f"student_{cfg.ksteps}step"]) + "\n"
+        with open(os.path.join(cfg.out, "seeds.md"), "w") as f:
+            f.write(text)
+    return text
+
+
+def seeds_table(per_seed, students):
+    """per_seed: {seed: metrics of run()} -> markdown: a row per seed and student, then median and worst rows."""
+    lines = ["| seed | student | " + " | ".join(t for t, _, _ in SEED_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(SEED_COLUMNS)]
+    values = {s: [] for s in students}
+    for seed, m in per_seed.items():
+        for s in students:
+            row = [f(m[s], m["data"], m["teacher"]) for _, f, _ in SEED_COLUMNS]
+            values[s].append(row)
+            lines.append(f"| {seed} | {s} | " + " | ".join(f"{v:.3g}" for v in row) + " |")
+    for s in students:
+        cols = list(zip(*values[s]))
+        lines.append(f"| median | {s} | " + " | ".join(f"{float(np.median(c)):.3g}" for c in cols) + " |")
+        lines.append(f"| worst | {s} | " + " | ".join(f"{w(c):.3g}" for c, (_, _, w) in zip(cols, SEED_COLUMNS)) + " |")
+    return "\n".join(lines)
+
+
 def format_table(metrics):
-    lines = ["| samples | NFE | log-likelihood | modes covered | weight TV | energy distance |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| samples | NFE | log-likelihood | modes covered | weight TV | mode shape KL (mean / worst) "
+             "| energy distance |", "|---|---|---|---|---|---|---|"]
     for name, m in metrics.items():
         lines.append(f"| {name} | {m.get('nfe', '-')} | {m['log_likelihood']:.3f} | "
-                     f"{m['modes_covered']}/{m['num_modes']} | {m['weight_tv']:.3f} | {m['energy_distance']:.4f} |")
+                     f"{m['modes_covered']}/{m['num_modes']} | {m['weight_tv']:.3f} | "
+                     f"{m['mode_shape_kl']:.3f} / {m['mode_shape_kl_worst']:.3f} | {m['energy_distance']:.4f} |")
     return "\n".join(lines)
 
 
@@ -799,24 +848,27 @@ def run_ablation(cfg):
         for row, (name, over, multi) in enumerate(ABLATIONS):
             c = Config(**{**asdict(cfg), **over})
             c.iters = gen_updates * c.dfake_gen_update_ratio
-            sig = parse_sigmas(c.kstep_sigmas) if multi else [c.sigma_max]
+            sig = parse_sigmas(c.kstep_sigmas) if multi else [c.one_step_sigma]
             jobs.append(dict(cfg=c, sigmas=sig, seed=student_seed(seed, len(sig), row + 1)))
         for (name, _, _), job, (G, _, _) in zip(ABLATIONS, jobs, train_students(cfg, mix, teacher, device, jobs)):
             with torch.no_grad():
                 x = generate(G, torch.randn(cfg.num_eval, 2, device=device), job["sigmas"])
             results.setdefault(name, []).append(evaluate(mix, x, reference, reference_self))
             results.setdefault((name, "samples"), x.cpu())
-    table = ["| run | log-likelihood | modes covered | weight TV | energy distance |", "|---|---|---|---|---|"]
+    table = ["| run | log-likelihood | modes covered | weight TV | mode shape KL | energy distance |",
+             "|---|---|---|---|---|---|"]
     summary = {}
     for name, _, _ in ABLATIONS:
         ms = results[name]
-        agg = {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms])))
-               for k in ("log_likelihood", "modes_covered", "weight_tv", "energy_distance")}
+        with np.errstate(invalid="ignore"):        # a mode with no samples has shape KL inf: std nan, said so
+            agg = {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms])))
+                   for k in ("log_likelihood", "modes_covered", "weight_tv", "mode_shape_kl", "energy_distance")}
         summary[name] = {"mean": {k: v[0] for k, v in agg.items()}, "std": {k: v[1] for k, v in agg.items()},
                          "per_seed": ms}
         table.append(f"| {name} | {agg['log_likelihood'][0]:.3f} ± {agg['log_likelihood'][1]:.3f} | "
                      f"{agg['modes_covered'][0]:.1f}/{ms[0]['num_modes']} | "
                      f"{agg['weight_tv'][0]:.3f} ± {agg['weight_tv'][1]:.3f} | "
+                     f"{agg['mode_shape_kl'][0]:.3f} ± {agg['mode_shape_kl'][1]:.3f} | "
                      f"{agg['energy_distance'][0]:.4f} ± {agg['energy_distance'][1]:.4f} |")
     os.makedirs(cfg.out, exist_ok=True)
     text = (f"Ablation on '{cfg.dataset}', real score '{cfg.real_score}', {gen_updates} generator updates per run, "
@@ -829,6 +881,117 @@ def run_ablation(cfg):
     save_samples_figure(os.path.join(cfg.out, "ablation.png"), mix,
                         {name: results[(name, "samples")] for name, _, _ in ABLATIONS}, lim)
     return summary, text
+
+
+# ----------------------------------------------------------------------------------------------
+# Run plumbing and the command line: student workers, devices, option checks, flags.
+
+
+
+
+def student_seed(seed, ksteps, row=0):
+    return 1_000_003 * seed + 1000 * row + ksteps
+
+
+def student_job(cfg, mix, teacher_state, sigmas, seed, record_field_at=None, position=0, progress=True):
+    """One distill() run from plain, picklable inputs (so it can run in a worker process).
+    -> (generator state_dict, history, DM field or None)."""
+    device = pick_device(cfg)
+    torch.manual_seed(seed)
+    teacher = Denoiser(mixture_std(mix), cfg.width, cfg.depth, max_freq=cfg.noise_freq_max).to(device)
+    teacher.load_state_dict(teacher_state)
+    teacher.eval().requires_grad_(False)
+    D_real = teacher if cfg.real_score == "teacher" else ExactDenoiser(mix).to(device)
+    field, callback = dm_field_recorder(record_field_at, D_real, sigmas, cfg, mix) if record_field_at else ({}, None)
+    G, history = distill(cfg, mix, teacher, D_real, sigmas, device, progress, callback, position)
+    return {k: v.cpu() for k, v in G.state_dict().items()}, history, field or None
+
+
+def _student_job(kwargs):
+    return student_job(**kwargs)
+
+
+def train_students(cfg, mix, teacher, device, jobs):
+    """jobs: [dict(sigmas, seed, ...) per student, with optional "cfg"] -> [(G, history, field), ...].
+    With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each."""
+    state = {k: v.cpu() for k, v in teacher.state_dict().items()}
+    kwargs = [{"cfg": cfg, "mix": mix, "teacher_state": state, "progress": not cfg.quiet, **job} for job in jobs]
+    workers = min(cfg.workers, len(jobs)) if device.type == "cpu" else 1
+    if workers <= 1:
+        results = [student_job(**kw) for kw in kwargs]
+    else:
+        for i, kw in enumerate(kwargs):
+            kw["position"] = i % workers
+        # Spawned (not forked) processes: safe whatever threads torch already started; a worker that
+        # fails raises here instead of hanging.
+        ctx = torch.multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, ctx, torch.set_num_threads, (1,)) as pool:
+            results = list(pool.map(_student_job, kwargs))
+    out = []
+    for kw, (state_G, history, field) in zip(kwargs, results):
+        G = copy.deepcopy(teacher)
+        G.load_state_dict(state_G)
+        out.append((G.eval().requires_grad_(False), history, field))
+    return out
+
+
+def pick_device(cfg):
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def setup(cfg):
+    check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return pick_device(cfg)
+
+
+def check_config(cfg):
+    """Refuse impossible options with a message that says which option and why."""
+    errors = []
+    if cfg.dataset not in ("ring", "grid"):
+        errors.append(f"--dataset must be 'ring' or 'grid', not {cfg.dataset!r}")
+    if cfg.real_score not in ("teacher", "exact"):
+        errors.append(f"--real_score must be 'teacher' or 'exact', not {cfg.real_score!r}")
+    if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
+        errors.append(f"--amp must be auto, bf16, fp16 or fp32, not {cfg.amp!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        errors.append(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        errors.append("--device cuda was asked for but torch.cuda.is_available() is False")
+    if not 0 < cfg.sigma_min < cfg.sigma_max:
+        errors.append(f"need 0 < --sigma_min < --sigma_max, got {cfg.sigma_min} and {cfg.sigma_max}")
+    if not 0 < cfg.one_step_sigma <= cfg.sigma_max:
+        errors.append(f"need 0 < --one_step_sigma <= --sigma_max, got {cfg.one_step_sigma}")
+    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
+        errors.append("need 0 <= --min_step_percent < --max_step_percent <= 1")
+    if cfg.threads < 0:
+        errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
+    for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "iters", "batch",
+                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    try:
+        sig = parse_sigmas(cfg.kstep_sigmas)
+        if len(sig) != cfg.ksteps:
+            errors.append(f"--kstep_sigmas has {len(sig)} values but --ksteps is {cfg.ksteps}")
+        if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
+            errors.append(f"--kstep_sigmas must be positive and strictly decreasing, got {cfg.kstep_sigmas}")
+        if abs(sig[0] - cfg.sigma_max) > 1e-9:
+            errors.append(f"--kstep_sigmas must start at --sigma_max={cfg.sigma_max} (pure noise), got {sig[0]}")
+    except ValueError:
+        errors.append(f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}")
+    if cfg.num_eval < 100:
+        errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
+    if errors:
+        raise ValueError("invalid options:\n  " + "\n  ".join(errors))
+
+
+def parse_sigmas(text):
+    return [float(s) for s in text.split(",")]
 
 
 def parse_args(argv=None):
@@ -861,6 +1024,10 @@ def main(argv=None):
         _, text = run_ablation(cfg)
         print(text)
         print(f"wrote {cfg.out}/ablation.md, ablation.json, ablation.png")
+        return
+    if cfg.seeds > 1:
+        print(run_seeds(cfg))
+        print(f"wrote {cfg.out}/seeds.md and a folder seed_N per seed")
         return
     result = run(cfg)
     print(format_table(result["metrics"]))

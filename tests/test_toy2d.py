@@ -1,5 +1,6 @@
 """Tests of toy2d.py: the closed-form pieces against independent computations, each DMD2 ingredient
 on its own, and a short end-to-end run with quality thresholds."""
+import copy
 import json
 import math
 
@@ -167,6 +168,25 @@ class Recorder(torch.nn.Module):
         return torch.full_like(x, self.value)
 
 
+def test_fake_score_that_knows_the_step_starts_as_the_teacher():
+    """--fake_score_knows_step adds one learned vector per step, zero at first: the fake score starts as the
+    teacher for every step, and a trained vector changes only its own step's output."""
+    torch.manual_seed(0)
+    teacher = toy2d.Denoiser(1.0, width=32, depth=2)
+    D_fake = copy.deepcopy(teacher)
+    D_fake.add_steps(4)
+    x, sigma = torch.randn(64, 2), torch.rand(64) + 0.1
+    for k in range(4):
+        D_fake.step = k
+        assert torch.equal(D_fake(x, sigma), teacher(x, sigma))
+    with torch.no_grad():
+        D_fake.step_emb[2] += 1.0
+    D_fake.step = 1
+    assert torch.equal(D_fake(x, sigma), teacher(x, sigma))
+    D_fake.step = 2
+    assert not torch.allclose(D_fake(x, sigma), teacher(x, sigma))
+
+
 def test_backward_simulation_feeds_the_right_sigmas():
     sigmas = [80.0, 1.5, 0.5, 0.15]
     z = torch.randn(20_000, 2)
@@ -199,8 +219,54 @@ def test_distill_trains_kstep_generator_on_backward_simulated_inputs(monkeypatch
     mix = toy2d.make_mixture("ring")
     teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
     torch.manual_seed(0)
-    toy2d.distill(cfg, mix, teacher, teacher, 4, [80.0, 1.5, 0.5, 0.15], torch.device("cpu"), progress=False)
+    toy2d.distill(cfg, mix, teacher, teacher, [80.0, 1.5, 0.5, 0.15], torch.device("cpu"), progress=False)
     assert len(seen) == 12 and set(seen) <= {0, 1, 2, 3} and len(set(seen)) > 1
+
+
+def test_distill_alternates_generator_and_fake_score_turns(monkeypatch):
+    """Algorithm 1 with TTUR: a fake-score turn every iteration, a generator turn before it every
+    dfake_gen_update_ratio-th iteration, and the fake score learns from that turn's own samples."""
+    calls = []
+    real_gen, real_fake = toy2d.generator_turn, toy2d.fake_score_turn
+
+    def gen_spy(cfg, t, D_real, x_in, sigma_k):
+        x, log = real_gen(cfg, t, D_real, x_in, sigma_k)
+        calls.append(("G", x))
+        return x, log
+
+    def fake_spy(cfg, t, x_fake, x_real):
+        calls.append(("fake", x_fake))
+        return real_fake(cfg, t, x_fake, x_real)
+
+    monkeypatch.setattr(toy2d, "generator_turn", gen_spy)
+    monkeypatch.setattr(toy2d, "fake_score_turn", fake_spy)
+    cfg = toy2d.Config(width=32, depth=2, iters=11, batch=64, eval_every=1000, dfake_gen_update_ratio=5, quiet=True)
+    mix = toy2d.make_mixture("ring")
+    teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
+    torch.manual_seed(0)
+    toy2d.distill(cfg, mix, teacher, teacher, [80.0], torch.device("cpu"), progress=False)
+    kinds = [kind for kind, _ in calls]
+    assert kinds == ["G", "fake"] + ["fake"] * 4 + ["G", "fake"] + ["fake"] * 4 + ["G", "fake"]
+    for i, (kind, x) in enumerate(calls):
+        if kind == "G":
+            assert calls[i + 1][1] is x                        # the same detached samples, not a fresh draw
+
+
+def test_dm_field_recording_leaves_training_unchanged():
+    """The DM field is recorded through distill's callback in a forked RNG: same generator with and without it."""
+    cfg = toy2d.Config(width=32, depth=2, iters=12, batch=64, eval_every=1000, quiet=True)
+    mix = toy2d.make_mixture("ring")
+    torch.manual_seed(0)
+    teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
+    field, callback = toy2d.dm_field_recorder(6, teacher, [80.0], cfg, mix)
+    outs = []
+    for cb in (None, callback):
+        torch.manual_seed(1)
+        G, _ = toy2d.distill(cfg, mix, teacher, teacher, [80.0], torch.device("cpu"), progress=False, callback=cb)
+        outs.append(G(torch.randn(16, 2, generator=torch.Generator().manual_seed(2)) * 80, 80.0))
+    assert torch.equal(outs[0], outs[1])
+    assert field["iter"] == 6 and field["points"].shape == (21 * 21, 2) and field["direction"].shape == (21 * 21, 2)
+    assert field["direction"].abs().sum() > 0
 
 
 def test_energy_distance_matches_brute_force():
@@ -213,6 +279,29 @@ def test_energy_distance_matches_brute_force():
     assert toy2d.energy_distance(x, y) == pytest.approx(expected, rel=1e-10)
     assert toy2d.energy_distance(x, y, yy=full(y, y)) == pytest.approx(expected, rel=1e-10)
     assert expected > 0.2 and abs(toy2d.energy_distance(x[:350], x[350:])) < 0.05    # same law: near zero
+
+
+def test_mode_shape_kl_known_answers():
+    """Two far-apart modes (no sample is assigned to the wrong one): one drawn with its std scaled by c,
+    KL = c^2 - 1 - 2 ln c; the other shifted by d, KL = d^2 / (2 s^2). evaluate() reports their mean and max."""
+    mix = toy2d.Mixture(torch.tensor([[-10.0, 0.0], [10.0, 0.0]]), torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.5]))
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 200_000, 0.7, 0.15
+    x = torch.cat([mix.means[0] + c * 0.5 * torch.randn(n, 2, generator=g),
+                   mix.means[1] + torch.tensor([d, 0.0]) + 0.3 * torch.randn(n, 2, generator=g)])
+    assign = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    kl = toy2d.mode_shape_kl(mix, x, assign)
+    expected = torch.tensor([c**2 - 1 - 2 * math.log(c), d**2 / (2 * 0.3**2)], dtype=torch.float64)
+    assert torch.allclose(kl, expected, atol=3e-3), (kl, expected)
+    m = toy2d.evaluate(mix, x[::20], x[::100])                  # 10,000 of each mode's samples
+    assert m["mode_shape_kl"] == pytest.approx(float(expected.mean()), abs=0.02)
+    assert m["mode_shape_kl_worst"] == pytest.approx(float(expected.max()), abs=0.02)
+    # A mode that receives (almost) nothing has no shape: +inf, so the mean cannot hide it.
+    assert math.isinf(toy2d.evaluate(mix, x[:n:20], x[::100])["mode_shape_kl_worst"])
+    # Exact samples of the default ring: near 0, above 0 only by the cut tails of the nearest-mode assignment.
+    ring = toy2d.make_mixture("ring")
+    y = toy2d.sample_mixture(ring, 10_000, generator=g)
+    assert 0 < toy2d.evaluate(ring, y, y[::10])["mode_shape_kl"] < 0.01
 
 
 # ---- whole runs ------------------------------------------------------------------------------
@@ -242,6 +331,19 @@ def test_students_in_worker_processes_match_students_in_turn(tmp_path):
         assert np.array_equal(a[key], b[key]), key
 
 
+def test_seeds_table_has_every_seed_median_and_worst(tmp_path):
+    """--seeds N runs the main run per seed and summarises each student: one row per seed, then median and worst."""
+    toy2d.main(TINY + ["--seeds", "2", "--out", str(tmp_path)])
+    table = (tmp_path / "seeds.md").read_text()
+    for student in ("student_1step", "student_4step"):
+        for row in ("| 0 |", "| 1 |", "| median |", "| worst |"):
+            assert f"{row} {student} |" in table
+    per_seed = [json.loads((tmp_path / f"seed_{s}" / "metrics.json").read_text())["metrics"] for s in (0, 1)]
+    worst_tv = max(m["student_1step"]["weight_tv"] for m in per_seed)
+    worst_row = next(line for line in table.splitlines() if line.startswith("| worst | student_1step |"))
+    assert float(worst_row.split("|")[4]) == pytest.approx(worst_tv, rel=1e-2)
+
+
 def test_bad_options_get_clear_errors():
     with pytest.raises(SystemExit, match="--kstep_sigmas has 3 values but --ksteps is 4"):
         toy2d.main(["--kstep_sigmas", "80,1,0.1"])
@@ -249,6 +351,9 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--dataset", "moons"])
     with pytest.raises(SystemExit, match="strictly decreasing"):
         toy2d.main(["--kstep_sigmas", "80,1,2,0.1"])
+
+
+SHAPE_BAR = 0.35  # this shortened run (a third of the default iterations) measured 0.124 (1-step), 0.233 (4-step)
 
 
 def test_end_to_end_quality(tmp_path):
@@ -267,6 +372,12 @@ def test_end_to_end_quality(tmp_path):
         assert m[key]["weight_tv"] < 0.1, (key, m[key])
         assert m[key]["log_likelihood"] > m["data"]["log_likelihood"] - 1.0, (key, m[key])
         assert m[key]["energy_distance"] < 0.05, (key, m[key])
+    # Per-mode shape: exact samples near 0, the teacher close (0.025 measured), and students whose modes already
+    # have roughly the data's shape after a third of the default run (the notebook's short run without TTUR: 1.38).
+    assert m["data"]["mode_shape_kl"] < 0.01 and m["teacher"]["mode_shape_kl"] < 0.06, m
+    for key in ("student_1step", "student_4step"):
+        assert m[key]["mode_shape_kl"] < SHAPE_BAR, (key, m[key])
+    assert len(m["student_4step"]["mode_shape_kl_per_step"]) == 4
     for png in ("samples.png", "dm_field.png", "curves.png"):
         assert (out / png).stat().st_size > 1000
 

@@ -34,6 +34,7 @@
 
 # %%
 import copy
+import inspect
 import io
 import os
 import sys
@@ -244,10 +245,15 @@ for step in range(steps + 1):
 column(row(*top), row(*bottom))
 
 # %% [markdown]
-# The real thing: `toy2d.distill` trains a one-step generator `G(80 z)`, initialised from the teacher, together
-# with an MLP fake score and the GAN head of section 5. With `record_field_at` it stores the DM direction of the
-# *learned* networks over the plane at that iteration; `callback(it, G, D_fake, head, log)`, called after every
-# iteration, lets us keep snapshots of the samples and of the GAN head.
+# The real thing: `toy2d.distill` trains a one-step generator `G(s z; s)`, initialised from the teacher, together
+# with an MLP fake score and the GAN head of section 5. The paper uses s = sigma_max = 80; the toy uses
+# `cfg.one_step_sigma = 2.5`, because from G(80 z) the teacher's almost constant D(80 z; 80) grows into a map that
+# folds the plane onto thin curves (README has the numbers). Its loop is the paper's Algorithm 1, printed below: every
+# iteration the fake score takes a turn (`toy2d.fake_score_turn`), and every `dfake_gen_update_ratio`-th iteration
+# the generator takes one first (`toy2d.generator_turn`). `callback(it, G, D_fake, head, log)`, called after every
+# iteration, lets us watch: `toy2d.dm_field_recorder` is such a callback, which stores the DM direction of the
+# *learned* networks over the plane at one iteration, and the one below keeps snapshots of the samples and of the
+# GAN head.
 #
 # The callback also measures how far the fake score lags behind the generator (used in section 4): the relative
 # error of the DM direction it produces, against the direction given by an almost perfect fake score, the exact
@@ -262,8 +268,8 @@ z_show = torch.randn(2000, 2)
 @torch.no_grad()
 def dm_direction_error(G, D_fake, n=1000):
     """mean |grad(D_fake) - grad(ideal D_fake)| / mean |grad(ideal D_fake)| on fresh generator samples."""
-    D_ideal = kde(toy2d.generate(G, torch.randn(2000, 2), [cfg.sigma_max]), bandwidth=0.02)
-    x = toy2d.generate(G, torch.randn(n, 2), [cfg.sigma_max])                         # [n, 2]
+    D_ideal = kde(toy2d.generate(G, torch.randn(2000, 2), [cfg.one_step_sigma]), bandwidth=0.02)
+    x = toy2d.generate(G, torch.randn(n, 2), [cfg.one_step_sigma])                         # [n, 2]
     sigma = sigma_grid[torch.randint(lo, max_idx + 1, (n,))].unsqueeze(1)             # [n, 1]
     x_t = x + sigma * torch.randn_like(x)
     D_real = teacher(x_t, sigma)
@@ -279,9 +285,9 @@ def watcher(ratio, snap_iters=(), head_iters=()):
     def callback(it, G, D_fake, head, log):
         with torch.no_grad():
             if it in snap_iters:
-                rec["samples"][it] = toy2d.generate(G, z_show, [cfg.sigma_max])
+                rec["samples"][it] = toy2d.generate(G, z_show, [cfg.one_step_sigma])
             if it in head_iters:
-                rec["heads"][it] = (copy.deepcopy(D_fake), copy.deepcopy(head), toy2d.generate(G, z_show, [cfg.sigma_max]))
+                rec["heads"][it] = (copy.deepcopy(D_fake), copy.deepcopy(head), toy2d.generate(G, z_show, [cfg.one_step_sigma]))
         updates = (it + 1) // ratio                     # generator updates so far; the next one comes at it + 1
         if (it + 1) % ratio == 0 and updates % 10 == 0:
             rec["errors"][0].append(updates)
@@ -289,11 +295,21 @@ def watcher(ratio, snap_iters=(), head_iters=()):
     return rec, callback
 
 
-ttur, callback = watcher(cfg.dfake_gen_update_ratio, snap_iters={0, cfg.iters // 10, cfg.iters // 3, cfg.iters - 1},
-                         head_iters={cfg.iters // 5, cfg.iters - 1})
+print(inspect.getsource(toy2d.distill))
+
+# %%
+ttur, watch = watcher(cfg.dfake_gen_update_ratio, snap_iters={0, cfg.iters // 10, cfg.iters // 3, cfg.iters - 1},
+                      head_iters={cfg.iters // 5, cfg.iters - 1})
+field1, record_field = toy2d.dm_field_recorder(cfg.iters // 10, teacher, [cfg.one_step_sigma], cfg, mix)
+
+
+def callback(*args):
+    record_field(*args)
+    watch(*args)
+
+
 t0 = time.time()
-G1, hist1, field1 = toy2d.distill(cfg, mix, teacher, teacher, 1, [cfg.sigma_max], device, False,
-                                  record_field_at=cfg.iters // 10, callback=callback)
+G1, hist1 = toy2d.distill(cfg, mix, teacher, teacher, [cfg.one_step_sigma], device, False, callback=callback)
 print(f"{cfg.iters} iterations ({cfg.iters // cfg.dfake_gen_update_ratio} generator updates) in {time.time() - t0:.1f} s")
 display(toy2d.field_panel(mix, field1["points"], field1["direction"], field1["samples"],
                           f"learned -grad at iteration {field1['iter']}: D_real = teacher, D_fake = MLP", lim))
@@ -314,14 +330,14 @@ row(*[toy2d.scatter_panel(mix, x, f"1-step generator, iteration {it}", lim, size
 no_ttur, callback = watcher(1)
 c = toy2d.Config(**{**vars(cfg), "dfake_gen_update_ratio": 1, "iters": cfg.iters // cfg.dfake_gen_update_ratio})
 torch.manual_seed(1)
-G1_no_ttur, _, _ = toy2d.distill(c, mix, teacher, teacher, 1, [cfg.sigma_max], device, False, callback=callback)
+G1_no_ttur, _ = toy2d.distill(c, mix, teacher, teacher, [cfg.one_step_sigma], device, False, callback=callback)
 runs = {"TTUR, ratio 5": (G1, ttur), "no TTUR, ratio 1": (G1_no_ttur, no_ttur)}
 for name, (G, rec) in runs.items():
     print(f"{name}: mean DM-direction error {sum(rec['errors'][1]) / len(rec['errors'][1]):.3f}")
 display(toy2d.line_panel({name: rec["errors"] for name, (G, rec) in runs.items()},
                          "DM-direction error; x: generator updates", size=(480, 240)))
 with torch.no_grad():
-    final1 = {name: toy2d.generate(G, torch.randn(cfg.num_eval, 2), [cfg.sigma_max]) for name, (G, rec) in runs.items()}
+    final1 = {name: toy2d.generate(G, torch.randn(cfg.num_eval, 2), [cfg.one_step_sigma]) for name, (G, rec) in runs.items()}
 display(row(*[toy2d.scatter_panel(mix, x, name, lim, size=240) for name, x in final1.items()]))
 display(Markdown(toy2d.format_table({name: toy2d.evaluate(mix, x, reference) for name, x in final1.items()})))
 
@@ -377,7 +393,9 @@ row(*[logit_panel(D, head, sigma, xs, f"iteration {it}, sigma = {sigma}")
 # `toy2d.Config.kstep_sigmas`, printed below. During training each batch picks one step k; its input must look like
 # what the generator will see at step k when sampling. Backward simulation (Sec. 4.5, `toy2d.backward_simulation`)
 # makes it by running the current generator's own chain through steps 0..k-1; the ablation instead noises
-# real data to `sigmas[k]`.
+# real data to `sigmas[k]`. The fake score is trained on the outputs of all four steps; by default
+# (`fake_score_knows_step`, not in the paper) it is also told which step made each sample, so that it models each
+# step's outputs and not only their mixture.
 
 # %%
 sigmas4 = toy2d.parse_sigmas(cfg.kstep_sigmas)
@@ -387,7 +405,7 @@ for bs in (True, False):
     c = toy2d.Config(**{**vars(cfg), "backward_simulation": bs})
     torch.manual_seed(3)
     t0 = time.time()
-    students[bs], _, _ = toy2d.distill(c, mix, teacher, teacher, 4, sigmas4, device, False)
+    students[bs], _ = toy2d.distill(c, mix, teacher, teacher, sigmas4, device, False)
     print(f"4-step student, backward simulation {bs}: {time.time() - t0:.1f} s")
 
 G4 = students[True]

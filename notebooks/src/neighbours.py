@@ -137,11 +137,11 @@ def gan_only(cfg, teacher, mix):
 #
 # | objective | generator gradient on x (before the optimiser) | sigma drawn from |
 # |---|---|---|
-# | DMD / DMD2 | `(D_fake - D_real) / mean|x - D_real|` | grid indices 20..980 |
+# | DMD / DMD2 | `(D_fake - D_real) / mean abs(x - D_real)` | grid indices 20..980 |
 # | VSD / SwiftBrush | `(eps_real - eps_fake) * alpha = (D_fake - D_real) / (sigma sqrt(1 + sigma^2))` | the same |
-# | Diff-Instruct | `w(sigma) * (s_fake - s_real) = (sigma^2 + sigma_data^2) / sigma_data^2 * (D_fake - D_real)` | EDM's lognormal |
+# | Diff-Instruct | `w (s_fake - s_real) = (sigma^2 + sigma_data^2) / sigma_data^2 (D_fake - D_real)` | lognormal |
 # | f-distill (JS) | `h(r) * DMD's gradient`, `h(r) = r / (1 + r)` with `r = exp(head logit)` | grid indices 20..980 |
-# | SiD | autograd of `(1 - alpha) |D_real - D_fake|^2 + (D_real - D_fake) . (D_fake - x)`, through `x_t` | the same |
+# | SiD | autograd of `(1 - alpha) norm(D_real - D_fake)^2 + (D_real - D_fake) . (D_fake - x)` via x_t | the same |
 #
 # VSD's and Diff-Instruct's weights are choices the papers leave open (ProlificDreamer's `omega(t)`,
 # Diff-Instruct's `w(t)`): we take `omega = 1` in the variance-preserving epsilon space for VSD, and for
@@ -306,7 +306,7 @@ def consistency_distillation(cfg, teacher, mix, N=18, ema=0.95):
         s_hi, s_lo = levels[n + 1], levels[n]                                                  # [B, 1]
         x_hi = toy2d.sample_mixture(mix, cfg.batch) + s_hi * torch.randn(cfg.batch, 2)
         with torch.no_grad():
-            d = (x_hi - teacher(x_hi, s_hi)) / s_hi                                            # EDM Alg. 1, one Heun step
+            d = (x_hi - teacher(x_hi, s_hi)) / s_hi                                  # EDM Alg. 1, one Heun step
             x_eul = x_hi + (s_lo - s_hi) * d
             x_lo = x_hi + (s_lo - s_hi) * (d + (x_eul - teacher(x_eul, s_lo)) / s_lo) / 2
             target = G_ema(x_lo, s_lo)
@@ -666,7 +666,8 @@ def compare_with(mix, x, ref):
 # Sizes: `toy2d.Config()`'s defaults for the teacher and every distillation setting (width 128, batch 384, learning
 # rates 1e-3 cosine-decayed, GAN weights 0.3, TTUR 5), except the number of generator updates, which is 240 here
 # (toy2d.py makes 560) so that 9 objectives x 3 seeds and 7 guided rows x 3 seeds fit in about ten minutes on a
-# shared 2-core machine; every row is therefore less converged than `python toy2d.py`'s students. Seeds change the students' initial noise draws and data; the teacher is one and the same for all rows.
+# shared 2-core machine; every row is therefore less converged than `python toy2d.py`'s students. Seeds change the
+# students' initial noise draws and data; the teacher is one and the same for all rows.
 
 # %%
 import io
@@ -841,8 +842,8 @@ for w in (1.0, 2.0, 4.0, 8.0):
         heun_w[w] = guided_heun(cfg, cond_teacher, c_eval, w, z_eval)
         exact = guided_heun(cfg, None, c_eval, w, z_eval, exact_mix=mix)
     m = toy2d.evaluate(mix, heun_w[w], reference)
-    rows[f"w = {w:g}"] = f"| w = {w:g} | {m['weight_tv']:.3f} | {m['mode_shape_kl']:.3f} / {m['mode_shape_kl_worst']:.3f} " \
-                         f"| {m['log_likelihood'] - data_ll:+.3f} | {toy2d.energy_distance(heun_w[w], exact):.4f} |"
+    rows[w] = (f"| w = {w:g} | {m['weight_tv']:.3f} | {m['mode_shape_kl']:.3f} / {m['mode_shape_kl_worst']:.3f} "
+               f"| {m['log_likelihood'] - data_ll:+.3f} | {toy2d.energy_distance(heun_w[w], exact):.4f} |")
     panels.append(tilted_panel(w, heun_w[w], f"CFG w = {w:g}: Heun samples"))
 display(Markdown("| guided Heun sampler (trained teacher) | weight TV vs data | mode shape KL vs data (mean / worst) "
                  "| LL - data's LL | energy distance to the closed-form guided sampler |\n|---|---|---|---|---|\n"

@@ -10,13 +10,15 @@ arXiv 2405.14867) distills a many-step diffusion model (the teacher) into a gene
   3. a GAN head on the fake score's features, trained on real data (Sec. 4.3),
   4. backward simulation: a K-step generator is trained on inputs made by its own earlier steps (Sec. 4.5).
 Here the data is a 2D Gaussian mixture known in closed form, so every metric is exact and every
-failure (dropped modes, wrong mode weights, blur between modes) can be seen and counted.
+failure (dropped modes, wrong mode weights, blur between modes, modes of the wrong shape) can be seen
+and counted.
 
 Run it:
   python toy2d.py                     # teacher + 1-step + 4-step students, ~55 s on 2 CPU cores
   python toy2d.py --dataset grid      # the harder 5x5 grid
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
   python toy2d.py --ablation          # the paper's ablations at toy scale (~4 min): table + figure
+  python toy2d.py --seeds 10 --quiet  # seeds 0..9: one table of both students, median and worst (seeds.md)
   python toy2d.py --help              # every option
 Outputs go to --out (default out/toy2d): samples.npz, metrics.json, samples.png, dm_field.png, curves.png.
 The same code runs under bf16 autocast when CUDA is present (--device cuda); the CPU path is fp32.
@@ -56,15 +58,15 @@ class Config:
     # teacher: an EDM-preconditioned MLP trained on samples with the EDM loss
     width: int = 128                 # hidden width of every MLP (teacher, fake score, generator)
     depth: int = 3                   # hidden layers of every MLP
-    noise_freq_max: float = 1.0      # highest frequency of the Fourier features of c_noise (EDM's embedding: <= 1)
+    noise_freq_max: float = 128 * math.pi  # highest frequency of the Fourier features of c_noise (EDM's: 1; README)
     teacher_iters: int = 1500        # EDM-loss training steps of the teacher
     teacher_batch: int = 1024        # teacher batch size
     teacher_lr: float = 3e-3         # teacher Adam learning rate (cosine-decayed to 0)
     heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
-    iters: int = 2800                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
-    batch: int = 384                 # generator batch (the same number of real samples for the GAN)
+    iters: int = 4500                # fake-score updates; generator updates = iters / dfake_gen_update_ratio
+    batch: int = 192                 # generator batch (the same number of real samples for the GAN)
     generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
     fake_score_lr: float = 1e-3      # AdamW learning rate of the fake score and the GAN head
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
@@ -75,9 +77,11 @@ class Config:
     disc_gan_weight: float = 0.3     # weight of the discriminator loss in the fake-score update (ImageNet: 1e-2)
     dm: bool = True                  # use the DM gradient (False: a GAN-only run, the paper's ablation)
     max_grad_norm: float = 10.0      # gradient clipping, as the official runs
+    one_step_sigma: float = 2.5      # the 1-step student is G(s z; s) at this s (paper: sigma_max = 80); README
     ksteps: int = 4                  # steps of the multi-step student
     kstep_sigmas: str = "80,0.6,0.3,0.12"  # its fixed noise levels, first = sigma_max (pure noise); see README
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
+    fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
     eval_every: int = 500            # iterations between quick metric points on the training curves
@@ -179,15 +183,21 @@ class Denoiser(nn.Module):
     [B, width] when features=True: the GAN head of DMD2 reads the fake score's features).
     """
 
-    def __init__(self, sigma_data, width=128, depth=3, num_freqs=8, max_freq=1.0):
+    def __init__(self, sigma_data, width=128, depth=3, num_freqs=8, max_freq=128 * math.pi):
         super().__init__()
         self.sigma_data = sigma_data
-        # Fourier features of c_noise at max_freq, max_freq/2, ..., max_freq/2^(num_freqs-1). c_noise spans
-        # about 2.7 over the grid, so max_freq <= 1 keeps D smooth in sigma, as EDM's positional embedding.
+        # Fourier features of c_noise at max_freq, max_freq/2, ..., max_freq/2^(num_freqs-1). c_noise spans about
+        # 2.7 over the grid; EDM's positional embedding stays <= 1, but here 1 made both students worse (README).
         self.register_buffer("freqs", max_freq * 2.0 ** -torch.arange(num_freqs - 1, -1, -1.0))
         self.inp = nn.Linear(2 + 2 * num_freqs, width)
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
+        self.step_emb, self.step = None, 0     # optional: which step of a K-step chain made x (see add_steps)
+
+    def add_steps(self, ksteps):
+        """Let the fake score know which of K steps made a sample: a learned vector per step added to the
+        first layer, zero at the start so the fake score still starts as the teacher. Set self.step before a call."""
+        self.step_emb = nn.Parameter(torch.zeros(ksteps, self.inp.out_features, device=self.inp.weight.device))
 
     def forward(self, x, sigma, features=False):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
@@ -197,7 +207,8 @@ class Denoiser(nn.Module):
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = sigma.log() / 4
         angles = c_noise * self.freqs                                          # [B, num_freqs]
-        h = F.silu(self.inp(torch.cat([c_in * x, angles.cos(), angles.sin()], dim=1)))
+        h = self.inp(torch.cat([c_in * x, angles.cos(), angles.sin()], dim=1))
+        h = F.silu(h if self.step_emb is None else h + self.step_emb[self.step])
         for layer in self.hidden:
             h = h + F.silu(layer(h))                                           # residual MLP
         F_x = self.out(h)
@@ -387,10 +398,12 @@ class Trainables:
     dm_range: tuple               # grid indices (min, max) the DM gradient draws sigma from
 
 
-def make_trainables(cfg, teacher, device):
+def make_trainables(cfg, teacher, device, ksteps=1):
     """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new."""
     G = copy.deepcopy(teacher).train().requires_grad_(True)
     D_fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    if cfg.fake_score_knows_step and ksteps > 1:
+        D_fake.add_steps(ksteps)
     head = make_head(cfg.width).to(device)
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
@@ -458,12 +471,12 @@ def fake_score_turn(cfg, t, x_fake, x_real):
 def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=None, position=0):
     """DMD2 (paper Algorithm 1): returns the trained generator and a history of losses and quick metrics.
 
-    sigmas: the student's fixed noise levels; [sigma_max] is the one-step generator G(sigma_max z).
+    sigmas: the student's fixed noise levels; [s] is the one-step generator G(s z; s) (paper: s = sigma_max).
     D_real: the real score (the teacher, or the exact denoiser). callback(it, G, D_fake, head, log), if
     given, runs after every iteration (the DM-field picture and the notebook's figures use it).
     position: the row of its progress bar (students trained side by side each get one).
     """
-    t = make_trainables(cfg, teacher, device)
+    t = make_trainables(cfg, teacher, device, len(sigmas))
     decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.iters))) if cfg.lr_decay else (lambda it: 1.0)
     eval_real = sample_mixture(mix, 2000)
     history = []
@@ -473,6 +486,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
         t.opt_G.param_groups[0]["lr"] = cfg.generator_lr * decay(it)
         t.opt_fake.param_groups[0]["lr"] = cfg.fake_score_lr * decay(it)
         k = int(torch.randint(0, len(sigmas), ()))              # one step of the K-step chain per batch
+        t.D_fake.step = k                                        # used only with --fake_score_knows_step
         x_in = generator_input(cfg, mix, t.G, torch.randn(cfg.batch, 2, device=device), sigmas, k)
         log = {"iter": it}
         if it % cfg.dfake_gen_update_ratio == 0:                 # TTUR (2.): the generator's turn is rarer
@@ -556,13 +570,29 @@ def mode_shape_kl(mix, x, assign, min_count=10):
     return kl
 
 
+def nearest_mode(mix, x):
+    """The component most likely to have made each sample, and log pi_k N(x; mu_k, s_k^2 I). x [N, 2] -> [N], [N, K]."""
+    log_comp = torch.log(mix.weights) - torch.log(2 * math.pi * mix.stds**2) - \
+        ((x[:, None] - mix.means[None]) ** 2).sum(-1) / (2 * mix.stds**2)                  # [N, K]
+    return log_comp.argmax(1), log_comp
+
+
+@torch.no_grad()
+def shape_per_step(mix, G, z, sigmas):
+    """mode_shape_kl (mean over modes) of the x0 each step of the K-step chain predicts, z [N, 2] -> [K] floats:
+    shows which step's outputs have the data's shape (the fake score only sees the steps' outputs mixed)."""
+    out = []
+    for k, sigma in enumerate(sigmas):
+        x0 = G(backward_simulation(G, z, sigmas, k), sigma).float().cpu()
+        out.append(float(mode_shape_kl(mix, x0, nearest_mode(mix, x0)[0]).mean()))
+    return out
+
+
 def evaluate(mix, x, reference, reference_self=None):
     """Metrics of samples x [N, 2] against the mixture, and an energy distance to fresh data `reference`
     (reference_self: mean_distance(reference), to compute it once for many rows)."""
     x = x.float().cpu()
-    log_comp = torch.log(mix.weights) - torch.log(2 * math.pi * mix.stds**2) - \
-        ((x[:, None] - mix.means[None]) ** 2).sum(-1) / (2 * mix.stds**2)                  # [N, K]
-    assign = log_comp.argmax(1)                                  # the component most likely to have made x
+    assign, log_comp = nearest_mode(mix, x)                                                  # [N], [N, K]
     found = torch.bincount(assign, minlength=len(mix.weights)).float() / len(x)           # [K]
     shape = mode_shape_kl(mix, x, assign)                                                    # [K]
     return {
@@ -697,7 +727,7 @@ def run(cfg):
     mix = make_mixture(cfg.dataset)
     progress = not cfg.quiet
     teacher = train_teacher(cfg, mix, device, progress)
-    one = [cfg.sigma_max]
+    one = [cfg.one_step_sigma]
     many = parse_sigmas(cfg.kstep_sigmas)
     (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [
         dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=cfg.iters // 10),
@@ -719,6 +749,8 @@ def run(cfg):
     metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
     metrics["student_1step"]["nfe"] = 1
     metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps
+    metrics[f"student_{cfg.ksteps}step"]["mode_shape_kl_per_step"] = shape_per_step(
+        mix, GK, torch.randn(n, 2, device=device), many)
     result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": asdict(cfg)}
 
     os.makedirs(cfg.out, exist_ok=True)
@@ -747,13 +779,21 @@ SEED_COLUMNS = [  # (title, function of (student metrics, data metrics, teacher 
 
 
 def run_seeds(cfg):
-    """The main run for seeds seed..seed+seeds-1 (each in out/seed_N): one table, a row per seed and student,
-    then the median and the worst over seeds of each column. -> markdown text (also written to seeds.md)."""
-    students = ["student_1step", f"student_{cfg.ksteps}step"]
+    """The main run for seeds seed..seed+seeds-1 (each in out/seed_N), then one table: a row per seed and student,
+    and the median and the worst over seeds of each column. seeds.md is rewritten after every seed. -> its text."""
     per_seed = {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         c = Config(**{**asdict(cfg), "seed": seed, "out": os.path.join(cfg.out, f"seed_{seed}")})
         per_seed[seed] = run(c)["metrics"]
+        text = f"Seeds {cfg.seed}..{seed} of {cfg.seed}..{cfg.seed + cfg.seeds - 1}, defaults otherwise.\n\n" + \
+            seeds_table(per_seed, ["student_1step", f"student_{cfg.ksteps}step"]) + "\n"
+        with open(os.path.join(cfg.out, "seeds.md"), "w") as f:
+            f.write(text)
+    return text
+
+
+def seeds_table(per_seed, students):
+    """per_seed: {seed: metrics of run()} -> markdown: a row per seed and student, then median and worst rows."""
     lines = ["| seed | student | " + " | ".join(t for t, _, _ in SEED_COLUMNS) + " |",
              "|---|---|" + "---|" * len(SEED_COLUMNS)]
     values = {s: [] for s in students}
@@ -766,10 +806,7 @@ def run_seeds(cfg):
         cols = list(zip(*values[s]))
         lines.append(f"| median | {s} | " + " | ".join(f"{float(np.median(c)):.3g}" for c in cols) + " |")
         lines.append(f"| worst | {s} | " + " | ".join(f"{w(c):.3g}" for c, (_, _, w) in zip(cols, SEED_COLUMNS)) + " |")
-    text = f"Seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, defaults otherwise.\n\n" + "\n".join(lines) + "\n"
-    with open(os.path.join(cfg.out, "seeds.md"), "w") as f:
-        f.write(text)
-    return text
+    return "\n".join(lines)
 
 
 def format_table(metrics):
@@ -811,7 +848,7 @@ def run_ablation(cfg):
         for row, (name, over, multi) in enumerate(ABLATIONS):
             c = Config(**{**asdict(cfg), **over})
             c.iters = gen_updates * c.dfake_gen_update_ratio
-            sig = parse_sigmas(c.kstep_sigmas) if multi else [c.sigma_max]
+            sig = parse_sigmas(c.kstep_sigmas) if multi else [c.one_step_sigma]
             jobs.append(dict(cfg=c, sigmas=sig, seed=student_seed(seed, len(sig), row + 1)))
         for (name, _, _), job, (G, _, _) in zip(ABLATIONS, jobs, train_students(cfg, mix, teacher, device, jobs)):
             with torch.no_grad():
@@ -927,6 +964,8 @@ def check_config(cfg):
         errors.append("--device cuda was asked for but torch.cuda.is_available() is False")
     if not 0 < cfg.sigma_min < cfg.sigma_max:
         errors.append(f"need 0 < --sigma_min < --sigma_max, got {cfg.sigma_min} and {cfg.sigma_max}")
+    if not 0 < cfg.one_step_sigma <= cfg.sigma_max:
+        errors.append(f"need 0 < --one_step_sigma <= --sigma_max, got {cfg.one_step_sigma}")
     if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
         errors.append("need 0 <= --min_step_percent < --max_step_percent <= 1")
     if cfg.threads < 0:

@@ -1,5 +1,6 @@
 """Tests of toy2d.py: the closed-form pieces against independent computations, each DMD2 ingredient
 on its own, and a short end-to-end run with quality thresholds."""
+import copy
 import json
 import math
 
@@ -165,6 +166,25 @@ class Recorder(torch.nn.Module):
     def forward(self, x, sigma):
         self.calls.append(float(sigma))
         return torch.full_like(x, self.value)
+
+
+def test_fake_score_that_knows_the_step_starts_as_the_teacher():
+    """--fake_score_knows_step adds one learned vector per step, zero at first: the fake score starts as the
+    teacher for every step, and a trained vector changes only its own step's output."""
+    torch.manual_seed(0)
+    teacher = toy2d.Denoiser(1.0, width=32, depth=2)
+    D_fake = copy.deepcopy(teacher)
+    D_fake.add_steps(4)
+    x, sigma = torch.randn(64, 2), torch.rand(64) + 0.1
+    for k in range(4):
+        D_fake.step = k
+        assert torch.equal(D_fake(x, sigma), teacher(x, sigma))
+    with torch.no_grad():
+        D_fake.step_emb[2] += 1.0
+    D_fake.step = 1
+    assert torch.equal(D_fake(x, sigma), teacher(x, sigma))
+    D_fake.step = 2
+    assert not torch.allclose(D_fake(x, sigma), teacher(x, sigma))
 
 
 def test_backward_simulation_feeds_the_right_sigmas():

@@ -266,8 +266,8 @@ z_show = torch.randn(2000, 2)
 @torch.no_grad()
 def dm_direction_error(G, D_fake, n=1000):
     """mean |grad(D_fake) - grad(ideal D_fake)| / mean |grad(ideal D_fake)| on fresh generator samples."""
-    D_ideal = kde(toy2d.generate(G, torch.randn(2000, 2), [cfg.sigma_max]), bandwidth=0.02)
-    x = toy2d.generate(G, torch.randn(n, 2), [cfg.sigma_max])                         # [n, 2]
+    D_ideal = kde(toy2d.generate(G, torch.randn(2000, 2), [cfg.one_step_sigma]), bandwidth=0.02)
+    x = toy2d.generate(G, torch.randn(n, 2), [cfg.one_step_sigma])                         # [n, 2]
     sigma = sigma_grid[torch.randint(lo, max_idx + 1, (n,))].unsqueeze(1)             # [n, 1]
     x_t = x + sigma * torch.randn_like(x)
     D_real = teacher(x_t, sigma)
@@ -283,9 +283,9 @@ def watcher(ratio, snap_iters=(), head_iters=()):
     def callback(it, G, D_fake, head, log):
         with torch.no_grad():
             if it in snap_iters:
-                rec["samples"][it] = toy2d.generate(G, z_show, [cfg.sigma_max])
+                rec["samples"][it] = toy2d.generate(G, z_show, [cfg.one_step_sigma])
             if it in head_iters:
-                rec["heads"][it] = (copy.deepcopy(D_fake), copy.deepcopy(head), toy2d.generate(G, z_show, [cfg.sigma_max]))
+                rec["heads"][it] = (copy.deepcopy(D_fake), copy.deepcopy(head), toy2d.generate(G, z_show, [cfg.one_step_sigma]))
         updates = (it + 1) // ratio                     # generator updates so far; the next one comes at it + 1
         if (it + 1) % ratio == 0 and updates % 10 == 0:
             rec["errors"][0].append(updates)
@@ -298,7 +298,7 @@ print(inspect.getsource(toy2d.distill))
 # %%
 ttur, watch = watcher(cfg.dfake_gen_update_ratio, snap_iters={0, cfg.iters // 10, cfg.iters // 3, cfg.iters - 1},
                       head_iters={cfg.iters // 5, cfg.iters - 1})
-field1, record_field = toy2d.dm_field_recorder(cfg.iters // 10, teacher, [cfg.sigma_max], cfg, mix)
+field1, record_field = toy2d.dm_field_recorder(cfg.iters // 10, teacher, [cfg.one_step_sigma], cfg, mix)
 
 
 def callback(*args):
@@ -307,7 +307,7 @@ def callback(*args):
 
 
 t0 = time.time()
-G1, hist1 = toy2d.distill(cfg, mix, teacher, teacher, [cfg.sigma_max], device, False, callback=callback)
+G1, hist1 = toy2d.distill(cfg, mix, teacher, teacher, [cfg.one_step_sigma], device, False, callback=callback)
 print(f"{cfg.iters} iterations ({cfg.iters // cfg.dfake_gen_update_ratio} generator updates) in {time.time() - t0:.1f} s")
 display(toy2d.field_panel(mix, field1["points"], field1["direction"], field1["samples"],
                           f"learned -grad at iteration {field1['iter']}: D_real = teacher, D_fake = MLP", lim))
@@ -328,14 +328,14 @@ row(*[toy2d.scatter_panel(mix, x, f"1-step generator, iteration {it}", lim, size
 no_ttur, callback = watcher(1)
 c = toy2d.Config(**{**vars(cfg), "dfake_gen_update_ratio": 1, "iters": cfg.iters // cfg.dfake_gen_update_ratio})
 torch.manual_seed(1)
-G1_no_ttur, _ = toy2d.distill(c, mix, teacher, teacher, [cfg.sigma_max], device, False, callback=callback)
+G1_no_ttur, _ = toy2d.distill(c, mix, teacher, teacher, [cfg.one_step_sigma], device, False, callback=callback)
 runs = {"TTUR, ratio 5": (G1, ttur), "no TTUR, ratio 1": (G1_no_ttur, no_ttur)}
 for name, (G, rec) in runs.items():
     print(f"{name}: mean DM-direction error {sum(rec['errors'][1]) / len(rec['errors'][1]):.3f}")
 display(toy2d.line_panel({name: rec["errors"] for name, (G, rec) in runs.items()},
                          "DM-direction error; x: generator updates", size=(480, 240)))
 with torch.no_grad():
-    final1 = {name: toy2d.generate(G, torch.randn(cfg.num_eval, 2), [cfg.sigma_max]) for name, (G, rec) in runs.items()}
+    final1 = {name: toy2d.generate(G, torch.randn(cfg.num_eval, 2), [cfg.one_step_sigma]) for name, (G, rec) in runs.items()}
 display(row(*[toy2d.scatter_panel(mix, x, name, lim, size=240) for name, x in final1.items()]))
 display(Markdown(toy2d.format_table({name: toy2d.evaluate(mix, x, reference) for name, x in final1.items()})))
 

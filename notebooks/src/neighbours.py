@@ -20,8 +20,9 @@
 # what went wrong. Here the data is `toy2d.py`'s 2D mixture, known in closed form, so each objective's students can
 # be scored exactly: the log-likelihood gap to data, the total variation of the mode weights, the per-mode shape
 # (`toy2d.mode_shape_kl`) and the energy distance. Every row below distills the *same* teacher, starts its generator
-# from the *same* initialisation (a copy of the teacher, sampled as `G(80 z; 80)`) and makes the *same* number of
-# generator updates. Rows:
+# from the *same* initialisation (a copy of the teacher) and makes the *same* number of generator updates. The
+# one-step generator is `G(s z; s)` with toy2d's `one_step_sigma` (s = 2.5 by default; the paper uses s = 80), except
+# for the two trajectory methods, which must start where the teacher's ODE starts (`80 z`). Rows:
 #
 # 1. **DMD2** (Yin et al. 2024b), `toy2d.py`'s defaults: DM gradient, TTUR 5, GAN head;
 # 2. **DMD** (Yin et al. 2024a): DM gradient plus a regression loss on teacher ODE pairs, no GAN, no TTUR;
@@ -65,7 +66,6 @@ import toy2d
 FAST = os.environ.get("MINDMD2_NB_FAST") == "1"   # CI's smoke run: the same cells, much smaller budgets
 torch.set_num_threads(1)                            # tiny MLPs: one thread per process
 device = torch.device("cpu")
-SIGMA_MAX = 80.0                                    # the one-step generator is G(80 z; 80) in every row
 
 
 def cosine_lr(opts, base_lrs, u, updates):
@@ -76,9 +76,9 @@ def cosine_lr(opts, base_lrs, u, updates):
 
 
 # %% tags=["defs"]
-def one_step(G):
-    """The one-step sampler shared by most rows: z [n, 2] -> G(80 z; 80) [n, 2]."""
-    return lambda z: G(SIGMA_MAX * z, SIGMA_MAX)
+def one_step(G, s):
+    """The one-step sampler shared by most rows: z [n, 2] -> G(s z; s) [n, 2], s = toy2d's one_step_sigma."""
+    return lambda z: G(s * z, s)
 
 
 def ttur_loop(cfg, t, generator_step, real):
@@ -89,12 +89,12 @@ def ttur_loop(cfg, t, generator_step, real):
         cosine_lr([t.opt_G, t.opt_fake], [cfg.generator_lr, cfg.fake_score_lr], u, updates)
         log = {}
         for i in range(cfg.dfake_gen_update_ratio):
-            x_in = SIGMA_MAX * torch.randn(cfg.batch, 2)
+            x_in = cfg.one_step_sigma * torch.randn(cfg.batch, 2)
             if i == 0:
                 x_fake, log = generator_step(x_in)
             else:
                 with torch.no_grad():
-                    x_fake = t.G(x_in, SIGMA_MAX)
+                    x_fake = t.G(x_in, cfg.one_step_sigma)
             log.update(toy2d.fake_score_turn(cfg, t, x_fake, real() if cfg.disc_gan_weight > 0 else None))
         return log
     return step
@@ -107,13 +107,14 @@ def dmd2(cfg, teacher, mix, real=None, D_real=None, t=None):
     t = toy2d.make_trainables(cfg, teacher, device) if t is None else t
     D_real = teacher if D_real is None else D_real
     real = (lambda: toy2d.sample_mixture(mix, cfg.batch)) if real is None else real
-    return one_step(t.G), ttur_loop(cfg, t, lambda x_in: toy2d.generator_turn(cfg, t, D_real, x_in, SIGMA_MAX), real)
+    turn = lambda x_in: toy2d.generator_turn(cfg, t, D_real, x_in, cfg.one_step_sigma)
+    return one_step(t.G, cfg.one_step_sigma), ttur_loop(cfg, t, turn, real)
 
 
 def custom_generator_turn(cfg, t, x_in, dm_fn):
     """toy2d.generator_turn with the DM loss replaced by dm_fn(x) (f-distill, Decoupled DMD); GAN term unchanged."""
     t.D_fake.requires_grad_(False), t.head.requires_grad_(False)     # the GAN gradient flows into G only
-    x = t.G(x_in, SIGMA_MAX)                                          # [B, 2]
+    x = t.G(x_in, cfg.one_step_sigma)                                 # [B, 2]
     loss_dm = dm_fn(x)
     loss_gan = toy2d.gan_generator_loss(toy2d.gan_logits(t.D_fake, t.head, x, t.sigma_grid))
     toy2d.optimizer_step(t.opt_G, loss_dm + cfg.gen_gan_weight * loss_gan, t.G.parameters(), t.scaler,
@@ -169,12 +170,12 @@ def score_family(cfg, teacher, mix, grad_fn, D_real=None, t=None):
 
     def generator_step(x_in):
         t.D_fake.requires_grad_(False)                     # no gradient into the fake score (SiD differentiates
-        x = t.G(x_in, SIGMA_MAX)                           # through it, into x only)
+        x = t.G(x_in, cfg.one_step_sigma)                  # through it, into x only)
         loss = grad_fn(x, t, D_real)
         toy2d.optimizer_step(t.opt_G, loss, t.G.parameters(), t.scaler, cfg.max_grad_norm)
         t.D_fake.requires_grad_(True)
         return x.detach(), {"loss_g": loss.item()}
-    return one_step(t.G), ttur_loop(cfg, t, generator_step, None)
+    return one_step(t.G, cfg.one_step_sigma), ttur_loop(cfg, t, generator_step, None)
 
 
 def surrogate(x, grad):
@@ -244,17 +245,18 @@ def dmd(cfg, teacher, mix, reg_weight=0.25, num_pairs=4096):
     t = toy2d.make_trainables(cfg, teacher, device)
     z_pairs = torch.randn(num_pairs, 2)                                               # [P, 2]
     x_pairs = toy2d.heun_sampler(teacher, z_pairs, cfg.heun_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    s = cfg.one_step_sigma                                   # the generator maps s z_pair to the teacher's x_pair
 
     def step(u, updates):
         cosine_lr([t.opt_G, t.opt_fake], [cfg.generator_lr, cfg.fake_score_lr], u, updates)
-        x = t.G(SIGMA_MAX * torch.randn(cfg.batch, 2), SIGMA_MAX)                        # [B, 2]
+        x = t.G(s * torch.randn(cfg.batch, 2), s)                                        # [B, 2]
         loss_dm, _ = toy2d.dm_loss(x, teacher, t.D_fake, t.sigma_grid, *t.dm_range)
         i = torch.randint(0, num_pairs, (cfg.batch,))
-        loss_reg = F.mse_loss(t.G(SIGMA_MAX * z_pairs[i], SIGMA_MAX), x_pairs[i])
+        loss_reg = F.mse_loss(t.G(s * z_pairs[i], s), x_pairs[i])
         toy2d.optimizer_step(t.opt_G, loss_dm + reg_weight * loss_reg, t.G.parameters(), t.scaler, cfg.max_grad_norm)
         return {"loss_dm": loss_dm.item(), "loss_reg": loss_reg.item(),
                 **toy2d.fake_score_turn(cfg, t, x.detach(), None)}
-    return one_step(t.G), step
+    return one_step(t.G, s), step
 
 
 def f_distill(cfg, teacher, mix, h=torch.sigmoid):
@@ -276,7 +278,7 @@ def f_distill(cfg, teacher, mix, h=torch.sigmoid):
 
     real = lambda: toy2d.sample_mixture(mix, cfg.batch)
     step = ttur_loop(cfg, t, lambda x_in: custom_generator_turn(cfg, t, x_in, weighted_dm_loss), real)
-    return one_step(t.G), step
+    return one_step(t.G, cfg.one_step_sigma), step
 
 
 # %% [markdown]
@@ -287,7 +289,9 @@ def f_distill(cfg, teacher, mix, h=torch.sigmoid):
 # data-free: it learns the whole trajectory from noise, `x_s = y(z, s) + s z`, each level bootstrapped from the
 # one above by one teacher step. BOOT's student takes the noise `z` and a target level `s`, which the teacher's
 # network does not: we keep the teacher's weights and its input `80 z` at sigma = 80, and let the noise
-# embedding read `s` instead (`BootGenerator`), so at `s = 80` it starts as exactly the other rows' `G(80 z; 80)`.
+# embedding read `s` instead (`BootGenerator`), so at `s = 80` it starts as exactly the teacher's `D(80 z; 80)`. Both
+# CD and BOOT sample from `80 z`: a consistency function or an ODE solution is only right where the trajectory
+# starts, whereas the other rows' generators may take any latent (toy2d's `G(2.5 z; 2.5)`).
 
 # %% tags=["defs"]
 def consistency_distillation(cfg, teacher, mix, N=18, ema=0.95):
@@ -316,20 +320,21 @@ def consistency_distillation(cfg, teacher, mix, N=18, ema=0.95):
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.lerp_(p, 1 - ema)
         return {"loss_cd": loss.item()}
-    return one_step(G), step
+    return one_step(G, cfg.sigma_max), step
 
 
 class BootGenerator(nn.Module):
     """y(z, s) [B, 2]: the signal part of the teacher's ODE state at level s started from x_T = 80 z. It is the
     teacher's network fed 80 z at sigma = 80 (EDM's c_in, c_skip, c_out of sigma = 80) whose noise embedding
-    reads s: at s = 80 it is the teacher's D(80 z; 80), the other rows' initial generator."""
+    reads s: at s = 80 it is the teacher's D(80 z; 80)."""
 
-    def __init__(self, teacher):
+    def __init__(self, teacher, sigma_max=80.0):
         super().__init__()
         self.net = copy.deepcopy(teacher).train().requires_grad_(True)
+        self.sigma_max = sigma_max
 
     def forward(self, z, s):
-        net, sd, S = self.net, self.net.sigma_data, SIGMA_MAX
+        net, sd, S = self.net, self.net.sigma_data, self.sigma_max
         s = torch.as_tensor(s, dtype=torch.float32).reshape(-1, 1).expand(z.shape[0], 1)
         angles = (s.log() / 4) * net.freqs                                       # toy2d.Denoiser's c_noise embedding
         h = F.silu(net.inp(torch.cat([S * z / math.sqrt(S**2 + sd**2), angles.cos(), angles.sin()], dim=1)))
@@ -342,7 +347,7 @@ def boot(cfg, teacher, mix, N=32):
     """9. BOOT (Gu et al. 2023, Eq. 8-10): data-free. Draw z and a pair of neighbouring levels s < t of N Karras
     levels; the student's own (stop-gradient) state x_t = y(z, t) + t z (at the top level x_T = 80 z exactly) takes
     one teacher Euler step (DDIM in VE form) to s, and y(z, s) regresses onto that x_s - s z. Samples: y(z, s_min)."""
-    G = BootGenerator(teacher)
+    G = BootGenerator(teacher, cfg.sigma_max)
     opt = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, betas=(0.9, 0.999), weight_decay=0.01)
     levels = toy2d.karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)                 # [N] ascending
     s_min = float(levels[0])
@@ -597,7 +602,7 @@ def cond_objective(kind, cfg, cond_teacher, mix, w):
 
     def sample(z, c):
         state.c = c
-        return t.G(SIGMA_MAX * z, SIGMA_MAX)
+        return t.G(cfg.one_step_sigma * z, cfg.one_step_sigma)
     return sample, step
 
 
@@ -663,9 +668,9 @@ def compare_with(mix, x, ref):
 # %% [markdown]
 # ## The runs
 #
-# Sizes: `toy2d.Config()`'s defaults for the teacher and every distillation setting (width 128, batch 384, learning
-# rates 1e-3 cosine-decayed, GAN weights 0.3, TTUR 5), except the number of generator updates, which is 240 here
-# (toy2d.py makes 560) so that 9 objectives x 3 seeds and 7 guided rows x 3 seeds fit in about ten minutes on a
+# Sizes: `toy2d.Config()`'s defaults for the teacher and every distillation setting (width 128, batch 192, learning
+# rates 1e-3 cosine-decayed, GAN weights 0.3, TTUR 5, G(2.5 z; 2.5)), except the number of generator updates, UPDATES
+# below (toy2d.py makes 900) so that 9 objectives x 3 seeds and 7 guided rows x 3 seeds fit in about ten minutes on a
 # shared 2-core machine; every row is therefore less converged than `python toy2d.py`'s students. Seeds change the
 # students' initial noise draws and data; the teacher is one and the same for all rows.
 
@@ -679,8 +684,8 @@ from PIL import Image, ImageDraw
 if FAST:
     print("MINDMD2_NB_FAST=1: reduced sizes, as in CI (the committed notebook is built without it)")
 SEEDS = 2 if FAST else 3
-UPDATES = 12 if FAST else 240
-CURVE_EVERY = 4 if FAST else 20
+UPDATES = 12 if FAST else 300
+CURVE_EVERY = 4 if FAST else 25
 NUM_EVAL = 2000 if FAST else 5000
 WORKERS = 2                                          # forked processes of one thread each
 cfg = toy2d.Config(quiet=True, teacher_iters=200 if FAST else 1500)

@@ -153,8 +153,8 @@ def gan_only(cfg, teacher, mix):
 # **Fake-score updates.** VSD, Diff-Instruct and SiD get DMD2's five fake-score updates per generator update, so that
 # these rows differ from DMD2 only in the generator's objective (and DMD2's GAN). Their papers alternate one and one;
 # on this toy one-and-one makes even DMD2 drop modes (`toy2d.py --ablation`, "without TTUR"), and with it these three
-# collapsed onto a few modes within 200 updates in our trial runs. DMD keeps its one update per generator update,
-# as the paper.
+# collapsed onto a few modes within 200 updates in our trial runs (made with toy2d's earlier defaults, G(80 z; 80)).
+# DMD keeps its one update per generator update, as the paper.
 
 # %% tags=["defs"]
 def no_gan(cfg, ratio=1):
@@ -536,16 +536,16 @@ def train_cond_teacher(cfg, mix, p_null=0.1):
 # The conditional students are copies of the conditional teacher; the fake score is conditional and unguided (as in
 # DMD2's code, whose fake guidance scale must be 1). Each batch draws classes from the class prior; the GAN's real
 # batch is drawn from the same classes. With `D_real = D_c + (w - 1) (D_c - D_u)`, DMD2's gradient splits into a
-# distribution-matching term `D_fake - D_c` and a CFG-augmentation term `(w - 1) (D_u - D_c)`. **Decoupled DMD**
-# (Liu et al. 2025, Sec. 3-4) treats them as two losses with their own noise draws and schedules. Here each term
-# gets its own sigma and noise, drawn from the same grid range (our choice for a one-step student), the DM term
-# normalised by `mean|x - D_c|` and the CA term by DMD2's `mean|x - D_w|`. Confining the CA term to the upper half
-# of the grid (indices 500..980, `CA_RANGE`) made our trial one-step students drift off the data (energy distance to
-# the guided sampler 0.23 -> 3.5 in 120 updates): at high noise `D_u - D_c` hardly depends on `x`, so nothing there
-# stops the push. **SNOOPI**'s PG-SB (Nguyen et al. 2024, Sec. 4.1) trains SwiftBrush's
-# VSD with a guidance scale drawn at random for every sample, here `w ~ U(2, 6)`; the paper also guides the LoRA
-# teacher (our fake score), whose unconditional branch the toy does not train, and its NASA (negative prompts
-# through cross-attention) has no counterpart in a 2D toy.
+# distribution-matching term `D_fake - D_c` and a CFG-augmentation term `(w - 1) (D_u - D_c)`. **Decoupled DMD** (Liu et
+# al. 2025, Sec. 3-4) treats them as two losses with their own noise draws and schedules. Here each term gets its own
+# sigma and noise, drawn from the same grid range (our choice for a one-step student), the DM term normalised by
+# `mean|x - D_c|` and the CA term by DMD2's `mean|x - D_w|`. Confining the CA term to the upper half of the grid
+# (indices 500..980, `CA_RANGE`) made our trial one-step students drift off the data (energy distance to the guided
+# sampler from 0.23 to 3.5 in 120 updates, with toy2d's earlier G(80 z; 80)): at high noise `D_u - D_c` hardly
+# depends on `x`, so nothing there stops the push. **SNOOPI**'s PG-SB (Nguyen et al. 2024, Sec. 4.1) trains SwiftBrush's VSD with a guidance scale
+# drawn at random for every sample, here `w ~ U(2, 6)`; the paper also guides the LoRA teacher (our fake score), whose
+# unconditional branch the toy does not train, and its NASA (negative prompts through cross-attention) has no
+# counterpart in a 2D toy.
 
 # %% tags=["defs"]
 CA_RANGE = (20, 980)
@@ -917,7 +917,8 @@ grid_of(panels, 4)
 #   fills wide regions beyond the modes instead of the sampler's thin arcs. **Decoupled DMD** at w = 4, with our
 #   one-step choices, is further away than DMD2 at w = 4 (energy 0.088, weight TV 0.21).
 # - **VSD at w = 4 and SNOOPI** end much closer to the guided sampler in energy distance (0.015 and 0.013 against
-#   DMD2's 0.067) and LL, but in at least two of three seeds they drop a mode the sampler keeps (fewer than 10 samples: an infinite
-#   shape KL); SNOOPI's random scales give better mode weights than VSD's fixed one (TV 0.039 against 0.069). They
-#   have no GAN head on unguided real data, which DMD2's guided rows do; we did not separate that from the rest.
+#   DMD2's 0.067) and LL, but in at least two of three seeds they drop a mode the sampler keeps (fewer than 10
+#   samples: an infinite shape KL); SNOOPI's random scales give better mode weights than VSD's fixed one (TV 0.039
+#   against 0.069). They have no GAN head on unguided real data, which DMD2's guided rows do; we did not separate
+#   that from the rest.
 

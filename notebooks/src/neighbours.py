@@ -542,10 +542,10 @@ def train_cond_teacher(cfg, mix, p_null=0.1):
 # `mean|x - D_c|` and the CA term by DMD2's `mean|x - D_w|`. Confining the CA term to the upper half of the grid
 # (indices 500..980, `CA_RANGE`) made our trial one-step students drift off the data (energy distance to the guided
 # sampler from 0.23 to 3.5 in 120 updates, with toy2d's earlier G(80 z; 80)): at high noise `D_u - D_c` hardly
-# depends on `x`, so nothing there stops the push. **SNOOPI**'s PG-SB (Nguyen et al. 2024, Sec. 4.1) trains SwiftBrush's VSD with a guidance scale
-# drawn at random for every sample, here `w ~ U(2, 6)`; the paper also guides the LoRA teacher (our fake score), whose
-# unconditional branch the toy does not train, and its NASA (negative prompts through cross-attention) has no
-# counterpart in a 2D toy.
+# depends on `x`, so nothing there stops the push. **SNOOPI**'s PG-SB (Nguyen et al. 2024, Sec. 4.1) trains
+# SwiftBrush's VSD with a guidance scale drawn at random for every sample, here `w ~ U(2, 6)`; the paper also guides
+# the LoRA teacher (our fake score), whose unconditional branch the toy does not train, and its NASA (negative prompts
+# through cross-attention) has no counterpart in a 2D toy.
 
 # %% tags=["defs"]
 CA_RANGE = (20, 980)

@@ -189,7 +189,8 @@ def grid_sigma(t, n):
 
 
 def vsd_loss(x, t, D_real):
-    """3. VSD (ProlificDreamer, Wang et al. 2023, Eq. 9; SwiftBrush Eq. 5): omega(t) (eps_real - eps_fake) dx_t/dx.
+    """3. VSD (ProlificDreamer, Wang et al. 2023; SwiftBrush uses it for a one-step student): the VSD gradient
+    omega(t) (eps_real - eps_fake) dx_t/dx.
     In EDM's sigma space eps = (x_t - D) / sigma, and the VP input is x_t / sqrt(1 + sigma^2), so with omega = 1
     the gradient is (D_fake - D_real) / (sigma sqrt(1 + sigma^2)): no per-sample normaliser."""
     sigma = grid_sigma(t, x.shape[0])
@@ -200,7 +201,7 @@ def vsd_loss(x, t, D_real):
 
 
 def diff_instruct_loss(x, t, D_real, P_mean=-1.2, P_std=1.2):
-    """4. Diff-Instruct (Luo et al. 2023, Eq. 3.3, the integral KL): w(t) (s_fake - s_real), with s = (D - x_t) /
+    """4. Diff-Instruct (Luo et al. 2023), the gradient of its integral KL: w(t) (s_fake - s_real), s = (D - x_t) /
     sigma^2 and w = the teacher's EDM weight lambda(sigma) sigma^4 (Karras et al. 2022, Table 1) written for scores,
     sigma ~ the teacher's lognormal: gradient (sigma^2 + sigma_data^2) / sigma_data^2 * (D_fake - D_real)."""
     sigma = (torch.randn(x.shape[0], 1) * P_std + P_mean).exp()
@@ -212,7 +213,7 @@ def diff_instruct_loss(x, t, D_real, P_mean=-1.2, P_std=1.2):
 
 
 def sid_loss(x, t, D_real, alpha=1.2):
-    """5. SiD (Zhou et al. 2024, Eq. 23 and Algorithm 1, alpha = 1.2 as the paper's default):
+    """5. SiD (Zhou et al. 2024), its generator loss with alpha (1.2 here):
       L = (1 - alpha) |f_real - f_fake|^2 + (f_real - f_fake) . (f_fake - x),   f = D(x_t; sigma),  x_t = x + sigma eps,
     differentiated through x_t into both (frozen) denoisers, unlike the stop-gradient family above. Each sample
     is divided by mean|x - f_real| (DMD's normaliser; our choice of SiD's free weight omega(t) / sigma^4)."""
@@ -238,8 +239,8 @@ def sid(cfg, teacher, mix, alpha=1.2):
 
 # %% tags=["defs"]
 def dmd(cfg, teacher, mix, reg_weight=0.25, num_pairs=4096):
-    """2. DMD (Yin et al. 2024a): the DM gradient (Eq. 7-8) plus the regression loss (Eq. 9) on noise-image pairs
-    made once by the teacher's ODE sampler, L2 where the paper uses LPIPS, lambda_reg = 0.25 (the paper's value);
+    """2. DMD (Yin et al. 2024a): the DM gradient (Eq. 7-8) plus the regression loss L_reg on noise-image pairs
+    made once by the teacher's ODE sampler, L2 where the paper uses LPIPS, lambda_reg = 0.25;
     no GAN; one fake-score update per generator update."""
     cfg = no_gan(cfg)
     t = toy2d.make_trainables(cfg, teacher, device)
@@ -260,11 +261,11 @@ def dmd(cfg, teacher, mix, reg_weight=0.25, num_pairs=4096):
 
 
 def f_distill(cfg, teacher, mix, h=torch.sigmoid):
-    """8. f-distill (Xu et al. 2025, Eq. 7-8): the f-divergence gradient is DMD's score difference times
+    """8. f-distill (Xu et al. 2025): the gradient of the f-divergence is DMD's score difference times
     h(r) = f''(r) r^2 of the density ratio r = p_real / p_fake at x_t, here r = exp(logit) of DMD2's GAN head (a
     discriminator's logit estimates log r). Jensen-Shannon: h(r) = r / (1 + r) = sigmoid(logit); reverse KL,
-    h = 1, is DMD. Weights are normalised to mean 1 over the batch (the paper's normalisation); the GAN terms and
-    TTUR stay as in DMD2."""
+    h = 1, is DMD. We divide the weights by their batch mean (the paper normalises them too; this form is ours); the
+    GAN terms and TTUR stay as in DMD2."""
     t = toy2d.make_trainables(cfg, teacher, device)
 
     def weighted_dm_loss(x):
@@ -295,10 +296,10 @@ def f_distill(cfg, teacher, mix, h=torch.sigmoid):
 
 # %% tags=["defs"]
 def consistency_distillation(cfg, teacher, mix, N=18, ema=0.95):
-    """6. Consistency distillation (Song et al. 2023, Eq. 7 and Algorithm 2): N = 18 Karras levels, one teacher
+    """6. Consistency distillation (Song et al. 2023), the CD loss: N = 18 Karras levels, one teacher
     Heun step from sigma_{n+1} to sigma_n on noised real data, L2 distance to the EMA target's output there
-    (mu = 0.95, the paper's CD setting). The boundary G(x; sigma_min) = x holds only approximately through EDM's
-    c_skip (0.99999 at sigma_min), where CM uses an exact one."""
+    (rate mu = 0.95, our choice for a short run). The boundary G(x; sigma_min) = x holds only approximately, through
+    EDM's c_skip (0.99999 at sigma_min), where CM uses an exact one."""
     G = copy.deepcopy(teacher).train().requires_grad_(True)
     G_ema = copy.deepcopy(teacher)
     opt = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, betas=(0.9, 0.999), weight_decay=0.01)
@@ -344,7 +345,7 @@ class BootGenerator(nn.Module):
 
 
 def boot(cfg, teacher, mix, N=32):
-    """9. BOOT (Gu et al. 2023, Eq. 8-10): data-free. Draw z and a pair of neighbouring levels s < t of N Karras
+    """9. BOOT (Gu et al. 2023), its bootstrapping loss, data-free. Draw z and neighbouring levels s < t of N Karras
     levels; the student's own (stop-gradient) state x_t = y(z, t) + t z (at the top level x_T = 80 z exactly) takes
     one teacher Euler step (DDIM in VE form) to s, and y(z, s) regresses onto that x_s - s z. Samples: y(z, s_min)."""
     G = BootGenerator(teacher, cfg.sigma_max)
@@ -537,12 +538,12 @@ def train_cond_teacher(cfg, mix, p_null=0.1):
 # DMD2's code, whose fake guidance scale must be 1). Each batch draws classes from the class prior; the GAN's real
 # batch is drawn from the same classes. With `D_real = D_c + (w - 1) (D_c - D_u)`, DMD2's gradient splits into a
 # distribution-matching term `D_fake - D_c` and a CFG-augmentation term `(w - 1) (D_u - D_c)`. **Decoupled DMD** (Liu et
-# al. 2025, Sec. 3-4) treats them as two losses with their own noise draws and schedules. Here each term gets its own
+# al. 2025) treats them as two losses with their own noise draws and schedules. Here each term gets its own
 # sigma and noise, drawn from the same grid range (our choice for a one-step student), the DM term normalised by
 # `mean|x - D_c|` and the CA term by DMD2's `mean|x - D_w|`. Confining the CA term to the upper half of the grid
 # (indices 500..980, `CA_RANGE`) made our trial one-step students drift off the data (energy distance to the guided
 # sampler from 0.23 to 3.5 in 120 updates, with toy2d's earlier G(80 z; 80)): at high noise `D_u - D_c` hardly
-# depends on `x`, so nothing there stops the push. **SNOOPI**'s PG-SB (Nguyen et al. 2024, Sec. 4.1) trains
+# depends on `x`, so nothing there stops the push. **SNOOPI**'s PG-SB (Nguyen et al. 2024) trains
 # SwiftBrush's VSD with a guidance scale drawn at random for every sample, here `w ~ U(2, 6)`; the paper also guides
 # the LoRA teacher (our fake score), whose unconditional branch the toy does not train, and its NASA (negative prompts
 # through cross-attention) has no counterpart in a 2D toy.

@@ -14,10 +14,10 @@ failure (dropped modes, wrong mode weights, blur between modes, modes of the wro
 and counted.
 
 Run it:
-  python toy2d.py                     # teacher + 1-step + 4-step students, ~55 s on 2 CPU cores
+  python toy2d.py                     # teacher + 1-step + 4-step students, about 70 CPU-seconds
   python toy2d.py --dataset grid      # the harder 5x5 grid
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
-  python toy2d.py --ablation          # the paper's ablations at toy scale (~4 min): table + figure
+  python toy2d.py --ablation          # the paper's ablations at toy scale (minutes): table + figure
   python toy2d.py --seeds 10 --quiet  # seeds 0..9: one table of both students, median and worst (seeds.md)
   python toy2d.py --help              # every option
 Outputs go to --out (default out/toy2d): samples.npz, metrics.json, samples.png, dm_field.png, curves.png.
@@ -769,10 +769,10 @@ def run(cfg):
 
 
 SEED_COLUMNS = [  # (title, function of (student metrics, data metrics, teacher metrics), worst = max or min)
-    ("modes covered", lambda m, d, t: m["modes_covered"], min),
+    ("modes", lambda m, d, t: m["modes_covered"], min),
     ("weight TV", lambda m, d, t: m["weight_tv"], max),
-    ("|LL - data's|", lambda m, d, t: abs(m["log_likelihood"] - d["log_likelihood"]), max),
-    ("mode shape KL", lambda m, d, t: m["mode_shape_kl"], max),
+    ("LL gap (nats)", lambda m, d, t: abs(m["log_likelihood"] - d["log_likelihood"]), max),
+    ("shape KL", lambda m, d, t: m["mode_shape_kl"], max),
     ("worst mode's shape KL", lambda m, d, t: m["mode_shape_kl_worst"], max),
     ("energy / teacher's", lambda m, d, t: m["energy_distance"] / t["energy_distance"], max),
 ]

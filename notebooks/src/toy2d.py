@@ -245,8 +245,10 @@ for step in range(steps + 1):
 column(row(*top), row(*bottom))
 
 # %% [markdown]
-# The real thing: `toy2d.distill` trains a one-step generator `G(80 z)`, initialised from the teacher, together
-# with an MLP fake score and the GAN head of section 5. Its loop is the paper's Algorithm 1, printed below: every
+# The real thing: `toy2d.distill` trains a one-step generator `G(s z; s)`, initialised from the teacher, together
+# with an MLP fake score and the GAN head of section 5. The paper uses s = sigma_max = 80; the toy uses
+# `cfg.one_step_sigma = 2.5`, because from G(80 z) the teacher's almost constant D(80 z; 80) grows into a map that
+# folds the plane onto thin curves (README has the numbers). Its loop is the paper's Algorithm 1, printed below: every
 # iteration the fake score takes a turn (`toy2d.fake_score_turn`), and every `dfake_gen_update_ratio`-th iteration
 # the generator takes one first (`toy2d.generator_turn`). `callback(it, G, D_fake, head, log)`, called after every
 # iteration, lets us watch: `toy2d.dm_field_recorder` is such a callback, which stores the DM direction of the
@@ -391,7 +393,9 @@ row(*[logit_panel(D, head, sigma, xs, f"iteration {it}, sigma = {sigma}")
 # `toy2d.Config.kstep_sigmas`, printed below. During training each batch picks one step k; its input must look like
 # what the generator will see at step k when sampling. Backward simulation (Sec. 4.5, `toy2d.backward_simulation`)
 # makes it by running the current generator's own chain through steps 0..k-1; the ablation instead noises
-# real data to `sigmas[k]`.
+# real data to `sigmas[k]`. The fake score is trained on the outputs of all four steps; by default
+# (`fake_score_knows_step`, not in the paper) it is also told which step made each sample, so that it models each
+# step's outputs and not only their mixture.
 
 # %%
 sigmas4 = toy2d.parse_sigmas(cfg.kstep_sigmas)

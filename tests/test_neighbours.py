@@ -26,8 +26,13 @@ def nb():
     ns = {}
     cells = [c for c in jupytext.read(SOURCE).cells if c.cell_type == "code" and "defs" in c.metadata.get("tags", [])]
     assert len(cells) >= 5, "the notebook lost its definition cells (tags=[\"defs\"])"
-    for cell in cells:
-        exec(compile(cell.source, SOURCE, "exec"), ns)
+    cwd = os.getcwd()
+    os.chdir(ROOT)                       # the first cell finds the repository from the working directory
+    try:
+        for cell in cells:
+            exec(compile(cell.source, SOURCE, "exec"), ns)
+    finally:
+        os.chdir(cwd)
     return ns
 
 

@@ -26,13 +26,14 @@ def nb():
     ns = {}
     cells = [c for c in jupytext.read(SOURCE).cells if c.cell_type == "code" and "defs" in c.metadata.get("tags", [])]
     assert len(cells) >= 5, "the notebook lost its definition cells (tags=[\"defs\"])"
-    cwd = os.getcwd()
+    cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(ROOT)                       # the first cell finds the repository from the working directory
     try:
         for cell in cells:
             exec(compile(cell.source, SOURCE, "exec"), ns)
     finally:
         os.chdir(cwd)
+        torch.set_num_threads(threads)   # the cell sets one thread; tests/conftest.py's fixture decides here
     return ns
 
 

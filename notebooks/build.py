@@ -6,7 +6,7 @@ outputs, figures as PNG, so a reader sees everything without running it. The pai
 in each notebook's metadata (jupytext formats "ipynb,src//py:percent"), so Jupyter with jupytext
 keeps both sides in sync when you edit either.
 
-    python notebooks/build.py                  # all three, about 3 min on 2 CPU cores
+    python notebooks/build.py                  # all four (neighbours alone: several minutes on 2 CPU cores)
     python notebooks/build.py toy2d sdxl       # some of them
     python notebooks/build.py --check          # no execution: fail if a .ipynb's cells differ from its source
     MINDMD2_NB_FAST=1 python notebooks/build.py --out /tmp/nb   # CI's reduced sizes, written elsewhere
@@ -27,7 +27,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = ("toy2d", "sdxl", "imagenet64")
+NAMES = ("toy2d", "sdxl", "imagenet64", "neighbours")
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 

@@ -18,7 +18,7 @@ build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
 # The figures each notebook is meant to show (PNG outputs); a notebook that silently stops drawing fails.
-MIN_FIGURES = {"toy2d": 13, "sdxl": 5, "imagenet64": 5}
+MIN_FIGURES = {"toy2d": 13, "sdxl": 5, "imagenet64": 5, "neighbours": 4}
 FAST_MARK = "MINDMD2_NB_FAST=1"          # printed by a notebook's first cell when it runs with reduced sizes
 
 

@@ -1159,7 +1159,7 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------------------------
 # --bench: the loop's time vs. the sum of the network passes it needs, and the full-size FLOPs per iteration.
 
-def bench(cfg, cycles=8):
+def bench(cfg, cycles=24):
     """ABAB: one TTUR cycle of the real loop (train_step), then every network pass of that cycle timed alone on the
     same networks and shapes; repeated, the first round being warm-up. The ratio is the median over rounds of
     loop / sum of passes, so both halves of a ratio see the same moment of a shared machine. Set-up is not timed

@@ -1265,13 +1265,16 @@ def check_finite_weights(modules, step, world, ckpt_path):
     """After the optimiser step and before any save: finite losses do not imply finite weights (a corrupted
     optimiser state, e.g. a negative second moment, turns a finite gradient into NaN weights). Each rank checks its
     own shard (FSDP2 DTensors through to_local), then the ranks agree. Raises NonFiniteLoss naming the bad module."""
-    bad = []
-    for name, module in modules.items():
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
-        ok = all(bool(torch.isfinite(p.detach()).all()) for p in local if p.numel())
-        flag = _all_ranks_sum(torch.tensor([0.0 if ok else 1.0], device=local[0].device if local else "cpu"), world)
-        if flag.item() > 0:
-            bad.append(name)
+    flags = []
+    for module in modules.values():
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in module.parameters()]
+        local = [p for p in local if p.numel()]
+        # One fused pass: a NaN or inf anywhere makes that tensor's norm non-finite (weights never reach 1e19, where
+        # a finite tensor's squared norm would overflow float32).
+        norms = torch.stack(torch._foreach_norm(local)).float() if local else torch.zeros(1)
+        flags.append((~torch.isfinite(norms)).any().float())
+    flags = _all_ranks_sum(torch.stack(flags), world).tolist()                     # one synchronisation for all
+    bad = [name for name, flag in zip(modules, flags) if flag > 0]
     if bad:
         raise NonFiniteLoss(f"non-finite weights in {', '.join(bad)} after the optimiser step at step {step}; "
                             f"stopping without saving them. Last good checkpoint: {_last_good(ckpt_path)}")

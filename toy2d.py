@@ -14,7 +14,7 @@ failure (dropped modes, wrong mode weights, blur between modes, modes of the wro
 and counted.
 
 Run it:
-  python toy2d.py                     # teacher + 1-step + 4-step students, about 30 s on 2 CPU cores
+  python toy2d.py                     # teacher + 1-step + 4-step students, about 40 s on 2 CPU cores
   python toy2d.py --dataset grid      # the harder 5x5 grid
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
   python toy2d.py --ablation          # the paper's ablations at toy scale (minutes): table + figure

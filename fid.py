@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from unet import (PickledOrderedDict, describe_value, legacy_storage_nbytes, load_legacy_storage,  # hostile files
-                  scan_pickle)
+                  read_safetensors, scan_pickle)
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -1060,49 +1060,6 @@ class OpenCLIP(nn.Module):
         return x[torch.arange(len(x)), ids.argmax(dim=-1)] @ self.text_projection   # the end token's state
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _safetensors_entry(name, e, data_size):
-    """(dtype, shape, begin, end) of one header entry, checked against the data section's size."""
-    dtype = _SAFETENSORS_DTYPES.get(e.get("dtype")) if isinstance(e, dict) else None
-    shape, offsets = (e.get("shape"), e.get("data_offsets")) if dtype is not None else (None, None)
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(offsets, list)
-            and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise ValueError(f"tensor {describe_value(name)}: bad entry (dtype F64/F32/F16/BF16, shape, data_offsets)")
-    begin, end = offsets
-    if not (0 <= begin <= end <= data_size and end - begin == math.prod(shape) * dtype.itemsize):
-        raise ValueError(f"tensor {describe_value(name)}: byte range {offsets} does not hold {shape} {dtype} "
-                         f"inside {data_size} bytes of data")
-    return dtype, shape, begin, end
-
-
-def _read_safetensors(path):
-    """{name: tensor} of a .safetensors file: [8-byte little-endian header length][JSON header][raw data]. Each entry is
-    checked against the data before it is read. (sdxl.py has the full reader; fid.py keeps this small one so that it
-    does not depend on sdxl.py.)"""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 2 <= n <= min(size - 8, 100 << 20):
-            raise ValueError(f"header length {n} does not fit a {size}-byte file")
-        header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        out = {}
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, begin, end = _safetensors_entry(name, e, size - 8 - n)
-            buffer = bytearray(end - begin)
-            f.seek(8 + n + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"tensor {describe_value(name)}: file ends early")
-            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-            out[name] = flat.reshape(shape)
-    return out
-
-
 def read_open_clip_weights(path):
     """open_clip's state dict from open_clip_pytorch_model.bin (torch.load, weights_only=True, after checking that a
     legacy file's storages fit in it) or open_clip_model.safetensors; nothing in the file is executed."""
@@ -1112,7 +1069,7 @@ def read_open_clip_weights(path):
                                 "open_clip_model.safetensors of laion/CLIP-ViT-g-14-laion2B-s12B-b42K)")
     try:
         if path.endswith(".safetensors"):
-            sd = _read_safetensors(path)
+            sd = read_safetensors(path)                 # unet.py section 8
         else:
             if not zipfile.is_zipfile(path):
                 with open(path, "rb") as f:

@@ -11,6 +11,7 @@ the short rule that renames DMD2's diffusers-named UNets into it; sdxl.py builds
 imagenet64.py and sdxl.py share: process setup, per-step RNG, the stop on NaN losses or weights, stale temporaries.
 Section 7 is LoRA for the SDXL UNet: DMD2's LoRA generator (a small wrapper on Linear and Conv2d layers), LoRA-only
 weights, reading Kohya- and diffusers-style SDXL LoRA files, merging them into the UNet, writing DMD2's Kohya format.
+Section 8 reads and writes safetensors files by hand (validated headers, memory-mapped tensors), for sdxl.py and fid.py.
 
 Library use (the training scripts do this):
     import torch, unet
@@ -34,6 +35,7 @@ import contextlib
 import functools
 import io
 import json
+import mmap
 import math
 import os
 import pickle
@@ -1560,6 +1562,161 @@ def kohya_lora_state(factors, cfg, dtype=None):
         out[f"{key}.lora_up.weight"] = up.detach().to(dtype or up.dtype).contiguous()
         out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# 8. safetensors by hand, shared by sdxl.py (checkpoints, latents, LoRA files) and fid.py (open_clip weights) (huggingface/safetensors format):
+# [8-byte little-endian header length N][N bytes of JSON][raw little-endian tensor data].
+# Each JSON entry is name -> {"dtype", "shape", "data_offsets": [begin, end]}, offsets relative to the data section.
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit; a real header is ~200 KB
+MAX_DIMS = 64  # a generous bound (real tensors have <= 5 dims); without one a 100 MB header could list 50M zero dims
+
+
+def _reject_duplicates(pairs):
+    """json object_pairs_hook: a name listed twice would silently keep only the last entry."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
+    return dict(pairs)
+
+
+def _parse_header_json(path, raw):
+    """The header's JSON object; a clear error for bad UTF-8/JSON, nesting too deep to parse, or a non-object."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: header is not valid UTF-8 JSON or is nested too deeply ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    # The reference reader (safetensors' Rust serde types) takes a missing or null __metadata__ as none, and refuses
+    # anything but a map of strings to strings: [], 0, false and "" are errors there, so they are errors here.
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ValueError(f"{path}: __metadata__ must be an object mapping strings to strings, got {metadata!r:.200}")
+    return header, metadata
+
+
+def _check_entry(path, name, e, data_size):
+    """(torch dtype, shape, begin, end) of one header entry, or a ValueError naming the file, tensor and fault."""
+    if not (isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= e.keys()):
+        raise ValueError(f"{path}: tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', got {e!r:.200}")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype!r:.100} "
+                         f"(known: {', '.join(SAFETENSORS_DTYPES)})")
+    # torch needs every dim, and every stride (the product of the non-zero dims), to fit an int64; a zero-size
+    # tensor passes the byte-count check below whatever its other dims are, so this is checked on its own.
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and d >= 0 for d in shape)
+            and math.prod(max(d, 1) for d in shape) < 2 ** 63):
+        raise ValueError(f"{path}: tensor {name!r} has invalid shape {shape!r:.200} (at most {MAX_DIMS} dims of "
+                         f"non-negative integers whose non-zero product is below 2**63)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r:.200} "
+                         f"outside the {data_size}-byte data section")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{path}: tensor {name!r} is {dtype} {shape}, i.e. {nbytes} bytes, "
+                         f"but its data_offsets {offsets} span {offsets[1] - offsets[0]} bytes")
+    return SAFETENSORS_DTYPES[dtype], tuple(shape), offsets[0], offsets[1]
+
+
+def read_safetensors_header(path):
+    """Parse and validate the header without reading tensor data.
+
+    Returns (entries, metadata, data_start) with entries[name] = (torch dtype, shape tuple, begin, end),
+    begin/end relative to the data section that starts at byte data_start. Raises ValueError naming the file."""
+    size = os.path.getsize(path)
+    if size < 8:
+        raise ValueError(f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER_BYTES or n > size - 8:  # checked before allocating: no giant read
+            raise ValueError(f"{path}: header length {n} is larger than the file ({size} bytes) "
+                             f"or the {MAX_HEADER_BYTES}-byte limit")
+        raw = f.read(n)
+    header, metadata = _parse_header_json(path, raw)
+    data_start, data_size = 8 + n, size - 8 - n
+    entries = {name: _check_entry(path, name, e, data_size) for name, e in header.items()}
+    # The format requires the tensors to tile the data section exactly: no gaps, no overlaps, nothing after the end.
+    end = 0
+    for name, (_, _, begin, stop) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != end:
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {begin} of the data section, expected {end} "
+                             f"({'overlap' if begin < end else 'gap'} between tensors)")
+        end = stop
+    if end != data_size:
+        raise ValueError(f"{path}: tensors cover {end} bytes but the data section has {data_size} "
+                         f"(truncated or trailing bytes)")
+    return entries, metadata, data_start
+
+
+def read_safetensors(path, prefix=None, device="cpu"):
+    """{name: tensor} for the tensors whose names start with prefix (the prefix is removed from the names).
+
+    Tensors are views of a copy-on-write memory map of the file: nothing is read until it is used, so a 7 GB
+    checkpoint costs no RAM until its tensors are copied somewhere (e.g. converted by .to(dtype) or moved to a GPU)."""
+    entries, _, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:  # the map stays valid after the file is closed
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # ACCESS_COPY: writable for torch, never written back
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        if prefix is not None and not name.startswith(prefix):
+            continue
+        start = data_start + begin
+        if begin == end:  # torch.frombuffer refuses empty buffers
+            t = torch.empty(shape, dtype=dtype)
+        elif start % dtype.itemsize:  # unaligned (some writers do not pad the header): copy instead of a misaligned view
+            t = torch.frombuffer(bytearray(mm[start:data_start + end]), dtype=dtype).reshape(shape)
+        else:
+            t = torch.frombuffer(mm, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
+        tensors[name[len(prefix or ""):]] = t.to(device)
+    return tensors
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} (and optional {str: str} metadata) as safetensors, atomically (temp file + os.replace)."""
+    if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()) or "__metadata__" in tensors:
+        raise ValueError(f"{path}: write_safetensors needs {{str name: tensor}} (and no tensor named __metadata__)")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"{path}: metadata must map strings to strings")
+    unsupported = {k: t.dtype for k, t in tensors.items() if t.dtype not in DTYPE_NAMES}
+    if unsupported:
+        raise ValueError(f"{path}: cannot store dtypes {unsupported} (supported: {', '.join(SAFETENSORS_DTYPES)})")
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))  # widest dtypes first keeps every tensor aligned
+    header, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
+    for k in names:
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        header[k] = {"dtype": DTYPE_NAMES[tensors[k].dtype], "shape": list(tensors[k].shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad with spaces so the data section starts 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for k in names:  # one tensor at a time, straight from its memory (no second copy of the whole dict)
+                t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
+                if t.numel():
+                    f.write(t.view(torch.uint8).numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
 
 
 # ------------------------------------------------------------------------------------------------------------------------

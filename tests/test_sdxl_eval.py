@@ -205,7 +205,7 @@ def test_bad_open_clip_files_are_refused_naming_the_file(tmp_path, open_clip):
     save_file({k: v.contiguous() for k, v in tiny_open_clip(open_clip).state_dict().items()}, str(good))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="cut.safetensors: cannot read open_clip weights .*byte range"):
+    with pytest.raises(ValueError, match="cut.safetensors: cannot read open_clip weights .*outside the .*data section"):
         fid.load_open_clip(cut, TINY_CLIP)
     with pytest.raises(ValueError, match="(?s)good.safetensors: tensors do not match.*missing"):
         fid.load_open_clip(good, fid.CLIPConfig(**{**TINY_CLIP.__dict__, "text_layers": 3}))

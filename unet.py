@@ -1565,7 +1565,8 @@ def kohya_lora_state(factors, cfg, dtype=None):
 
 
 # ------------------------------------------------------------------------------------------------------------------------
-# 8. safetensors by hand, shared by sdxl.py (checkpoints, latents, LoRA files) and fid.py (open_clip weights) (huggingface/safetensors format):
+# 8. safetensors by hand (huggingface/safetensors format), shared by sdxl.py (checkpoints, latents, LoRA files) and
+#    fid.py (open_clip weights):
 # [8-byte little-endian header length N][N bytes of JSON][raw little-endian tensor data].
 # Each JSON entry is name -> {"dtype", "shape", "data_offsets": [begin, end]}, offsets relative to the data section.
 

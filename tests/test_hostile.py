@@ -218,6 +218,17 @@ def npz(members):
     return f.getvalue()
 
 
+def deflated_zeros_npz(n):
+    """An honest .npz whose one member is n uint8 images of 64x64x3 zeros, deflated (about 1000x smaller), written in
+    chunks so that the test never holds the inflated bytes."""
+    f = io.BytesIO()
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z, z.open("arr_0.npy", "w", force_zip64=True) as member:
+        member.write(npy((n, 64, 64, 3), "|u1", b""))
+        for _ in range(n // 100):
+            member.write(bytes(100 * 64 * 64 * 3))
+    return f.getvalue()
+
+
 def saved_npz(**arrays):
     f = io.BytesIO()
     np.savez(f, **arrays)
@@ -305,6 +316,7 @@ def npz_cases():
         "images: truncated zip": ("cut.npz", images[:len(images) // 2], IMAGES, "cannot read"),
         "images: string array": ("str.npz", saved_npz(arr_0=np.array([[["a"] * 3] * 4] * 4)), IMAGES, "uint8 image"),
         "images: header declaring 10**12 images": ("huge.npz", huge, IMAGES, "stored in"),
+        "images: 61 MB of zeros deflated into 60 KB": ("bomb.npz", deflated_zeros_npz(5000), IMAGES, "compressed"),
         "stats: object arrays": ("obj.npz", saved_npz(mu=objects["arr_0"], sigma=objects["arr_0"]), STATS, "object"),
         "stats: truncated zip": ("cut.npz", stats[:len(stats) // 2], STATS, "cannot read"),
         "stats: string arrays": ("str.npz", saved_npz(mu=np.array(["x"] * 3), sigma=np.array([["x"] * 3] * 3)), STATS,

@@ -626,7 +626,8 @@ def _flatten(root):
                      *_items(state, "_modules")]
         else:  # a TorchScript object: parameters and submodules are plain attributes
             items = list(state.items())
-        out.update((prefix + str(k), v) for k, v in items if isinstance(k, str) and isinstance(v, torch.Tensor))
+        # detach(): a BUILD in the file may have set requires_grad or hooks on a tensor record; keep only the values
+        out.update((prefix + k, v.detach()) for k, v in items if isinstance(k, str) and isinstance(v, torch.Tensor))
         todo.extend((v, f"{prefix}{k}.") for k, v in reversed(items) if isinstance(k, str) and isinstance(v, _Node))
     return out
 

@@ -601,7 +601,7 @@ def persistent_state_dict(node, prefix=""):
             if t is not None and not (isinstance(name, str) and isinstance(t, torch.Tensor)):
                 raise ValueError(f"'{prefix}{describe_value(name)}' is a {type(t).__name__}, not a tensor")
             if t is not None:
-                out[prefix + name] = t
+                out[prefix + name] = t.detach()    # a BUILD in the file may have set requires_grad or hooks: values only
         children = [(name, child) for name, child in state["_modules"].items() if child is not None]
         if not all(isinstance(name, str) for name, _ in children):
             raise ValueError(f"'{where}' has a child module whose name is not a string")

@@ -384,3 +384,20 @@ def test_stride0_views_stay_views_until_the_shapes_match(tmp_path):
              "assert all(p[(0,) * p.dim()].item() == 0.5 for p in net.parameters())")
     results, code, output = run_child(tmp_path, {"wide": f"P = {str(path)!r}\n{check}"})
     assert code == 0 and results["wide"]["type"] is None, (results, output[-2000:])
+
+
+def test_tensor_records_come_back_as_plain_values():
+    """A BUILD in a pickle can call Tensor.__setstate__ on a tensor record and set requires_grad (or hooks); the
+    readers hand back detached values, so nothing the file set on a tensor travels into the model."""
+    import fid
+    import unet
+    w = torch.ones(3).requires_grad_(True)
+    w.register_hook(lambda g: g * 0)
+    node = unet._Node()
+    node.__setstate__({"_parameters": {"weight": w}, "_buffers": {}, "_modules": {}})
+    out = unet.persistent_state_dict(node)
+    assert not out["weight"].requires_grad and out["weight"]._backward_hooks is None
+    fid_node = fid._Node()
+    fid_node.__setstate__({"_parameters": {"weight": w}, "_buffers": {}, "_modules": {}})
+    got = fid._flatten(fid_node)["weight"]
+    assert not got.requires_grad and got._backward_hooks is None

@@ -31,7 +31,6 @@ From Python (imagenet64.py scores a generator without writing 50,000 files):
 import argparse
 import hashlib
 import io
-import json
 import math
 import os
 import pickle

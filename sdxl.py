@@ -83,8 +83,7 @@ except ImportError:
 import fid
 import unet
 from unet import SDXLUNet, SDXLUNetConfig, diffusers_to_sgm_unet, load_sdxl_unet_state, timestep_embedding
-from unet import (DTYPE_NAMES, SAFETENSORS_DTYPES, read_safetensors, read_safetensors_header,  # unet.py section 8
-                  write_safetensors)
+from unet import DTYPE_NAMES, read_safetensors, read_safetensors_header, write_safetensors  # unet.py section 8
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Defaults: the official SDXL 4-step run (paper App. F.4; tianweiy/DMD2 experiments/sdxl/

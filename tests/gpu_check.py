@@ -136,7 +136,6 @@ def part_sdxl_generate(dry):
     import torch
 
     import sdxl
-    import unet
     device, _ = device_and_sync(dry)
     dtype = torch.float32 if dry else torch.bfloat16
     parts = sdxl.load_parts("tiny" if dry else "random", "", device, dtype)
@@ -158,21 +157,18 @@ def part_sdxl_generate(dry):
                    max_abs_diff=float((r["ours"]["image"] - r["diffusers"]["image"]).abs().max()))
     if note:
         out["note"] = note
-    del unet
     return out
 
 
 def write_random_latents(folder, resolution, n=4):
     """A latent shard as `sdxl.py encode` writes it, with random latents: the loop's cost does not depend on them."""
-    import json as _json
-
     import torch
 
     import sdxl
     os.makedirs(folder, exist_ok=True)
     latents = torch.randn(n, 4, resolution // 8, resolution // 8, generator=torch.Generator().manual_seed(0))
     sdxl.write_safetensors(os.path.join(folder, "latents_00000.safetensors"), {"latents": latents.half()},
-                           {"captions": _json.dumps([f"a photo of thing {i}" for i in range(n)])})
+                           {"captions": json.dumps([f"a photo of thing {i}" for i in range(n)])})
 
 
 def part_sdxl_train(dry):

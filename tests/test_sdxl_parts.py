@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import sdxl
+import unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +51,7 @@ def max_diff(a, b):
 def every_dtype():
     g = torch.Generator().manual_seed(0)
     out = {}
-    for name, dtype in sdxl.SAFETENSORS_DTYPES.items():
+    for name, dtype in unet.SAFETENSORS_DTYPES.items():      # the reader is unet.py section 8
         if dtype.is_floating_point:
             t = torch.randn(3, 5, generator=g).to(dtype)
         elif dtype == torch.bool:

@@ -228,14 +228,14 @@ def part_fid(dry):
 def part_toy2d(dry):
     """The toy's default run, as a user types it, with --device cuda and --device cpu side by side (whole-process wall
     times; the CPU run uses the GPU machine's cores)."""
-    small = ["--teacher_iters", "20", "--iters", "20", "--num_eval", "500", "--eval_every", "10", "--workers", "1",
-             "--threads", "1"] if dry else []
+    small = ["--teacher_iters", "20", "--total_steps", "20", "--num_eval", "500", "--eval_every", "10",
+             "--workers", "1", "--threads", "1"] if dry else []
     devices = ["cpu"] if dry else ["cuda", "cpu"]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
         for dev in devices:
-            cmd = [sys.executable, os.path.join(ROOT, "toy2d.py"), "--device", dev, "--out", os.path.join(tmp, dev),
+            cmd = [sys.executable, os.path.join(ROOT, "toy2d.py"), "--device", dev, "--outdir", os.path.join(tmp, dev),
                    "--quiet", *small]
             procs[dev] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL), time.perf_counter())
         for dev, (proc, t) in procs.items():

@@ -146,8 +146,8 @@ row(*[toy2d.field_panel(mix, grid_pts, toy2d.exact_denoiser(mix, grid_pts, s) - 
 # stays fast.
 
 # %%
-cfg = toy2d.Config(width=64, teacher_iters=int(1500 * S), teacher_batch=1024, iters=int(600 * S), batch=256,
-                   eval_every=25, num_eval=4000, quiet=True)
+cfg = toy2d.Config(width=64, teacher_iters=int(1500 * S), teacher_batch=1024, total_steps=int(600 * S),
+                   batch_size=256, eval_every=25, num_eval=4000, quiet=True)
 t0 = time.time()
 teacher = toy2d.train_teacher(cfg, mix, device, progress=False)
 print(f"teacher: {sum(p.numel() for p in teacher.parameters())} parameters, trained in {time.time() - t0:.1f} s")
@@ -248,7 +248,9 @@ column(row(*top), row(*bottom))
 # The real thing: `toy2d.distill` trains a one-step generator `G(s z; s)`, initialised from the teacher, together
 # with an MLP fake score and the GAN head of section 5. The paper uses s = sigma_max = 80; the toy uses
 # `cfg.one_step_sigma = 2.5`, because from G(80 z) the teacher's almost constant D(80 z; 80) grows into a map that
-# folds the plane onto thin curves (README has the numbers). Its loop is the paper's Algorithm 1, printed below: every
+# folds the plane onto thin curves (README has the numbers). For the same reason every network of the toy also sees
+# random Fourier features of its input above sigma = 1 (`x_features`): a plain MLP on (x, y) is too smooth to tear
+# the plane into 8 blobs in one step. Its loop is the paper's Algorithm 1, printed below: every
 # iteration the fake score takes a turn (`toy2d.fake_score_turn`), and every `dfake_gen_update_ratio`-th iteration
 # the generator takes one first (`toy2d.generator_turn`). `callback(it, G, D_fake, head, log)`, called after every
 # iteration, lets us watch: `toy2d.dm_field_recorder` is such a callback, which stores the DM direction of the
@@ -298,9 +300,9 @@ def watcher(ratio, snap_iters=(), head_iters=()):
 print(inspect.getsource(toy2d.distill))
 
 # %%
-ttur, watch = watcher(cfg.dfake_gen_update_ratio, snap_iters={0, cfg.iters // 10, cfg.iters // 3, cfg.iters - 1},
-                      head_iters={cfg.iters // 5, cfg.iters - 1})
-field1, record_field = toy2d.dm_field_recorder(cfg.iters // 10, teacher, [cfg.one_step_sigma], cfg, mix)
+T = cfg.total_steps
+ttur, watch = watcher(cfg.dfake_gen_update_ratio, snap_iters={0, T // 10, T // 3, T - 1}, head_iters={T // 5, T - 1})
+field1, record_field = toy2d.dm_field_recorder(cfg.total_steps // 10, teacher, [cfg.one_step_sigma], cfg, mix)
 
 
 def callback(*args):
@@ -310,7 +312,7 @@ def callback(*args):
 
 t0 = time.time()
 G1, hist1 = toy2d.distill(cfg, mix, teacher, teacher, [cfg.one_step_sigma], device, False, callback=callback)
-print(f"{cfg.iters} iterations ({cfg.iters // cfg.dfake_gen_update_ratio} generator updates) in {time.time() - t0:.1f} s")
+print(f"{T} iterations ({T // cfg.dfake_gen_update_ratio} generator updates) in {time.time() - t0:.1f} s")
 display(toy2d.field_panel(mix, field1["points"], field1["direction"], field1["samples"],
                           f"learned -grad at iteration {field1['iter']}: D_real = teacher, D_fake = MLP", lim))
 row(*[toy2d.scatter_panel(mix, x, f"1-step generator, iteration {it}", lim, size=240)
@@ -328,7 +330,7 @@ row(*[toy2d.scatter_panel(mix, x, f"1-step generator, iteration {it}", lim, size
 
 # %%
 no_ttur, callback = watcher(1)
-c = toy2d.Config(**{**vars(cfg), "dfake_gen_update_ratio": 1, "iters": cfg.iters // cfg.dfake_gen_update_ratio})
+c = toy2d.Config(**{**vars(cfg), "dfake_gen_update_ratio": 1, "total_steps": T // cfg.dfake_gen_update_ratio})
 torch.manual_seed(1)
 G1_no_ttur, _ = toy2d.distill(c, mix, teacher, teacher, [cfg.one_step_sigma], device, False, callback=callback)
 runs = {"TTUR, ratio 5": (G1, ttur), "no TTUR, ratio 1": (G1_no_ttur, no_ttur)}
@@ -353,7 +355,7 @@ display(Markdown(toy2d.format_table({name: toy2d.evaluate(mix, x, reference) for
 #
 # ```
 # loss_G = softplus(-logit(G(z)))                           generator side, weight gen_gan_weight
-# loss_D = softplus(logit(fake)) + softplus(-logit(real))   head side, weight disc_gan_weight
+# loss_D = softplus(logit(fake)) + softplus(-logit(real))   head side, weight fake_gan_weight
 # ```
 #
 # Below, the head's belief `sigmoid(logit)` that a point is real, at two fixed noise levels, early in the run of
@@ -420,10 +422,11 @@ column(row(*[toy2d.scatter_panel(mix, x, f"step {k}: input, sigma = {s}", lim, s
              for k, x in enumerate(outputs)]))
 
 # %% [markdown]
-# The step-0 input is pure noise at sigma = 80 (most of it is outside the plot). What does the generator see at
-# the last step? Trained without backward simulation, it learns on noised *real* data (left), but
-# at sampling time it gets noised versions of its own earlier predictions (middle), which are not the same
-# thing. With backward simulation, training and sampling see the same inputs (right).
+# The step-0 input is pure noise at sigma = 2.5 (`kstep_sigmas` starts where the 1-step student does, not at
+# sigma_max = 80). What does the generator see at the last step? Trained without backward simulation, it learns
+# on noised *real* data (left), but at sampling time it gets noised versions of its own earlier predictions
+# (middle), which are not the same thing. With backward simulation, training and sampling see the same inputs
+# (right).
 
 # %%
 k = 3
@@ -449,8 +452,8 @@ display(Markdown(toy2d.format_table({n: {**toy2d.evaluate(mix, x, reference), "n
 # %%
 outdir = tempfile.TemporaryDirectory(prefix="toy2d_ablation_")   # removed when the kernel exits
 out = outdir.name
-ab_cfg = toy2d.Config(**{**vars(cfg), "teacher_iters": int(800 * S), "iters": int(400 * S), "num_eval": 2000,
-                         "ablation_seeds": 1, "out": out})
+ab_cfg = toy2d.Config(**{**vars(cfg), "teacher_iters": int(800 * S), "total_steps": int(400 * S), "num_eval": 2000,
+                         "ablation_seeds": 1, "outdir": out})
 t0 = time.time()
 summary, text = toy2d.run_ablation(ab_cfg)
 print(f"ablation: {len(toy2d.ABLATIONS)} runs in {time.time() - t0:.1f} s")

@@ -644,7 +644,7 @@ def evaluate(mix, x, reference, reference_self=None):
         "mode_shape_kl_worst": float(shape.max()),                 # the worst single mode
         "energy_distance": energy_distance(x, reference, reference_self),
         # KL(samples || data) = -H(samples) - E log p0(samples): the entropy by nn_entropy, the rest exact. It is
-        # the one metric here that sees samples folded onto curves; exact samples score about 0.03 (its bias).
+        # the one metric here that sees samples folded onto curves; exact samples score 0 +- 0.03 (its noise).
         "reverse_kl": -nn_entropy(x) - log_likelihood,
     }
 

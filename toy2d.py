@@ -180,7 +180,8 @@ def karras_sigmas(n, sigma_min, sigma_max, rho):
 
 
 class Denoiser(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Table 1), with F an MLP.
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Table 1), with F an MLP that also sees x_features
+    random Fourier features of c_in x, faded in above sigma = x_sigma.
 
     forward(x [B, 2], sigma [B] or float, features=False) -> D [B, 2] (and the last hidden layer
     [B, width] when features=True: the GAN head of DMD2 reads the fake score's features).

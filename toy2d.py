@@ -63,7 +63,8 @@ class Config:
     x_feature_scale: float = 10.0    # standard deviation of their random frequencies
     x_feature_sigma: float = 1.0     # they fade in above this sigma, so small-sigma steps stay smooth; README
     teacher_iters: int = 3000        # EDM-loss training steps of the teacher
-    teacher_batch: int = 1024        # teacher batch size
+    teacher_batch: int = 1024        # teacher batch size, at EDM's lognormal sigma
+    teacher_grid_batch: int = 128    # and this many more at sigma drawn as distillation draws it (0: EDM's); README
     teacher_lr: float = 3e-3         # teacher Adam learning rate (cosine-decayed to 0)
     heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
@@ -275,9 +276,13 @@ def heun_sampler(D, z, num_steps, sigma_min, sigma_max, rho):
     return x
 
 
-def edm_loss(D, x0, P_mean=-1.2, P_std=1.2):
-    """EDM training loss (Karras et al. 2022, Eq. 8 with Table 1's lognormal sigma and weighting)."""
-    sigma = (torch.randn(x0.shape[0], 1, device=x0.device) * P_std + P_mean).exp()          # [B, 1]
+def edm_loss(D, x0, P_mean=-1.2, P_std=1.2, sigma_grid=None, n_grid=0):
+    """EDM training loss (Karras et al. 2022, Eq. 8 with Table 1's lognormal sigma and weighting).
+    The last n_grid rows of x0 [B, 2] draw sigma uniformly from sigma_grid instead (--teacher_grid_batch)."""
+    B = x0.shape[0]
+    sigma = (torch.randn(B - n_grid, 1, device=x0.device) * P_std + P_mean).exp()          # [B - n_grid, 1]
+    if n_grid:
+        sigma = torch.cat([sigma, sigma_grid[torch.randint(0, len(sigma_grid), (n_grid, 1), device=x0.device)]])
     weight = (sigma**2 + D.sigma_data**2) / (sigma * D.sigma_data) ** 2
     D_x = D(x0 + sigma * torch.randn_like(x0), sigma)
     return (weight * (D_x - x0) ** 2).mean()
@@ -294,8 +299,13 @@ def train_teacher(cfg, mix, device, progress=True):
     teacher = make_denoiser(cfg, mix).to(device)
     opt = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr, fused=True)   # fused: one kernel per step
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.teacher_iters)
+    # DMD2 asks the teacher for D_real at sigma drawn uniformly over the 1000-point grid: half of its draws are above
+    # 2.5 and a fifth above 20, where EDM's lognormal sigma (median 0.3) trains 4% and 0.02% of the time. The teacher's
+    # errors there pushed the students' samples towards one side of the ring and shifted their mode weights (README).
+    grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
     for _ in tqdm(range(cfg.teacher_iters), desc="teacher", disable=not progress, leave=False):
-        loss = edm_loss(teacher, sample_mixture(mix, cfg.teacher_batch).to(device))
+        x0 = sample_mixture(mix, cfg.teacher_batch + cfg.teacher_grid_batch).to(device)      # [B, 2]
+        loss = edm_loss(teacher, x0, sigma_grid=grid, n_grid=cfg.teacher_grid_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -558,23 +568,38 @@ def dm_field_recorder(at, D_real, sigmas, cfg, mix, n=1000):
 
 def mean_distance(a, b=None, chunk=2048):
     """E|A - B| over all pairs of rows of a [n, 2] and b [m, 2], in float64, a chunk of rows at a time.
-    b=None: E|A - A'| over all n^2 ordered pairs of a; the distance matrix is symmetric, so only the blocks
-    on and right of the diagonal are computed, and those right of it count twice."""
-    a = a.double()
+    b=None: E|A - A'| over all n^2 ordered pairs of a (self_distances)."""
     if b is None:
-        total = 0.0
-        for i in range(0, len(a), chunk):
-            d = torch.cdist(a[i:i + chunk], a[i:])                              # [chunk, n - i]
-            total += float(d[:, :chunk].sum()) + 2 * float(d[:, chunk:].sum())
-        return total / len(a) ** 2
+        return self_distances(a, chunk)[0]
+    a = a.double()
     total = sum(float(torch.cdist(a[i:i + chunk], b.double()).sum()) for i in range(0, len(a), chunk))
     return total / (len(a) * len(b))
 
 
-def energy_distance(x, y, yy=None):
+def self_distances(x, chunk=2048):
+    """One pass over the distances of x [n, 2] to itself -> (E|X - X'| over all n^2 ordered pairs, the distance
+    from each sample to its nearest other sample [n]): the energy distance and nn_entropy share it. The matrix
+    is symmetric, so only the blocks on and right of the diagonal are computed; those right of it count twice,
+    and give the nearest neighbours of both their rows and their columns."""
+    x = x.double()
+    n = len(x)
+    total = 0.0
+    nearest = torch.full((n,), float("inf"), dtype=torch.float64)
+    for i in range(0, n, chunk):
+        d = torch.cdist(x[i:i + chunk], x[i:])                                  # [c, n - i]
+        c = len(d)
+        total += float(d[:, :c].sum()) + 2 * float(d[:, c:].sum())
+        d[torch.arange(c), torch.arange(c)] = float("inf")                     # not itself
+        nearest[i:i + c] = torch.minimum(nearest[i:i + c], d.min(1).values)
+        if c < d.shape[1]:
+            nearest[i + c:] = torch.minimum(nearest[i + c:], d[:, c:].min(0).values)
+    return total / n**2, nearest
+
+
+def energy_distance(x, y, yy=None, xx=None):
     """2 E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely): zero iff the distributions match; no bandwidth to pick.
-    yy: E|Y-Y'| if already known (the reference set is shared by every row of the table)."""
-    return 2 * mean_distance(x, y) - mean_distance(x) - (mean_distance(y) if yy is None else yy)
+    yy, xx: E|Y-Y'|, E|X-X'| if already known (the reference set is shared by every row of the table)."""
+    return 2 * mean_distance(x, y) - (mean_distance(x) if xx is None else xx) - (mean_distance(y) if yy is None else yy)
 
 
 def mode_shape_kl(mix, x, assign, min_count=10):
@@ -595,19 +620,14 @@ def mode_shape_kl(mix, x, assign, min_count=10):
     return kl
 
 
-def nn_entropy(x, chunk=2048):
+def nn_entropy(x, nearest=None):
     """Kozachenko-Leonenko entropy estimate in nats (Kozachenko & Leonenko 1987), 2-D, first neighbour:
     H = psi(N) - psi(1) + ln(pi) + (2/N) sum_i ln r_i, r_i the distance from x_i to its nearest other sample.
-    x [N, 2] -> float. Samples piled on curves have tiny r_i, so a low entropy."""
-    x = x.double()
-    n = len(x)
-    log_r = []
-    for i in range(0, n, chunk):
-        d = torch.cdist(x[i:i + chunk], x)                                                   # [chunk, N]
-        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = float("inf")                  # not itself
-        log_r.append(d.min(1).values.clamp_min(1e-300).log())
-    psi = torch.special.digamma(torch.tensor([float(n), 1.0], dtype=torch.float64))
-    return float(psi[0] - psi[1] + math.log(math.pi) + 2 * torch.cat(log_r).mean())
+    x [N, 2] -> float; nearest: the r_i [N] if already known (self_distances). Samples piled on curves have
+    tiny r_i, so a low entropy."""
+    r = self_distances(x)[1] if nearest is None else nearest
+    psi = torch.special.digamma(torch.tensor([float(len(r)), 1.0], dtype=torch.float64))
+    return float(psi[0] - psi[1] + math.log(math.pi) + 2 * r.clamp_min(1e-300).log().mean())
 
 
 def nearest_mode(mix, x):
@@ -636,6 +656,7 @@ def evaluate(mix, x, reference, reference_self=None):
     found = torch.bincount(assign, minlength=len(mix.weights)).float() / len(x)           # [K]
     shape = mode_shape_kl(mix, x, assign)                                                    # [K]
     log_likelihood = float(torch.logsumexp(log_comp, 1).mean())                           # mean log p0(x)
+    xx, nearest = self_distances(x)                                                          # float, [N]
     return {
         "log_likelihood": log_likelihood,
         "modes_covered": int((found >= 0.5 * mix.weights).sum()),  # a mode counts at half its expected share
@@ -643,10 +664,10 @@ def evaluate(mix, x, reference, reference_self=None):
         "weight_tv": float(0.5 * (found - mix.weights).abs().sum()),  # total variation of mode weights
         "mode_shape_kl": float(shape.mean()),                      # mean over modes of KL(Gaussian fit || mode)
         "mode_shape_kl_worst": float(shape.max()),                 # the worst single mode
-        "energy_distance": energy_distance(x, reference, reference_self),
+        "energy_distance": energy_distance(x, reference, reference_self, xx),
         # KL(samples || data) = -H(samples) - E log p0(samples): the entropy by nn_entropy, the rest exact. It is
         # the one metric here that sees samples folded onto curves; exact samples score 0 +- 0.03 (its noise).
-        "reverse_kl": -nn_entropy(x) - log_likelihood,
+        "reverse_kl": -nn_entropy(x, nearest) - log_likelihood,
     }
 
 
@@ -770,12 +791,13 @@ def run(cfg):
     start = time.time()
     mix = make_mixture(cfg.dataset)
     progress = not cfg.quiet
+    pool = student_pool(cfg, device, 2)             # its workers start up while the teacher trains
     teacher = train_teacher(cfg, mix, device, progress)
     one = [cfg.one_step_sigma]
     many = parse_sigmas(cfg.kstep_sigmas)
     (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [
         dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=cfg.total_steps // 10),
-        dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))])
+        dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))], pool)
 
     n = cfg.num_eval
     torch.manual_seed(cfg.seed + 1)        # evaluation noise: the same whichever way the students were trained
@@ -965,21 +987,40 @@ def _student_job(kwargs):
     return student_job(**kwargs)
 
 
-def train_students(cfg, mix, teacher, device, jobs):
+def student_pool(cfg, device, num_jobs):
+    """The worker processes for train_students, or None when the students train in this process (--workers 1, or
+    CUDA). Start it before the teacher trains: each worker then imports torch and builds a first optimizer (which
+    imports torch._dynamo), about 2 s, while the teacher trains instead of before the students can."""
+    workers = min(cfg.workers, num_jobs) if device.type == "cpu" else 1
+    if workers <= 1:
+        return None
+    # Spawned (not forked) processes: safe whatever threads torch already started; a worker that
+    # fails raises in train_students instead of hanging.
+    pool = concurrent.futures.ProcessPoolExecutor(workers, torch.multiprocessing.get_context("spawn"), _warm_worker)
+    for _ in range(workers):
+        pool.submit(int)          # the pool starts its processes one per task; start them all now
+    return pool
+
+
+def _warm_worker():
+    """Each worker's start-up: one thread, and the imports its first optimizer needs (see student_pool)."""
+    torch.set_num_threads(1)
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+
+
+def train_students(cfg, mix, teacher, device, jobs, pool=None):
     """jobs: [dict(sigmas, seed, ...) per student, with optional "cfg"] -> [(G, history, field), ...].
-    With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each."""
+    With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each: in `pool`, from
+    student_pool, which this shuts down, or in one started here."""
     state = {k: v.cpu() for k, v in teacher.state_dict().items()}
     kwargs = [{"cfg": cfg, "mix": mix, "teacher_state": state, "progress": not cfg.quiet, **job} for job in jobs]
-    workers = min(cfg.workers, len(jobs)) if device.type == "cpu" else 1
-    if workers <= 1:
+    pool = pool or student_pool(cfg, device, len(jobs))
+    if pool is None:
         results = [student_job(**kw) for kw in kwargs]
     else:
-        for i, kw in enumerate(kwargs):
-            kw["position"] = i % workers
-        # Spawned (not forked) processes: safe whatever threads torch already started; a worker that
-        # fails raises here instead of hanging.
-        ctx = torch.multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, ctx, torch.set_num_threads, (1,)) as pool:
+        with pool:
+            for i, kw in enumerate(kwargs):
+                kw["position"] = i % min(cfg.workers, len(jobs))     # a progress-bar row per worker
             results = list(pool.map(_student_job, kwargs))
     out = []
     for kw, (state_G, history, field) in zip(kwargs, results):
@@ -1026,6 +1067,8 @@ def check_config(cfg):
         errors.append("need --x_features >= 0, --x_feature_scale > 0 and --x_feature_sigma > 0")
     if cfg.threads < 0:
         errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
+    if cfg.teacher_grid_batch < 0:
+        errors.append(f"--teacher_grid_batch must be 0 or more, got {cfg.teacher_grid_batch}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",
                  "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
         if getattr(cfg, name) < 1:

@@ -164,8 +164,10 @@ with torch.no_grad():
 display(Markdown("\n".join(lines)))
 
 # %% [markdown]
-# The teacher is least accurate at the largest sigma, which EDM's training rarely draws (log sigma ~ N(-1.2, 1.2^2));
-# a sampler barely notices, because there the noisy sample itself spreads over about +-sigma.
+# EDM's training draws log sigma ~ N(-1.2, 1.2^2), which rarely reaches the largest sigma, so `train_teacher` adds
+# `teacher_grid_batch` samples per batch at sigma drawn from the distillation grid: DMD2 asks the teacher for D_real up
+# to sigma = 80, and its errors there shift the students' mode weights (README). A sampler barely notices errors at
+# large sigma, because there the noisy sample itself spreads over about +-sigma.
 #
 # EDM's Heun sampler (`toy2d.heun_sampler`) integrates the probability-flow ODE from sigma = 80 down to 0,
 # with `2 * steps - 1` network calls. With few steps the solver is inaccurate: with 2 or 4 steps most samples land
@@ -441,6 +443,11 @@ with torch.no_grad():
     final = {f"4-step, backward simulation {bs}": toy2d.generate(G, torch.randn(cfg.num_eval, 2), sigmas4)
              for bs, G in students.items()}
 display(Markdown(toy2d.format_table({n: {**toy2d.evaluate(mix, x, reference), "nfe": 4} for n, x in final.items()})))
+
+# %% [markdown]
+# These runs are short (600 iterations) with a small teacher, so this table can go either way from one run to the
+# next (in the run saved here, backward simulation did not help). README's `python toy2d.py --ablation`, at full size
+# and averaged over seeds, has the student with backward simulation ahead on every metric but the log-likelihood.
 
 # %% [markdown]
 # ## 7. The ablation table and figure

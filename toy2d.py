@@ -31,8 +31,10 @@ import copy
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -1003,8 +1005,11 @@ def student_pool(cfg, device, num_jobs):
 
 
 def _warm_worker():
-    """Each worker's start-up: one thread, and the imports its first optimizer needs (see student_pool)."""
+    """Each worker's start-up: one thread, the imports its first optimizer needs (see student_pool), and a watcher
+    that ends the worker if the run that started it dies without shutting the pool down (kill -9)."""
     torch.set_num_threads(1)
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
 
 

@@ -3,6 +3,10 @@ on its own, and a short end-to-end run with quality thresholds."""
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -369,6 +373,60 @@ def test_students_in_worker_processes_match_students_in_turn(tmp_path):
     a, b = run(1, "in_turn"), run(2, "parallel")
     for key in ("data", "teacher", "student_1step", "student_4step"):
         assert np.array_equal(a[key], b[key]), key
+
+
+WORKER_HOLDER = """
+import os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import toy2d
+if __name__ == "__main__":
+    pool = toy2d.student_pool(toy2d.Config(workers=2), torch.device("cpu"), 2)
+    pool.submit(time.sleep, 0.5).result()
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def _children(pid):
+    """Live (not zombie) processes whose parent is pid, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if stat[0] != "Z" and int(stat[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads processes from /proc (Linux)")
+def test_student_workers_exit_when_the_run_is_killed(tmp_path):
+    """The workers start before the teacher trains; if the run dies without shutting them down (kill -9), they
+    must not live on as orphans."""
+    script = tmp_path / "hold.py"
+    script.write_text(WORKER_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), os.path.dirname(os.path.abspath(toy2d.__file__))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = [c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+        assert len(workers) == 2, workers
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), workers
 
 
 def test_seeds_table_has_every_seed_median_and_worst(tmp_path):

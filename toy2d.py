@@ -794,7 +794,12 @@ def run(cfg):
     mix = make_mixture(cfg.dataset)
     progress = not cfg.quiet
     pool = student_pool(cfg, device, 2)             # its workers start up while the teacher trains
-    teacher = train_teacher(cfg, mix, device, progress)
+    try:
+        teacher = train_teacher(cfg, mix, device, progress)
+    except BaseException:                           # Ctrl-C or an error: do not leave the workers behind
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        raise
     one = [cfg.one_step_sigma]
     many = parse_sigmas(cfg.kstep_sigmas)
     (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [

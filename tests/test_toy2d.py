@@ -387,25 +387,24 @@ if __name__ == "__main__":
 """
 
 
-def _children(pid):
-    """Live (not zombie) processes whose parent is pid, from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if stat[0] != "Z" and int(stat[1]) == pid:
-                out.append(int(entry))
-    return out
+def _state_and_parent(pid):
+    """(state letter, parent pid) of a process from /proc/PID/stat, or None if it is gone."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
 
 
 def _alive(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    stat = _state_and_parent(pid)
+    return stat is not None and stat[0] != "Z"          # a zombie has ended; only its reaping is left
+
+
+def _children(pid):
+    """Live processes whose parent is pid."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _alive(int(e))
+            and (_state_and_parent(int(e)) or ("", -1))[1] == pid]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads processes from /proc (Linux)")

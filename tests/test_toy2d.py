@@ -287,6 +287,60 @@ def test_energy_distance_matches_brute_force():
     assert expected > 0.2 and abs(toy2d.energy_distance(x[:350], x[350:])) < 0.05    # same law: near zero
 
 
+def test_mean_distance_to_gaussian_matches_monte_carlo():
+    """E|d + s Z| (the Rice mean) against 2M draws, at the mode (the Rayleigh mean s sqrt(pi/2)), near it and far away."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2_000_000, 2, generator=g, dtype=torch.float64)
+    for d, s in [(0.0, 0.3), (0.5, 0.3), (1.53, 0.42), (4.0, 1.0)]:
+        mc = float((torch.tensor([d, 0.0], dtype=torch.float64) + s * z).norm(dim=1).mean())
+        exact = float(toy2d.mean_distance_to_gaussian(torch.tensor(d, dtype=torch.float64), torch.tensor(s)))
+        assert exact == pytest.approx(mc, rel=2e-3), (d, s)
+    assert float(toy2d.mean_distance_to_gaussian(torch.tensor(0.0), torch.tensor(2.0))) == pytest.approx(
+        2 * math.sqrt(math.pi / 2), rel=1e-6)
+    far = toy2d.mean_distance_to_gaussian(torch.tensor(500.0, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))
+    assert float(far) == pytest.approx(500 + 0.3**2 / (2 * 500), rel=1e-7)      # no overflow: d + s^2 / 2d far away
+
+
+def test_energy_to_mixture_is_unbiased_and_matches_sampled_terms():
+    """energy_exact: its closed-form terms equal Monte Carlo ones, exact samples score 0 on average (the biased
+    all-pairs self term would not), and a re-weighted or shifted sample scores above the noise."""
+    mix = toy2d.make_mixture("ring")
+    g = torch.Generator().manual_seed(0)
+    y1, y2 = toy2d.sample_mixture(mix, 1_000_000, g).double(), toy2d.sample_mixture(mix, 1_000_000, g).double()
+    w = mix.weights.double()
+    assert float(w @ toy2d.mode_distances(mix) @ w) == pytest.approx(float((y1 - y2).norm(dim=1).mean()), rel=2e-3)
+    x = toy2d.sample_mixture(mix, 50, g)
+    xx = toy2d.self_distances(x)[0]
+    sampled = 2 * float(torch.cdist(x.double(), y1[:200_000]).mean()) - xx * 50 / 49 - float((y1 - y2).norm(dim=1).mean())
+    assert toy2d.energy_to_mixture(mix, x, xx) == pytest.approx(sampled, abs=0.01)
+    draws, biased = [], []
+    for _ in range(40):
+        x = toy2d.sample_mixture(mix, 400, g)
+        xx = toy2d.self_distances(x)[0]
+        draws.append(toy2d.energy_to_mixture(mix, x, xx))
+        biased.append(draws[-1] + xx / 399)                    # the same with the diagonal's zeros kept in E|X-X'|
+    mean, se = float(np.mean(draws)), float(np.std(draws) / math.sqrt(len(draws)))
+    assert abs(mean) < 3 * se, (mean, se)
+    assert float(np.mean(biased)) > 3 * se + abs(mean)         # E|X-X'| / N = 0.006 here: the bias this removes
+    x = toy2d.sample_mixture(mix, 4000, g)
+    shifted = x + torch.tensor([0.2, 0.0])                  # the whole ring moved by two thirds of a mode's std
+    assert abs(toy2d.energy_to_mixture(mix, x, toy2d.self_distances(x)[0])) < 1.5e-3
+    assert toy2d.energy_to_mixture(mix, shifted, toy2d.self_distances(shifted)[0]) > 4e-3
+
+
+def test_energy_weight_part_is_the_reweighted_mixtures_distance():
+    """Two far-apart modes drawn exactly, with shares 0.7 / 0.3 instead of 0.5 / 0.5: the mode-weight part is
+    delta^2 (2 E|Y0 - Y1| - E|Y0 - Y0'| - E|Y1 - Y1'|) = 0.04 (2 * 20 - 0.5 sqrt(pi) - 0.3 sqrt(pi)) up to 1e-4, and the
+    whole exact energy distance is close to it (the modes themselves are exact)."""
+    mix = toy2d.Mixture(torch.tensor([[-10.0, 0.0], [10.0, 0.0]]), torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.5]))
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([mix.means[0] + 0.5 * torch.randn(7000, 2, generator=g), mix.means[1] + 0.3 * torch.randn(3000, 2, generator=g)])
+    m = toy2d.evaluate(mix, x, toy2d.sample_mixture(mix, 1000, g))
+    expected = 0.2**2 * (2 * 20 - (0.5 + 0.3) * math.sqrt(math.pi))
+    assert m["energy_exact_weights"] == pytest.approx(expected, rel=1e-3)
+    assert m["energy_exact"] == pytest.approx(expected, rel=0.02)
+
+
 def test_mode_shape_kl_known_answers():
     """Two far-apart modes (no sample is assigned to the wrong one): one drawn with its std scaled by c,
     KL = c^2 - 1 - 2 ln c; the other shifted by d, KL = d^2 / (2 s^2). evaluate() reports their mean and max."""

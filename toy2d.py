@@ -682,6 +682,7 @@ def evaluate(mix, x, reference, reference_self=None):
     x = x.float().cpu()
     assign, log_comp = nearest_mode(mix, x)                                                  # [N], [N, K]
     found = torch.bincount(assign, minlength=len(mix.weights)).float() / len(x)           # [K]
+    delta = found.double() - mix.weights.double()                                            # [K]
     shape = mode_shape_kl(mix, x, assign)                                                    # [K]
     log_likelihood = float(torch.logsumexp(log_comp, 1).mean())                           # mean log p0(x)
     xx, nearest = self_distances(x)                                                          # float, [N]
@@ -696,8 +697,7 @@ def evaluate(mix, x, reference, reference_self=None):
         # The same distance to the mixture in closed form (no reference sample, unbiased), and the part of it that
         # the mode weights alone make: the mixture re-weighted with the shares `found`, against the true one.
         "energy_exact": energy_to_mixture(mix, x, xx),
-        "energy_exact_weights": float(-(found.double() - mix.weights.double()) @ mode_distances(mix) @
-                                      (found.double() - mix.weights.double())),
+        "energy_exact_weights": float(-delta @ mode_distances(mix) @ delta),
         # KL(samples || data) = -H(samples) - E log p0(samples): the entropy by nn_entropy, the rest exact. It is
         # the one metric here that sees samples folded onto curves; exact samples score 0 +- 0.03 (its noise).
         "reverse_kl": -nn_entropy(x, nearest) - log_likelihood,

@@ -14,7 +14,7 @@ failure (dropped modes, wrong mode weights, blur between modes, modes of the wro
 and counted.
 
 Run it:
-  python toy2d.py                     # teacher + 1-step + 4-step students, about 55 s on 2 CPU cores
+  python toy2d.py                     # teacher + 1-step + 4-step students, about 50 s on 2 CPU cores
   python toy2d.py --dataset grid      # the harder 5x5 grid
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
   python toy2d.py --ablation          # the paper's ablations at toy scale (minutes): table + figure
@@ -88,6 +88,7 @@ class Config:
     kstep_sigmas: str = "2.5,0.6,0.3,0.12"  # its fixed noise levels; the first acts on s z (paper: 80); README
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
+    one_step_fake_features: int = 16  # 1-step: its fake score gets this many more input features, at every sigma; README
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
     eval_every: int = 500            # iterations between quick metric points on the training curves
@@ -207,11 +208,21 @@ class Denoiser(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
         self.out = nn.Linear(width, 2)
         self.step_emb, self.step = None, 0     # optional: which step of a K-step chain made x (see add_steps)
+        self.extra = None                      # optional: more input features, at every sigma (see add_input_features)
 
     def add_steps(self, ksteps):
         """Let the fake score know which of K steps made a sample: a learned vector per step added to the
         first layer, zero at the start so the fake score still starts as the teacher. Set self.step before a call."""
         self.step_emb = nn.Parameter(torch.zeros(ksteps, self.inp.out_features, device=self.inp.weight.device))
+
+    def add_input_features(self, n, scale, seed=99):
+        """n more random Fourier features of c_in x, at every sigma (not faded in), with their own first-layer
+        weights, zero at the start so the network still starts as the teacher. The 1-step student's fake score
+        gets them: its samples fold onto thin sheets that it must see at small sigma to push them apart (README)."""
+        draw = torch.randn(2, n, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("extra_freqs", (scale * draw).to(self.inp.weight.device))          # [2, n]
+        self.extra = nn.Linear(2 * n, self.inp.out_features, bias=False).to(self.inp.weight.device)
+        nn.init.zeros_(self.extra.weight)
 
     def forward(self, x, sigma, features=False):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
@@ -226,6 +237,9 @@ class Denoiser(nn.Module):
         # every sigma the 4-step student's small-sigma steps made its modes narrower than the data's (README).
         gate = torch.sigmoid(4 * (sigma.log() - math.log(self.x_sigma)))       # [B, 1]
         h = self.inp(torch.cat([c_in * x, angles.cos(), angles.sin(), gate * proj.cos(), gate * proj.sin()], dim=1))
+        if self.extra is not None:
+            extra = (c_in * x) @ self.extra_freqs                                # [B, n]
+            h = h + self.extra(torch.cat([extra.cos(), extra.sin()], dim=1))
         h = F.silu(h if self.step_emb is None else h + self.step_emb[self.step])
         for layer in self.hidden:
             h = h + F.silu(layer(h))                                           # residual MLP
@@ -442,6 +456,8 @@ def make_trainables(cfg, teacher, device, ksteps=1):
     D_fake = copy.deepcopy(teacher).train().requires_grad_(True)
     if cfg.fake_score_knows_step and ksteps > 1:
         D_fake.add_steps(ksteps)
+    if cfg.one_step_fake_features and ksteps == 1:
+        D_fake.add_input_features(cfg.one_step_fake_features, cfg.x_feature_scale)
     head = make_head(cfg.width).to(device)
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
@@ -1113,6 +1129,8 @@ def check_config(cfg):
         errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
     if cfg.teacher_grid_batch < 0:
         errors.append(f"--teacher_grid_batch must be 0 or more, got {cfg.teacher_grid_batch}")
+    if cfg.one_step_fake_features < 0:
+        errors.append(f"--one_step_fake_features must be 0 or more, got {cfg.one_step_fake_features}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",
                  "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
         if getattr(cfg, name) < 1:

@@ -192,6 +192,29 @@ def test_fake_score_that_knows_the_step_starts_as_the_teacher():
     assert not torch.allclose(D_fake(x, sigma), teacher(x, sigma))
 
 
+def test_one_step_fake_score_gets_extra_features_and_still_starts_as_the_teacher():
+    """--one_step_fake_features: only the 1-step student's fake score gets them; its first-layer weights for them start
+    at zero (the fake score equals the teacher at every sigma), the optimiser trains them, and they act at small sigma,
+    where the input features of the teacher's architecture are faded out."""
+    cfg = toy2d.Config(width=32, depth=2, x_features=4, one_step_fake_features=8)
+    torch.manual_seed(0)
+    teacher = toy2d.Denoiser(1.0, width=32, depth=2, x_features=4).requires_grad_(False)
+    t1 = toy2d.make_trainables(cfg, teacher, torch.device("cpu"), ksteps=1)
+    t4 = toy2d.make_trainables(cfg, teacher, torch.device("cpu"), ksteps=4)
+    assert t4.D_fake.extra is None and t1.G.extra is None and t1.D_fake.extra_freqs.shape == (2, 8)
+    x = torch.randn(64, 2)
+    for sigma in (0.01, 0.3, 2.5, 40.0):
+        assert torch.equal(t1.D_fake(x, sigma), teacher(x, sigma))
+    trained = {id(p) for group in t1.opt_fake.param_groups for p in group["params"]}
+    assert id(t1.D_fake.extra.weight) in trained
+    before = teacher(x, 0.01)
+    with torch.no_grad():
+        t1.D_fake.extra.weight += 0.1
+    assert not torch.allclose(t1.D_fake(x, 0.01), before)
+    with pytest.raises(SystemExit, match="--one_step_fake_features must be 0 or more"):
+        toy2d.main(["--one_step_fake_features", "-1"])
+
+
 def test_backward_simulation_feeds_the_right_sigmas():
     sigmas = [80.0, 1.5, 0.5, 0.15]
     z = torch.randn(20_000, 2)

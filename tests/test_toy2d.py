@@ -311,7 +311,7 @@ def test_energy_distance_matches_brute_force():
 
 
 def test_mean_distance_to_gaussian_matches_monte_carlo():
-    """E|d + s Z| (the Rice mean) against 2M draws, at the mode (the Rayleigh mean s sqrt(pi/2)), near it and far away."""
+    """E|d + s Z| (the Rice mean) against 2M draws: at the mode (the Rayleigh mean s sqrt(pi/2)), near it, far away."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2_000_000, 2, generator=g, dtype=torch.float64)
     for d, s in [(0.0, 0.3), (0.5, 0.3), (1.53, 0.42), (4.0, 1.0)]:
@@ -320,7 +320,8 @@ def test_mean_distance_to_gaussian_matches_monte_carlo():
         assert exact == pytest.approx(mc, rel=2e-3), (d, s)
     assert float(toy2d.mean_distance_to_gaussian(torch.tensor(0.0), torch.tensor(2.0))) == pytest.approx(
         2 * math.sqrt(math.pi / 2), rel=1e-6)
-    far = toy2d.mean_distance_to_gaussian(torch.tensor(500.0, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))
+    f64 = dict(dtype=torch.float64)
+    far = toy2d.mean_distance_to_gaussian(torch.tensor(500.0, **f64), torch.tensor(0.3, **f64))
     assert float(far) == pytest.approx(500 + 0.3**2 / (2 * 500), rel=1e-7)      # no overflow: d + s^2 / 2d far away
 
 
@@ -334,7 +335,8 @@ def test_energy_to_mixture_is_unbiased_and_matches_sampled_terms():
     assert float(w @ toy2d.mode_distances(mix) @ w) == pytest.approx(float((y1 - y2).norm(dim=1).mean()), rel=2e-3)
     x = toy2d.sample_mixture(mix, 50, g)
     xx = toy2d.self_distances(x)[0]
-    sampled = 2 * float(torch.cdist(x.double(), y1[:200_000]).mean()) - xx * 50 / 49 - float((y1 - y2).norm(dim=1).mean())
+    yy = float((y1 - y2).norm(dim=1).mean())
+    sampled = 2 * float(torch.cdist(x.double(), y1[:200_000]).mean()) - xx * 50 / 49 - yy
     assert toy2d.energy_to_mixture(mix, x, xx) == pytest.approx(sampled, abs=0.01)
     draws, biased = [], []
     for _ in range(40):
@@ -357,7 +359,8 @@ def test_energy_weight_part_is_the_reweighted_mixtures_distance():
     whole exact energy distance is close to it (the modes themselves are exact)."""
     mix = toy2d.Mixture(torch.tensor([[-10.0, 0.0], [10.0, 0.0]]), torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.5]))
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([mix.means[0] + 0.5 * torch.randn(7000, 2, generator=g), mix.means[1] + 0.3 * torch.randn(3000, 2, generator=g)])
+    x = torch.cat([mix.means[0] + 0.5 * torch.randn(7000, 2, generator=g),
+                   mix.means[1] + 0.3 * torch.randn(3000, 2, generator=g)])
     m = toy2d.evaluate(mix, x, toy2d.sample_mixture(mix, 1000, g))
     expected = 0.2**2 * (2 * 20 - (0.5 + 0.3) * math.sqrt(math.pi))
     assert m["energy_exact_weights"] == pytest.approx(expected, rel=1e-3)

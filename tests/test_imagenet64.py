@@ -484,9 +484,11 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
     flags = ["--preset", "gaussian", "--pretrain_steps", "0", "--sample_every", "0", "--batch_size", "16",
              "--total_steps", "2", "--dfake_gen_update_ratio", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                    os.path.join(ROOT, "imagenet64.py"), *flags, "--outdir", str(tmp_path / "ddp")],
-                   check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+    # --standalone: torchrun picks a free port itself, so a port left busy by an earlier run cannot fail this test.
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "imagenet64.py"), *flags, "--outdir", str(tmp_path / "ddp")],
+                         env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     cfg = m.parse_config([*flags, "--batch_gpu", "8", "--outdir", str(tmp_path / "one")])
     init = m.build_models(cfg, torch.device("cpu"))[1].state_dict()
     single = m.train(cfg)

@@ -14,7 +14,7 @@ failure (dropped modes, wrong mode weights, blur between modes, modes of the wro
 and counted.
 
 Run it:
-  python toy2d.py                     # teacher + 1-step + 4-step students, about 50 s on 2 CPU cores
+  python toy2d.py                     # teacher + 1-step + 4-step students, about a minute on 2 CPU cores
   python toy2d.py --dataset grid      # the harder 5x5 grid
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
   python toy2d.py --ablation          # the paper's ablations at toy scale (minutes): table + figure
@@ -88,7 +88,7 @@ class Config:
     kstep_sigmas: str = "2.5,0.6,0.3,0.12"  # its fixed noise levels; the first acts on s z (paper: 80); README
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
-    one_step_fake_features: int = 16  # 1-step: its fake score gets this many more input features, at all sigma; README
+    one_step_fake_features: int = 32  # 1-step: its fake score gets this many more input features, at all sigma; README
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
     eval_every: int = 500            # iterations between quick metric points on the training curves

@@ -72,7 +72,8 @@ class Config:
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
     total_steps: int = 4500          # fake-score updates; generator updates = total_steps / dfake_gen_update_ratio
-    batch_size: int = 192            # generator batch (the same number of real samples for the GAN)
+    batch_size: int = 192            # fake-score and generator batch (the same number of real samples for the GAN)
+    generator_batch_size: int = 0    # samples per generator update if more than batch_size (0: batch_size); README
     generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
     fake_score_lr: float = 1e-3      # AdamW learning rate of the fake score and the GAN head
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
@@ -540,10 +541,13 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
         t.opt_fake.param_groups[0]["lr"] = cfg.fake_score_lr * decay(it)
         k = int(torch.randint(0, len(sigmas), ()))              # one step of the K-step chain per batch
         t.D_fake.step = k                                        # used only with --fake_score_knows_step
-        x_in = generator_input(cfg, mix, t.G, torch.randn(cfg.batch_size, 2, device=device), sigmas, k)
+        gen_turn = it % cfg.dfake_gen_update_ratio == 0          # TTUR (2.): the generator's turn is rarer
+        n = (cfg.generator_batch_size or cfg.batch_size) if gen_turn else cfg.batch_size
+        x_in = generator_input(cfg, mix, t.G, torch.randn(n, 2, device=device), sigmas, k)
         log = {"iter": it}
-        if it % cfg.dfake_gen_update_ratio == 0:                 # TTUR (2.): the generator's turn is rarer
+        if gen_turn:
             x_fake, gen_log = generator_turn(cfg, t, D_real, x_in, sigmas[k])
+            x_fake = x_fake[:cfg.batch_size]                     # the fake score's turn keeps its batch size
             log.update(gen_log)
         else:
             with torch.no_grad(), t.autocast():
@@ -1129,6 +1133,9 @@ def check_config(cfg):
         errors.append(f"--threads must be 0 (torch's default) or more, got {cfg.threads}")
     if cfg.teacher_grid_batch < 0:
         errors.append(f"--teacher_grid_batch must be 0 or more, got {cfg.teacher_grid_batch}")
+    if cfg.generator_batch_size and cfg.generator_batch_size < cfg.batch_size:
+        errors.append(f"--generator_batch_size must be 0 (the same as --batch_size) or at least "
+                      f"--batch_size={cfg.batch_size}, got {cfg.generator_batch_size}")
     if cfg.one_step_fake_features < 0:
         errors.append(f"--one_step_fake_features must be 0 or more, got {cfg.one_step_fake_features}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",

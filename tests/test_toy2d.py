@@ -253,7 +253,8 @@ def test_distill_trains_kstep_generator_on_backward_simulated_inputs(monkeypatch
 
 def test_distill_alternates_generator_and_fake_score_turns(monkeypatch):
     """Algorithm 1 with TTUR: a fake-score turn every iteration, a generator turn before it every
-    dfake_gen_update_ratio-th iteration, and the fake score learns from that turn's own samples."""
+    dfake_gen_update_ratio-th iteration on generator_batch_size samples, and the fake score learns from the first
+    batch_size of that turn's own samples."""
     calls = []
     real_gen, real_fake = toy2d.generator_turn, toy2d.fake_score_turn
 
@@ -268,8 +269,8 @@ def test_distill_alternates_generator_and_fake_score_turns(monkeypatch):
 
     monkeypatch.setattr(toy2d, "generator_turn", gen_spy)
     monkeypatch.setattr(toy2d, "fake_score_turn", fake_spy)
-    cfg = toy2d.Config(width=32, depth=2, total_steps=11, batch_size=64, eval_every=1000, dfake_gen_update_ratio=5,
-                       quiet=True)
+    cfg = toy2d.Config(width=32, depth=2, total_steps=11, batch_size=64, generator_batch_size=96, eval_every=1000,
+                       dfake_gen_update_ratio=5, quiet=True)
     mix = toy2d.make_mixture("ring")
     teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
     torch.manual_seed(0)
@@ -278,7 +279,28 @@ def test_distill_alternates_generator_and_fake_score_turns(monkeypatch):
     assert kinds == ["G", "fake"] + ["fake"] * 4 + ["G", "fake"] + ["fake"] * 4 + ["G", "fake"]
     for i, (kind, x) in enumerate(calls):
         if kind == "G":
-            assert calls[i + 1][1] is x                        # the same detached samples, not a fresh draw
+            assert x.shape == (96, 2) and calls[i + 1][1].shape == (64, 2)
+            assert calls[i + 1][1].data_ptr() == x.data_ptr()  # the same detached samples, not a fresh draw
+        else:
+            assert x.shape == (64, 2)
+
+
+def test_generator_batch_size_zero_is_the_fake_score_batch_and_more_changes_training():
+    """--generator_batch_size 0 (the default) and --generator_batch_size equal to --batch_size train the same
+    generator bit for bit (the paper's one batch); a larger generator batch trains a different one."""
+    mix = toy2d.make_mixture("ring")
+    torch.manual_seed(0)
+    teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(2)) * 2.5
+    outs = []
+    for n in (0, 64, 128):
+        cfg = toy2d.Config(width=32, depth=2, total_steps=11, batch_size=64, generator_batch_size=n,
+                           eval_every=1000, quiet=True)
+        torch.manual_seed(1)
+        G, _ = toy2d.distill(cfg, mix, teacher, teacher, [2.5], torch.device("cpu"), progress=False)
+        outs.append(G(z, 2.5))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], outs[2])
 
 
 def test_dm_field_recording_leaves_training_unchanged():
@@ -534,6 +556,9 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--x_features", "-1"])
     with pytest.raises(SystemExit, match="--teacher_grid_batch must be 0 or more"):
         toy2d.main(["--teacher_grid_batch", "-1"])
+    with pytest.raises(SystemExit, match=r"--generator_batch_size must be 0 \(the same as --batch_size\) or at least "
+                       r"--batch_size=192, got 100"):
+        toy2d.main(["--generator_batch_size", "100"])
 
 
 def test_teacher_grid_rows_draw_sigma_where_distillation_queries_the_teacher():

@@ -76,6 +76,8 @@ class Config:
     generator_batch_size: int = 0    # samples per generator update if more than batch_size (0: batch_size); README
     generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
     fake_score_lr: float = 1e-3      # AdamW learning rate of the fake score and the GAN head
+    kstep_generator_batch_size: int = 0  # K-step student: at least this many samples per generator update; README
+    kstep_fake_score_lr: float = 0.0  # K-step student: its fake score's learning rate (0: as above); README
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
     min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
@@ -451,6 +453,19 @@ class Trainables:
     dm_range: tuple               # grid indices (min, max) the DM gradient draws sigma from
 
 
+def student_settings(cfg, ksteps):
+    """(samples per generator update, fake-score learning rate) of a student with ksteps steps. A K-step student
+    spreads its updates over K steps: each step gets 1/K of the generator's turns and of the fake score's updates on
+    its samples. --kstep_generator_batch_size and --kstep_fake_score_lr can give it alone a larger generator batch
+    and a faster fake score (options, not defaults; README)."""
+    gen_batch = cfg.generator_batch_size or cfg.batch_size
+    fake_lr = cfg.fake_score_lr
+    if ksteps > 1:
+        gen_batch = max(cfg.kstep_generator_batch_size, gen_batch)
+        fake_lr = cfg.kstep_fake_score_lr or fake_lr
+    return gen_batch, fake_lr
+
+
 def make_trainables(cfg, teacher, device, ksteps=1):
     """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new."""
     G = copy.deepcopy(teacher).train().requires_grad_(True)
@@ -462,7 +477,8 @@ def make_trainables(cfg, teacher, device, ksteps=1):
     head = make_head(cfg.width).to(device)
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
-    opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=cfg.fake_score_lr, **adamw)
+    opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=student_settings(cfg, ksteps)[1],
+                                 **adamw)
     sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
     dm_range = (int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000))
     return Trainables(G, D_fake, head, opt_G, opt_fake, *amp_settings(cfg, device), sigma_grid, dm_range)
@@ -532,17 +548,18 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
     """
     t = make_trainables(cfg, teacher, device, len(sigmas))
     decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.total_steps))) if cfg.lr_decay else (lambda it: 1.0)
+    gen_batch, fake_lr = student_settings(cfg, len(sigmas))
     eval_real = sample_mixture(mix, 2000)
     history = []
     bar = tqdm(range(cfg.total_steps), desc=f"DMD2 {len(sigmas)}-step", disable=not progress, leave=False,
                position=position)
     for it in bar:
         t.opt_G.param_groups[0]["lr"] = cfg.generator_lr * decay(it)
-        t.opt_fake.param_groups[0]["lr"] = cfg.fake_score_lr * decay(it)
+        t.opt_fake.param_groups[0]["lr"] = fake_lr * decay(it)
         k = int(torch.randint(0, len(sigmas), ()))              # one step of the K-step chain per batch
         t.D_fake.step = k                                        # used only with --fake_score_knows_step
         gen_turn = it % cfg.dfake_gen_update_ratio == 0          # TTUR (2.): the generator's turn is rarer
-        n = (cfg.generator_batch_size or cfg.batch_size) if gen_turn else cfg.batch_size
+        n = gen_batch if gen_turn else cfg.batch_size
         x_in = generator_input(cfg, mix, t.G, torch.randn(n, 2, device=device), sigmas, k)
         log = {"iter": it}
         if gen_turn:
@@ -1136,6 +1153,12 @@ def check_config(cfg):
     if cfg.generator_batch_size and cfg.generator_batch_size < cfg.batch_size:
         errors.append(f"--generator_batch_size must be 0 (the same as --batch_size) or at least "
                       f"--batch_size={cfg.batch_size}, got {cfg.generator_batch_size}")
+    if cfg.kstep_generator_batch_size < 0:
+        errors.append(f"--kstep_generator_batch_size must be 0 (as the 1-step student) or more, "
+                      f"got {cfg.kstep_generator_batch_size}")
+    if cfg.kstep_fake_score_lr < 0 or cfg.fake_score_lr <= 0 or cfg.generator_lr <= 0:
+        errors.append(f"need --generator_lr > 0, --fake_score_lr > 0 and --kstep_fake_score_lr >= 0 (0: the same as "
+                      f"--fake_score_lr), got {cfg.generator_lr}, {cfg.fake_score_lr} and {cfg.kstep_fake_score_lr}")
     if cfg.one_step_fake_features < 0:
         errors.append(f"--one_step_fake_features must be 0 or more, got {cfg.one_step_fake_features}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",

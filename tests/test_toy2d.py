@@ -1,6 +1,7 @@
 """Tests of toy2d.py: the closed-form pieces against independent computations, each DMD2 ingredient
 on its own, and a short end-to-end run with quality thresholds."""
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -303,6 +304,47 @@ def test_generator_batch_size_zero_is_the_fake_score_batch_and_more_changes_trai
     assert not torch.allclose(outs[0], outs[2])
 
 
+def test_kstep_student_takes_its_own_generator_batch_and_fake_score_lr(monkeypatch):
+    """--kstep_generator_batch_size and --kstep_fake_score_lr act on the K-step student alone: its generator turns
+    see at least that many samples, its fake score (and GAN head) trains at that rate, cosine-decayed like the
+    generator's, and 0 gives it the 1-step student's settings. The 1-step student keeps --generator_batch_size and
+    --fake_score_lr."""
+    cfg = toy2d.Config(batch_size=64, generator_batch_size=0, kstep_generator_batch_size=96, kstep_fake_score_lr=3e-3)
+    assert toy2d.student_settings(cfg, 1) == (64, cfg.fake_score_lr)
+    assert toy2d.student_settings(cfg, 4) == (96, 3e-3)
+    off = dataclasses.replace(cfg, generator_batch_size=80, kstep_generator_batch_size=0, kstep_fake_score_lr=0)
+    assert toy2d.student_settings(off, 4) == toy2d.student_settings(off, 1) == (80, off.fake_score_lr)
+    # never below --generator_batch_size: the K-step value is a floor
+    assert toy2d.student_settings(dataclasses.replace(cfg, generator_batch_size=128), 4)[0] == 128
+
+    seen = []
+    real_gen, real_fake = toy2d.generator_turn, toy2d.fake_score_turn
+
+    def gen_spy(cfg, t, D_real, x_in, sigma_k):
+        seen.append(("G", x_in.shape[0]))
+        return real_gen(cfg, t, D_real, x_in, sigma_k)
+
+    def fake_spy(cfg, t, x_fake, x_real):
+        seen.append(("fake", x_fake.shape[0], [g["lr"] for g in t.opt_fake.param_groups]))
+        return real_fake(cfg, t, x_fake, x_real)
+
+    monkeypatch.setattr(toy2d, "generator_turn", gen_spy)
+    monkeypatch.setattr(toy2d, "fake_score_turn", fake_spy)
+    mix = toy2d.make_mixture("ring")
+    teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
+    run = dataclasses.replace(cfg, width=32, depth=2, total_steps=6, eval_every=1000, quiet=True)
+    for sigmas, gen_batch, lr in (([2.5], 64, run.fake_score_lr), ([2.5, 0.6, 0.3, 0.12], 96, 3e-3)):
+        seen.clear()
+        torch.manual_seed(0)
+        toy2d.distill(run, mix, teacher, teacher, sigmas, torch.device("cpu"), progress=False)
+        assert [s[1] for s in seen if s[0] == "G"] == [gen_batch, gen_batch]
+        fakes = [s for s in seen if s[0] == "fake"]
+        assert all(n == 64 for _, n, _ in fakes)
+        for it, (_, _, lrs) in enumerate(fakes):
+            decay = 0.5 * (1 + math.cos(math.pi * it / run.total_steps))
+            assert lrs == pytest.approx([lr * decay] * len(lrs))
+
+
 def test_dm_field_recording_leaves_training_unchanged():
     """The DM field is recorded through distill's callback in a forked RNG: same generator with and without it."""
     cfg = toy2d.Config(width=32, depth=2, total_steps=12, batch_size=64, eval_every=1000, quiet=True)
@@ -559,6 +601,12 @@ def test_bad_options_get_clear_errors():
     with pytest.raises(SystemExit, match=r"--generator_batch_size must be 0 \(the same as --batch_size\) or at least "
                        r"--batch_size=192, got 100"):
         toy2d.main(["--generator_batch_size", "100"])
+    with pytest.raises(SystemExit, match=r"--kstep_generator_batch_size must be 0 \(as the 1-step student\) or more"):
+        toy2d.main(["--kstep_generator_batch_size", "-1"])
+    with pytest.raises(SystemExit, match=r"--kstep_fake_score_lr >= 0 .* got 0.001, 0.001 and -0.1"):
+        toy2d.main(["--kstep_fake_score_lr", "-0.1"])
+    with pytest.raises(SystemExit, match=r"need --generator_lr > 0, .* got 0.0, 0.001 and 0.0"):
+        toy2d.main(["--generator_lr", "0"])
 
 
 def test_teacher_grid_rows_draw_sigma_where_distillation_queries_the_teacher():

@@ -76,8 +76,9 @@ class Config:
     generator_batch_size: int = 0    # samples per generator update if more than batch_size (0: batch_size); README
     generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
     fake_score_lr: float = 1e-3      # AdamW learning rate of the fake score and the GAN head
-    kstep_generator_batch_size: int = 0  # K-step student: at least this many samples per generator update; README
-    kstep_fake_score_lr: float = 0.0  # K-step student: its fake score's learning rate (0: as above); README
+    kstep_generator_batch_size: int = 768  # K-step student: at least this many samples per generator update; README
+    kstep_fake_score_lr: float = 2e-3  # K-step student: its fake score's learning rate (0: as above); README
+    ema_span: float = 0.2            # students are an EMA of G over about this fraction of its updates (0: off); README
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
     min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
@@ -445,6 +446,7 @@ class Trainables:
     G: nn.Module                  # the generator (official: feedforward_model)
     D_fake: nn.Module             # the fake score (official: fake_unet)
     head: nn.Module               # the GAN head (official: cls_pred_branch)
+    G_ema: nn.Module              # the EMA of G's weights, which the student is sampled from (G itself: --ema_span 0)
     opt_G: torch.optim.Optimizer
     opt_fake: torch.optim.Optimizer
     autocast: object              # () -> autocast context
@@ -475,13 +477,14 @@ def make_trainables(cfg, teacher, device, ksteps=1):
     if cfg.one_step_fake_features and ksteps == 1:
         D_fake.add_input_features(cfg.one_step_fake_features, cfg.x_feature_scale)
     head = make_head(cfg.width).to(device)
+    G_ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema_span > 0 else G
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
     opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=student_settings(cfg, ksteps)[1],
                                  **adamw)
     sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
     dm_range = (int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000))
-    return Trainables(G, D_fake, head, opt_G, opt_fake, *amp_settings(cfg, device), sigma_grid, dm_range)
+    return Trainables(G, D_fake, head, G_ema, opt_G, opt_fake, *amp_settings(cfg, device), sigma_grid, dm_range)
 
 
 def optimizer_step(opt, loss, params, scaler, max_grad_norm):
@@ -492,6 +495,24 @@ def optimizer_step(opt, loss, params, scaler, max_grad_norm):
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     scaler.step(opt)
     scaler.update()
+
+
+def ema_decay(cfg):
+    """The per-update decay of G's EMA: a time constant of --ema_span of the run's generator updates (900 by default:
+    decay 1 - 1/180), so a shorter run averages a shorter stretch. The teacher's weights, where G_ema starts, keep
+    a share of about exp(-1/ema_span) at the end (0.7% by default)."""
+    updates = math.ceil(cfg.total_steps / cfg.dfake_gen_update_ratio)
+    return max(0.0, 1 - 1 / (cfg.ema_span * updates)) if cfg.ema_span > 0 else 0.0
+
+
+@torch.no_grad()
+def update_ema(G_ema, G, decay):
+    """G_ema <- decay G_ema + (1 - decay) G, after each generator update (a no-op when G_ema is G). The generator and
+    the fake score chase each other: the ring's radius swings in and out while the learning rate is large, and the
+    last update's weights land off the data by a few hundredths; the average of the last fifth of the updates
+    lands nearer (README). The official DMD2 code keeps no EMA; --ema_span 0 is its recipe."""
+    if G_ema is not G:
+        torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - decay)
 
 
 def generator_input(cfg, mix, G, z, sigmas, k):
@@ -539,7 +560,8 @@ def fake_score_turn(cfg, t, x_fake, x_real):
 
 
 def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=None, position=0):
-    """DMD2 (paper Algorithm 1): returns the trained generator and a history of losses and quick metrics.
+    """DMD2 (paper Algorithm 1): returns the trained generator (the EMA of its weights, --ema_span) and a history
+    of losses and quick metrics.
 
     sigmas: the student's fixed noise levels; [s] is the one-step generator G(s z; s) (paper: s = sigma_max).
     D_real: the real score (the teacher, or the exact denoiser). callback(it, G, D_fake, head, log), if
@@ -564,6 +586,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
         log = {"iter": it}
         if gen_turn:
             x_fake, gen_log = generator_turn(cfg, t, D_real, x_in, sigmas[k])
+            update_ema(t.G_ema, t.G, ema_decay(cfg))
             x_fake = x_fake[:cfg.batch_size]                     # the fake score's turn keeps its batch size
             log.update(gen_log)
         else:
@@ -575,12 +598,12 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
             raise FloatingPointError(f"non-finite loss at iteration {it}: {log}")
         if it % cfg.eval_every == 0 or it == cfg.total_steps - 1:
             with torch.no_grad():
-                log["energy"] = energy_distance(generate(t.G, torch.randn(2000, 2, device=device), sigmas).cpu(),
-                                                eval_real)
+                x = generate(t.G_ema, torch.randn(2000, 2, device=device), sigmas).cpu()
+                log["energy"] = energy_distance(x, eval_real)
         history.append(log)
         if callback is not None:
             callback(it, t.G, t.D_fake, t.head, log)
-    return t.G.eval().requires_grad_(False), history
+    return t.G_ema.eval().requires_grad_(False), history
 
 
 def dm_field_recorder(at, D_real, sigmas, cfg, mix, n=1000):
@@ -855,6 +878,19 @@ def save_curves_figure(path, histories):
 # Main run and ablation.
 
 
+def rng_snapshot(device):
+    """-> a function that puts torch's random state (CPU, and CUDA's on a GPU) back to where it is now. run() draws
+    its evaluation noise in one fixed order, while some of it is used only once a student is done."""
+    cpu = torch.get_rng_state()
+    gpu = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore():
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu, device)
+    return restore
+
+
 def run(cfg):
     """Teacher, then the 1-step and K-step students, then exact metrics and pictures. Returns metrics."""
     device = setup(cfg)
@@ -870,30 +906,48 @@ def run(cfg):
         raise
     one = [cfg.one_step_sigma]
     many = parse_sigmas(cfg.kstep_sigmas)
+    n = cfg.num_eval
+    rows, metrics, z, rng = {}, {}, {}, {}
+
+    def measure_data_and_teacher():        # runs while the K-step student still trains (train_students)
+        torch.manual_seed(cfg.seed + 1)    # evaluation noise: the same whichever way the students were trained
+        rows["data"] = sample_mixture(mix, n)
+        z.update({name: torch.randn(n, 2, device=device) for name in ("teacher", "one", "many")})
+        rng["chain"] = rng_snapshot(device)            # the K-step chain's fresh noise: drawn from here once G_K is
+        for _ in many[1:]:                             # done; skipped now, so that what follows is drawn as it
+            torch.randn(n, 2, device=device)           # would be after the chain
+        rows["reference"] = sample_mixture(mix, n)     # fresh data: the "data" row's distance is the noise floor
+        z["steps"] = torch.randn(n, 2, device=device)
+        rng["after"] = rng_snapshot(device)
+        with torch.no_grad():
+            rows["teacher"] = heun_sampler(teacher, z["teacher"], cfg.heun_steps, cfg.sigma_min, cfg.sigma_max,
+                                           cfg.rho).cpu()
+        rows["reference_self"] = mean_distance(rows["reference"])
+        for name in ("data", "teacher"):
+            metrics[name] = evaluate(mix, rows[name], rows["reference"], rows["reference_self"])
+
     (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [
         dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=cfg.total_steps // 10),
-        dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))], pool)
-
-    n = cfg.num_eval
-    torch.manual_seed(cfg.seed + 1)        # evaluation noise: the same whichever way the students were trained
+        dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))], pool, measure_data_and_teacher)
+    reference, reference_self = rows.pop("reference"), rows.pop("reference_self")
     with torch.no_grad():
-        rows = {
-            "data": sample_mixture(mix, n),
-            "teacher": heun_sampler(teacher, torch.randn(n, 2, device=device), cfg.heun_steps,
-                                    cfg.sigma_min, cfg.sigma_max, cfg.rho).cpu(),
-            "student_1step": generate(G1, torch.randn(n, 2, device=device), one).cpu(),
-            f"student_{cfg.ksteps}step": generate(GK, torch.randn(n, 2, device=device), many).cpu(),
-        }
-    reference = sample_mixture(mix, n)     # fresh data: the "data" row's distance is the noise floor
-    reference_self = mean_distance(reference)
-    metrics = {name: evaluate(mix, x, reference, reference_self) for name, x in rows.items()}
+        rows["student_1step"] = generate(G1, z["one"], one).cpu()
+        rng["chain"]()
+        rows[f"student_{cfg.ksteps}step"] = generate(GK, z["many"], many).cpu()
+    rng["after"]()
+    for name in ("student_1step", f"student_{cfg.ksteps}step"):
+        metrics[name] = evaluate(mix, rows[name], reference, reference_self)
     metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
     metrics["student_1step"]["nfe"] = 1
     metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps
-    metrics[f"student_{cfg.ksteps}step"]["mode_shape_kl_per_step"] = shape_per_step(
-        mix, GK, torch.randn(n, 2, device=device), many)
+    metrics[f"student_{cfg.ksteps}step"]["mode_shape_kl_per_step"] = shape_per_step(mix, GK, z["steps"], many)
     result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": asdict(cfg)}
+    save_outputs(cfg, mix, rows, field, {"1-step": hist1, f"{cfg.ksteps}-step": histK}, result)
+    return result
 
+
+def save_outputs(cfg, mix, rows, field, histories, result):
+    """samples.npz, samples.png, dm_field.png (if the DM field was recorded), curves.png and metrics.json."""
     os.makedirs(cfg.outdir, exist_ok=True)
     np.savez(os.path.join(cfg.outdir, "samples.npz"), means=mix.means.numpy(), stds=mix.stds.numpy(),
              weights=mix.weights.numpy(), **{k: v.float().numpy() for k, v in rows.items()})
@@ -903,10 +957,9 @@ def run(cfg):
         field_panel(mix, field["points"], field["direction"], field["samples"],
                     f"DM direction -grad over the plane, iteration {field['iter']}", lim).save(
                         os.path.join(cfg.outdir, "dm_field.png"))
-    save_curves_figure(os.path.join(cfg.outdir, "curves.png"), {"1-step": hist1, f"{cfg.ksteps}-step": histK})
+    save_curves_figure(os.path.join(cfg.outdir, "curves.png"), histories)
     with open(os.path.join(cfg.outdir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
-    return result
 
 
 SEED_COLUMNS = [  # (title, function of (student metrics, data metrics, teacher metrics), worst = max or min)
@@ -1089,20 +1142,27 @@ def _warm_worker():
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
 
 
-def train_students(cfg, mix, teacher, device, jobs, pool=None):
+def train_students(cfg, mix, teacher, device, jobs, pool=None, meanwhile=None):
     """jobs: [dict(sigmas, seed, ...) per student, with optional "cfg"] -> [(G, history, field), ...].
     With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each: in `pool`, from
-    student_pool, which this shuts down, or in one started here."""
+    student_pool, which this shuts down, or in one started here. meanwhile(), if given, runs in this process once
+    the first job is done (a core is free then), or after all of them when they run in turn."""
     state = {k: v.cpu() for k, v in teacher.state_dict().items()}
     kwargs = [{"cfg": cfg, "mix": mix, "teacher_state": state, "progress": not cfg.quiet, **job} for job in jobs]
     pool = pool or student_pool(cfg, device, len(jobs))
     if pool is None:
         results = [student_job(**kw) for kw in kwargs]
+        if meanwhile is not None:
+            meanwhile()
     else:
         with pool:
             for i, kw in enumerate(kwargs):
                 kw["position"] = i % min(cfg.workers, len(jobs))     # a progress-bar row per worker
-            results = list(pool.map(_student_job, kwargs))
+            futures = [pool.submit(_student_job, kw) for kw in kwargs]
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+            if meanwhile is not None:
+                meanwhile()
+            results = [f.result() for f in futures]
     out = []
     for kw, (state_G, history, field) in zip(kwargs, results):
         G = copy.deepcopy(teacher)
@@ -1159,6 +1219,8 @@ def check_config(cfg):
     if cfg.kstep_fake_score_lr < 0 or cfg.fake_score_lr <= 0 or cfg.generator_lr <= 0:
         errors.append(f"need --generator_lr > 0, --fake_score_lr > 0 and --kstep_fake_score_lr >= 0 (0: the same as "
                       f"--fake_score_lr), got {cfg.generator_lr}, {cfg.fake_score_lr} and {cfg.kstep_fake_score_lr}")
+    if not 0 <= cfg.ema_span <= 1:
+        errors.append(f"--ema_span must be between 0 (no EMA) and 1 (the whole run), got {cfg.ema_span}")
     if cfg.one_step_fake_features < 0:
         errors.append(f"--one_step_fake_features must be 0 or more, got {cfg.one_step_fake_features}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",

@@ -257,7 +257,9 @@ column(row(*top), row(*bottom))
 # the generator takes one first (`toy2d.generator_turn`). `callback(it, G, D_fake, head, log)`, called after every
 # iteration, lets us watch: `toy2d.dm_field_recorder` is such a callback, which stores the DM direction of the
 # *learned* networks over the plane at one iteration, and the one below keeps snapshots of the samples and of the
-# GAN head.
+# GAN head. The callback sees the generator being trained; `distill` returns the average of its weights over about the
+# last fifth of its updates (an EMA, `toy2d.update_ema`, `cfg.ema_span`; the paper keeps none, README says why the
+# toy does).
 #
 # The callback also measures how far the fake score lags behind the generator (used in section 4): the relative
 # error of the DM direction it produces, against the direction given by an almost perfect fake score, the exact

@@ -571,6 +571,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
     t = make_trainables(cfg, teacher, device, len(sigmas))
     decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.total_steps))) if cfg.lr_decay else (lambda it: 1.0)
     gen_batch, fake_lr = student_settings(cfg, len(sigmas))
+    ema = ema_decay(cfg)
     eval_real = sample_mixture(mix, 2000)
     history = []
     bar = tqdm(range(cfg.total_steps), desc=f"DMD2 {len(sigmas)}-step", disable=not progress, leave=False,
@@ -586,7 +587,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
         log = {"iter": it}
         if gen_turn:
             x_fake, gen_log = generator_turn(cfg, t, D_real, x_in, sigmas[k])
-            update_ema(t.G_ema, t.G, ema_decay(cfg))
+            update_ema(t.G_ema, t.G, ema)
             x_fake = x_fake[:cfg.batch_size]                     # the fake score's turn keeps its batch size
             log.update(gen_log)
         else:

@@ -565,7 +565,8 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
 
     sigmas: the student's fixed noise levels; [s] is the one-step generator G(s z; s) (paper: s = sigma_max).
     D_real: the real score (the teacher, or the exact denoiser). callback(it, G, D_fake, head, log), if
-    given, runs after every iteration (the DM-field picture and the notebook's figures use it).
+    given (G: the generator being trained, not its EMA), runs after every iteration (the DM-field picture and the
+    notebook's figures use it).
     position: the row of its progress bar (students trained side by side each get one).
     """
     t = make_trainables(cfg, teacher, device, len(sigmas))
@@ -908,36 +909,35 @@ def run(cfg):
     one = [cfg.one_step_sigma]
     many = parse_sigmas(cfg.kstep_sigmas)
     n = cfg.num_eval
-    rows, metrics, z, rng = {}, {}, {}, {}
+    rows, metrics, z, rng, ref = {}, {}, {}, {}, {}   # samples [n, 2] per row, metrics per row, noise, RNG, reference
 
-    def measure_data_and_teacher():        # runs while the K-step student still trains (train_students)
+    def measure_data_and_teacher():        # runs while the K-step student still trains (after it, with --workers 1)
         torch.manual_seed(cfg.seed + 1)    # evaluation noise: the same whichever way the students were trained
-        rows["data"] = sample_mixture(mix, n)
-        z.update({name: torch.randn(n, 2, device=device) for name in ("teacher", "one", "many")})
+        rows["data"] = sample_mixture(mix, n)                                                # [n, 2]
+        z.update({name: torch.randn(n, 2, device=device) for name in ("teacher", "one", "many")})   # [n, 2] each
         rng["chain"] = rng_snapshot(device)            # the K-step chain's fresh noise: drawn from here once G_K is
         for _ in many[1:]:                             # done; skipped now, so that what follows is drawn as it
             torch.randn(n, 2, device=device)           # would be after the chain
-        rows["reference"] = sample_mixture(mix, n)     # fresh data: the "data" row's distance is the noise floor
+        ref["x"] = sample_mixture(mix, n)              # fresh data: the "data" row's distance is the noise floor
         z["steps"] = torch.randn(n, 2, device=device)
         rng["after"] = rng_snapshot(device)
         with torch.no_grad():
             rows["teacher"] = heun_sampler(teacher, z["teacher"], cfg.heun_steps, cfg.sigma_min, cfg.sigma_max,
                                            cfg.rho).cpu()
-        rows["reference_self"] = mean_distance(rows["reference"])
+        ref["self"] = mean_distance(ref["x"])          # E|Y - Y'|, shared by every row
         for name in ("data", "teacher"):
-            metrics[name] = evaluate(mix, rows[name], rows["reference"], rows["reference_self"])
+            metrics[name] = evaluate(mix, rows[name], ref["x"], ref["self"])
 
     (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [
         dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=cfg.total_steps // 10),
         dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))], pool, measure_data_and_teacher)
-    reference, reference_self = rows.pop("reference"), rows.pop("reference_self")
     with torch.no_grad():
         rows["student_1step"] = generate(G1, z["one"], one).cpu()
         rng["chain"]()
         rows[f"student_{cfg.ksteps}step"] = generate(GK, z["many"], many).cpu()
     rng["after"]()
     for name in ("student_1step", f"student_{cfg.ksteps}step"):
-        metrics[name] = evaluate(mix, rows[name], reference, reference_self)
+        metrics[name] = evaluate(mix, rows[name], ref["x"], ref["self"])
     metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
     metrics["student_1step"]["nfe"] = 1
     metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps

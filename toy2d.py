@@ -19,6 +19,7 @@ Run it:
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
   python toy2d.py --ablation          # the paper's ablations at toy scale (minutes): table + figure
   python toy2d.py --seeds 10 --quiet  # seeds 0..9: one table of both students, median and worst (seeds.md)
+  python toy2d.py --eval_redraws 20   # then the energy ratios on 20 fresh evaluation draws: how noisy they are
   python toy2d.py --help              # every option
 Outputs go to --outdir (default out/toy2d): samples.npz, metrics.json, samples.png, dm_field.png, curves.png.
 The same code runs under bf16 autocast when CUDA is present (--device cuda); the CPU path is fp32.
@@ -96,6 +97,7 @@ class Config:
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
     eval_every: int = 500            # iterations between quick metric points on the training curves
+    eval_redraws: int = 0            # this many fresh evaluations of the energy-distance ratios: their noise; README
     outdir: str = "out/toy2d"        # output folder
     seed: int = 0                    # seeds everything: a CPU run is bit-for-bit repeatable
     device: str = "auto"             # "auto", "cpu" or "cuda"
@@ -767,6 +769,27 @@ def evaluate(mix, x, reference, reference_self=None):
 
 
 @torch.no_grad()
+def energy_ratio_redraws(cfg, mix, teacher, students, draws, device):
+    """How much of the energy bar (a student's energy distance <= 2x the teacher's) is the luck of the draw: the
+    ratio again for `draws` fresh evaluations, each with new reference, data, teacher and student samples from the
+    same networks. students: {name: (G, sigmas)} -> {"data" and each name: [ratio per draw]}; the "data" ratios are
+    what exact samples score against the teacher."""
+    n = cfg.num_eval
+    ratios = {name: [] for name in ("data", *students)}
+    for _ in range(draws):
+        ref = sample_mixture(mix, n)                                                         # [n, 2]
+        ref_self = mean_distance(ref)
+        z = torch.randn(n, 2, device=device)
+        x_teacher = heun_sampler(teacher, z, cfg.heun_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).cpu()
+        e_teacher = energy_distance(x_teacher, ref, ref_self)
+        ratios["data"].append(energy_distance(sample_mixture(mix, n), ref, ref_self) / e_teacher)
+        for name, (G, sigmas) in students.items():
+            x = generate(G, torch.randn(n, 2, device=device), sigmas).cpu()                  # [n, 2]
+            ratios[name].append(energy_distance(x, ref, ref_self) / e_teacher)
+    return ratios
+
+
+@torch.no_grad()
 def dm_field(D_real, D_fake, sigma_grid, min_idx, max_idx, samples, mix, n=21, draws=64):
     """The DM update direction -grad = (D_real - D_fake) / mean|x - D_real|, averaged over sigma and
     noise, on an n x n grid of points covering the data: where DMD2 pushes a sample at each place."""
@@ -942,6 +965,11 @@ def run(cfg):
     metrics["student_1step"]["nfe"] = 1
     metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps
     metrics[f"student_{cfg.ksteps}step"]["mode_shape_kl_per_step"] = shape_per_step(mix, GK, z["steps"], many)
+    if cfg.eval_redraws:                   # after everything else, so that the rest of the run is unchanged
+        torch.manual_seed(cfg.seed + 2)
+        students = {"student_1step": (G1, one), f"student_{cfg.ksteps}step": (GK, many)}
+        for name, r in energy_ratio_redraws(cfg, mix, teacher, students, cfg.eval_redraws, device).items():
+            metrics[name]["energy_ratio_redraws"] = r
     result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": asdict(cfg)}
     save_outputs(cfg, mix, rows, field, {"1-step": hist1, f"{cfg.ksteps}-step": histK}, result)
     return result
@@ -1238,6 +1266,8 @@ def check_config(cfg):
             errors.append(f"--kstep_sigmas must start at or below --sigma_max={cfg.sigma_max}, got {sig[0]}")
     except ValueError:
         errors.append(f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}")
+    if cfg.eval_redraws < 0:
+        errors.append(f"--eval_redraws must be 0 (off) or more, got {cfg.eval_redraws}")
     if cfg.num_eval < 100:
         errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
     if errors:
@@ -1285,6 +1315,11 @@ def main(argv=None):
         return
     result = run(cfg)
     print(format_table(result["metrics"]))
+    for name, m in result["metrics"].items():
+        if "energy_ratio_redraws" in m:
+            r = m["energy_ratio_redraws"]
+            print(f"{name}: energy distance / teacher's over {len(r)} fresh draws: median {np.median(r):.2f}, "
+                  f"range {min(r):.2f}-{max(r):.2f}, above 2 in {sum(v > 2 for v in r)}")
     print(f"wall time {result['wall_time_s']} s; wrote {cfg.outdir}/samples.npz, metrics.json, samples.png, "
           f"dm_field.png, curves.png")
 

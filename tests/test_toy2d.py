@@ -541,13 +541,45 @@ def test_input_fourier_features_fade_out_at_small_sigma():
 
 
 def test_seed_makes_runs_bit_for_bit_repeatable(tmp_path):
-    def run(seed, name):
-        toy2d.main(TINY + ["--seed", str(seed), "--outdir", str(tmp_path / name)])
+    """Also: --eval_redraws draws its fresh evaluations after everything else, so the run is otherwise unchanged."""
+    def run(seed, name, *extra):
+        toy2d.main(TINY + ["--seed", str(seed), "--outdir", str(tmp_path / name), *extra])
         return np.load(tmp_path / name / "samples.npz")
-    a, b, c = run(0, "a"), run(0, "b"), run(1, "c")
+    a, b, c = run(0, "a"), run(0, "b", "--eval_redraws", "2"), run(1, "c")
     for key in ("teacher", "student_1step", "student_4step"):
         assert np.array_equal(a[key], b[key])
         assert not np.array_equal(a[key], c[key])
+    ma, mb = (json.load(open(tmp_path / name / "metrics.json"))["metrics"] for name in ("a", "b"))
+    for name in ("data", "student_1step", "student_4step"):
+        assert len(mb[name].pop("energy_ratio_redraws")) == 2
+    assert ma == mb
+
+
+def test_energy_ratio_redraws_are_fresh_evaluations_of_the_bar():
+    """Each redraw is a new reference, teacher, data and student sample; its ratios match a brute-force energy
+    distance on the same draws, and they differ from draw to draw."""
+    cfg = toy2d.Config(num_eval=300, heun_steps=16)
+    mix = toy2d.make_mixture("ring")
+    teacher = toy2d.ExactDenoiser(mix)
+    G = toy2d.make_denoiser(cfg, mix).eval().requires_grad_(False)    # untrained: far from the data
+    torch.manual_seed(5)
+    got = toy2d.energy_ratio_redraws(cfg, mix, teacher, {"G": (G, [2.5])}, 2, torch.device("cpu"))
+
+    def brute_energy(x, y):                     # all pairs, float64, diagonals included as in the table
+        x, y = x.double(), y.double()
+        return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+    torch.manual_seed(5)
+    for i in range(2):
+        ref = toy2d.sample_mixture(mix, 300)
+        x_teacher = toy2d.heun_sampler(teacher, torch.randn(300, 2), 16, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        data = toy2d.sample_mixture(mix, 300)
+        with torch.no_grad():
+            x_G = toy2d.generate(G, torch.randn(300, 2), [2.5])
+        e_teacher = brute_energy(x_teacher, ref)
+        assert got["data"][i] == pytest.approx(brute_energy(data, ref) / e_teacher, rel=1e-9)
+        assert got["G"][i] == pytest.approx(brute_energy(x_G, ref) / e_teacher, rel=1e-9)
+    assert got["data"][0] != got["data"][1] and got["G"][0] != got["G"][1]
+    assert min(got["G"]) > 2 * max(got["data"])
 
 
 def test_students_in_worker_processes_match_students_in_turn(tmp_path):
@@ -651,6 +683,8 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--generator_lr", "0"])
     with pytest.raises(SystemExit, match=r"--ema_span must be between 0 \(no EMA\) and 1 \(the whole run\), got 1.5"):
         toy2d.main(["--ema_span", "1.5"])
+    with pytest.raises(SystemExit, match=r"--eval_redraws must be 0 \(off\) or more, got -1"):
+        toy2d.main(["--eval_redraws", "-1"])
 
 
 def test_teacher_grid_rows_draw_sigma_where_distillation_queries_the_teacher():

@@ -97,7 +97,7 @@ class Config:
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
     eval_every: int = 500            # iterations between quick metric points on the training curves
-    eval_redraws: int = 0            # this many fresh evaluations of the energy-distance ratios: their noise; README
+    eval_redraws: int = 0            # main run: this many fresh draws of the energy ratios (their noise); README
     outdir: str = "out/toy2d"        # output folder
     seed: int = 0                    # seeds everything: a CPU run is bit-for-bit repeatable
     device: str = "auto"             # "auto", "cpu" or "cuda"
@@ -780,7 +780,7 @@ def energy_ratio_redraws(cfg, mix, teacher, students, draws, device):
         ref = sample_mixture(mix, n)                                                         # [n, 2]
         ref_self = mean_distance(ref)
         z = torch.randn(n, 2, device=device)
-        x_teacher = heun_sampler(teacher, z, cfg.heun_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).cpu()
+        x_teacher = heun_sampler(teacher, z, cfg.heun_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).cpu()  # [n, 2]
         e_teacher = energy_distance(x_teacher, ref, ref_self)
         ratios["data"].append(energy_distance(sample_mixture(mix, n), ref, ref_self) / e_teacher)
         for name, (G, sigmas) in students.items():

@@ -99,7 +99,7 @@ class Config:
     eval_every: int = 500            # iterations between quick metric points on the training curves
     eval_redraws: int = 0            # main run: this many fresh draws of the energy ratios (their noise); README
     outdir: str = "out/toy2d"        # output folder
-    seed: int = 0                    # seeds everything: a CPU run is bit-for-bit repeatable
+    seed: int = 0                    # seeds everything: a CPU run repeats bit for bit (same machine and --threads)
     device: str = "auto"             # "auto", "cpu" or "cuda"
     precision: str = "auto"          # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (with GradScaler), "fp32"
     threads: int = 0                 # CPU threads for teacher and evaluation (0: torch's default; workers use one)

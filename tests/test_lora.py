@@ -114,7 +114,9 @@ def test_targets_are_dmd2_peft_targets(name):
 
 def test_lora_starts_as_base_trains_only_lora_and_reloads(tmp_path):
     cfg, ref, ours = pair("sdxl_like")
-    base = outputs(cfg, ref, ours)[1]
+    # Frozen, as add_lora leaves the base weights: whether a weight requires grad picks torch's matmul path for a
+    # non-contiguous input, and on some CPUs the two paths round differently.
+    base = outputs(cfg, ref, ours.requires_grad_(False))[1]
     names = add_lora(ours, rank=4, alpha=8)
     assert all(isinstance(ours.get_submodule(n), LoRALayer) for n in names)
     torch.testing.assert_close(outputs(cfg, ref, ours)[1], base, rtol=0, atol=0)      # up = 0: the base UNet exactly

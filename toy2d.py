@@ -1123,9 +1123,8 @@ def ablation_summary(results):
 # Run plumbing and the command line: student workers, devices, option checks, flags.
 
 
-
-
 def student_seed(seed, ksteps, row=0):
+    """The torch seed of one distillation run: a different one for each run seed, student (its steps) and ablation row."""
     return 1_000_003 * seed + 1000 * row + ksteps
 
 

@@ -1124,7 +1124,7 @@ def ablation_summary(results):
 
 
 def student_seed(seed, ksteps, row=0):
-    """The torch seed of one distillation run: a different one for each run seed, student (its steps) and ablation row."""
+    """The torch seed of one distillation run: one for each run seed, student (its steps) and ablation row."""
     return 1_000_003 * seed + 1000 * row + ksteps
 
 

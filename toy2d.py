@@ -94,6 +94,7 @@ class Config:
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
     one_step_fake_features: int = 32  # 1-step: its fake score gets this many more input features, at all sigma; README
+    fake_score_lognormal: float = 0.75  # share of fake-score sigmas drawn as EDM trains (paper: 0, the grid); README
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
     eval_every: int = 500            # iterations between quick metric points on the training curves
@@ -367,10 +368,25 @@ def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
 # 2. Fake score and the two time-scale update rule (DMD2 Sec. 4.2)
 
 
-def fake_score_loss(D_fake, x_fake, sigma_grid, x_real=None):
+def fake_score_sigmas(sigma_grid, n, lognormal=0.0, P_mean=-1.2, P_std=1.2):
+    """The noise levels [n, 1] of a fake-score batch: uniform over the grid's 1000 indices, as DMD2's code draws them,
+    except a share `lognormal` of the rows, which draw ln sigma ~ N(P_mean, P_std^2) as EDM trains its denoisers
+    (median 0.3; Karras et al. 2022, Sec. 5), clamped to the grid's range. Uniform indices put half the fake score's
+    training above sigma = 2.5; the lognormal puts more of it where the modes' shapes and the cuts between them are
+    decided, and both students came out nearer the data (--fake_score_lognormal; README)."""
+    sigma = sigma_grid[torch.randint(0, len(sigma_grid), (n, 1), device=sigma_grid.device)]
+    if lognormal > 0:
+        edm = (torch.randn(n, 1, device=sigma_grid.device) * P_std + P_mean).exp()
+        edm = edm.clamp(float(sigma_grid[0]), float(sigma_grid[-1]))
+        sigma = torch.where(torch.rand(n, 1, device=sigma_grid.device) < lognormal, edm, sigma)
+    return sigma
+
+
+def fake_score_loss(D_fake, x_fake, sigma_grid, x_real=None, lognormal=0.0):
     """2. Fake-score (critic) denoising loss on detached generator samples, over the whole grid.
 
-      sigma ~ grid[U{0..999}],  lambda(sigma) = 1/sigma^2 + 1/sigma_data^2  (EDM weighting; DMD Alg. 3)
+      sigma ~ grid[U{0..999}] (a share `lognormal` from EDM's lognormal instead: fake_score_sigmas)
+      lambda(sigma) = 1/sigma^2 + 1/sigma_data^2  (EDM weighting; DMD Alg. 3)
       loss  = mean lambda(sigma) * (D_fake(x + sigma*eps; sigma) - x)^2
     Returns (loss, features [B, width], features of x_real or None). The GAN head (3.) reads the features of
     the noised generator samples, and of real data x_real [B, 2], noised alike, which rides along in the same
@@ -380,7 +396,7 @@ def fake_score_loss(D_fake, x_fake, sigma_grid, x_real=None):
     """
     B = x_fake.shape[0]
     x = x_fake if x_real is None else torch.cat([x_fake, x_real])                          # [B or 2B, 2]
-    sigma = sigma_grid[torch.randint(0, len(sigma_grid), (x.shape[0],), device=x.device)].unsqueeze(1)
+    sigma = fake_score_sigmas(sigma_grid, x.shape[0], lognormal)                           # [B or 2B, 1]
     D_x, h = D_fake(x + sigma * torch.randn_like(x), sigma, features=True)
     weight = 1 / sigma[:B] ** 2 + 1 / D_fake.sigma_data**2
     loss = (weight * (D_x[:B].float() - x_fake) ** 2).mean()
@@ -550,7 +566,7 @@ def fake_score_turn(cfg, t, x_fake, x_real):
     """One fake-score update: denoising loss on the generator's detached samples x_fake [B, 2] (2.), plus
     the GAN head's loss on the same forward's features of noised fake and real samples x_real [B, 2] (3.)."""
     with t.autocast():
-        loss_fake, h_fake, h_real = fake_score_loss(t.D_fake, x_fake, t.sigma_grid, x_real)
+        loss_fake, h_fake, h_real = fake_score_loss(t.D_fake, x_fake, t.sigma_grid, x_real, cfg.fake_score_lognormal)
         loss = loss_fake
         log = {"loss_fake": loss_fake.item()}
         if cfg.fake_gan_weight > 0:
@@ -1249,6 +1265,9 @@ def check_config(cfg):
                       f"--fake_score_lr), got {cfg.generator_lr}, {cfg.fake_score_lr} and {cfg.kstep_fake_score_lr}")
     if not 0 <= cfg.ema_span <= 1:
         errors.append(f"--ema_span must be between 0 (no EMA) and 1 (the whole run), got {cfg.ema_span}")
+    if not 0 <= cfg.fake_score_lognormal <= 1:
+        errors.append(f"--fake_score_lognormal must be a share between 0 (the paper's grid) and 1, "
+                      f"got {cfg.fake_score_lognormal}")
     if cfg.one_step_fake_features < 0:
         errors.append(f"--one_step_fake_features must be 0 or more, got {cfg.one_step_fake_features}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",

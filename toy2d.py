@@ -1263,11 +1263,9 @@ def check_config(cfg):
     if cfg.kstep_fake_score_lr < 0 or cfg.fake_score_lr <= 0 or cfg.generator_lr <= 0:
         errors.append(f"need --generator_lr > 0, --fake_score_lr > 0 and --kstep_fake_score_lr >= 0 (0: the same as "
                       f"--fake_score_lr), got {cfg.generator_lr}, {cfg.fake_score_lr} and {cfg.kstep_fake_score_lr}")
-    if not 0 <= cfg.ema_span <= 1:
-        errors.append(f"--ema_span must be between 0 (no EMA) and 1 (the whole run), got {cfg.ema_span}")
-    if not 0 <= cfg.fake_score_lognormal <= 1:
-        errors.append(f"--fake_score_lognormal must be a share between 0 (the paper's grid) and 1, "
-                      f"got {cfg.fake_score_lognormal}")
+    for name, ends in (("ema_span", "0 (no EMA) and 1 (the whole run)"), ("fake_score_lognormal", "0 (DMD2's) and 1")):
+        if not 0 <= getattr(cfg, name) <= 1:
+            errors.append(f"--{name} must be between {ends}, got {getattr(cfg, name)}")
     if cfg.one_step_fake_features < 0:
         errors.append(f"--one_step_fake_features must be 0 or more, got {cfg.one_step_fake_features}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",

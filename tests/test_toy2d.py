@@ -685,7 +685,7 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--ema_span", "1.5"])
     with pytest.raises(SystemExit, match=r"--eval_redraws must be 0 \(off\) or more, got -1"):
         toy2d.main(["--eval_redraws", "-1"])
-    with pytest.raises(SystemExit, match=r"--fake_score_lognormal must be a share between 0 .* and 1, got 1.5"):
+    with pytest.raises(SystemExit, match=r"--fake_score_lognormal must be between 0 \(DMD2's\) and 1, got 1.5"):
         toy2d.main(["--fake_score_lognormal", "1.5"])
 
 

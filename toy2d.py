@@ -383,7 +383,7 @@ def fake_score_sigmas(sigma_grid, n, lognormal=0.0, P_mean=-1.2, P_std=1.2):
 
 
 def fake_score_loss(D_fake, x_fake, sigma_grid, x_real=None, lognormal=0.0):
-    """2. Fake-score (critic) denoising loss on detached generator samples, over the whole grid.
+    """2. Fake-score (critic) denoising loss on detached generator samples, at sigma over the grid's whole range.
 
       sigma ~ grid[U{0..999}] (a share `lognormal` from EDM's lognormal instead: fake_score_sigmas)
       lambda(sigma) = 1/sigma^2 + 1/sigma_data^2  (EDM weighting; DMD Alg. 3)

@@ -299,11 +299,16 @@ def heun_sampler(D, z, num_steps, sigma_min, sigma_max, rho):
     return x
 
 
-def edm_loss(D, x0, P_mean=-1.2, P_std=1.2, sigma_grid=None, n_grid=0):
+def edm_sigmas(n, device, P_mean=-1.2, P_std=1.2):
+    """EDM's training noise levels [n, 1] (Karras et al. 2022, Table 1): ln sigma ~ N(P_mean, P_std^2), median 0.3."""
+    return (torch.randn(n, 1, device=device) * P_std + P_mean).exp()
+
+
+def edm_loss(D, x0, sigma_grid=None, n_grid=0):
     """EDM training loss (Karras et al. 2022, Eq. 8 with Table 1's lognormal sigma and weighting).
     The last n_grid rows of x0 [B, 2] draw sigma uniformly from sigma_grid instead (--teacher_grid_batch)."""
     B = x0.shape[0]
-    sigma = (torch.randn(B - n_grid, 1, device=x0.device) * P_std + P_mean).exp()          # [B - n_grid, 1]
+    sigma = edm_sigmas(B - n_grid, x0.device)                                               # [B - n_grid, 1]
     if n_grid:
         sigma = torch.cat([sigma, sigma_grid[torch.randint(0, len(sigma_grid), (n_grid, 1), device=x0.device)]])
     weight = (sigma**2 + D.sigma_data**2) / (sigma * D.sigma_data) ** 2
@@ -368,16 +373,15 @@ def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
 # 2. Fake score and the two time-scale update rule (DMD2 Sec. 4.2)
 
 
-def fake_score_sigmas(sigma_grid, n, lognormal=0.0, P_mean=-1.2, P_std=1.2):
+def fake_score_sigmas(sigma_grid, n, lognormal=0.0):
     """The noise levels [n, 1] of a fake-score batch: uniform over the grid's 1000 indices, as DMD2's code draws them,
-    except a share `lognormal` of the rows, which draw ln sigma ~ N(P_mean, P_std^2) as EDM trains its denoisers
-    (median 0.3; Karras et al. 2022, Sec. 5), clamped to the grid's range. Uniform indices put half the fake score's
+    except a share `lognormal` of the rows, which draw sigma as EDM trains its denoisers (edm_sigmas), clamped to
+    the grid's range. Uniform indices put half the fake score's
     training above sigma = 2.5; the lognormal puts more of it where the modes' shapes and the cuts between them are
     decided, and both students came out nearer the data (--fake_score_lognormal; README)."""
     sigma = sigma_grid[torch.randint(0, len(sigma_grid), (n, 1), device=sigma_grid.device)]
     if lognormal > 0:
-        edm = (torch.randn(n, 1, device=sigma_grid.device) * P_std + P_mean).exp()
-        edm = edm.clamp(float(sigma_grid[0]), float(sigma_grid[-1]))
+        edm = edm_sigmas(n, sigma_grid.device).clamp(float(sigma_grid[0]), float(sigma_grid[-1]))
         sigma = torch.where(torch.rand(n, 1, device=sigma_grid.device) < lognormal, edm, sigma)
     return sigma
 

@@ -376,12 +376,12 @@ def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
 def fake_score_sigmas(sigma_grid, n, lognormal=0.0):
     """The noise levels [n, 1] of a fake-score batch: uniform over the grid's 1000 indices, as DMD2's code draws them,
     except a share `lognormal` of the rows, which draw sigma as EDM trains its denoisers (edm_sigmas), clamped to
-    the grid's range. Uniform indices put half the fake score's
-    training above sigma = 2.5; the lognormal puts more of it where the modes' shapes and the cuts between them are
-    decided, and both students came out nearer the data (--fake_score_lognormal; README)."""
+    the grid's range. Uniform indices put half the fake score's training above sigma = 2.5; the lognormal puts more
+    of it where the modes' shapes and the cuts between them are decided, and both students came out nearer the data
+    (--fake_score_lognormal; README)."""
     sigma = sigma_grid[torch.randint(0, len(sigma_grid), (n, 1), device=sigma_grid.device)]
     if lognormal > 0:
-        edm = edm_sigmas(n, sigma_grid.device).clamp(float(sigma_grid[0]), float(sigma_grid[-1]))
+        edm = edm_sigmas(n, sigma_grid.device).clamp(sigma_grid[0], sigma_grid[-1])    # tensor bounds: no GPU sync
         sigma = torch.where(torch.rand(n, 1, device=sigma_grid.device) < lognormal, edm, sigma)
     return sigma
 

@@ -329,9 +329,9 @@ row(*[toy2d.scatter_panel(mix, x, f"1-step generator, iteration {it}", lim, size
 # distribution. DMD2 trains it on the generator's samples with the usual denoising loss
 # (`toy2d.fake_score_loss`; three quarters of its noise levels are drawn as EDM trains, `fake_score_lognormal`, and
 # the rest uniformly over the grid as DMD2's code does; see README) and updates it `dfake_gen_update_ratio = 5`
-# times per generator update (TTUR, paper Sec. 4.2), so that it catches up after every generator step. Without TTUR (ratio 1) it gets one
-# update per generator update. Both runs below make the same number of generator updates, as in the paper's
-# ablation; the run with TTUR is the one of section 3.
+# times per generator update (TTUR, paper Sec. 4.2), so that it catches up after every generator step. Without TTUR
+# (ratio 1) it gets one update per generator update. Both runs below make the same number of generator updates, as
+# in the paper's ablation; the run with TTUR is the one of section 3.
 #
 # In a run this short the error curves are noisy, and with the toy's fake score, which trains mostly at small sigma,
 # the two runs' mean errors come out about equal; with DMD2's draw over the whole grid (`fake_score_lognormal=0`)

@@ -94,6 +94,7 @@ class Config:
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
     one_step_fake_features: int = 32  # 1-step: its fake score gets this many more input features, at all sigma; README
+    one_step_generator_features: int = 32  # 1-step: its generator gets this many more, another draw; README
     fake_score_lognormal: float = 0.75  # share of fake-score sigmas drawn as EDM trains (paper: 0, the grid); README
     # evaluation and run
     num_eval: int = 10000            # samples per row of the metrics table
@@ -225,10 +226,13 @@ class Denoiser(nn.Module):
     def add_input_features(self, n, scale, seed=99):
         """n more random Fourier features of c_in x, at every sigma (not faded in), with their own first-layer
         weights, zero at the start so the network still starts as the teacher. The 1-step student's fake score
-        gets them: its samples fold onto thin sheets that it must see at small sigma to push them apart (README)."""
+        gets them: its samples fold onto thin sheets that it must see at small sigma to push them apart; and its
+        generator gets its own, to cut the plane into blobs more sharply (README)."""
+        device = self.inp.weight.device
         draw = torch.randn(2, n, generator=torch.Generator().manual_seed(seed))
-        self.register_buffer("extra_freqs", (scale * draw).to(self.inp.weight.device))          # [2, n]
-        self.extra = nn.Linear(2 * n, self.inp.out_features, bias=False).to(self.inp.weight.device)
+        self.register_buffer("extra_freqs", (scale * draw).to(device))                          # [2, n]
+        # built on the meta device and zeroed: no draw from the global RNG, which would shift every later draw
+        self.extra = nn.Linear(2 * n, self.inp.out_features, bias=False, device="meta").to_empty(device=device)
         nn.init.zeros_(self.extra.weight)
 
     def forward(self, x, sigma, features=False):
@@ -494,6 +498,8 @@ def make_trainables(cfg, teacher, device, ksteps=1):
     """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new."""
     G = copy.deepcopy(teacher).train().requires_grad_(True)
     D_fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    if cfg.one_step_generator_features and ksteps == 1:
+        G.add_input_features(cfg.one_step_generator_features, cfg.x_feature_scale, seed=98)
     if cfg.fake_score_knows_step and ksteps > 1:
         D_fake.add_steps(ksteps)
     if cfg.one_step_fake_features and ksteps == 1:
@@ -1214,6 +1220,8 @@ def train_students(cfg, mix, teacher, device, jobs, pool=None, meanwhile=None):
     out = []
     for kw, (state_G, history, field) in zip(kwargs, results):
         G = copy.deepcopy(teacher)
+        if "extra_freqs" in state_G:      # the 1-step generator's own input features (their values come from state_G)
+            G.add_input_features(state_G["extra_freqs"].shape[1], 1.0)
         G.load_state_dict(state_G)
         out.append((G.eval().requires_grad_(False), history, field))
     return out
@@ -1270,8 +1278,9 @@ def check_config(cfg):
     for name, ends in (("ema_span", "0 (no EMA) and 1 (the whole run)"), ("fake_score_lognormal", "0 (DMD2's) and 1")):
         if not 0 <= getattr(cfg, name) <= 1:
             errors.append(f"--{name} must be between {ends}, got {getattr(cfg, name)}")
-    if cfg.one_step_fake_features < 0:
-        errors.append(f"--one_step_fake_features must be 0 or more, got {cfg.one_step_fake_features}")
+    for name in ("one_step_fake_features", "one_step_generator_features"):
+        if getattr(cfg, name) < 0:
+            errors.append(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",
                  "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
         if getattr(cfg, name) < 1:

@@ -41,8 +41,8 @@ def nb():
 def small(nb):
     """A small teacher with toy2d's architecture, and a small distillation config."""
     cfg = toy2d.Config(width=64, teacher_iters=400, teacher_batch=512, batch_size=128, quiet=True, x_features=0,
-                       teacher_grid_batch=0, one_step_fake_features=0, gen_gan_weight=0.3,
-                       fake_gan_weight=0.3)  # the notebook's ("Sizes" cell)
+                       teacher_grid_batch=0, one_step_fake_features=0, one_step_generator_features=0,
+                       gen_gan_weight=0.3, fake_gan_weight=0.3)  # the notebook's ("Sizes" cell)
     mix = toy2d.make_mixture("ring")
     torch.manual_seed(0)
     teacher = toy2d.train_teacher(cfg, mix, torch.device("cpu"), progress=False)
@@ -128,8 +128,8 @@ def test_compare_with_separates_a_dropped_mode(nb):
 @pytest.fixture(scope="module")
 def cond_small(nb):
     cfg = toy2d.Config(width=64, teacher_iters=600, teacher_batch=512, batch_size=128, quiet=True, x_features=0,
-                       teacher_grid_batch=0, one_step_fake_features=0, gen_gan_weight=0.3,
-                       fake_gan_weight=0.3)
+                       teacher_grid_batch=0, one_step_fake_features=0, one_step_generator_features=0,
+                       gen_gan_weight=0.3, fake_gan_weight=0.3)
     mix = toy2d.make_mixture("ring")
     torch.manual_seed(0)
     return cfg, mix, nb["train_cond_teacher"](cfg, mix)

@@ -673,9 +673,10 @@ def compare_with(mix, x, ref):
 #
 # Sizes: `toy2d.Config()`'s defaults for the teacher and every distillation setting (width 128, batch 192, learning
 # rates 1e-3 cosine-decayed, TTUR 5, G(2.5 z; 2.5)), with five exceptions. The networks are plain MLPs
-# (`x_features=0`: the conditional teacher below has no input features; nor has any fake score more of them,
-# `one_step_fake_features=0`), every fake score trains at the grid's σ as DMD2's code does (`fake_score_lognormal=0`;
-# toy2d.py draws three quarters of them from EDM's lognormal), the GAN weights are 0.3 (toy2d.py's are 2)
+# (`x_features=0`: the conditional teacher below has no input features; nor has any fake score or generator more of
+# them, `one_step_fake_features=0, one_step_generator_features=0`), every fake score trains at the grid's σ as DMD2's
+# code does (`fake_score_lognormal=0`; toy2d.py draws three quarters of them from EDM's lognormal), the GAN weights are
+# 0.3 (toy2d.py's are 2)
 # and the teacher trains 1,500 steps (toy2d.py: 3,000) at EDM's σ only (`teacher_grid_batch=0`; toy2d.py adds 128
 # samples at the distillation grid's σ); this notebook was measured with those, and every row shares
 # them. The last exception is the number of generator updates, UPDATES
@@ -698,7 +699,8 @@ CURVE_EVERY = 4 if FAST else 25
 NUM_EVAL = 2000 if FAST else 5000
 WORKERS = 2                                          # forked processes of one thread each
 cfg = toy2d.Config(quiet=True, teacher_iters=200 if FAST else 1500, x_features=0, teacher_grid_batch=0,
-                   one_step_fake_features=0, fake_score_lognormal=0, gen_gan_weight=0.3, fake_gan_weight=0.3)
+                   one_step_fake_features=0, one_step_generator_features=0, fake_score_lognormal=0,
+                   gen_gan_weight=0.3, fake_gan_weight=0.3)
 mix = toy2d.make_mixture("ring")
 lim = float(mix.means.abs().max()) + 1.0
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),

@@ -252,7 +252,9 @@ column(row(*top), row(*bottom))
 # `cfg.one_step_sigma = 2.5`, because from G(80 z) the teacher's almost constant D(80 z; 80) grows into a map that
 # folds the plane onto thin curves (README has the numbers). For the same reason every network of the toy also sees
 # random Fourier features of its input above sigma = 1 (`x_features`): a plain MLP on (x, y) is too smooth to tear
-# the plane into 8 blobs in one step. Its loop is the paper's Algorithm 1, printed below: every
+# the plane into 8 blobs in one step, and the 1-step student's fake score and generator each get 32 more of them, at
+# every sigma, whose first-layer weights start at zero (`one_step_fake_features`, `one_step_generator_features`).
+# Its loop is the paper's Algorithm 1, printed below: every
 # iteration the fake score takes a turn (`toy2d.fake_score_turn`), and every `dfake_gen_update_ratio`-th iteration
 # the generator takes one first (`toy2d.generator_turn`). `callback(it, G, D_fake, head, log)`, called after every
 # iteration, lets us watch: `toy2d.dm_field_recorder` is such a callback, which stores the DM direction of the
@@ -333,10 +335,10 @@ row(*[toy2d.scatter_panel(mix, x, f"1-step generator, iteration {it}", lim, size
 # (ratio 1) it gets one update per generator update. Both runs below make the same number of generator updates, as
 # in the paper's ablation; the run with TTUR is the one of section 3.
 #
-# In a run this short the error curves are noisy, and with the toy's fake score, which trains mostly at small sigma,
-# the two runs' mean errors come out about equal; with DMD2's draw over the whole grid (`fake_score_lognormal=0`)
-# the run with TTUR had the lower error in an earlier build of this notebook (0.94 against 1.06). The samples and
-# the table show the lag plainly: without TTUR the student loses modes and is further from the data on every metric.
+# In a run this short the error curves are noisy: in this build the run with TTUR has the lower mean error (printed
+# below), but in an earlier build, with the 1-step generator's input features left out, the two came out about equal
+# (1.025 against 1.008). The samples and the table show the lag plainly: without TTUR the student is further from the
+# data on every metric (in earlier builds it also lost modes).
 
 # %%
 no_ttur, callback = watcher(1)

@@ -386,6 +386,9 @@ def test_students_are_the_ema_of_the_generators_updates():
     ema_state, updates = outs[0.5]
     assert len(updates) == 4
     expected = {k: v.clone() for k, v in teacher.state_dict().items()}
+    expected["extra_freqs"] = updates[0]["extra_freqs"]                     # the 1-step generator's own features,
+    expected["extra.weight"] = torch.zeros_like(updates[0]["extra.weight"])  # whose weights start at zero
+    assert set(expected) == set(ema_state)
     for state in updates:
         for k in expected:
             expected[k] = 0.5 * expected[k] + 0.5 * state[k]

@@ -495,10 +495,12 @@ def student_settings(cfg, ksteps):
 
 
 def make_trainables(cfg, teacher, device, ksteps=1):
-    """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new."""
+    """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new. The
+    1-step student's generator and fake score each get extra input features whose weights start at zero, so they
+    still compute the teacher's function at the start."""
     G = copy.deepcopy(teacher).train().requires_grad_(True)
     D_fake = copy.deepcopy(teacher).train().requires_grad_(True)
-    if cfg.one_step_generator_features and ksteps == 1:
+    if cfg.one_step_generator_features and ksteps == 1:      # another draw of frequencies than the fake score's (99)
         G.add_input_features(cfg.one_step_generator_features, cfg.x_feature_scale, seed=98)
     if cfg.fake_score_knows_step and ksteps > 1:
         D_fake.add_steps(ksteps)

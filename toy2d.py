@@ -72,7 +72,7 @@ class Config:
     heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
-    total_steps: int = 4500          # fake-score updates; generator updates = total_steps / dfake_gen_update_ratio
+    total_steps: int = 6000          # fake-score updates; generator updates = total_steps / dfake_gen_update_ratio
     batch_size: int = 192            # fake-score and generator batch (the same number of real samples for the GAN)
     generator_batch_size: int = 0    # samples per generator update if more than batch_size (0: batch_size); README
     generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
@@ -528,8 +528,8 @@ def optimizer_step(opt, loss, params, scaler, max_grad_norm):
 
 
 def ema_decay(cfg):
-    """The per-update decay of G's EMA: a time constant of --ema_span of the run's generator updates (900 by default:
-    decay 1 - 1/180), so a shorter run averages a shorter stretch. The teacher's weights, where G_ema starts, keep
+    """The per-update decay of G's EMA: a time constant of --ema_span of the run's generator updates (1,200 by default:
+    decay 1 - 1/240), so a shorter run averages a shorter stretch. The teacher's weights, where G_ema starts, keep
     a share of about exp(-1/ema_span) at the end (0.7% by default)."""
     updates = math.ceil(cfg.total_steps / cfg.dfake_gen_update_ratio)
     return max(0.0, 1 - 1 / (cfg.ema_span * updates)) if cfg.ema_span > 0 else 0.0

@@ -672,17 +672,16 @@ def compare_with(mix, x, ref):
 # ## The runs
 #
 # Sizes: `toy2d.Config()`'s defaults for the teacher and every distillation setting (width 128, batch 192, learning
-# rates 1e-3 cosine-decayed, TTUR 5, G(2.5 z; 2.5)), with five exceptions. The networks are plain MLPs
-# (`x_features=0`: the conditional teacher below has no input features; nor has any fake score or generator more of
-# them, `one_step_fake_features=0, one_step_generator_features=0`), every fake score trains at the grid's σ as DMD2's
-# code does (`fake_score_lognormal=0`; toy2d.py draws three quarters of them from EDM's lognormal), the GAN weights are
-# 0.3 (toy2d.py's are 2)
-# and the teacher trains 1,500 steps (toy2d.py: 3,000) at EDM's σ only (`teacher_grid_batch=0`; toy2d.py adds 128
-# samples at the distillation grid's σ); this notebook was measured with those, and every row shares
-# them. The last exception is the number of generator updates, UPDATES
-# below (toy2d.py makes 1,200) so that 9 objectives x 3 seeds and 7 guided rows x 3 seeds fit in about ten minutes on a
-# shared 2-core machine; every row is therefore less converged than `python toy2d.py`'s students. Seeds change the
-# students' initial noise draws and data; the teacher is one and the same for all rows.
+# rates 1e-3 cosine-decayed, TTUR 5, G(2.5 z; 2.5)), with five exceptions. The networks are plain MLPs (`x_features=0`:
+# the conditional teacher below has no input features; nor has any fake score or generator more of them,
+# `one_step_fake_features=0, one_step_generator_features=0`), every fake score trains at the grid's σ as DMD2's code
+# does (`fake_score_lognormal=0`; toy2d.py draws three quarters of them from EDM's lognormal), the GAN weights are 0.3
+# (toy2d.py's are 2) and the teacher trains 1,500 steps (toy2d.py: 3,000) at EDM's σ only (`teacher_grid_batch=0`;
+# toy2d.py adds 128 samples at the distillation grid's σ); this notebook was measured with those, and every row shares
+# them. The last exception is the number of generator updates, UPDATES below (toy2d.py makes 1,200) so that 9 objectives
+# x 3 seeds and 7 guided rows x 3 seeds fit in about ten minutes on a shared 2-core machine; every row is therefore less
+# converged than `python toy2d.py`'s students. Seeds change the students' initial noise draws and data; the teacher is
+# one and the same for all rows.
 
 # %%
 import io

@@ -247,21 +247,20 @@ for step in range(steps + 1):
 column(row(*top), row(*bottom))
 
 # %% [markdown]
-# The real thing: `toy2d.distill` trains a one-step generator `G(s z; s)`, initialised from the teacher, together
-# with an MLP fake score and the GAN head of section 5. The paper uses s = sigma_max = 80; the toy uses
-# `cfg.one_step_sigma = 2.5`, because from G(80 z) the teacher's almost constant D(80 z; 80) grows into a map that
-# folds the plane onto thin curves (README has the numbers). For the same reason every network of the toy also sees
-# random Fourier features of its input above sigma = 1 (`x_features`): a plain MLP on (x, y) is too smooth to tear
-# the plane into 8 blobs in one step, and the 1-step student's fake score and generator each get 32 more of them, at
-# every sigma, whose first-layer weights start at zero (`one_step_fake_features`, `one_step_generator_features`).
-# Its loop is the paper's Algorithm 1, printed below: every
-# iteration the fake score takes a turn (`toy2d.fake_score_turn`), and every `dfake_gen_update_ratio`-th iteration
-# the generator takes one first (`toy2d.generator_turn`). `callback(it, G, D_fake, head, log)`, called after every
-# iteration, lets us watch: `toy2d.dm_field_recorder` is such a callback, which stores the DM direction of the
-# *learned* networks over the plane at one iteration, and the one below keeps snapshots of the samples and of the
-# GAN head. The callback sees the generator being trained; `distill` returns the average of its weights over about the
-# last fifth of its updates (an EMA, `toy2d.update_ema`, `cfg.ema_span`; the paper keeps none, README says why the
-# toy does).
+# The real thing: `toy2d.distill` trains a one-step generator `G(s z; s)`, initialised from the teacher, together with
+# an MLP fake score and the GAN head of section 5. The paper uses s = sigma_max = 80; the toy uses
+# `cfg.one_step_sigma = 2.5`, because from G(80 z) the teacher's almost constant D(80 z; 80) grows into a map that folds
+# the plane onto thin curves (README has the numbers). For the same reason every network of the toy also sees random
+# Fourier features of its input above sigma = 1 (`x_features`): a plain MLP on (x, y) is too smooth to tear the plane
+# into 8 blobs in one step, and the 1-step student's fake score and generator each get 32 more of them, at every sigma,
+# whose first-layer weights start at zero (`one_step_fake_features`, `one_step_generator_features`). Its loop is the
+# paper's Algorithm 1, printed below: every iteration the fake score takes a turn (`toy2d.fake_score_turn`), and every
+# `dfake_gen_update_ratio`-th iteration the generator takes one first (`toy2d.generator_turn`).
+# `callback(it, G, D_fake, head, log)`, called after every iteration, lets us watch: `toy2d.dm_field_recorder` is such a
+# callback, which stores the DM direction of the *learned* networks over the plane at one iteration, and the one below
+# keeps snapshots of the samples and of the GAN head. The callback sees the generator being trained; `distill` returns
+# the average of its weights over about the last fifth of its updates (an EMA, `toy2d.update_ema`, `cfg.ema_span`; the
+# paper keeps none, README says why the toy does).
 #
 # The callback also measures how far the fake score lags behind the generator (used in section 4): the relative
 # error of the DM direction it produces, against the direction given by an almost perfect fake score, the exact

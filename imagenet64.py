@@ -1346,6 +1346,7 @@ def main(argv=None):
         fds = gaussian_frechet(run.ema_or_g, run.teacher, cfg.eval_per_class)
         print("exact Frechet distance to the data, per class: " + "  ".join(f"{v:.3f}" for v in fds))
     if dist.is_initialized():
+        dist.barrier()              # rank 0 may still be evaluating: tearing gloo down under it aborted the other rank
         dist.destroy_process_group()
 
 

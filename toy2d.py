@@ -710,16 +710,18 @@ def mode_distances(mix):
     return mean_distance_to_gaussian(torch.cdist(mu, mu), (s2[:, None] + s2[None]).sqrt())
 
 
-def energy_to_mixture(mix, x, xx):
+def energy_to_mixture(mix, x, xx, M=None):
     """The energy distance of samples x [N, 2] to the mixture itself, with no reference sample:
     2 E|X - Y| - E|X - X'| - E|Y - Y'|, Y ~ p0 in closed form (mean_distance_to_gaussian), E|X - X'| over the N(N-1)
     pairs of distinct samples (xx: the mean over all N^2 ordered pairs, diagonal included, as self_distances gives).
     It is unbiased: exact samples score 0 on average, with noise of about 1.5e-4 at N = 10,000; energy_distance to
-    fresh data has that noise twice, and a positive bias (E|X-X'| + E|Y-Y'|)/N from its diagonals (5e-4 there)."""
+    fresh data has that noise twice, and a positive bias (E|X-X'| + E|Y-Y'|)/N from its diagonals (5e-4 there).
+    M: mode_distances(mix) if already known."""
     w, mu, s = mix.weights.double(), mix.means.double(), mix.stds.double()
     xy = float((mean_distance_to_gaussian(torch.cdist(x.double(), mu), s) * w).sum(1).mean())     # E|X - Y|
     n = len(x)
-    return 2 * xy - xx * n / (n - 1) - float(w @ mode_distances(mix) @ w)
+    M = mode_distances(mix) if M is None else M                                                  # [K, K]
+    return 2 * xy - xx * n / (n - 1) - float(w @ M @ w)
 
 
 def mode_shape_kl(mix, x, assign, min_count=10):
@@ -778,6 +780,7 @@ def evaluate(mix, x, reference, reference_self=None):
     shape = mode_shape_kl(mix, x, assign)                                                    # [K]
     log_likelihood = float(torch.logsumexp(log_comp, 1).mean())                           # mean log p0(x)
     xx, nearest = self_distances(x)                                                          # float, [N]
+    M = mode_distances(mix)                                                                  # [K, K]
     return {
         "log_likelihood": log_likelihood,
         "modes_covered": int((found >= 0.5 * mix.weights).sum()),  # a mode counts at half its expected share
@@ -788,8 +791,8 @@ def evaluate(mix, x, reference, reference_self=None):
         "energy_distance": energy_distance(x, reference, reference_self, xx),
         # The same distance to the mixture in closed form (no reference sample, unbiased), and the part of it that
         # the mode weights alone make: the mixture re-weighted with the shares `found`, against the true one.
-        "energy_exact": energy_to_mixture(mix, x, xx),
-        "energy_exact_weights": float(-delta @ mode_distances(mix) @ delta),
+        "energy_exact": energy_to_mixture(mix, x, xx, M),
+        "energy_exact_weights": float(-delta @ M @ delta),
         # KL(samples || data) = -H(samples) - E log p0(samples): the entropy by nn_entropy, the rest exact. It is
         # the one metric here that sees samples folded onto curves; exact samples score 0 +- 0.03 (its noise).
         "reverse_kl": -nn_entropy(x, nearest) - log_likelihood,

@@ -419,7 +419,7 @@ def test_dm_field_recording_leaves_training_unchanged():
 
 
 def test_energy_distance_matches_brute_force():
-    """The chunked, symmetric-block energy distance equals the formula written out with one full distance matrix each."""
+    """The chunked, symmetric-block energy distance equals the formula written with one full distance matrix each."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(700, 2, generator=g), torch.randn(500, 2, generator=g) * 1.5 + 0.5
     full = lambda a, b: float(torch.cdist(a.double(), b.double()).mean())

@@ -294,7 +294,8 @@ def watcher(ratio, snap_iters=(), head_iters=()):
             if it in snap_iters:
                 rec["samples"][it] = toy2d.generate(G, z_show, [cfg.one_step_sigma])
             if it in head_iters:
-                rec["heads"][it] = (copy.deepcopy(D_fake), copy.deepcopy(head), toy2d.generate(G, z_show, [cfg.one_step_sigma]))
+                x_show = toy2d.generate(G, z_show, [cfg.one_step_sigma])
+                rec["heads"][it] = (copy.deepcopy(D_fake), copy.deepcopy(head), x_show)
         updates = (it + 1) // ratio                     # generator updates so far; the next one comes at it + 1
         if (it + 1) % ratio == 0 and updates % 10 == 0:
             rec["errors"][0].append(updates)
@@ -350,7 +351,8 @@ for name, (G, rec) in runs.items():
 display(toy2d.line_panel({name: rec["errors"] for name, (G, rec) in runs.items()},
                          "DM-direction error; x: generator updates", size=(480, 240)))
 with torch.no_grad():
-    final1 = {name: toy2d.generate(G, torch.randn(cfg.num_eval, 2), [cfg.one_step_sigma]) for name, (G, rec) in runs.items()}
+    final1 = {name: toy2d.generate(G, torch.randn(cfg.num_eval, 2), [cfg.one_step_sigma])
+              for name, (G, rec) in runs.items()}
 display(row(*[toy2d.scatter_panel(mix, x, name, lim, size=240) for name, x in final1.items()]))
 display(Markdown(toy2d.format_table({name: toy2d.evaluate(mix, x, reference) for name, x in final1.items()})))
 

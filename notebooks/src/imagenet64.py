@@ -103,7 +103,8 @@ def line_plot(series, title, xlabel, size=(520, 240), log_x=False, log_y=False):
     draw = ImageDraw.Draw(img)
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
     for i, (name, p) in enumerate(pts.items()):
-        xy = [(left + (a - x0) / (x1 - x0) * (right - left), bottom - (b - y0) / (y1 - y0) * (bottom - top)) for a, b in p]
+        xy = [(left + (a - x0) / (x1 - x0) * (right - left), bottom - (b - y0) / (y1 - y0) * (bottom - top))
+              for a, b in p]
         draw.line(xy, fill=colors[i % 6], width=2)
         draw.text((left + 8 + 110 * (i % 4), top + 4 + 12 * (i // 4)), name, fill=colors[i % 6])
     fmt_y = (lambda v: f"{10 ** v:.3g}") if log_y else (lambda v: f"{v:.3g}")
@@ -129,8 +130,9 @@ def line_plot(series, title, xlabel, size=(520, 240), log_x=False, log_y=False):
 # ```
 #
 # The scalings are chosen so that the network `F` sees inputs of unit variance and predicts a target of unit variance
-# (for data of standard deviation sigma_data); at small sigma `D` is mostly the input itself (c_skip near 1), at large sigma mostly the network's output. DMD2's one-step generator is
-# this network called at sigma = 80, where `c_skip = 4e-5`: the image is almost entirely `c_out F`.
+# (for data of standard deviation sigma_data); at small sigma `D` is mostly the input itself (c_skip near 1), at large
+# sigma mostly the network's output. DMD2's one-step generator is this network called at sigma = 80, where
+# `c_skip = 4e-5`: the image is almost entirely `c_out F`.
 
 # %%
 sigmas = torch.logspace(-3, 2, 200)
@@ -166,14 +168,16 @@ def record_shape(name):
     return hook
 
 
-hooks = [block.register_forward_hook(record_shape(name)) for name, block in [*net.model.enc.items(), *net.model.dec.items()]]
+blocks = [*net.model.enc.items(), *net.model.dec.items()]
+hooks = [block.register_forward_hook(record_shape(name)) for name, block in blocks]
 x = torch.randn(2, 3, 8, 8)
 y = F.one_hot(torch.tensor([0, 3]), 4).float()                                  # [2, 4] one-hot class labels
 with torch.no_grad():
     D_x, h = net(x, torch.tensor([0.5, 80.0]), y, return_bottleneck=True)
 for hook in hooks:
     hook.remove()
-print(f"tiny: {sum(p.numel() for p in net.parameters()):,} parameters; D(x) {tuple(D_x.shape)}, bottleneck {tuple(h.shape)}")
+print(f"tiny: {sum(p.numel() for p in net.parameters()):,} parameters; D(x) {tuple(D_x.shape)}, "
+      f"bottleneck {tuple(h.shape)}")
 display(Markdown("| block | output |\n|---|---|\n" + "\n".join(f"| `{k}` | {v} |" for k, v in shapes.items())))
 
 # %% [markdown]
@@ -227,7 +231,8 @@ def write_edm_style_pickle(path, net):
     sys.modules.update({"torch_utils": package, "torch_utils.persistence": persistence})
     try:
         snapshot = dict(ema=net, loss_fn=EDMLoss(), augment_pipe=None,
-                        dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="imagenet-64x64.zip"))
+                        dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset",
+                                            path="imagenet-64x64.zip"))
         with open(path, "wb") as f:
             PersistencePickler(f, protocol=4).dump(snapshot)
     finally:
@@ -282,7 +287,8 @@ print("recorded constructor arguments:", ema.state["_init_kwargs"])
 loaded = unet.load_edm_pickle(edm_pkl)
 with torch.no_grad():
     same = torch.equal(loaded(x, 0.5, y), net(x, 0.5, y))
-print(f"load_edm_pickle -> {type(loaded).__name__}, eval mode: {not loaded.training}, same outputs as the original: {same}")
+print(f"load_edm_pickle -> {type(loaded).__name__}, eval mode: {not loaded.training}, "
+      f"same outputs as the original: {same}")
 
 
 # %% [markdown]
@@ -466,8 +472,8 @@ print("mean Frechet distance:", [round(sum(fd[s]) / K, 3) for s in at])
 grids = sorted(Path(cfg.outdir).glob("samples_*.png"))                         # 8 x 8 images of 8 x 8 pixels
 x_all, y_all = data.sample(512, torch.Generator().manual_seed(2))
 imagenet64.save_grid(torch.cat([x_all[y_all == r % K][:8] for r in range(8)]), work / "real.png")   # row r: class r % K
-panels = [(f"iteration {int(grids[0].stem.split('_')[1])}", grids[0]), (f"iteration {int(grids[-1].stem.split('_')[1])}", grids[-1]),
-          ("real data", work / "real.png")]
+panels = [(f"iteration {int(g.stem.split('_')[1])}", g) for g in (grids[0], grids[-1])]
+panels.append(("real data", work / "real.png"))
 fig = Image.new("RGB", (3 * 260, 280), "white")
 draw = ImageDraw.Draw(fig)
 for i, (title, path) in enumerate(panels):
@@ -484,7 +490,8 @@ fig
 
 # %%
 official, preset = imagenet64.Config(), imagenet64.parse_config(["--preset", "gaussian"])
-rows = [("teacher", "closed-form Gaussian denoiser", "`edm-imagenet-64x64-cond-adm.pkl` (296 M parameters), `unet.load_edm_pickle`"),
+rows = [("teacher", "closed-form Gaussian denoiser",
+         "`edm-imagenet-64x64-cond-adm.pkl` (296 M parameters), `unet.load_edm_pickle`"),
         ("generator, fake score", "tiny EDM nets, pre-trained here", "copies of the teacher"),
         ("real images for the GAN", "exact samples of the Gaussians", "ImageNet 64x64, EDM's `dataset_tool` zip"),
         ("precision", "fp32", "bf16 autocast (fp16 diverges)"),

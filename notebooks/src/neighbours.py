@@ -903,14 +903,15 @@ grid_of(panels, 4)
 #   (0.063 / 0.17 against 0.23 / 0.25), **f-distill (JS)** ties it on the mode shape KL (0.105 / 0.119 against
 #   0.108 / 0.109), and **DMD**, **consistency distillation**, **f-distill (JS)** and **BOOT** beat it on the weight
 #   TV (DMD 0.037 / 0.038, f-distill 0.053 / 0.054 against 0.055 / 0.058). No row beats DMD2's energy distance in
-#   both the median and the worst seed (DMD's median is lower, its worst seed higher). VSD, SiD and f-distill, given DMD2's five fake-score updates, land close to DMD2: on
-#   this toy the per-sample normaliser and the density-ratio weight change little.
+#   both the median and the worst seed (DMD's median is lower, its worst seed higher). VSD, SiD and f-distill, given
+#   DMD2's five fake-score updates, land close to DMD2: on this toy the per-sample normaliser and the density-ratio
+#   weight change little.
 # - **DMD**, without TTUR and GAN but with its regression pairs, has the best weights (presumably because the pairs
 #   tie it to the teacher's ODE map, whose weights are right: teacher TV 0.033) and worse likelihood and shapes
 #   (LL gap 0.34, shape KL 0.17).
 # - **Diff-Instruct** with our weight and **GAN only** keep the mode weights near DMD2's in the median (TV 0.064 and
-#   0.038) but not the shapes (shape KL 0.40 and 0.50, LL gap 0.84 and 0.82). Our Diff-Instruct weight puts little emphasis on
-#   small sigma, where modes are sharpened; GAN only has no score difference at all.
+#   0.038) but not the shapes (shape KL 0.40 and 0.50, LL gap 0.84 and 0.82). Our Diff-Instruct weight puts little
+#   emphasis on small sigma, where modes are sharpened; GAN only has no score difference at all.
 # - **Consistency distillation** (LL gap 1.3, shape KL 0.83) and **BOOT** (LL gap 6.5: its samples are still a blob
 #   near the centre, where the teacher's `D(80 z; 80)` puts them) have not converged in 300 updates: both must pass
 #   the teacher's signal down a ladder of 17 or 31 noise levels, one level at a time, which this budget does not

@@ -118,7 +118,8 @@ def layout_figure(path, width=900, min_width=120):
     Widths are proportional to bytes, but at least min_width pixels so that every label fits."""
     entries, metadata, data_start = sdxl.read_safetensors_header(path)
     parts = [("length", 0, 8), ("JSON header", 8, data_start)]
-    parts += [(name, data_start + b, data_start + e) for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: kv[1][2])]
+    by_offset = sorted(entries.items(), key=lambda kv: kv[1][2])
+    parts += [(name, data_start + b, data_start + e) for name, (_, _, b, e) in by_offset]
     spare = width - 20 - min_width * len(parts)
     widths = [min_width + spare * (e - b) / parts[-1][2] for _, b, e in parts]
     img = Image.new("RGB", (width, 70), "white")
@@ -305,7 +306,8 @@ schedule_plot(alphas_cumprod, timesteps)
 
 # %%
 def tiny_pictures(size=8):
-    """Four 8x8 RGB pictures in [-1, 1], the whole 'data set': a disc, a square, stripes and a diagonal. -> [4, 3, 8, 8]"""
+    """Four 8x8 RGB pictures in [-1, 1], the whole 'data set': a disc, a square, stripes and a diagonal.
+    -> [4, 3, 8, 8]"""
     r = torch.arange(size, dtype=torch.float32)
     yy, xx = torch.meshgrid(r, r, indexing="ij")
     masks = [((yy - 3.5) ** 2 + (xx - 3.5) ** 2 < 8).float(),                  # disc
@@ -394,7 +396,8 @@ for i in range(levels):
 blocks += ["mid_block.resnets.0.conv1", "mid_block.attentions.0.proj_in", "mid_block.resnets.1.conv1"]
 for i in range(levels):
     blocks += [f"up_blocks.{i}.resnets.{j}.conv1" for j in range(n_down + 1)]
-    blocks += [f"up_blocks.{i}.attentions.{j}.proj_in" for j in range(n_down + 1) if cfg.transformer_depth[levels - 1 - i]]
+    if cfg.transformer_depth[levels - 1 - i]:
+        blocks += [f"up_blocks.{i}.attentions.{j}.proj_in" for j in range(n_down + 1)]
     blocks += [f"up_blocks.{i}.upsamplers.0.conv"] if i < levels - 1 else []
 blocks += ["conv_norm_out", "conv_out"]
 

@@ -564,14 +564,15 @@ def test_seed_makes_runs_bit_for_bit_repeatable(tmp_path):
         assert np.array_equal(a[key], b[key])
         assert not np.array_equal(a[key], c[key])
     ma, mb = (json.load(open(tmp_path / name / "metrics.json"))["metrics"] for name in ("a", "b"))
-    for name in ("data", "student_1step", "student_4step"):
+    for name in ("data", "teacher", "student_1step", "student_4step"):
         assert len(mb[name].pop("energy_ratio_redraws")) == 2
     assert ma == mb
 
 
 def test_energy_ratio_redraws_are_fresh_evaluations_of_the_bar():
-    """Each redraw is a new reference, teacher, data and student sample; its ratios match a brute-force energy
-    distance on the same draws, and they differ from draw to draw."""
+    """Each redraw is a new reference, teacher, data and student sample, and a second teacher sample whose noise
+    comes from a generator of its own; its ratios match a brute-force energy distance on the same draws, and they
+    differ from draw to draw."""
     cfg = toy2d.Config(num_eval=300, heun_steps=16)
     mix = toy2d.make_mixture("ring")
     teacher = toy2d.ExactDenoiser(mix)
@@ -583,17 +584,22 @@ def test_energy_ratio_redraws_are_fresh_evaluations_of_the_bar():
         x, y = x.double(), y.double()
         return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
     torch.manual_seed(5)
+    again = torch.Generator().manual_seed(cfg.seed + 3)
     for i in range(2):
         ref = toy2d.sample_mixture(mix, 300)
         x_teacher = toy2d.heun_sampler(teacher, torch.randn(300, 2), 16, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         data = toy2d.sample_mixture(mix, 300)
+        x_again = toy2d.heun_sampler(teacher, torch.randn(300, 2, generator=again), 16, cfg.sigma_min, cfg.sigma_max,
+                                     cfg.rho)
         with torch.no_grad():
             x_G = toy2d.generate(G, torch.randn(300, 2), [2.5])
         e_teacher = brute_energy(x_teacher, ref)
         assert got["data"][i] == pytest.approx(brute_energy(data, ref) / e_teacher, rel=1e-9)
+        assert got["teacher"][i] == pytest.approx(brute_energy(x_again, ref) / e_teacher, rel=1e-9)
         assert got["G"][i] == pytest.approx(brute_energy(x_G, ref) / e_teacher, rel=1e-9)
-    assert got["data"][0] != got["data"][1] and got["G"][0] != got["G"][1]
-    assert min(got["G"]) > 2 * max(got["data"])
+    assert not torch.equal(x_again, x_teacher)
+    assert all(got[k][0] != got[k][1] for k in ("data", "teacher", "G"))
+    assert min(got["G"]) > 2 * max(got["data"] + got["teacher"])
 
 
 def test_students_in_worker_processes_match_students_in_turn(tmp_path):

@@ -810,7 +810,9 @@ def energy_ratio_redraws(cfg, mix, teacher, students, draws, device):
     n = cfg.num_eval
     ratios = {name: [] for name in ("data", "teacher", *students)}
     again = torch.Generator(device).manual_seed(cfg.seed + 3)
-    sample_teacher = lambda z: heun_sampler(teacher, z, cfg.heun_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).cpu()
+
+    def sample_teacher(z):                                                                   # [n, 2] -> [n, 2]
+        return heun_sampler(teacher, z, cfg.heun_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).cpu()
     for _ in range(draws):
         ref = sample_mixture(mix, n)                                                         # [n, 2]
         ref_self = mean_distance(ref)

@@ -19,7 +19,8 @@ Run it:
   python toy2d.py --real_score exact  # distill the exact mixture denoiser instead of the trained teacher
   python toy2d.py --ablation          # the paper's ablations at toy scale (minutes): table + figure
   python toy2d.py --seeds 10 --quiet  # seeds 0..9: one table of both students, median and worst (seeds.md)
-  python toy2d.py --eval_redraws 20   # then the energy ratios on 20 fresh evaluation draws: how noisy they are
+  python toy2d.py --eval_redraws 20   # then the energy ratios on 20 fresh evaluation draws: how noisy they are,
+                                      # and how often a second teacher sample itself fails the 2x bar
   python toy2d.py --help              # every option
 Outputs go to --outdir (default out/toy2d): samples.npz, metrics.json, samples.png, dm_field.png, curves.png.
 The same code runs under bf16 autocast when CUDA is present (--device cuda); the CPU path is fp32.

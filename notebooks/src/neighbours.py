@@ -519,7 +519,7 @@ def train_cond_teacher(cfg, mix, p_null=0.1):
     net = CondDenoiser(toy2d.mixture_std(mix), cfg.width, cfg.depth, max_freq=cfg.noise_freq_max)
     state = dataclasses.make_dataclass("State", ["c"])(None)
     view = ClassView(net, state)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
+    opt = torch.optim.Adam(net.parameters(), lr=toy2d.teacher_lr(cfg))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.teacher_iters)
     for _ in range(cfg.teacher_iters):
         state.c = torch.multinomial(class_prior(mix), cfg.teacher_batch, replacement=True)

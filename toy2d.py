@@ -90,7 +90,7 @@ class Config:
     dm: bool = True                  # use the DM gradient (False: a GAN-only run, the paper's ablation)
     max_grad_norm: float = 10.0      # gradient clipping, as the official runs
     one_step_sigma: float = 2.5      # the 1-step student is G(s z; s) at this s (paper: sigma_max = 80); README
-    ksteps: int = 4                  # steps of the multi-step student
+    ksteps: int = 4                  # steps of the multi-step student (at least 2: the 1-step student always runs)
     kstep_sigmas: str = "2.5,0.6,0.3,0.12"  # its fixed noise levels; the first acts on s z (paper: 80); README
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
@@ -1304,9 +1304,12 @@ def check_config(cfg):
         if getattr(cfg, name) < 0:
             errors.append(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
     for name in ("width", "depth", "teacher_iters", "teacher_batch", "heun_steps", "total_steps", "batch_size",
-                 "dfake_gen_update_ratio", "ksteps", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
+                 "dfake_gen_update_ratio", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.ksteps < 2:
+        errors.append(f"--ksteps must be at least 2 (the 1-step student always trains beside the K-step one), "
+                      f"got {cfg.ksteps}")
     try:
         sig = parse_sigmas(cfg.kstep_sigmas)
         if len(sig) != cfg.ksteps:

@@ -682,6 +682,8 @@ def test_seeds_table_has_every_seed_median_and_worst(tmp_path):
 def test_bad_options_get_clear_errors():
     with pytest.raises(SystemExit, match="--kstep_sigmas has 3 values but --ksteps is 4"):
         toy2d.main(["--kstep_sigmas", "80,1,0.1"])
+    with pytest.raises(SystemExit, match=r"--ksteps must be at least 2 \(the 1-step student always trains beside"):
+        toy2d.main(["--ksteps", "1", "--kstep_sigmas", "2.5"])
     with pytest.raises(SystemExit, match="--dataset must be 'ring' or 'grid'"):
         toy2d.main(["--dataset", "moons"])
     with pytest.raises(SystemExit, match="strictly decreasing"):

@@ -503,6 +503,12 @@ def student_settings(cfg, ksteps):
     return gen_batch, fake_lr
 
 
+def dm_index_range(cfg):
+    """The grid indices (lowest, highest; both drawn) the DM gradient takes sigma from: 20 and 980 of 0..999 by
+    default. As DMD2's code, the highest is int(max_step_percent * 1000) but at most the grid's last index."""
+    return int(cfg.min_step_percent * 1000), min(int(cfg.max_step_percent * 1000), 999)
+
+
 def make_trainables(cfg, teacher, device, ksteps=1):
     """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new. The
     1-step student's generator and fake score each get extra input features whose weights start at zero, so they
@@ -522,7 +528,7 @@ def make_trainables(cfg, teacher, device, ksteps=1):
     opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=student_settings(cfg, ksteps)[1],
                                  **adamw)
     sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
-    dm_range = (int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000))
+    dm_range = dm_index_range(cfg)
     return Trainables(G, D_fake, head, G_ema, opt_G, opt_fake, *amp_settings(cfg, device), sigma_grid, dm_range)
 
 
@@ -660,8 +666,7 @@ def dm_field_recorder(at, D_real, sigmas, cfg, mix, n=1000):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
             samples = generate(G, torch.randn(n, 2, device=device), sigmas)
-            lo, hi = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
-            record.update(dm_field(D_real, D_fake, sigma_grid, lo, hi, samples, mix), iter=it)
+            record.update(dm_field(D_real, D_fake, sigma_grid, *dm_index_range(cfg), samples, mix), iter=it)
     return record, callback
 
 

@@ -69,6 +69,16 @@ def test_karras_grid_and_sigma_range():
     assert (grid[1:] > grid[:-1]).all()
     # The DM gradient's range, grid indices 20..980 (dmd2.md lists sigma 0.00323 and 72.1 there).
     assert grid[20] == pytest.approx(0.00323, rel=2e-2) and grid[980] == pytest.approx(72.1, rel=1e-2)
+    assert toy2d.dm_index_range(toy2d.Config()) == (20, 980)
+    # --max_step_percent 1 (allowed) reaches the grid's last index, not one past it, as DMD2's code clamps it.
+    lo, hi = toy2d.dm_index_range(toy2d.Config(min_step_percent=0.0, max_step_percent=1.0))
+    assert (lo, hi) == (0, 999)
+    torch.manual_seed(0)
+    x = torch.randn(20000, 2, requires_grad=True)
+    seen = []
+    D = lambda x_t, sigma: seen.append(sigma) or x_t                                   # noqa: E731
+    toy2d.dm_loss(x, D, D, grid, lo, hi)
+    assert torch.isin(seen[0], grid[999]).any() and torch.isin(seen[0], grid[0]).any()
 
 
 # ---- the four DMD2 ingredients ---------------------------------------------------------------

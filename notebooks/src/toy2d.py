@@ -211,7 +211,7 @@ display(Markdown(toy2d.format_table(metrics)))
 
 # %%
 sigma_grid = toy2d.karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho)   # [1000], ascending
-min_idx, max_idx = int(cfg.min_step_percent * 1000), int(cfg.max_step_percent * 1000)
+min_idx, max_idx = toy2d.dm_index_range(cfg)
 D_data = toy2d.ExactDenoiser(mix)
 
 

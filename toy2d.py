@@ -1266,6 +1266,19 @@ def setup(cfg):
     return pick_device(cfg)
 
 
+def make_outdir(path):
+    """Create --outdir before anything trains, so that a path that cannot hold the outputs fails at once, not after
+    minutes of training."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--outdir {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--outdir {path!r} cannot be created: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--outdir {path!r} is not writable")
+
+
 def check_config(cfg):
     """Refuse impossible options with a message that says which option and why."""
     errors = []
@@ -1361,6 +1374,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         check_config(cfg)
+        make_outdir(cfg.outdir)
     except ValueError as e:
         raise SystemExit(f"toy2d.py: {e}")
     if cfg.ablation:

@@ -723,6 +723,18 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--fake_score_lognormal", "1.5"])
 
 
+def test_an_outdir_that_cannot_hold_the_outputs_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy2d, "train_teacher", lambda *a, **k: pytest.fail("trained before checking --outdir"))
+    monkeypatch.setattr(toy2d, "student_pool", lambda *a, **k: pytest.fail("started workers before checking --outdir"))
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"--outdir '.*a_file' is a file, not a folder"):
+        toy2d.main(["--outdir", str(tmp_path / "a_file"), "--quiet"])
+    with pytest.raises(SystemExit, match=r"--outdir '.*a_file/run' cannot be created: Not a directory"):
+        toy2d.main(["--outdir", str(tmp_path / "a_file" / "run"), "--quiet"])
+    toy2d.make_outdir(str(tmp_path / "new" / "run"))                                   # parents are made
+    assert (tmp_path / "new" / "run").is_dir()
+
+
 def test_grid_teacher_learns_its_25_modes_at_its_own_learning_rate():
     """--dataset grid with the default 3,000 teacher steps: its learning rate is the grid's own (toy2d.teacher_lr), and
     its teacher's samples have every mode's shape. At the ring's 3e-3 they smeared each row of modes into a line (mode

@@ -1325,25 +1325,32 @@ def check_config(cfg):
                  "dfake_gen_update_ratio", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.ksteps < 2:
-        errors.append(f"--ksteps must be at least 2 (the 1-step student always trains beside the K-step one), "
-                      f"got {cfg.ksteps}")
-    try:
-        sig = parse_sigmas(cfg.kstep_sigmas)
-        if len(sig) != cfg.ksteps:
-            errors.append(f"--kstep_sigmas has {len(sig)} values but --ksteps is {cfg.ksteps}")
-        if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
-            errors.append(f"--kstep_sigmas must be positive and strictly decreasing, got {cfg.kstep_sigmas}")
-        if sig[0] > cfg.sigma_max:
-            errors.append(f"--kstep_sigmas must start at or below --sigma_max={cfg.sigma_max}, got {sig[0]}")
-    except ValueError:
-        errors.append(f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}")
+    errors += kstep_errors(cfg)
     if cfg.eval_redraws < 0:
         errors.append(f"--eval_redraws must be 0 (off) or more, got {cfg.eval_redraws}")
     if cfg.num_eval < 100:
         errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
     if errors:
         raise ValueError("invalid options:\n  " + "\n  ".join(errors))
+
+
+def kstep_errors(cfg):
+    """check_config's part for the K-step student: --ksteps and --kstep_sigmas. -> [messages]"""
+    errors = []
+    if cfg.ksteps < 2:
+        errors.append(f"--ksteps must be at least 2 (the 1-step student always trains beside the K-step one), "
+                      f"got {cfg.ksteps}")
+    try:
+        sig = parse_sigmas(cfg.kstep_sigmas)
+    except ValueError:
+        return errors + [f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}"]
+    if len(sig) != cfg.ksteps:
+        errors.append(f"--kstep_sigmas has {len(sig)} values but --ksteps is {cfg.ksteps}")
+    if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
+        errors.append(f"--kstep_sigmas must be positive and strictly decreasing, got {cfg.kstep_sigmas}")
+    if sig[0] > cfg.sigma_max:
+        errors.append(f"--kstep_sigmas must start at or below --sigma_max={cfg.sigma_max}, got {sig[0]}")
+    return errors
 
 
 def parse_sigmas(text):

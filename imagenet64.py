@@ -1351,4 +1351,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, unet.NonFiniteLoss) as e:   # these name the option or file and the problem
+        raise SystemExit(f"imagenet64.py: {e}")

@@ -205,6 +205,19 @@ def test_no_gan_runs_no_gan_pass_and_needs_no_data(tmp_path, monkeypatch):
         m.load_data(m.parse_config(["--teacher", "x.pkl"]), dict(img_resolution=8, img_channels=3, label_dim=4))
 
 
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+    """From the shell, a bad option or file ends the run with its message and exit status 1, not a traceback."""
+    (tmp_path / "a_file").write_text("")
+    for args, message in ((["--preset", "gaussian", "--precision", "fp16"], "--precision must be bf16 or fp32"),
+                          (["--preset", "gaussian", "--outdir", str(tmp_path / "a_file")], "File exists"),
+                          (["sample", "--ckpt", str(tmp_path / "a_file"), "--seeds", "0-1", "--out", str(tmp_path)],
+                           "a_file: not a weights-only torch checkpoint")):
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "imagenet64.py"), *args], capture_output=True,
+                             text=True, cwd=tmp_path)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.startswith("imagenet64.py: ") and message in run.stderr, run.stderr
+
+
 def test_init_from_loads_weights_only(tmp_path):
     """--init_from takes the generator and the fake score's network from another run and nothing else: the GAN head is
     freshly initialised, the optimisers have no state, the warm-up starts again, the step count starts at 0."""

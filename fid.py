@@ -872,6 +872,20 @@ def save_stats(path, mu, sigma, **more):
     os.replace(tmp, path)
 
 
+def check_dest(path):
+    """Raise ValueError now if save_stats could not write `path` later: its folder cannot be made or written to, or a
+    folder of that name is in the way."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot make its folder {folder} ({e.strerror or e})") from None
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder; give the .npz file to write")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{path}: its folder {folder} is not writable")
+
+
 def load_stats(path, prefix=""):
     """(mu [D], sigma [D, D]) float64 from an .npz with keys 'mu' and 'sigma' (EDM's imagenet-64x64.npz, ADM's batches),
     or '<prefix>mu' and '<prefix>sigma'."""
@@ -1233,7 +1247,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError, TypeError, pickle.UnpicklingError) as e:  # bad input: the message, no traceback
+    except (OSError, ValueError, TypeError, pickle.UnpicklingError) as e:  # bad input: the message, no traceback
         parser.exit(1, f"fid.py {args.command}: error: {e}\n")
 
 
@@ -1250,6 +1264,7 @@ def run(args):
         print(f"{rate:.1f} images/s ({args.device}, {torch.get_num_threads()} threads, batch {args.batch}, "
               f"{args.res}x{args.res} uint8 -> 299x299 -> 2048 features)")
     elif args.command == "ref":
+        check_dest(args.dest)                   # before the features (hours on a CPU), not after
         detector = load_inception(args.weights, args.device)
         mu, sigma = compute_statistics(iterate_features(args.data, detector, args.batch, args.num, args.device, True, args.seed))
         save_stats(args.dest, mu, sigma)

@@ -528,6 +528,19 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"fid.py calc: error: {tmp_path / 'none.pth'}: no such weights file")
 
 
+def test_cli_ref_refuses_a_destination_it_cannot_write_before_any_features(tmp_path, capsys, monkeypatch):
+    """`fid.py ref` spends hours on a CPU; a --dest it could not write must fail before, not after."""
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("loaded the detector before --dest"))
+    (tmp_path / "a_file").write_text("")
+    for dest, problem in ((tmp_path / "a_file" / "ref.npz", "cannot make its folder"), (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit) as exit_:
+            fid.main(["ref", "--data", str(tmp_path), "--dest", str(dest)])
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err.startswith(f"fid.py ref: error: {dest}: {problem}")
+    fid.check_dest(str(tmp_path / "new" / "ref.npz"))                                   # its folder is made
+    assert (tmp_path / "new").is_dir()
+
+
 def test_bench_runs_without_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fid, "InceptionV3", ChannelStatsDetector)  # the command's plumbing; the network is tested above
     fid.main(["bench", "--num", "4", "--batch", "2", "--res", "32", "--device", "cpu", "--weights", str(tmp_path / "none.pth")])

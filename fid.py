@@ -873,8 +873,8 @@ def save_stats(path, mu, sigma, **more):
 
 
 def check_dest(path):
-    """Raise ValueError now if save_stats could not write `path` later: its folder cannot be made or written to, or a
-    folder of that name is in the way."""
+    """Raise ValueError now if a file could not be written at `path` after a long computation (save_stats, an image):
+    its folder cannot be made or written to, or a folder of that name is in the way. Makes the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)

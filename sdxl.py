@@ -926,6 +926,8 @@ def lora_unet_config(metadata, path):
 def cmd_generate(args):
     if bool(args.prompt) == bool(args.prompts):
         raise ValueError("generate needs either --prompt (one image) or --prompts with --outdir (one per line)")
+    if args.prompt:
+        fid.check_dest(args.out)                # before the models load, not after the image is made
     net, parts = load_for_inference(args)
     sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
     side = 128 if args.preset == "tiny" else 1024
@@ -1029,6 +1031,8 @@ def cmd_eval(args):
     """DMD2's COCO metrics (Table 2) of a folder of generated images, paired in sorted file order with the prompts."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = read_prompts(args.prompts)
+    if args.save_ref:
+        fid.check_dest(args.save_ref)           # before the reference's features, not after
     detector = fid.load_inception(args.inception or None, device)
     ref = fid.coco_reference(args.ref, detector, args.batch, device)
     if args.save_ref:

@@ -361,6 +361,21 @@ def test_generate_writes_png_from_trained_generator(tiny_run):
     assert np.abs(direct.astype(int) - pixels.astype(int)).max() <= 2  # fp16 export vs fp32 checkpoint
 
 
+def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, monkeypatch):
+    """generate --out and eval --save_ref are checked before any model loads or any feature is computed."""
+    monkeypatch.setattr(sdxl, "load_for_inference", lambda *a: pytest.fail("loaded the models before checking --out"))
+    monkeypatch.setattr(sdxl.fid, "load_inception", lambda *a: pytest.fail("loaded Inception before --save_ref"))
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    bad = str(tmp_path / "a_file" / "x")
+    for argv in (["generate", "--preset", "tiny", "--prompt", "a cat", "--out", bad + ".png"],
+                 ["eval", "--images", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"), "--ref", str(tmp_path),
+                  "--save_ref", bad + ".npz", "--clip", "clip.bin"]):
+        with pytest.raises(SystemExit) as exit_:
+            sdxl.main(argv)
+        assert exit_.value.code == 1 and "cannot make its folder" in capsys.readouterr().err
+
+
 def test_export_to_diffusers_names_loads_in_diffusers(tiny_run, tmp_path):
     """`sdxl.py export --format diffusers` writes the inverse of diffusers_to_sgm_unet: diffusers' UNet2DConditionModel
     loads it strictly and predicts what our UNet predicts from generator.safetensors."""

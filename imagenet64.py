@@ -885,6 +885,12 @@ def sample_main(argv):
     p.add_argument("--device", default="", help="'' = cuda if available")
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.out.endswith(".npz"):                  # the destination is checked before the images are made, not after
+        fid.check_dest(a.out)
+    elif os.path.isfile(a.out):
+        raise ValueError(f"{a.out}: is a file; give a folder for the PNGs, or a path ending in .npz")
+    else:
+        os.makedirs(a.out, exist_ok=True)
     generator, net_kwargs = load_generator(a.ckpt, device)
     seeds, K = parse_range(a.seeds), net_kwargs["label_dim"]
     classes = parse_range(a.classes) if a.classes else None
@@ -892,10 +898,11 @@ def sample_main(argv):
     batches = generate_uint8(generator, seeds, labels, K, device, a.batch, a.quantize)
     images = torch.cat([x.cpu() for x in batches]).permute(0, 2, 3, 1).numpy()          # [N, H, W, C]
     if a.out.endswith(".npz"):
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        np.savez(a.out, arr_0=images, labels=np.asarray(labels))
+        tmp = f"{a.out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:              # a stopped run leaves no half-written .npz under the final name
+            np.savez(f, arr_0=images, labels=np.asarray(labels))
+        os.replace(tmp, a.out)
     else:
-        os.makedirs(a.out, exist_ok=True)
         for s, img in zip(seeds, images):
             PIL.Image.fromarray(img.squeeze(2) if img.shape[2] == 1 else img).save(os.path.join(a.out, f"{s:06d}.png"))
     print(f"wrote {len(seeds)} images to {a.out}")

@@ -532,6 +532,15 @@ def test_sample_command_png_and_npz_are_per_seed(tmp_path):
     with torch.no_grad():                                                 # class 2 for seed 4 differs from class 0
         x2 = m.generate(generator, z, torch.tensor([2]), kw["label_dim"])
     assert np.array_equal(data["arr_0"][1], m.to_uint8(x2[0].permute(1, 2, 0)).numpy())
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]                  # the .npz went in by a rename
+
+
+def test_sample_checks_its_destination_before_loading_the_generator(tmp_path, monkeypatch):
+    monkeypatch.setattr(m, "load_generator", lambda *a: pytest.fail("loaded the generator before checking --out"))
+    (tmp_path / "a_file").write_text("")
+    for out, problem in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "x.npz", "cannot make its folder")):
+        with pytest.raises(ValueError, match=problem):
+            m.main(["sample", "--ckpt", "g.pt", "--seeds", "0-1", "--out", str(out)])
 
 
 def test_load_generator_accepts_a_bare_edmprecond_state_dict(tmp_path, monkeypatch):

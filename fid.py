@@ -693,7 +693,8 @@ def read_inception_weights(path):
     """Any of the three weight files -> state dict with NVIDIA's names ('layers.conv.weight', ...), without running code."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such weights file. Pass --weights with NVIDIA's inception-2015-12-05.pkl "
+        raise FileNotFoundError(f"{path}: no such weights file. Pass --weights (fid.py) or --inception (imagenet64.py, "
+                                f"sdxl.py eval) with NVIDIA's inception-2015-12-05.pkl "
                                 f"({NVIDIA_PKL_URL}), pytorch-fid's .pth or a TorchScript export of it, or run "
                                 f"`python fid.py download` to fetch {WEIGHTS_URL}")
     try:

@@ -882,7 +882,7 @@ def check_dest(path):
     except OSError as e:
         raise ValueError(f"{path}: cannot make its folder {folder} ({e.strerror or e})") from None
     if os.path.isdir(path):
-        raise ValueError(f"{path}: is a folder; give the .npz file to write")
+        raise ValueError(f"{path}: is a folder; give the path of the file to write")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{path}: its folder {folder} is not writable")
 

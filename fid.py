@@ -887,6 +887,19 @@ def check_dest(path):
         raise ValueError(f"{path}: its folder {folder} is not writable")
 
 
+def check_folder(path):
+    """Raise ValueError now if files could not be written into the folder `path` after a long computation (a folder
+    of images): a file of that name is in the way, or the folder cannot be made or written to. Makes the folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path}: is a file; give a folder to write the images into")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot make this folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"{path}: this folder is not writable")
+
+
 def load_stats(path, prefix=""):
     """(mu [D], sigma [D, D]) float64 from an .npz with keys 'mu' and 'sigma' (EDM's imagenet-64x64.npz, ADM's batches),
     or '<prefix>mu' and '<prefix>sigma'."""

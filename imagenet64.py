@@ -887,10 +887,8 @@ def sample_main(argv):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.out.endswith(".npz"):                  # the destination is checked before the images are made, not after
         fid.check_dest(a.out)
-    elif os.path.isfile(a.out):
-        raise ValueError(f"{a.out}: is a file; give a folder for the PNGs, or a path ending in .npz")
     else:
-        os.makedirs(a.out, exist_ok=True)
+        fid.check_folder(a.out)
     generator, net_kwargs = load_generator(a.ckpt, device)
     seeds, K = parse_range(a.seeds), net_kwargs["label_dim"]
     classes = parse_range(a.classes) if a.classes else None

@@ -926,8 +926,10 @@ def lora_unet_config(metadata, path):
 def cmd_generate(args):
     if bool(args.prompt) == bool(args.prompts):
         raise ValueError("generate needs either --prompt (one image) or --prompts with --outdir (one per line)")
-    if args.prompt:
-        fid.check_dest(args.out)                # before the models load, not after the image is made
+    if args.prompt:                             # the destination is checked before the models load, not after
+        fid.check_dest(args.out)
+    else:
+        fid.check_folder(args.outdir)
     net, parts = load_for_inference(args)
     sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
     side = 128 if args.preset == "tiny" else 1024

@@ -1021,7 +1021,8 @@ def run(cfg):
         students = {"student_1step": (G1, one), f"student_{cfg.ksteps}step": (GK, many)}
         for name, r in energy_ratio_redraws(cfg, mix, teacher, students, cfg.eval_redraws, device).items():
             metrics[name]["energy_ratio_redraws"] = r
-    result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": asdict(cfg)}
+    config = {**asdict(cfg), "teacher_lr": teacher_lr(cfg)}      # the rate used, not 0 ("the dataset's own")
+    result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": config}
     save_outputs(cfg, mix, rows, field, {"1-step": hist1, f"{cfg.ksteps}-step": histK}, result)
     return result
 

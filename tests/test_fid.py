@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -539,6 +540,16 @@ def test_cli_ref_refuses_a_destination_it_cannot_write_before_any_features(tmp_p
         assert capsys.readouterr().err.startswith(f"fid.py ref: error: {dest}: {problem}")
     fid.check_dest(str(tmp_path / "new" / "ref.npz"))                                   # its folder is made
     assert (tmp_path / "new").is_dir()
+
+
+def test_check_folder_refuses_what_could_not_hold_images_and_makes_the_rest(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for path, problem in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "pngs", "cannot make this folder")):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {problem}"):
+            fid.check_folder(str(path))
+    fid.check_folder(str(tmp_path / "new" / "pngs"))
+    assert (tmp_path / "new" / "pngs").is_dir()
+    fid.check_folder(str(tmp_path / "new" / "pngs"))                                   # an existing folder is fine
 
 
 def test_bench_runs_without_weights(tmp_path, capsys, monkeypatch):

@@ -538,7 +538,8 @@ def test_sample_command_png_and_npz_are_per_seed(tmp_path):
 def test_sample_checks_its_destination_before_loading_the_generator(tmp_path, monkeypatch):
     monkeypatch.setattr(m, "load_generator", lambda *a: pytest.fail("loaded the generator before checking --out"))
     (tmp_path / "a_file").write_text("")
-    for out, problem in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "x.npz", "cannot make its folder")):
+    for out, problem in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "x.npz", "cannot make its folder"),
+                         (tmp_path / "a_file" / "pngs", "cannot make this folder")):
         with pytest.raises(ValueError, match=problem):
             m.main(["sample", "--ckpt", "g.pt", "--seeds", "0-1", "--out", str(out)])
 

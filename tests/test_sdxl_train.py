@@ -368,12 +368,16 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, m
     (tmp_path / "a_file").write_text("")
     (tmp_path / "prompts.txt").write_text("a cat\n")
     bad = str(tmp_path / "a_file" / "x")
-    for argv in (["generate", "--preset", "tiny", "--prompt", "a cat", "--out", bad + ".png"],
-                 ["eval", "--images", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"), "--ref", str(tmp_path),
-                  "--save_ref", bad + ".npz", "--clip", "clip.bin"]):
+    prompts = ["--preset", "tiny", "--prompts", str(tmp_path / "prompts.txt")]
+    for argv, problem in ((["generate", "--preset", "tiny", "--prompt", "a cat", "--out", bad + ".png"],
+                           "cannot make its folder"),
+                          (["generate", *prompts, "--outdir", str(tmp_path / "a_file")], "a_file: is a file"),
+                          (["generate", *prompts, "--outdir", bad], "cannot make this folder"),
+                          (["eval", "--images", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"), "--ref",
+                            str(tmp_path), "--save_ref", bad + ".npz", "--clip", "clip.bin"], "cannot make its folder")):
         with pytest.raises(SystemExit) as exit_:
             sdxl.main(argv)
-        assert exit_.value.code == 1 and "cannot make its folder" in capsys.readouterr().err
+        assert exit_.value.code == 1 and problem in capsys.readouterr().err, argv
 
 
 def test_export_to_diffusers_names_loads_in_diffusers(tiny_run, tmp_path):

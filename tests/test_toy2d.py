@@ -824,6 +824,7 @@ def test_end_to_end_quality(tmp_path):
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]
     assert result["wall_time_s"] > 0
+    assert result["config"]["teacher_lr"] == 3e-3       # the ring's own rate, which --teacher_lr 0 picks
     for key in ("teacher", "student_1step", "student_4step"):
         assert m[key]["modes_covered"] == 8, (key, m[key])
         assert m[key]["weight_tv"] < 0.1, (key, m[key])

@@ -838,6 +838,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="sqrtm"):
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"shapes do not match: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
+    for name, a in (("mu", mu1), ("sigma", sigma1), ("reference mu", mu2), ("reference sigma", sigma2)):
+        if not np.isfinite(a).all():        # scipy's sqrtm does not return on a NaN matrix
+            raise ValueError(f"the {name} statistics are not finite (NaN or inf): were they computed from < 2 images?")
     diff = mu1 - mu2
     if method == "eigh":
         w, v = scipy.linalg.eigh(sigma1)
@@ -1094,13 +1097,19 @@ class OpenCLIP(nn.Module):
         return x[torch.arange(len(x)), ids.argmax(dim=-1)] @ self.text_projection   # the end token's state
 
 
-def read_open_clip_weights(path):
-    """open_clip's state dict from open_clip_pytorch_model.bin (torch.load, weights_only=True, after checking that a
-    legacy file's storages fit in it) or open_clip_model.safetensors; nothing in the file is executed."""
+def check_open_clip_file(path):
+    """-> path as a str; FileNotFoundError now if it is no file (a CLIP score is computed last: check it first)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such open_clip weights file (ViT-g-14: open_clip_pytorch_model.bin or "
                                 "open_clip_model.safetensors of laion/CLIP-ViT-g-14-laion2B-s12B-b42K)")
+    return path
+
+
+def read_open_clip_weights(path):
+    """open_clip's state dict from open_clip_pytorch_model.bin (torch.load, weights_only=True, after checking that a
+    legacy file's storages fit in it) or open_clip_model.safetensors; nothing in the file is executed."""
+    path = check_open_clip_file(path)
     try:
         if path.endswith(".safetensors"):
             sd = read_safetensors(path)                 # unet.py section 8
@@ -1145,6 +1154,10 @@ def load_open_clip(path, cfg=None, device="cpu", heads=(16, 16)):
             cfg = infer_clip_config(sd, *heads)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+    for part, width, heads in (("image", cfg.vision_width, cfg.vision_heads), ("text", cfg.text_width, cfg.text_heads)):
+        if heads < 1 or width % heads:          # the file does not store them: --clip_heads gives them
+            raise ValueError(f"{path}: its {part} transformer is {width} wide, which {heads} attention heads do not "
+                             f"divide; give the model's head counts (ViT-g-14: 16 16)")
     with torch.device("meta"):
         model = OpenCLIP(cfg)
     wanted = model.state_dict()
@@ -1266,6 +1279,12 @@ def main(argv=None):
 
 
 def run(args):
+    if args.command != "download":
+        if args.batch < 1:
+            raise ValueError(f"--batch must be at least 1, got {args.batch}")
+        least = 1 if args.command == "bench" else 2             # a covariance needs two feature vectors
+        if args.num is not None and args.num < least:
+            raise ValueError(f"--num must be at least {least}, got {args.num}")
     if args.command == "download":
         print(download_weights(args.dest))
     elif args.command == "bench":

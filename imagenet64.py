@@ -180,13 +180,13 @@ def decode_image(data, where, resolution, channels):
 class ImageDataset:
     """ImageNet-64 as EDM's dataset_tool writes it (zip or folder of PNGs + dataset.json with
     {"labels": [["00000/img00000000.png", 3], ...]}), or a folder with one subfolder per class
-    (sorted subfolder names -> class indices). Images come out as floats in [-1, 1]. Labels are checked when the
-    dataset is opened: integers (not booleans or floats) in 0..label_dim-1."""
+    (sorted subfolder names -> class indices; with label_dim, exactly that many subfolders). Images come out as floats
+    in [-1, 1]. Labels are checked when the dataset is opened: integers (not booleans or floats) in 0..label_dim-1."""
 
     def __init__(self, path, resolution, channels=3, label_dim=None):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: dataset not found")
-        self.path, self.resolution, self.channels = path, resolution, channels
+        self.path, self.resolution, self.channels, self.label_dim = path, resolution, channels, label_dim
         try:
             self.zip = zipfile.ZipFile(path) if os.path.isfile(path) else None
         except (zipfile.BadZipFile, OSError) as e:
@@ -210,7 +210,12 @@ class ImageDataset:
     def _folder_labels(self):
         if self.zip is None and all("/" in f for f in self.files):
             classes = sorted({f.split("/")[0] for f in self.files})
-            return [classes.index(f.split("/")[0]) for f in self.files]
+            if self.label_dim is not None and len(classes) != self.label_dim:
+                # a missing or extra class folder would shift the label of every class sorted after it
+                raise ValueError(f"{self.path}: {len(classes)} class subfolders, but the teacher has {self.label_dim} "
+                                 f"classes; give one subfolder per class, or a dataset.json with the labels")
+            index = {c: i for i, c in enumerate(classes)}
+            return [index[f.split("/")[0]] for f in self.files]
         raise ValueError(f"{self.path}: missing labels: expected dataset.json (EDM dataset_tool) or one subfolder "
                          f"per class")
 
@@ -642,12 +647,15 @@ def start(run):
     """Remove a killed run's temporaries, load --resume or --init_from, wrap for DDP/compile, open the log.
     -> the first step."""
     cfg = run.cfg
-    os.makedirs(cfg.outdir, exist_ok=True)
-    if run.rank == 0:
+    if not cfg.bench:                                                     # --bench writes nothing
+        os.makedirs(cfg.outdir, exist_ok=True)
+    if run.rank == 0 and not cfg.bench:
         unet.remove_stale_temporaries(cfg.outdir, own_files(cfg))
     if cfg.resume and os.path.exists(run.ckpt_path):
         start_step = resume(run)
     else:
+        if cfg.resume and run.rank == 0 and not cfg.bench:      # a mistyped --outdir should not pass unnoticed
+            print(f"--resume: no {run.ckpt_path} yet, so this run starts at step 0")
         if cfg.init_from:
             init_from(run, cfg.init_from)
         torch.manual_seed(cfg.seed + run.rank)                            # per-rank seeds (dropout etc.)
@@ -657,7 +665,7 @@ def start(run):
     wrap(run)
     if cfg.fid_every:  # load the detector and the reference statistics now, so that a bad path fails before training
         run.fid_tools = (fid.load_inception(cfg.inception or None, run.device), fid.load_stats(cfg.fid_ref))
-    run.log = open(os.path.join(cfg.outdir, "log.txt"), "a") if run.rank == 0 else None
+    run.log = open(os.path.join(cfg.outdir, "log.txt"), "a") if run.rank == 0 and not cfg.bench else None
     run.t_log, run.step_log = time.time(), start_step
     if cfg.preset == "gaussian" and run.rank == 0 and start_step == 0 and cfg.sample_every:
         run.frechet.append((0, report_frechet(0, run.ema_or_g, run.teacher, cfg, run.log)))
@@ -743,12 +751,18 @@ def to_uint8(x, quantize="dmd2"):
     raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
 
 
-def parse_range(s):
+def parse_range(s, flag="--seeds"):
     """'0-63' or '1,5,9-11' -> [0, ..., 63] / [1, 5, 9, 10, 11]."""
     out = []
     for part in s.split(","):
         a, _, b = part.partition("-")
-        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        try:
+            first, last = int(a), int(b or a)
+        except ValueError:
+            raise ValueError(f"{flag} {s!r}: expected numbers and ranges such as 0-63 or 1,5,9-11") from None
+        if last < first:
+            raise ValueError(f"{flag} {s!r}: the range {part} is empty (write it low-high)")
+        out += list(range(first, last + 1))
     return out
 
 
@@ -865,6 +879,8 @@ def evaluate_main(argv):
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="", help="'' = cuda if available")
     a = p.parse_args(argv)
+    if a.num < 2 or a.batch < 1:                # a covariance needs two samples
+        raise ValueError(f"need --num >= 2 and --batch >= 1, got {a.num} and {a.batch}")
     rank, world, device = unet.init_distributed(a.device)
     detector, ref = fid.load_inception(a.inception or None, device), fid.load_stats(a.fid_ref)
     return evaluate_folder(a.folder, detector, ref, a.ckpt, a.num, device, rank, world, a.batch, a.quantize,
@@ -885,13 +901,20 @@ def sample_main(argv):
     p.add_argument("--device", default="", help="'' = cuda if available")
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {a.batch}")
+    seeds = parse_range(a.seeds)
+    classes = parse_range(a.classes, "--classes") if a.classes else None
+    if os.path.splitext(a.out)[1].lower() in (".png", ".jpg", ".jpeg", ".npy", ".pt"):
+        raise ValueError(f"--out {a.out}: give a folder (PNGs named by seed) or a file ending in .npz")
     if a.out.endswith(".npz"):                  # the destination is checked before the images are made, not after
         fid.check_dest(a.out)
     else:
         fid.check_folder(a.out)
     generator, net_kwargs = load_generator(a.ckpt, device)
-    seeds, K = parse_range(a.seeds), net_kwargs["label_dim"]
-    classes = parse_range(a.classes) if a.classes else None
+    K = net_kwargs["label_dim"]
+    if classes and not 0 <= min(classes) <= max(classes) < K:
+        raise ValueError(f"--classes {a.classes}: this generator has classes 0-{K - 1}")
     labels = [classes[i % len(classes)] for i in range(len(seeds))] if classes else [s % K for s in seeds]
     batches = generate_uint8(generator, seeds, labels, K, device, a.batch, a.quantize)
     images = torch.cat([x.cpu() for x in batches]).permute(0, 2, 3, 1).numpy()          # [N, H, W, C]
@@ -1115,9 +1138,11 @@ def init_from(run, path):
     """Weights only, as the official --ckpt_only_path: the generator and the fake score's network from another run's
     checkpoint.pt or kept generator_XXXXXXX.pt. The optimisers, the warm-up, the GAN head and the step start fresh."""
     what = "an imagenet64.py checkpoint.pt or generator_XXXXXXX.pt with the generator and the fake score"
-    ckpt = unet.require_keys(unet.load_checkpoint(path), ["generator", "fake_score"], path, what)
+    ckpt = unet.require_keys(unet.load_checkpoint(path), ["net_kwargs", "generator", "fake_score"], path, what)
     if not isinstance(ckpt["fake_score"], dict):
         raise ValueError(f"{path}: not {what} (fake_score is a {type(ckpt['fake_score']).__name__})")
+    if ckpt["net_kwargs"] != run.net_kwargs:
+        raise ValueError(f"{path}: written for the network {ckpt['net_kwargs']}, this run builds {run.net_kwargs}")
     load_state(run.generator, ckpt["generator"], path, "the generator")
     fake_unet = {k[len("unet."):]: v for k, v in ckpt["fake_score"].items() if k.startswith("unet.")}
     load_state(run.fake_score.unet, fake_unet, path, "the fake score")
@@ -1154,10 +1179,26 @@ def save_grid(images, path, nrow=8):
 
 
 def check_config(cfg):
+    """Refuse impossible options at start-up, each with its name and why."""
+    errors = unet.option_errors(
+        cfg, at_least_one=("batch_size", "dfake_gen_update_ratio", "log_every", "gauss_classes", "gauss_resolution"),
+        at_least_zero=("total_steps", "batch_gpu", "generator_lr", "fake_score_lr", "weight_decay", "warmup_steps",
+                       "max_grad_norm", "gen_gan_weight", "fake_gan_weight", "ckpt_every", "keep_every", "sample_every",
+                       "fid_every", "pretrain_steps"), below_one=("ema_decay", "beta1", "beta2"))
+    if cfg.num_train_timesteps < 2:
+        errors.append(f"--num_train_timesteps must be at least 2 (a grid from sigma_min to sigma_max), "
+                      f"got {cfg.num_train_timesteps}")
+    for name in ("fid_num", "eval_per_class"):           # a covariance needs two samples
+        if getattr(cfg, name) < 2:
+            errors.append(f"--{name} must be at least 2, got {getattr(cfg, name)}")
+    if cfg.fid_every and not cfg.fid_ref:
+        errors.append("--fid_every needs --fid_ref, the reference statistics (EDM's imagenet-64x64.npz)")
     if cfg.quantize not in QUANTIZE:
-        raise ValueError(f"--quantize must be one of {QUANTIZE}, not {cfg.quantize!r}")
+        errors.append(f"--quantize must be one of {QUANTIZE}, not {cfg.quantize!r}")
     if cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"--precision must be bf16 or fp32, not {cfg.precision!r}")
+        errors.append(f"--precision must be bf16 or fp32, not {cfg.precision!r}")
+    if errors:
+        raise ValueError("invalid options:\n  " + "\n  ".join(errors))
     if cfg.resume and cfg.init_from and os.path.exists(os.path.join(cfg.outdir, "checkpoint.pt")):
         print(f"--resume: {cfg.outdir}/checkpoint.pt exists, so --init_from {cfg.init_from} is not used")
 
@@ -1189,7 +1230,6 @@ def bench(cfg, cycles=24):
         if c > 0:
             loops.append(loop)
             ratios.append(loop / (run.rounds * sum(times[k] * n for k, (_, n) in passes.items())))
-    run.log.close()
     ratio, loop = float(np.median(ratios)), float(np.median(loops))
     threads = f", {torch.get_num_threads()} CPU thread(s)" if run.device.type == "cpu" else ""
     memory = (f", peak memory {torch.cuda.max_memory_allocated(run.device) / 2 ** 30:.2f} GiB"

@@ -258,6 +258,11 @@ def cfg_eps(eps_fn, x_t, t, context, y, guidance_scale):
 def dmd2_timesteps(steps, conditioning_timestep=399):
     """The generator's t: range(999, 0, -1000 // steps), i.e. [999, 749, 499, 249] for 4 steps (DMD2's
     denoising_step_list); a 1-step generator is told conditioning_timestep (399) on pure noise."""
+    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"the generator's steps must be 1 to {NUM_TRAIN_TIMESTEPS}, got {steps}")
+    if steps == 1 and not 0 <= conditioning_timestep < NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"conditioning_timestep must be a timestep 0 to {NUM_TRAIN_TIMESTEPS - 1}, "
+                         f"got {conditioning_timestep}")
     if steps == 1:
         return [conditioning_timestep]
     return list(range(NUM_TRAIN_TIMESTEPS - 1, 0, -(NUM_TRAIN_TIMESTEPS // steps)))[:steps]
@@ -507,7 +512,7 @@ def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="
     1 -> t = conditioning_timestep); "euler": the base model, Euler + CFG guidance_scale. The initial noise and every
     re-noise come from one CPU generator seeded with seed (as DMD2's demo): an image does not depend on the device."""
     factor = 8 * 2 ** (len(net.cfg.channel_mult) - 1)
-    if height % factor or width % factor:
+    if height <= 0 or width <= 0 or height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor} (the VAE's 8 x the UNet's downsampling), "
                          f"got {height}x{width}")
     device = clip_l.embeddings.token_embedding.weight.device
@@ -548,6 +553,8 @@ def sample_euler_cfg(eps_fn, noise, context, y, steps, guidance_scale, alphas_cu
     spacing "trailing": t_i = round(1000 - i * 1000/steps) - 1, so it starts at 999 (DMD2's ODE pairs);
     "leading": t_i = i * (1000 // steps) + 1 in descending order (SDXL's diffusers default, steps_offset 1).
     noise [B, 4, h, w] ~ N(0, I) -> x0 [B, 4, h, w]."""
+    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"the sampler's steps must be 1 to {NUM_TRAIN_TIMESTEPS}, got {steps}")
     if spacing == "trailing":
         ts = [round(NUM_TRAIN_TIMESTEPS - i * NUM_TRAIN_TIMESTEPS / steps) - 1 for i in range(steps)]
     elif spacing == "leading":
@@ -668,10 +675,32 @@ def autocast_bf16(device, enabled):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def check_config(cfg):
+    """Refuse impossible options at start-up, each with its name and why, not hours into a run."""
+    errors = unet.option_errors(
+        cfg, at_least_one=("batch_size", "resolution", "dfake_gen_update_ratio", "log_every", "warmup_processes"),
+        at_least_zero=("total_steps", "batch_gpu", "generator_lr", "fake_score_lr", "weight_decay", "warmup_steps",
+                       "max_grad_norm", "gen_gan_weight", "fake_gan_weight", "guidance_scale", "ckpt_every",
+                       "sample_every", "lora_rank"), below_one=("beta1", "beta2", "lora_dropout"))
+    try:
+        dmd2_timesteps(cfg.num_denoising_step, cfg.conditioning_timestep)
+    except ValueError as e:
+        errors.append(f"--num_denoising_step {cfg.num_denoising_step}, --conditioning_timestep "
+                      f"{cfg.conditioning_timestep}: {e}")
+    if cfg.lora_rank and cfg.lora_alpha <= 0:
+        errors.append(f"--lora_alpha must be above 0 (the LoRA's update is scaled by alpha / rank), got {cfg.lora_alpha}")
+    lora_flags = [f for f in ("lora_alpha", "lora_dropout") if getattr(cfg, f) != getattr(Config, f)]
+    if lora_flags and not cfg.lora_rank:
+        errors.append(f"--{' and --'.join(lora_flags)} only apply to a LoRA generator: add --lora_rank (DMD2's: 64)")
+    if cfg.precision not in ("bf16", "fp32"):
+        errors.append(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    if errors:
+        raise ValueError("invalid options:\n  " + "\n  ".join(errors))
+
+
 def setup_training(cfg):
     """Everything the loop reads, as one namespace: models, optimisers, data, schedule, precision, files."""
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    check_config(cfg)
     rank, world, device = unet.init_distributed(cfg.device)
     batch_gpu, rounds = micro_batching(cfg, world)
     if cfg.tf32:
@@ -772,6 +801,10 @@ def resume_training(run):
     file left behind by a kill is rewritten to match. -> the step to continue from"""
     ckpt, full = load_training_checkpoint(run.ckpt_path), StateDictOptions(full_state_dict=True)
     lora = StateDictOptions(full_state_dict=True, strict=False)                   # LoRA runs store the LoRA only
+    saved_rank = ckpt["cfg"].get("lora_rank", 0) if isinstance(ckpt["cfg"], dict) else 0
+    if saved_rank != run.cfg.lora_rank:     # one line, not a size mismatch for each of its LoRA tensors
+        raise ValueError(f"{run.ckpt_path}: its run had --lora_rank {saved_rank}, this one has {run.cfg.lora_rank}; "
+                         f"resume with --lora_rank {saved_rank}")
     try:
         check_generator_keys(run, ckpt["generator"])
         set_model_state_dict(run.generator, ckpt["generator"], options=lora if run.cfg.lora_rank else full)
@@ -804,7 +837,7 @@ def check_generator_keys(run, state):
     wanted = {k for k in names if unet.is_lora_key(k)} if run.cfg.lora_rank else names
     if set(state) != wanted:
         raise ValueError(f"generator weights: {len(set(state) - wanted)} unexpected, {len(wanted - set(state))} "
-                         f"missing (--lora_rank {run.cfg.lora_rank} of the checkpoint's run?)")
+                         f"missing: a checkpoint of another UNet layout?")
 
 
 def write_generator(path, state, step, cfg=None, unet_cfg=None):
@@ -926,6 +959,11 @@ def lora_unet_config(metadata, path):
 def cmd_generate(args):
     if bool(args.prompt) == bool(args.prompts):
         raise ValueError("generate needs either --prompt (one image) or --prompts with --outdir (one per line)")
+    if args.prompts and args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.steps < 0 or args.height < 0 or args.width < 0:
+        raise ValueError(f"--steps, --height and --width must be 0 (the default) or more, got {args.steps}, "
+                         f"{args.height} and {args.width}")
     if args.prompt:                             # the destination is checked before the models load, not after
         fid.check_dest(args.out)
     else:
@@ -963,6 +1001,8 @@ def generate_folder(args, net, parts, sampler, height, width):
 
 
 def cmd_encode(args):
+    if args.batch < 1 or args.shard_size < 1:
+        raise ValueError(f"need --batch >= 1 and --shard_size >= 1, got {args.batch} and {args.shard_size}")
     device, _, vae_dtype = runtime(args)
     if args.preset:
         vae = load_parts(args.preset, "", device, vae_dtype=vae_dtype)["vae"]
@@ -1033,8 +1073,14 @@ def cmd_eval(args):
     """DMD2's COCO metrics (Table 2) of a folder of generated images, paired in sorted file order with the prompts."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = read_prompts(args.prompts)
+    # what would fail at the end is checked before hours of features: the destination, the CLIP file, the pairing
     if args.save_ref:
-        fid.check_dest(args.save_ref)           # before the reference's features, not after
+        fid.check_dest(args.save_ref)
+    fid.check_open_clip_file(args.clip)
+    count, _ = fid.image_batches(args.images, args.batch)
+    if count != len(prompts):
+        raise ValueError(f"{args.images}: {count} images but {len(prompts)} prompts in {args.prompts} (blank lines "
+                         f"skipped); they are paired in order")
     detector = fid.load_inception(args.inception or None, device)
     ref = fid.coco_reference(args.ref, detector, args.batch, device)
     if args.save_ref:
@@ -1096,7 +1142,8 @@ def add_generate_parser(sub, fmt):
     add_model_args(p)
     p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--out", default="out/sdxl.png", help="PNG file to write")
-    p.add_argument("--prompts", default="", help="instead of --prompt: a text file, one prompt per line")
+    p.add_argument("--prompts", default="", help="instead of --prompt: a text file, one prompt per line "
+                   "(blank lines are skipped: image i is the i-th non-blank line)")
     p.add_argument("--outdir", default="out/sdxl_images", help="with --prompts: folder for 00000.png, 00001.png, ...")
     p.add_argument("--batch", type=int, default=8, help="with --prompts: prompts per batch (noise seed: seed + batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noising")
@@ -1169,7 +1216,8 @@ def add_eval_parser(sub, fmt):
     p = sub.add_parser("eval", formatter_class=fmt, help="FID, patch-FID and CLIP score as DMD2's COCO table "
                                                          "(README: the 10K COCO-2014 subset)")
     p.add_argument("--images", required=True, help="folder of generated images, one per prompt, in sorted file order")
-    p.add_argument("--prompts", required=True, help="captions, one per line, in the images' order")
+    p.add_argument("--prompts", required=True, help="captions, one per line, in the images' order "
+                   "(blank lines are skipped)")
     p.add_argument("--ref", required=True, help="folder of the real images, or an .npz written by --save_ref")
     p.add_argument("--save_ref", default="", help="write the reference statistics here (reuse them with --ref)")
     p.add_argument("--clip", required=True, help="open_clip checkpoint of ViT-g-14 laion2b_s12b_b42k "
@@ -1824,6 +1872,8 @@ def load_unet_state(path, cfg=SDXLUNetConfig()):
             state = state["generator"]                         # our checkpoint.pt
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise ValueError(f"{path}: expected a UNet state dict (name -> tensor)")
+    if state and all(unet.is_lora_key(k) or k.endswith(".alpha") or "lora" in k for k in state):
+        raise ValueError(f"{path}: a LoRA, not a UNet: pass it with --lora (export: --lora {path} --format kohya)")
     if any(k.startswith(PREFIX_UNET) for k in state):
         state = {k[len(PREFIX_UNET):]: v for k, v in state.items() if k.startswith(PREFIX_UNET)}
     if "conv_in.weight" in state:                              # diffusers names (DMD2's release)

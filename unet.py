@@ -1308,6 +1308,19 @@ def require_keys(obj, keys, path, what):
     return obj
 
 
+def option_errors(cfg, at_least_one=(), at_least_zero=(), below_one=()):
+    """The training scripts' start-up checks of numeric options, so that a 0 or a negative number fails at once with
+    the option's name, not as a ZeroDivisionError hours into a run. -> [messages]"""
+    errors = [f"--{n} must be at least 1, got {getattr(cfg, n)}" for n in at_least_one if getattr(cfg, n) < 1]
+    errors += [f"--{n} must be 0 or more, got {getattr(cfg, n)}" for n in at_least_zero if getattr(cfg, n) < 0]
+    errors += [f"--{n} must be at least 0 and below 1, got {getattr(cfg, n)}" for n in below_one
+               if not 0 <= getattr(cfg, n) < 1]
+    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:     # the DM gradient's share of the noise levels
+        errors.append(f"need 0 <= --min_step_percent < --max_step_percent <= 1, got {cfg.min_step_percent} and "
+                      f"{cfg.max_step_percent}")
+    return errors
+
+
 # ------------------------------------------------------------------------------------------------------------------------
 # 7. LoRA for the SDXL UNet (Hu et al. 2021), as DMD2 trains its LoRA generator (README model zoo: rank 64, alpha 8,
 #    dropout 0, lr 5e-5; the fake score stays a full UNet) and as people share SDXL LoRAs.

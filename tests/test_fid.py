@@ -542,6 +542,23 @@ def test_cli_ref_refuses_a_destination_it_cannot_write_before_any_features(tmp_p
     assert (tmp_path / "new").is_dir()
 
 
+def test_frechet_distance_refuses_statistics_that_are_not_finite():
+    """scipy's sqrtm never returns on a NaN matrix (the covariance of one sample): refuse it instead of hanging."""
+    with pytest.raises(ValueError, match="sigma statistics are not finite"):
+        fid.frechet_distance(np.zeros(3), np.full((3, 3), np.nan), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="reference mu statistics are not finite"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.array([0, np.inf, 0]), np.eye(3))
+
+
+def test_cli_refuses_counts_that_cannot_make_statistics(tmp_path, capsys):
+    for argv, problem in ((["calc", "--images", str(tmp_path), "--ref", "r.npz", "--num", "-2"], "--num must be at least 2"),
+                          (["ref", "--data", str(tmp_path), "--dest", "r.npz", "--num", "1"], "--num must be at least 2"),
+                          (["bench", "--batch", "0"], "--batch must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            fid.main(argv)
+        assert exit_.value.code == 1 and problem in capsys.readouterr().err, argv
+
+
 def test_check_folder_refuses_what_could_not_hold_images_and_makes_the_rest(tmp_path):
     (tmp_path / "a_file").write_text("")
     for path, problem in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "pngs", "cannot make this folder")):

@@ -238,6 +238,8 @@ def test_init_from_loads_weights_only(tmp_path):
     with pytest.raises(ValueError, match=r"generator.pt: not an imagenet64.py checkpoint.pt or generator_XXXXXXX.pt"
                                          r".*missing fake_score"):
         m.start(m.setup(tiny_cfg(tmp_path / "s3", "--init_from", str(tmp_path / "s1" / "generator.pt"))))
+    with pytest.raises(ValueError, match=r"generator_0000003.pt: written for the network .*, this run builds"):
+        m.start(m.setup(tiny_cfg(tmp_path / "s4", "--init_from", str(kept), "--gauss_classes", "3")))
 
 # ----------------------------------------------------------------------------------------------
 # Data.
@@ -274,6 +276,9 @@ def test_edm_zip_folder_and_class_folders(tmp_path):
             write_png(tmp_path / "cls" / cls / f"{i}.png", images[i])
     ds = m.ImageDataset(str(tmp_path / "cls"), 8)
     assert ds.files == ["cat/0.png", "cat/1.png", "dog/2.png"] and ds.labels == [0, 0, 1]
+    assert m.ImageDataset(str(tmp_path / "cls"), 8, label_dim=2).labels == [0, 0, 1]
+    with pytest.raises(ValueError, match="cls: 2 class subfolders, but the teacher has 3 classes"):
+        m.ImageDataset(str(tmp_path / "cls"), 8, label_dim=3)       # a missing class would shift every later label
 
 
 def test_data_errors_name_the_file_and_the_problem(tmp_path):
@@ -517,6 +522,8 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
 def test_sample_command_png_and_npz_are_per_seed(tmp_path):
     m.train(tiny_cfg(tmp_path, "--total_steps", "1"))
     gen = str(tmp_path / "generator.pt")
+    with pytest.raises(ValueError, match="--classes 2,4: this generator has classes 0-3"):
+        m.main(["sample", "--ckpt", gen, "--seeds", "0-1", "--classes", "2,4", "--out", str(tmp_path / "no")])
     m.main(["sample", "--ckpt", gen, "--seeds", "0-5", "--out", str(tmp_path / "png"), "--batch", "4"])
     m.main(["sample", "--ckpt", gen, "--seeds", "3,4-5", "--out", str(tmp_path / "a.npz"), "--batch", "1",
             "--classes", "2"])
@@ -570,10 +577,37 @@ def test_evaluate_fid_matches_fid_py_on_the_same_images(tmp_path):
     assert score == pytest.approx(fid.frechet_distance(mu, sigma, *ref), rel=1e-9)
 
 
-def test_bench_prints_the_ratio(tmp_path, capsys):
-    res = m.main(["--preset", "gaussian", "--bench", "--batch_size", "8", "--outdir", str(tmp_path)])
+def test_bench_prints_the_ratio_and_writes_nothing(tmp_path, capsys):
+    res = m.main(["--preset", "gaussian", "--bench", "--batch_size", "8", "--outdir", str(tmp_path / "run")])
     assert "ratio" in capsys.readouterr().out and res["ratio"] > 0
-    assert not os.path.exists(tmp_path / "checkpoint.pt")
+    assert not os.path.exists(tmp_path / "run")                          # no folder, no log.txt, no checkpoint
+
+
+def test_impossible_options_are_refused_at_start_each_by_name(tmp_path):
+    """A 0 or a negative number, or an impossible range, fails before anything is built, not as a ZeroDivisionError
+    or a hang (a covariance of one sample is NaN, and scipy's sqrtm never returns on it) later in the run."""
+    flags = {"--batch_size": "0", "--dfake_gen_update_ratio": "0", "--log_every": "0", "--num_train_timesteps": "1",
+             "--gauss_classes": "0", "--ema_decay": "1.5", "--fid_num": "1", "--eval_per_class": "1",
+             "--min_step_percent": "0.9", "--max_step_percent": "0.1", "--total_steps": "-1", "--fid_every": "1"}
+    cfg = tiny_cfg(tmp_path, *[x for kv in flags.items() for x in kv])
+    with pytest.raises(ValueError) as e:
+        m.check_config(cfg)
+    for name in ("batch_size", "dfake_gen_update_ratio", "log_every", "num_train_timesteps", "gauss_classes",
+                 "ema_decay", "fid_num", "eval_per_class", "min_step_percent", "total_steps", "fid_ref"):
+        assert f"--{name}" in str(e.value), name
+    m.check_config(tiny_cfg(tmp_path))                                   # the preset itself passes
+
+
+def test_evaluate_and_sample_refuse_impossible_counts_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(m.fid, "load_inception", lambda *a: pytest.fail("loaded Inception before checking --num"))
+    for argv, problem in ((["evaluate", "--folder", str(tmp_path), "--fid_ref", "r.npz", "--num", "1"], "--num >= 2"),
+                          (["sample", "--ckpt", "g.pt", "--seeds", "5-2", "--out", str(tmp_path)], "range 5-2 is empty"),
+                          (["sample", "--ckpt", "g.pt", "--seeds", "0-x", "--out", str(tmp_path)], "expected numbers"),
+                          (["sample", "--ckpt", "g.pt", "--out", str(tmp_path / "x.jpg")], "give a folder"),
+                          (["sample", "--ckpt", "g.pt", "--batch", "0", "--out", str(tmp_path)], "--batch must")):
+        with pytest.raises(ValueError, match=problem):
+            m.main(argv)
+    assert not os.path.exists(tmp_path / "x.jpg")
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation as DMD2 reports it.

@@ -292,6 +292,17 @@ def test_lora_run_trains_the_lora_only_and_keeps_lora_only_files(lora_run):
     assert sdxl.read_lora(str(lora_run["out"] / "generator.safetensors"))[1]["step"] == "3"
 
 
+def test_lora_files_given_where_a_unet_is_expected_or_at_another_rank_say_so(lora_run, capsys):
+    import sdxl
+    gen = str(lora_run["out"] / "generator.safetensors")
+    with pytest.raises(ValueError, match=f"{gen}: a LoRA, not a UNet: pass it with --lora"):
+        sdxl.load_unet_state(gen, sdxl.TINY_UNET)
+    with pytest.raises(SystemExit):                  # one line, not a size mismatch for each LoRA tensor
+        sdxl.main(lora_run["args"] + ["--total_steps", "4", "--resume", "--lora_rank", "8"])
+    err = capsys.readouterr().err
+    assert "its run had --lora_rank 4, this one has 8; resume with --lora_rank 4" in err and err.count("\n") == 1, err
+
+
 def test_lora_run_exported_as_kohya_gives_diffusers_our_unet(lora_run, tmp_path):
     """export --lora --format kohya -> diffusers load_lora_weights + fuse_lora on the tiny base UNet = our base UNet
     with the run's LoRA (loaded by generate's path), to 1e-4."""

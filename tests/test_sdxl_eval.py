@@ -235,6 +235,33 @@ def test_clip_score_is_open_clips_mean_cosine_similarity(open_clip, tmp_path):
         fid.clip_score(tmp_path / "fake", tokens, fid.load_open_clip(path, TINY_CLIP), progress=False)
 
 
+def test_sdxl_eval_checks_its_inputs_before_any_features(tmp_path, capsys, monkeypatch):
+    """The CLIP file and the pairing of images with prompts are checked before the Inception passes (two of 10,000
+    images for COCO-10K), not after."""
+    import sdxl
+    monkeypatch.setattr(fid, "load_inception", lambda *a: pytest.fail("loaded Inception before the checks"))
+    (tmp_path / "fake").mkdir()
+    for i in range(2):
+        PIL.Image.fromarray(photo(PHOTOS[i])).save(tmp_path / "fake" / f"{i}.png")
+    (tmp_path / "clip.bin").write_bytes(b"")
+    (tmp_path / "two.txt").write_text("a\n\nb\n")                  # a blank line is skipped: 2 prompts
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    args = ["eval", "--images", str(tmp_path / "fake"), "--ref", str(tmp_path), "--device", "cpu"]
+    for more, words in ((["--prompts", str(tmp_path / "two.txt"), "--clip", str(tmp_path / "none.bin")],
+                         "none.bin: no such open_clip weights file"),
+                        (["--prompts", str(tmp_path / "three.txt"), "--clip", str(tmp_path / "clip.bin")],
+                         "fake: 2 images but 3 prompts")):
+        with pytest.raises(SystemExit):
+            sdxl.main(args + more)
+        assert words in capsys.readouterr().err
+
+
+def test_open_clip_head_counts_that_do_not_divide_the_width_are_refused(open_clip, tmp_path):
+    torch.save(tiny_open_clip(open_clip).state_dict(), tmp_path / "clip.bin")
+    with pytest.raises(ValueError, match="clip.bin: its image transformer is .* wide, which 3 attention heads"):
+        fid.load_open_clip(tmp_path / "clip.bin", None, heads=(3, 3))
+
+
 def test_sdxl_eval_prints_the_three_numbers(open_clip, tmp_path, capsys):
     """`sdxl.py eval` end to end on a tiny folder: real Inception weights, a tiny open_clip checkpoint, sdxl.py's own
     tokenizer; the CLIP score it prints is the one open_clip's tokenizer gives."""

@@ -380,6 +380,46 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, m
         assert exit_.value.code == 1 and problem in capsys.readouterr().err, argv
 
 
+def test_impossible_options_are_refused_at_start_each_by_name():
+    """A 0, a negative number or an impossible range fails before the models load, naming the option, not as a
+    ZeroDivisionError or an IndexError some iterations into a run."""
+    bad = tiny_config(dfake_gen_update_ratio=0, log_every=0, max_step_percent=1.5, batch_size=0, lora_alpha=4.0,
+                      beta2=1.0, total_steps=-1)
+    with pytest.raises(ValueError) as e:
+        sdxl.check_config(bad)
+    for name in ("dfake_gen_update_ratio", "log_every", "max_step_percent", "batch_size", "lora_alpha", "beta2",
+                 "total_steps"):
+        assert f"--{name}" in str(e.value), name
+    for kw, words in ((dict(num_denoising_step=0), "steps must be 1 to 1000"),
+                      (dict(num_denoising_step=1, conditioning_timestep=1000), "timestep 0 to 999"),
+                      (dict(min_step_percent=0.9, max_step_percent=0.1), "--min_step_percent < --max_step_percent"),
+                      (dict(lora_rank=4, lora_alpha=0.0), "--lora_alpha must be above 0")):
+        with pytest.raises(ValueError, match=words):
+            sdxl.check_config(tiny_config(**kw))
+    sdxl.check_config(tiny_config())
+    sdxl.check_config(tiny_config(lora_rank=4, lora_alpha=4.0))
+
+
+def test_generate_and_encode_refuse_impossible_counts_before_the_models_load(tmp_path, capsys, monkeypatch):
+    """Before: --batch -1 or --shard_size -1 printed 'wrote 4 images' and wrote none; --steps -1 raised a NameError."""
+    monkeypatch.setattr(sdxl, "load_for_inference", lambda *a: pytest.fail("loaded the models before the checks"))
+    monkeypatch.setattr(sdxl, "load_parts", lambda *a, **k: pytest.fail("loaded the VAE before the checks"))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    prompts = ["generate", "--preset", "tiny", "--prompts", str(tmp_path / "prompts.txt"), "--outdir", str(tmp_path)]
+    for argv, words in (([*prompts, "--batch", "-1"], "--batch must be at least 1"),
+                        ([*prompts, "--steps", "-1"], "--steps, --height and --width"),
+                        (["generate", "--preset", "tiny", "--prompt", "a cat", "--height", "-64"], "--height"),
+                        (["encode", "--preset", "tiny", "--images", str(tmp_path), "--out", str(tmp_path / "lat"),
+                          "--shard_size", "-1"], "--shard_size >= 1")):
+        with pytest.raises(SystemExit) as exit_:
+            sdxl.main(argv)
+        assert exit_.value.code == 1 and words in capsys.readouterr().err, argv
+    with pytest.raises(ValueError, match="steps must be 1 to 1000"):
+        sdxl.dmd2_timesteps(1001)
+    with pytest.raises(ValueError, match="steps must be 1 to 1000"):
+        sdxl.sample_euler_cfg(None, torch.zeros(1, 4, 2, 2), None, None, 0, 8.0, sdxl.ddpm_alphas_cumprod())
+
+
 def test_export_to_diffusers_names_loads_in_diffusers(tiny_run, tmp_path):
     """`sdxl.py export --format diffusers` writes the inverse of diffusers_to_sgm_unet: diffusers' UNet2DConditionModel
     loads it strictly and predicts what our UNet predicts from generator.safetensors."""

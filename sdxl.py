@@ -1872,7 +1872,7 @@ def load_unet_state(path, cfg=SDXLUNetConfig()):
             state = state["generator"]                         # our checkpoint.pt
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise ValueError(f"{path}: expected a UNet state dict (name -> tensor)")
-    if state and all(unet.is_lora_key(k) or k.endswith(".alpha") or "lora" in k for k in state):
+    if state and all("lora" in k for k in state):          # ours, Kohya's and peft's LoRA names all say so
         raise ValueError(f"{path}: a LoRA, not a UNet: pass it with --lora (export: --lora {path} --format kohya)")
     if any(k.startswith(PREFIX_UNET) for k in state):
         state = {k[len(PREFIX_UNET):]: v for k, v in state.items() if k.startswith(PREFIX_UNET)}

@@ -1,7 +1,8 @@
 """One prepared GPU check: the full-size figures README's GPU table reports, in one run of under 8 minutes.
 
     python tests/gpu_check.py                       # one CUDA GPU: every part, under 8 minutes; gpu_check.json + a table
-    python tests/gpu_check.py --dry-run             # the same code paths on the CPU at tiny sizes (CI runs this, < 1 min)
+    python tests/gpu_check.py --dry-run             # the same code paths on the CPU at tiny sizes (CI runs this, < 1 min);
+                                                    # out/gpu_check_dry_run.json
     python tests/gpu_check.py --parts fid,toy2d     # a subset
 
 Nothing is downloaded: every full-size network gets random weights at the real shapes (timing and memory do not depend
@@ -298,7 +299,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks every code path")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ", ".join(PARTS))
-    p.add_argument("--out", default="gpu_check.json", help="where to write the JSON results")
+    p.add_argument("--out", default="", help="where to write the JSON results (default: gpu_check.json; with "
+                   "--dry-run out/gpu_check_dry_run.json, so that a dry run never overwrites a GPU run's figures)")
     p.add_argument("--part", help=argparse.SUPPRESS)      # internal: run one part in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -325,7 +327,9 @@ def main(argv=None):
     env["total_seconds"] = round(time.perf_counter() - start, 1)
     table = markdown(env, rows)
     print("\n" + table)
-    with open(args.out, "w") as f:
+    out = args.out or (os.path.join("out", "gpu_check_dry_run.json") if args.dry_run else "gpu_check.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(dict(environment=env, dry_run=args.dry_run, parts={n: dict(fig, status=s, wall_s=round(t, 1))
                                                                      for n, (s, fig, t) in rows.items()}), f, indent=1)
     failed = [n for n, (s, _, _) in rows.items() if s.startswith("failed")]

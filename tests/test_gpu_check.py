@@ -9,11 +9,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_check_dry_run_runs_every_part(tmp_path):
-    out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"), "--dry-run", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"), "--dry-run"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out" / "gpu_check_dry_run.json"
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == [out.name]   # a GPU run's file is safe
     result = json.loads(out.read_text())
     assert result["dry_run"] is True and result["environment"]["torch"]
     parts = result["parts"]

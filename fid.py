@@ -871,14 +871,20 @@ def save_stats(path, mu, sigma, **more):
                              f"{None if c is None else c.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:                                            # a failed save leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_dest(path):
     """Raise ValueError now if a file could not be written at `path` after a long computation (save_stats, an image):
     its folder cannot be made or written to, or a folder of that name is in the way. Makes the folder."""
+    if not path:
+        raise ValueError("an empty path: give the name of the file to write")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -927,6 +933,8 @@ def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device
                     resize="edm"):
     """FID of num images from any source (folder, zip, .npz, tensor, generator of uint8 batches) against a stats file."""
     mu_ref, sigma_ref = load_stats(ref_path)  # read first, so that a bad file fails before hours of features
+    if not (np.isfinite(mu_ref).all() and np.isfinite(sigma_ref).all()):
+        raise ValueError(f"{ref_path}: the reference statistics must be finite (this file has NaN or inf)")
     mu, sigma = compute_statistics(iterate_features(source, detector, batch_size, num, device, progress, seed, resize))
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)
 
@@ -1282,6 +1290,14 @@ def run(args):
     if args.command != "download":
         if args.batch < 1:
             raise ValueError(f"--batch must be at least 1, got {args.batch}")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this torch sees no CUDA device")
+        if args.command == "bench" and args.res < 1:
+            raise ValueError(f"--res must be at least 1, got {args.res}")
         least = 1 if args.command == "bench" else 2             # a covariance needs two feature vectors
         if args.num is not None and args.num < least:
             raise ValueError(f"--num must be at least {least}, got {args.num}")
@@ -1297,6 +1313,8 @@ def run(args):
         print(f"{rate:.1f} images/s ({args.device}, {torch.get_num_threads()} threads, batch {args.batch}, "
               f"{args.res}x{args.res} uint8 -> 299x299 -> 2048 features)")
     elif args.command == "ref":
+        if _is_image(args.dest):                # it could be one of --data's own images
+            raise ValueError(f"--dest {args.dest}: statistics are an .npz, not an image file")
         check_dest(args.dest)                   # before the features (hours on a CPU), not after
         detector = load_inception(args.weights, args.device)
         mu, sigma = compute_statistics(iterate_features(args.data, detector, args.batch, args.num, args.device, True, args.seed))
@@ -1304,6 +1322,10 @@ def run(args):
         print(f"wrote {args.dest}: mu [{len(mu)}], sigma [{len(mu)}, {len(mu)}]")
     elif args.command == "calc":
         detector = load_inception(args.weights, args.device)
+        mu_ref = load_stats(args.ref)[0]         # before the features: the Inception detector's pool features
+        if mu_ref.shape != (2048,):
+            raise ValueError(f"{args.ref}: reference statistics must be mu [2048] and sigma [2048, 2048] (Inception's "
+                             f"pool features); this file has mu {list(mu_ref.shape)}")
         value = fid_from_source(args.images, args.ref, detector, args.num, args.batch, args.device, True, args.seed, args.method)
         print(f"{value:g}")
 

@@ -1751,7 +1751,35 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for latents, labels and churn noise")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    try:
+        run_main(args)
+    except (OSError, ValueError, pickle.UnpicklingError) as e:    # a bad file or option: the message, no traceback
+        p.exit(1, f"unet.py: error: {e}\n")
 
+
+def check_main_args(args):
+    """Everything that would fail after minutes of sampling fails now: impossible counts, the device, the grid's path."""
+    if args.steps < 1 or args.num < 1 or args.churn < 0:
+        raise ValueError(f"need --steps >= 1, --num >= 1 and --churn >= 0, got {args.steps}, {args.num}, {args.churn}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch sees no CUDA device")
+    if args.grid:
+        from PIL import Image
+        if os.path.splitext(args.grid)[1].lower() not in Image.registered_extensions():
+            raise ValueError(f"--grid {args.grid}: give an image file name (.png, .jpg, ...)")
+        if args.out and os.path.abspath(args.out) == os.path.abspath(args.grid):
+            raise ValueError(f"--grid and --out are the same file, {args.grid}: the picture would replace the weights")
+        if os.path.isdir(args.grid):
+            raise ValueError(f"--grid {args.grid}: is a folder")
+        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
+
+
+def run_main(args):
+    check_main_args(args)
     net = load_edm_pickle(args.pkl, device=args.device)
     print(f"{args.pkl}: EDMPrecond {net.init_kwargs}, {sum(t.numel() for t in net.parameters()):,} parameters")
     if args.out:

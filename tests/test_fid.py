@@ -559,6 +559,25 @@ def test_cli_refuses_counts_that_cannot_make_statistics(tmp_path, capsys):
         assert exit_.value.code == 1 and problem in capsys.readouterr().err, argv
 
 
+def test_cli_checks_device_destination_and_reference_before_any_features(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: None)                 # no weights needed here
+    monkeypatch.setattr(fid, "iterate_features", lambda *a, **k: pytest.fail("computed features before the checks"))
+    fid.save_stats(tmp_path / "small.npz", np.zeros(10), np.eye(10))
+    fid.save_stats(tmp_path / "nan.npz", np.full(2048, np.nan), np.eye(2048))
+    for argv, problem in ((["bench", "--device", "foo"], "--device 'foo' is not a torch device"),
+                          (["bench", "--res", "0"], "--res must be at least 1"),
+                          (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "0.png")], "not an image file"),
+                          (["ref", "--data", str(tmp_path), "--dest", ""], "an empty path"),
+                          (["calc", "--images", str(tmp_path), "--ref", str(tmp_path / "small.npz")], "mu [10]"),
+                          (["calc", "--images", str(tmp_path), "--ref", str(tmp_path / "nan.npz")], "must be finite")):
+        with pytest.raises(SystemExit) as exit_:
+            fid.main(argv + ["--weights", "w.pth"])
+        assert exit_.value.code == 1 and problem in capsys.readouterr().err, argv
+    with pytest.raises(OSError):                                  # the rename onto a folder fails
+        fid.save_stats(tmp_path, np.zeros(2), np.eye(2))
+    assert not [n for n in os.listdir(tmp_path.parent) if ".tmp" in n]                # and leaves no temporary file
+
+
 def test_check_folder_refuses_what_could_not_hold_images_and_makes_the_rest(tmp_path):
     (tmp_path / "a_file").write_text("")
     for path, problem in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "pngs", "cannot make this folder")):

@@ -723,3 +723,23 @@ def test_sampler_with_network_and_command_line(tmp_path):
     assert img.size == (2 * R, 2 * R) and img.mode == "RGB"
     x = unet.edm_sampler(src, torch.randn(2, 3, R, R), one_hot([1, 2], 10), num_steps=3)
     assert x.shape == (2, 3, R, R) and torch.isfinite(x).all() and not marker.exists()
+
+
+def test_command_line_errors_are_one_line_and_come_before_the_work(tmp_path, capsys, monkeypatch):
+    """A hostile or missing file, an impossible option or a grid path that could not be written: one line naming it,
+    exit status 1, and the options are checked before the pickle is read (sampling a full-size grid takes minutes)."""
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"x": Evil(os.system, f"touch {tmp_path / 'ran'}")}))
+    for argv, words in (([str(evil)], "refusing to load the global"),
+                        ([str(tmp_path / "none.pkl")], "none.pkl"),
+                        ([str(evil), "--steps", "0"], "need --steps >= 1"),
+                        ([str(evil), "--num", "-2"], "--num >= 1"),
+                        ([str(evil), "--device", "foo"], "--device 'foo' is not a torch device"),
+                        ([str(evil), "--grid", str(tmp_path / "g.txt")], "give an image file name"),
+                        ([str(evil), "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "g.png")],
+                         "--grid and --out are the same file")):
+        with pytest.raises(SystemExit) as exit_:
+            unet.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.startswith("unet.py: error:") and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "ran").exists()

@@ -1040,7 +1040,19 @@ def save_outputs(cfg, mix, rows, field, histories, result):
                         os.path.join(cfg.outdir, "dm_field.png"))
     save_curves_figure(os.path.join(cfg.outdir, "curves.png"), histories)
     with open(os.path.join(cfg.outdir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(strict_json(result), f, indent=2)
+
+
+def strict_json(obj):
+    """obj with every inf or NaN float replaced by None, so the file is JSON that every parser reads: a shape KL is inf
+    for a mode with too few samples to fit a Gaussian to (mode_shape_kl), and JSON has no infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 SEED_COLUMNS = [  # (title, function of (student metrics, data metrics, teacher metrics), worst = max or min)
@@ -1064,11 +1076,20 @@ def run_seeds(cfg):
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         c = Config(**{**asdict(cfg), "seed": seed, "outdir": os.path.join(cfg.outdir, f"seed_{seed}")})
         per_seed[seed] = run(c)["metrics"]
-        text = f"Seeds {cfg.seed}..{seed} of {cfg.seed}..{cfg.seed + cfg.seeds - 1}, defaults otherwise.\n\n" + \
+        text = f"Seeds {cfg.seed}..{seed} of {cfg.seed}..{cfg.seed + cfg.seeds - 1}; {options_text(cfg)}.\n\n" + \
             seeds_table(per_seed, ["student_1step", f"student_{cfg.ksteps}step"]) + "\n"
         with open(os.path.join(cfg.outdir, "seeds.md"), "w") as f:
             f.write(text)
     return text
+
+
+def options_text(cfg):
+    """The options that differ from the defaults, as flags (those that only say where and how the run goes, such as
+    --outdir and --quiet, left out): a table says what made it."""
+    quiet = {"seed", "seeds", "outdir", "quiet", "workers", "ablation"}
+    changed = [f"--{f.name} {getattr(cfg, f.name)}" for f in fields(Config)
+               if f.name not in quiet and getattr(cfg, f.name) != f.default]
+    return "options: " + " ".join(changed) if changed else "default options"
 
 
 def seeds_table(per_seed, students):
@@ -1104,9 +1125,14 @@ ABLATIONS = [  # (name, overrides, K-step?)
     ("without TTUR (ratio 1)", {"dfake_gen_update_ratio": 1}, False),
     ("without GAN", {"gen_gan_weight": 0.0, "fake_gan_weight": 0.0}, False),
     ("GAN only (no DM)", {"dm": False}, False),
-    ("DMD2, 4-step", {}, True),
-    ("4-step without backward simulation", {"backward_simulation": False}, True),
+    ("DMD2, {K}-step", {}, True),                       # K: --ksteps
+    ("{K}-step without backward simulation", {"backward_simulation": False}, True),
 ]
+
+
+def ablation_rows(cfg):
+    """ABLATIONS with the K-step rows named after --ksteps."""
+    return [(name.format(K=cfg.ksteps), over, multi) for name, over, multi in ABLATIONS]
 
 
 def run_ablation(cfg):
@@ -1125,12 +1151,13 @@ def run_ablation(cfg):
         reference = sample_mixture(mix, cfg.num_eval)
         reference_self = mean_distance(reference)
         jobs = []
-        for row, (name, over, multi) in enumerate(ABLATIONS):
+        for row, (name, over, multi) in enumerate(ablation_rows(cfg)):
             c = Config(**{**asdict(cfg), **over})
             c.total_steps = gen_updates * c.dfake_gen_update_ratio
             sig = parse_sigmas(c.kstep_sigmas) if multi else [c.one_step_sigma]
             jobs.append(dict(cfg=c, sigmas=sig, seed=student_seed(seed, len(sig), row + 1)))
-        for (name, _, _), job, (G, _, _) in zip(ABLATIONS, jobs, train_students(cfg, mix, teacher, device, jobs)):
+        for (name, _, _), job, (G, _, _) in zip(ablation_rows(cfg), jobs, train_students(cfg, mix, teacher, device,
+                                                                                         jobs)):
             with torch.no_grad():
                 x = generate(G, torch.randn(cfg.num_eval, 2, device=device), job["sigmas"])
             results.setdefault(name, []).append(evaluate(mix, x, reference, reference_self))
@@ -1142,10 +1169,10 @@ def run_ablation(cfg):
     with open(os.path.join(cfg.outdir, "ablation.md"), "w") as f:
         f.write(text)
     with open(os.path.join(cfg.outdir, "ablation.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(strict_json(summary), f, indent=2)
     lim = float(mix.means.abs().max()) + 1.0
     save_samples_figure(os.path.join(cfg.outdir, "ablation.png"), mix,
-                        {name: results[(name, "samples")] for name, _, _ in ABLATIONS}, lim)
+                        {name: results[(name, "samples")] for name, _, _ in ablation_rows(cfg)}, lim)
     return summary, text
 
 
@@ -1159,7 +1186,7 @@ def ablation_summary(results):
     table = ["| run | modes covered | " + " | ".join(t for t, _, _ in ABLATION_COLUMNS) + " |",
              "|---|---|" + "---|" * len(ABLATION_COLUMNS)]
     summary = {}
-    for name, _, _ in ABLATIONS:
+    for name in [k for k in results if isinstance(k, str)]:       # the rows in the order they ran
         ms = results[name]
         keys = ["modes_covered"] + [k for _, k, _ in ABLATION_COLUMNS]
         with np.errstate(invalid="ignore"):        # a mode with no samples has shape KL inf: std nan, said so
@@ -1329,6 +1356,8 @@ def check_config(cfg):
     errors += kstep_errors(cfg)
     if cfg.eval_redraws < 0:
         errors.append(f"--eval_redraws must be 0 (off) or more, got {cfg.eval_redraws}")
+    if cfg.ablation and (cfg.seeds > 1 or cfg.eval_redraws):       # it would ignore them
+        errors.append("--ablation runs its own seeds (--ablation_seeds) and no redraws: drop --seeds and --eval_redraws")
     if cfg.num_eval < 100:
         errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
     if errors:

@@ -89,7 +89,8 @@ def check(names):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=list(NAMES), help=f"notebooks to build, of {', '.join(NAMES)}")
-    parser.add_argument("--check", action="store_true", help="only check that every notebook matches its source")
+    parser.add_argument("--check", action="store_true", help="only check that every notebook in notebooks/ matches its "
+                        "source (with --out: refused, since --check reads the committed notebooks)")
     parser.add_argument("--out", default=HERE, help="folder for the executed .ipynb files")
     parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
     args = parser.parse_args(argv)
@@ -97,6 +98,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown notebook(s) {unknown}: choose from {list(NAMES)}")
     if args.check:
+        if os.path.abspath(args.out) != os.path.abspath(HERE):
+            parser.error("--check checks the notebooks in notebooks/, not a folder given with --out")
         sys.exit(0 if check(args.names) else 1)
     os.makedirs(args.out, exist_ok=True)
     for name in args.names:

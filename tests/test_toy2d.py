@@ -680,6 +680,9 @@ def test_seeds_table_has_every_seed_median_and_worst(tmp_path):
     """--seeds N runs the main run per seed and summarises each student: one row per seed, then median and worst."""
     toy2d.main(TINY + ["--seeds", "2", "--outdir", str(tmp_path)])
     table = (tmp_path / "seeds.md").read_text()
+    assert table.startswith("Seeds 0..1 of 0..1; options: --width 32 --depth 2 --teacher_iters 150 --heun_steps 8 "
+                            "--total_steps 60 --batch_size 128 --num_eval 2000 --eval_every 30.")   # what made it
+    assert toy2d.options_text(toy2d.Config(outdir="x", workers=1, seeds=3)) == "default options"
     for student in ("student_1step", "student_4step"):
         for row in ("| 0 |", "| 1 |", "| median |", "| worst |"):
             assert f"{row} {student} |" in table
@@ -689,7 +692,15 @@ def test_seeds_table_has_every_seed_median_and_worst(tmp_path):
     assert float(worst_row.split("|")[4]) == pytest.approx(worst_tv, rel=1e-2)
 
 
+def test_metrics_files_are_strict_json():
+    """A mode with too few samples has shape KL inf; JSON has no infinity, so the files say null there."""
+    assert toy2d.strict_json({"kl": [0.5, float("inf")], "m": {"x": float("nan"), "n": 3}}) == \
+        {"kl": [0.5, None], "m": {"x": None, "n": 3}}
+
+
 def test_bad_options_get_clear_errors():
+    with pytest.raises(SystemExit, match="--ablation runs its own seeds"):
+        toy2d.main(["--ablation", "--seeds", "3"])
     with pytest.raises(SystemExit, match="--kstep_sigmas has 3 values but --ksteps is 4"):
         toy2d.main(["--kstep_sigmas", "80,1,0.1"])
     with pytest.raises(SystemExit, match=r"--ksteps must be at least 2 \(the 1-step student always trains beside"):
@@ -855,7 +866,10 @@ def test_ablation_writes_every_row(tmp_path):
     toy2d.main(TINY + ["--ablation", "--ablation_seeds", "1", "--outdir", str(tmp_path)])
     table = (tmp_path / "ablation.md").read_text()
     summary = json.loads((tmp_path / "ablation.json").read_text())
-    for name, _, _ in toy2d.ABLATIONS:
+    for name, _, _ in toy2d.ablation_rows(toy2d.Config()):
         assert f"| {name} |" in table and name in summary
         assert 0 <= summary[name]["mean"]["weight_tv"] <= 1
     assert (tmp_path / "ablation.png").stat().st_size > 1000
+    assert "DMD2, 4-step" in table and "4-step without backward simulation" in table
+    assert [n for n, _, _ in toy2d.ablation_rows(toy2d.Config(ksteps=3))][4:] == [
+        "DMD2, 3-step", "3-step without backward simulation"]

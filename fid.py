@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import (PickledOrderedDict, describe_value, legacy_storage_nbytes, load_legacy_storage,  # hostile files
-                  read_safetensors, scan_pickle)
+from unet import (PickledOrderedDict, check_device, describe_value, legacy_storage_nbytes,  # hostile files, options
+                  load_legacy_storage, read_safetensors, scan_pickle)
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -1290,12 +1290,7 @@ def run(args):
     if args.command != "download":
         if args.batch < 1:
             raise ValueError(f"--batch must be at least 1, got {args.batch}")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: this torch sees no CUDA device")
+        check_device(args.device)
         if args.command == "bench" and args.res < 1:
             raise ValueError(f"--res must be at least 1, got {args.res}")
         least = 1 if args.command == "bench" else 2             # a covariance needs two feature vectors

@@ -1757,16 +1757,22 @@ def main(argv=None):
         p.exit(1, f"unet.py: error: {e}\n")
 
 
+def check_device(name):
+    """torch.device(name), or a ValueError naming --device: not a device name, or CUDA asked of a torch without it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA device")
+    return device
+
+
 def check_main_args(args):
     """Everything that would fail after minutes of sampling fails now: impossible counts, the device, the grid's path."""
     if args.steps < 1 or args.num < 1 or args.churn < 0:
         raise ValueError(f"need --steps >= 1, --num >= 1 and --churn >= 0, got {args.steps}, {args.num}, {args.churn}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch sees no CUDA device")
+    check_device(args.device)
     if args.grid:
         from PIL import Image
         if os.path.splitext(args.grid)[1].lower() not in Image.registered_extensions():

@@ -913,6 +913,8 @@ def load_stats(path, prefix=""):
     """(mu [D], sigma [D, D]) float64 from an .npz with keys 'mu' and 'sigma' (EDM's imagenet-64x64.npz, ADM's batches),
     or '<prefix>mu' and '<prefix>sigma'."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not an .npz of statistics (write one with `fid.py ref`)")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: cannot read statistics (no such file)")
     with open(path, "rb") as f:
@@ -935,8 +937,18 @@ def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device
     mu_ref, sigma_ref = load_stats(ref_path)  # read first, so that a bad file fails before hours of features
     if not (np.isfinite(mu_ref).all() and np.isfinite(sigma_ref).all()):
         raise ValueError(f"{ref_path}: the reference statistics must be finite (this file has NaN or inf)")
-    mu, sigma = compute_statistics(iterate_features(source, detector, batch_size, num, device, progress, seed, resize))
+    mu, sigma = source_statistics(source, detector, batch_size, num, device, progress, seed, resize)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)
+
+
+def source_statistics(source, detector, batch_size=64, num=None, device="cpu", progress=True, seed=0, resize="edm"):
+    """(mu, sigma) of the detector's features of a source; a source too small for a covariance is named."""
+    try:
+        return compute_statistics(iterate_features(source, detector, batch_size, num, device, progress, seed, resize))
+    except ValueError as e:
+        if isinstance(source, (str, os.PathLike)) and "at least 2 feature vectors" in str(e):
+            raise ValueError(f"{os.fspath(source)}: {e}") from None
+        raise
 
 
 # ----------------------------------------------------------------------------
@@ -1312,7 +1324,7 @@ def run(args):
             raise ValueError(f"--dest {args.dest}: statistics are an .npz, not an image file")
         check_dest(args.dest)                   # before the features (hours on a CPU), not after
         detector = load_inception(args.weights, args.device)
-        mu, sigma = compute_statistics(iterate_features(args.data, detector, args.batch, args.num, args.device, True, args.seed))
+        mu, sigma = source_statistics(args.data, detector, args.batch, args.num, args.device, True, args.seed)
         save_stats(args.dest, mu, sigma)
         print(f"wrote {args.dest}: mu [{len(mu)}], sigma [{len(mu)}, {len(mu)}]")
     elif args.command == "calc":

@@ -578,6 +578,14 @@ def test_cli_checks_device_destination_and_reference_before_any_features(tmp_pat
     assert not [n for n in os.listdir(tmp_path.parent) if ".tmp" in n]                # and leaves no temporary file
 
 
+def test_too_few_images_and_a_folder_as_statistics_are_named(tmp_path):
+    np.savez(tmp_path / "one.npz", np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"one.npz: a covariance needs at least 2 feature vectors, got 1"):
+        fid.source_statistics(str(tmp_path / "one.npz"), ChannelStatsDetector(), progress=False)
+    with pytest.raises(ValueError, match="a folder, not an .npz of statistics"):
+        fid.load_stats(tmp_path)
+
+
 def test_check_folder_refuses_what_could_not_hold_images_and_makes_the_rest(tmp_path):
     (tmp_path / "a_file").write_text("")
     for path, problem in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "pngs", "cannot make this folder")):

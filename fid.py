@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from unet import (PickledOrderedDict, check_device, describe_value, legacy_storage_nbytes,  # hostile files, options
-                  load_legacy_storage, read_safetensors, scan_pickle)
+                  load_legacy_storage, read_safetensors, scan_pickle, torch_load_error)
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -721,7 +721,8 @@ def read_inception_weights(path):
             else:  # NVIDIA's .pkl: a persistent InceptionV3 object
                 sd = _flatten(root) if isinstance(root, _Node) else root
     except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+        text = str(e) if "weights only load failed" not in str(e).lower() else torch_load_error(e)
+        raise pickle.UnpicklingError(text if text.startswith(path) else f"{path}: {text}") from None
     except Exception as e:
         raise ValueError(f"{path}: cannot read FID Inception weights ({type(e).__name__}: {e})") from e
     if not isinstance(sd, dict):
@@ -1140,7 +1141,7 @@ def read_open_clip_weights(path):
                         raise ValueError("its storages declare more bytes than the file holds")
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read open_clip weights ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: cannot read open_clip weights ({torch_load_error(e)})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):   # an open_clip training checkpoint
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -722,7 +722,18 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a weights-only torch checkpoint (EDM .pkl files go through load_edm_pickle): "
-                         f"{type(e).__name__}: {e}") from None
+                         f"{torch_load_error(e)}") from None
+
+
+def torch_load_error(e):
+    """One line for a torch.load(weights_only=True) failure. torch's own text for a refused global runs to several
+    paragraphs and advises loading with weights_only=False, which would run the file's code: keep the line that names
+    what the file asked for."""
+    text = str(e)
+    if "weights only load failed" not in text.lower():
+        return f"{type(e).__name__}: {text}"
+    named = [line.strip() for line in text.splitlines() if "GLOBAL" in line]
+    return "refused: " + (named[0] if named else "the file needs more than tensors and plain containers")
 
 
 # ------------------------------------------------------------------------------------------------------------------------

@@ -645,6 +645,12 @@ def test_load_checkpoint_refuses_code_and_names_the_file(tmp_path):
     with pytest.raises(ValueError) as err:
         unet.load_checkpoint(evil)
     assert str(evil) in str(err.value) and not marker.exists()
+    # one line naming what the file asked for, without torch's advice to load it with weights_only=False
+    assert "\n" not in str(err.value) and "system" in str(err.value) and "weights_only" not in str(err.value)
+    from fid import load_inception
+    with pytest.raises(pickle.UnpicklingError) as err:
+        load_inception(str(evil))
+    assert str(err.value).startswith(f"{evil}: refused:") and "\n" not in str(err.value) and not marker.exists()
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         unet.load_checkpoint(tmp_path / "missing.pt")
 

@@ -1086,9 +1086,9 @@ def run_seeds(cfg):
 def options_text(cfg):
     """The options that differ from the defaults, as flags (those that only say where and how the run goes, such as
     --outdir and --quiet, left out): a table says what made it."""
-    quiet = {"seed", "seeds", "outdir", "quiet", "workers", "ablation"}
+    not_results = {"seed", "seeds", "outdir", "quiet", "workers", "ablation"}   # --workers 1 or 2: the same students
     changed = [f"--{f.name} {getattr(cfg, f.name)}" for f in fields(Config)
-               if f.name not in quiet and getattr(cfg, f.name) != f.default]
+               if f.name not in not_results and getattr(cfg, f.name) != f.default]
     return "options: " + " ".join(changed) if changed else "default options"
 
 

@@ -1796,6 +1796,7 @@ def check_main_args(args):
 
 
 def run_main(args):
+    """The command line's work: load the pickle, then write --out (a weights-only checkpoint) and --grid (samples)."""
     check_main_args(args)
     net = load_edm_pickle(args.pkl, device=args.device)
     print(f"{args.pkl}: EDMPrecond {net.init_kwargs}, {sum(t.numel() for t in net.parameters()):,} parameters")

@@ -91,7 +91,8 @@ def tokenizer():
 if __name__ == "__main__":
     commands = {"precision": precision, "tokenizer": tokenizer}
     if sys.argv[1:] in (["-h"], ["--help"]):
-        sys.exit(print(__doc__))
+        print(__doc__)
+        sys.exit(0)
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
         sys.exit(__doc__)                                 # no command or an unknown one: the usage above, status 1
     torch.set_num_threads(1)

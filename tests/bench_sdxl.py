@@ -2,6 +2,8 @@
 
     python tests/bench_sdxl.py precision    # bf16 vs fp32 on the passes the official run keeps in fp32
     python tests/bench_sdxl.py tokenizer    # our CLIP tokenizer vs open_clip's SimpleTokenizer, 1,000 prompts
+    python tests/bench_sdxl.py pipelines 512   # full-size random weights: our pipeline in bf16 and fp32 against
+                                               # diffusers' in bf16, image differences at 512x512 (minutes, ~20 GB)
 
 Not a test: timings depend on the machine; the figures are ratios measured side by side in one run.
 """
@@ -36,6 +38,35 @@ def precision():
     low, high = passes(True), passes(False)
     for name in high:
         print(f"{name:14s} relative difference bf16 vs fp32: {((low[name] - high[name]).norm() / high[name].norm()):.2e}")
+
+
+def pipelines(size="512"):
+    """sdxl.bench_pipelines' images (prompt -> 4 DMD2 steps -> VAE decode, pixels in [0, 1]) on SDXL base's shapes with
+    random weights (--preset random), at size x size: our pipeline with the UNet and text encoders in bf16 and in
+    fp32, and diffusers' StableDiffusionXLPipeline in bf16 on the same weights, all with the fp32 VAE. The bf16
+    weights are the fp32 ones rounded, so ours bf16 vs ours fp32 is bf16's own effect, the yardstick for the other
+    two differences."""
+    import gc
+
+    from sdxl_diffusers import diffusers_pipeline
+    size = int(size)
+    torch.set_num_threads(os.cpu_count())
+    parts = sdxl.load_parts("random", "", "cpu", torch.bfloat16)        # bf16 UNet state, fp32 VAE
+    state = parts.pop("unet_state")
+    images = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        net = sdxl.build_unet(state, parts["unet_cfg"], "cpu", dtype, "random")
+        clip_l, clip_g = parts["clip_l"].to(dtype), parts["clip_g"].to(dtype)
+        r = sdxl.bench_pipelines(net, clip_l, clip_g, parts["vae"], parts["vae_cfg"], "a photo of a cat", size, size,
+                                 reps=1, reference=diffusers_pipeline if dtype == torch.bfloat16 else None)
+        images["ours fp32" if dtype == torch.float32 else "ours bf16"] = r["ours"]["image"]
+        if "diffusers" in r:
+            images["diffusers bf16"] = r["diffusers"]["image"]
+        del net, r
+        gc.collect()
+    for a, b in [("ours bf16", "ours fp32"), ("diffusers bf16", "ours fp32"), ("ours bf16", "diffusers bf16")]:
+        d = (images[a] - images[b]).abs()
+        print(f"{size}x{size} {a} vs {b}: max {d.max():.4f}, mean {d.mean():.5f}")
 
 
 def varied_prompts(n=1000, seed=0):
@@ -89,11 +120,13 @@ def tokenizer():
 
 
 if __name__ == "__main__":
-    commands = {"precision": precision, "tokenizer": tokenizer}
+    commands = {"precision": precision, "tokenizer": tokenizer, "pipelines": pipelines}
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(__doc__)
         sys.exit(0)
-    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+    sized = sys.argv[1:2] == ["pipelines"] and len(sys.argv) == 3 and sys.argv[2].isdigit() and int(sys.argv[2]) >= 64 \
+        and int(sys.argv[2]) % 64 == 0
+    if (len(sys.argv) != 2 or sys.argv[1] not in commands) and not sized:
         sys.exit(__doc__)                                 # no command or an unknown one: the usage above, status 1
     torch.set_num_threads(1)
-    commands[sys.argv[1]]()
+    commands[sys.argv[1]](*sys.argv[2:])

@@ -4,6 +4,7 @@
     python tests/gpu_check.py --dry-run             # the same code paths on the CPU at tiny sizes (CI runs this, < 1 min);
                                                     # out/gpu_check_dry_run.json
     python tests/gpu_check.py --parts fid,toy2d     # a subset
+    python tests/gpu_check.py --parts imagenet64_compile --cap imagenet64_compile=200   # a longer cap for one part
 
 Nothing is downloaded: every full-size network gets random weights at the real shapes (timing and memory do not depend
 on the values). The SDXL comparison needs diffusers (a test requirement); without it that row says so and the rest runs.
@@ -17,7 +18,8 @@ Parts:
                       the GPU's bf16 peak that the counted FLOPs reach (FLOPs counted on the meta device)
   imagenet64_compile  the same with --compile
   imagenet64_finite   50 full-size bf16 training iterations stay finite
-  sdxl_generate       1024x1024, 4 steps, bf16: latency and peak memory, ours against diffusers' pipeline
+  sdxl_generate       1024x1024, 4 steps, bf16: latency and peak memory, ours against diffusers' pipeline, and how
+                      far their images differ (both saved beside the JSON as gpu_check_sdxl_{ours,diffusers}.png)
   sdxl_train          one full-size DMD2 SDXL iteration (three UNets, two AdamW) at batch 1: time and peak memory
   fid                 Inception features per second
   toy2d               the default toy run's wall time on the GPU and on the CPU
@@ -39,7 +41,7 @@ BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, 
 
 # Seconds each part may take on the GPU (the whole check stays under 8 minutes); the dry run uses DRY_CAP for all.
 CAPS = dict(imagenet64=75, imagenet64_compile=110, imagenet64_finite=60, sdxl_generate=90, sdxl_train=60, fid=20,
-            toy2d=70)
+            toy2d=120)
 TOTAL_BUDGET = 470      # seconds for the whole check: a part gets min(its cap, what is left) and is skipped at 0
 DRY_CAP = 120
 
@@ -59,6 +61,17 @@ def device_and_sync(dry):
 def peak_gib(device):
     import torch
     return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None
+
+
+PARTIAL = ""            # in a part's process: where it keeps the figures it has so far, read if it runs over its cap
+IMAGE_DIR = ""          # in a part's process: the folder of the JSON results, where sdxl_generate leaves its images
+
+
+def keep_partial(figures):
+    """Save the figures so far: a part that then runs over its cap still reports them."""
+    if PARTIAL:
+        with open(PARTIAL, "w") as f:
+            json.dump(figures, f)
 
 
 def reset_peak(device):
@@ -151,11 +164,18 @@ def part_sdxl_generate(dry):
     size = 64 if dry else 1024
     r = sdxl.bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], height=size,
                              width=size, steps=4, reps=2 if dry else 5, reference=diffusers_pipeline)
-    out = dict(resolution=size, ours_s=round(r["ours"]["median"], 3), ours_peak_gib=r["ours"]["peak_gib"])
+    out = dict(resolution=size, ours_s=round(r["ours"]["median"], 3), ours_peak_gib=round(r["ours"]["peak_gib"], 2))
     if "diffusers" in r:
-        out.update(diffusers_s=round(r["diffusers"]["median"], 3), diffusers_peak_gib=r["diffusers"]["peak_gib"],
+        diff = (r["ours"]["image"] - r["diffusers"]["image"]).abs()                  # [1, 3, H, W], pixels in [0, 1]
+        out.update(diffusers_s=round(r["diffusers"]["median"], 3), diffusers_peak_gib=round(r["diffusers"]["peak_gib"], 2),
                    latency_ratio=round(r["ours"]["median"] / r["diffusers"]["median"], 3),
-                   max_abs_diff=float((r["ours"]["image"] - r["diffusers"]["image"]).abs().max()))
+                   max_abs_diff=float(f"{diff.max():.3g}"), mean_abs_diff=float(f"{diff.mean():.3g}"),
+                   share_over_0_05=float(f"{(diff > 0.05).float().mean():.3g}"))   # a few pixels, or the whole image?
+        if IMAGE_DIR:                                   # both images, to look at where they differ
+            from PIL import Image
+            for who in ("ours", "diffusers"):
+                pixels = (r[who]["image"][0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()   # [H, W, 3]
+                Image.fromarray(pixels).save(os.path.join(IMAGE_DIR, f"gpu_check_sdxl_{who}.png"))
     if note:
         out["note"] = note
     return out
@@ -227,22 +247,22 @@ def part_fid(dry):
 
 
 def part_toy2d(dry):
-    """The toy's default run, as a user types it, with --device cuda and --device cpu side by side (whole-process wall
-    times; the CPU run uses the GPU machine's cores)."""
+    """The toy's default run, as a user types it, with --device cpu and then --device cuda (whole-process wall times;
+    one after the other, so that neither takes the other's cores; the CPU run uses the GPU machine's cores)."""
     small = ["--teacher_iters", "20", "--total_steps", "20", "--num_eval", "500", "--eval_every", "10",
              "--workers", "1", "--threads", "1"] if dry else []
-    devices = ["cpu"] if dry else ["cuda", "cpu"]
+    devices = ["cpu"] if dry else ["cpu", "cuda"]          # the CPU first: its figure is kept if CUDA runs over
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        procs = {}
         for dev in devices:
             cmd = [sys.executable, os.path.join(ROOT, "toy2d.py"), "--device", dev, "--outdir", os.path.join(tmp, dev),
                    "--quiet", *small]
-            procs[dev] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL), time.perf_counter())
-        for dev, (proc, t) in procs.items():
-            if proc.wait() != 0:
-                raise RuntimeError(f"toy2d.py --device {dev} exited with {proc.returncode}")
+            t = time.perf_counter()
+            code = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode
+            if code != 0:
+                raise RuntimeError(f"toy2d.py --device {dev} exited with {code}")
             out[f"{dev}_wall_s"] = round(time.perf_counter() - t, 1)
+            keep_partial(out)
             with open(os.path.join(tmp, dev, "metrics.json")) as f:
                 metrics = json.load(f)["metrics"]
             out[f"{dev}_1step_tv"] = round(metrics["student_1step"]["weight_tv"], 3)
@@ -259,16 +279,21 @@ PARTS = dict(imagenet64=part_imagenet64, imagenet64_compile=part_imagenet64_comp
 # ----------------------------------------------------------------------------------------------------------------
 # Running the parts in child processes, each under its cap.
 
-def run_part(name, dry, cap):
+def run_part(name, dry, cap, image_dir=""):
     """-> (status, figures, seconds). The child writes its figures as JSON; a timeout or a crash is a status."""
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--result", result] + (["--dry-run"] if dry else [])
+        cmd += ["--image_dir", image_dir] if image_dir else []
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, timeout=cap, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
-            return f"skipped: over its {cap} s cap", {}, time.perf_counter() - t
+            partial = {}
+            if os.path.exists(result + ".partial"):
+                with open(result + ".partial") as f:
+                    partial = json.load(f)
+            return f"skipped: over its {cap} s cap", partial, time.perf_counter() - t
         seconds = time.perf_counter() - t
         if proc.returncode != 0 or not os.path.exists(result):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -301,13 +326,19 @@ def main(argv=None):
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ", ".join(PARTS))
     p.add_argument("--out", default="", help="where to write the JSON results (default: gpu_check.json; with "
                    "--dry-run out/gpu_check_dry_run.json, so that a dry run never overwrites a GPU run's figures)")
+    p.add_argument("--cap", action="append", default=[], metavar="PART=SECONDS",
+                   help="a GPU run: another time cap for one part (repeatable), e.g. imagenet64_compile=240 on a slower GPU")
+    p.add_argument("--budget", type=int, default=TOTAL_BUDGET, help=f"seconds for the whole check (default {TOTAL_BUDGET})")
     p.add_argument("--part", help=argparse.SUPPRESS)      # internal: run one part in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--image_dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.part:                                          # child process: one part, figures to --result
         if args.dry_run:                                   # tiny tensors: one thread is fastest and least noisy
             import torch
             torch.set_num_threads(1)
+        global PARTIAL, IMAGE_DIR
+        PARTIAL, IMAGE_DIR = args.result + ".partial", args.image_dir
         figures = PARTS[args.part](args.dry_run)
         with open(args.result, "w") as f:
             json.dump(figures, f)
@@ -316,19 +347,28 @@ def main(argv=None):
     unknown = [n for n in names if n not in PARTS]
     if unknown:
         p.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
+    if args.budget < 1:
+        p.error(f"--budget must be at least 1 second, got {args.budget}")
+    caps = dict(CAPS)
+    for item in args.cap:
+        name, _, seconds = item.partition("=")
+        if name not in PARTS or not seconds.isdigit() or int(seconds) < 1:
+            p.error(f"--cap {item!r}: expected PART=SECONDS with a part from {list(PARTS)} and whole seconds >= 1")
+        caps[name] = int(seconds)
+    out = args.out or (os.path.join("out", "gpu_check_dry_run.json") if args.dry_run else "gpu_check.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     env, rows, start = environment(), {}, time.perf_counter()
     for name in names:
-        left = int(TOTAL_BUDGET - (time.perf_counter() - start))
+        left = int(args.budget - (time.perf_counter() - start))
         if not args.dry_run and left < 5:
             rows[name] = ("skipped: the whole check's time budget is spent", {}, 0.0)
         else:
-            rows[name] = run_part(name, args.dry_run, DRY_CAP if args.dry_run else min(CAPS[name], left))
+            rows[name] = run_part(name, args.dry_run, DRY_CAP if args.dry_run else min(caps[name], left),
+                                  os.path.dirname(os.path.abspath(out)))
         print(f"{name}: {rows[name][0]} ({rows[name][2]:.0f} s) {rows[name][1]}", flush=True)
     env["total_seconds"] = round(time.perf_counter() - start, 1)
     table = markdown(env, rows)
     print("\n" + table)
-    out = args.out or (os.path.join("out", "gpu_check_dry_run.json") if args.dry_run else "gpu_check.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(environment=env, dry_run=args.dry_run, parts={n: dict(fig, status=s, wall_s=round(t, 1))
                                                                      for n, (s, fig, t) in rows.items()}), f, indent=1)

@@ -47,6 +47,9 @@ def diffusers_pipeline(net, vae, vae_cfg, device, dtype):
         {PREFIX_UNET + k: v for k, v in net.state_dict().items()}, unet_config), dtype)
     d_vae = build(DiffusersVAE, vae_config, convert_ldm_vae_checkpoint(
         {PREFIX_VAE + k: v for k, v in vae.state_dict().items()}, vae_config), next(vae.parameters()).dtype)
+    # The pipeline hands the VAE latents in the UNet's dtype and upcasts only an fp16 VAE, so an fp32 VAE beside a bf16
+    # UNet (our default) would meet bf16 latents: cast them at the VAE's first layer, as our decode does.
+    d_vae.post_quant_conv.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
     scheduler = LCMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
                              beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
     pipe = StableDiffusionXLPipeline(vae=d_vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,

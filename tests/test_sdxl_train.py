@@ -803,6 +803,18 @@ def test_bench_pipeline_equals_diffusers_sdxl_pipeline():
     assert r["ours"]["median"] > 0 and r["text_encoders"] > 0
 
 
+def test_bench_pipeline_bf16_unet_with_fp32_vae():
+    """The GPU default: a bf16 UNet beside an fp32 VAE. Diffusers' pipeline hands its VAE bf16 latents, which the
+    reference's cast must accept (this failed on the GPU before), and both images agree to bf16 precision."""
+    parts = sdxl.load_parts("tiny", "", "cpu", torch.bfloat16)
+    assert next(parts["vae"].parameters()).dtype == torch.float32
+    net = sdxl.build_unet(parts["unet_state"], parts["unet_cfg"], "cpu", torch.bfloat16, "tiny")
+    r = sdxl.bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], "a cat", 64, 64, reps=1,
+                              reference=sdxl_diffusers.diffusers_pipeline)
+    ours, theirs = r["ours"]["image"], r["diffusers"]["image"]
+    assert ours.std() > 0.01 and (ours - theirs).abs().max() < 0.03
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Two processes, as torchrun starts them: FSDP2 on gloo (the multi-GPU code path, on the CPU)
 

@@ -897,6 +897,24 @@ def check_dest(path):
         raise ValueError(f"{path}: its folder {folder} is not writable")
 
 
+def missing_folders(path):
+    """The folders above the file `path` that do not exist yet, deepest first: what check_dest would make."""
+    missing, folder = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_empty_folders(folders):
+    """Remove these folders, deepest first, while they are empty (a failed run leaves no empty folders it made)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 def check_folder(path):
     """Raise ValueError now if files could not be written into the folder `path` after a long computation (a folder
     of images): a file of that name is in the way, or the folder cannot be made or written to. Makes the folder."""
@@ -1323,10 +1341,15 @@ def run(args):
     elif args.command == "ref":
         if _is_image(args.dest):                # it could be one of --data's own images
             raise ValueError(f"--dest {args.dest}: statistics are an .npz, not an image file")
+        made = missing_folders(args.dest)
         check_dest(args.dest)                   # before the features (hours on a CPU), not after
-        detector = load_inception(args.weights, args.device)
-        mu, sigma = source_statistics(args.data, detector, args.batch, args.num, args.device, True, args.seed)
-        save_stats(args.dest, mu, sigma)
+        try:
+            detector = load_inception(args.weights, args.device)
+            mu, sigma = source_statistics(args.data, detector, args.batch, args.num, args.device, True, args.seed)
+            save_stats(args.dest, mu, sigma)
+        except BaseException:                   # an error or Ctrl-C: no empty folders left behind
+            remove_empty_folders(made)
+            raise
         print(f"wrote {args.dest}: mu [{len(mu)}], sigma [{len(mu)}, {len(mu)}]")
     elif args.command == "calc":
         detector = load_inception(args.weights, args.device)

@@ -542,6 +542,16 @@ def test_cli_ref_refuses_a_destination_it_cannot_write_before_any_features(tmp_p
     assert (tmp_path / "new").is_dir()
 
 
+def test_cli_ref_that_fails_leaves_no_empty_folder_it_made(tmp_path, capsys):
+    """check_dest makes --dest's folders before the features; when ref then fails, the empty ones it made go."""
+    (tmp_path / "kept").mkdir()
+    dest = tmp_path / "kept" / "new" / "deeper" / "ref.npz"
+    with pytest.raises(SystemExit):
+        fid.main(["ref", "--data", str(tmp_path), "--dest", str(dest), "--weights", str(tmp_path / "none.pth")])
+    assert "no such weights file" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []     # the folder that was there stays
+
+
 def test_frechet_distance_refuses_statistics_that_are_not_finite():
     """scipy's sqrtm never returns on a NaN matrix (the covariance of one sample): refuse it instead of hanging."""
     with pytest.raises(ValueError, match="sigma statistics are not finite"):

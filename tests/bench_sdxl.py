@@ -1,4 +1,5 @@
-"""Measurements behind README's SDXL figures (CPU, tiny config; run from the repository root):
+"""Measurements behind README's SDXL figures (CPU; tiny random models unless a command says otherwise; run from the
+repository root):
 
     python tests/bench_sdxl.py precision    # bf16 vs fp32 on the passes the official run keeps in fp32
     python tests/bench_sdxl.py tokenizer    # our CLIP tokenizer vs open_clip's SimpleTokenizer, 1,000 prompts

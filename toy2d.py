@@ -84,7 +84,7 @@ class Config:
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
     min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
-    max_step_percent: float = 0.98
+    max_step_percent: float = 0.98   # its highest share of the grid (at most index 999, as in DMD2's code)
     gen_gan_weight: float = 2.0      # weight of the generator's GAN loss (ImageNet: 3e-3; see README)
     fake_gan_weight: float = 2.0     # weight of the discriminator loss in the fake-score update (ImageNet: 1e-2)
     dm: bool = True                  # use the DM gradient (False: a GAN-only run, the paper's ablation)
@@ -1353,7 +1353,7 @@ def check_config(cfg):
                  "dfake_gen_update_ratio", "num_eval", "eval_every", "seeds", "ablation_seeds", "workers"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    errors += kstep_errors(cfg)
+    errors += kstep_errors(cfg) + value_errors(cfg)
     if cfg.eval_redraws < 0:
         errors.append(f"--eval_redraws must be 0 (off) or more, got {cfg.eval_redraws}")
     if cfg.ablation and (cfg.seeds > 1 or cfg.eval_redraws):       # it would ignore them
@@ -1362,6 +1362,27 @@ def check_config(cfg):
         errors.append(f"--num_eval must be at least 100 for the metrics to mean anything, got {cfg.num_eval}")
     if errors:
         raise ValueError("invalid options:\n  " + "\n  ".join(errors))
+
+
+def value_errors(cfg):
+    """check_config's part for numbers that must be finite or in range: seeds, rho, clipping, GAN weights. -> [messages]"""
+    errors = [f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}" for f in fields(cfg)
+              if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+    last_seed = cfg.seed + max(cfg.seeds, cfg.ablation_seeds if cfg.ablation else 1) - 1
+    if cfg.seed < 0 or last_seed > 2**32 - 1:                          # numpy's seeds
+        errors.append(f"--seed and every seed after it that the run uses must be between 0 and 2**32 - 1, got "
+                      f"{cfg.seed} to {last_seed}")
+    if cfg.rho <= 0:
+        errors.append(f"--rho must be positive (EDM: 7), got {cfg.rho}")
+    if cfg.max_grad_norm <= 0:
+        errors.append(f"--max_grad_norm must be positive (0 would zero every gradient), got {cfg.max_grad_norm}")
+    if cfg.gen_gan_weight < 0 or cfg.fake_gan_weight < 0:
+        errors.append(f"--gen_gan_weight and --fake_gan_weight must be 0 (no GAN) or more, got {cfg.gen_gan_weight} "
+                      f"and {cfg.fake_gan_weight}")
+    if cfg.ablation and cfg.total_steps < cfg.dfake_gen_update_ratio:   # every row keeps total_steps // ratio updates
+        errors.append(f"--ablation needs --total_steps >= --dfake_gen_update_ratio ({cfg.dfake_gen_update_ratio}), "
+                      f"so that each row makes at least one generator update; got {cfg.total_steps}")
+    return errors
 
 
 def kstep_errors(cfg):
@@ -1376,8 +1397,8 @@ def kstep_errors(cfg):
         return errors + [f"--kstep_sigmas must be comma-separated numbers, got {cfg.kstep_sigmas!r}"]
     if len(sig) != cfg.ksteps:
         errors.append(f"--kstep_sigmas has {len(sig)} values but --ksteps is {cfg.ksteps}")
-    if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
-        errors.append(f"--kstep_sigmas must be positive and strictly decreasing, got {cfg.kstep_sigmas}")
+    if not all(map(math.isfinite, sig)) or any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] <= 0:
+        errors.append(f"--kstep_sigmas must be finite, positive and strictly decreasing, got {cfg.kstep_sigmas}")
     if sig[0] > cfg.sigma_max:
         errors.append(f"--kstep_sigmas must start at or below --sigma_max={cfg.sigma_max}, got {sig[0]}")
     return errors

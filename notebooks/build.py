@@ -83,6 +83,8 @@ def check(names):
              or cells(nbformat.read(notebook_path(n), as_version=4)) != cells(read_source(n))]
     for n in stale:
         print(f"{notebook_path(n)} is missing or out of date with {source_path(n)}: run python notebooks/build.py {n}")
+    if not stale:
+        print(f"{len(names)} notebook(s) match their sources: {', '.join(names)}")
     return not stale
 
 
@@ -101,6 +103,8 @@ def main(argv=None):
         if os.path.abspath(args.out) != os.path.abspath(HERE):
             parser.error("--check checks the notebooks in notebooks/, not a folder given with --out")
         sys.exit(0 if check(args.names) else 1)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: is a file; give a folder for the executed notebooks")
     os.makedirs(args.out, exist_ok=True)
     for name in args.names:
         start = time.time()

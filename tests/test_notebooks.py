@@ -84,3 +84,13 @@ def test_notebook_runs_headless(name, tmp_path, monkeypatch):
     assert FAST_MARK in outputs_text(nb)                    # the switch reached the kernel
     assert build.image_outputs(nb) >= MIN_FIGURES[name]
     assert listing(build.HERE) == before, "the notebook left files in notebooks/ (write to a temporary folder)"
+
+
+def test_build_check_says_what_matched_and_out_must_be_a_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build.main(["--check", "toy2d"])
+    assert exit_.value.code == 0 and "1 notebook(s) match their sources: toy2d" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        build.main(["--out", str(tmp_path / "a_file"), "toy2d"])
+    assert exit_.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err

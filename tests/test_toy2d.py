@@ -734,6 +734,22 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--fake_score_lognormal", "1.5"])
 
 
+def test_numbers_out_of_range_or_not_finite_get_clear_errors():
+    """Each of these used to crash after the teacher had trained (NaN sigmas, --rho 0, an ablation with no generator
+    update, a seed numpy refuses) or train silently backwards (--max_grad_norm -1 flips every gradient)."""
+    for argv, message in (
+            (["--kstep_sigmas", "2.5,nan,0.3,0.12"], "--kstep_sigmas must be finite, positive and strictly decreasing"),
+            (["--sigma_max", "inf"], "--sigma_max must be a finite number, got inf"),
+            (["--rho", "0"], r"--rho must be positive \(EDM: 7\), got 0.0"),
+            (["--max_grad_norm", "-1"], r"--max_grad_norm must be positive"),
+            (["--gen_gan_weight", "-1"], r"--gen_gan_weight and --fake_gan_weight must be 0 \(no GAN\) or more"),
+            (["--ablation", "--total_steps", "3"], r"--ablation needs --total_steps >= --dfake_gen_update_ratio \(5\)"),
+            (["--seed", "-1"], r"--seed and every seed after it .* between 0 and 2\*\*32 - 1, got -1 to -1"),
+            (["--seed", str(2**32 - 1), "--seeds", "2"], f"got {2**32 - 1} to {2**32}")):
+        with pytest.raises(SystemExit, match=message):
+            toy2d.main(argv)
+
+
 def test_an_outdir_that_cannot_hold_the_outputs_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(toy2d, "train_teacher", lambda *a, **k: pytest.fail("trained before checking --outdir"))
     monkeypatch.setattr(toy2d, "student_pool", lambda *a, **k: pytest.fail("started workers before checking --outdir"))

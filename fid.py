@@ -95,8 +95,9 @@ def _list_images(path):
 def _subset(total, num, seed, path):
     """Indices of the images to use. EDM's rule when a dataset holds more than num: shuffle, keep num, sort."""
     if num is not None and total < num:
-        raise ValueError(f"{path}: found {total} images, but {num} were asked for (use --num {total} for a smaller, "
-                         "non-comparable FID)")
+        advice = (f"use --num {total} for a smaller, non-comparable FID" if total >= 2 else
+                  "statistics need at least 2")
+        raise ValueError(f"{path}: found {total} image(s), but {num} were asked for ({advice})")
     idx = np.arange(total, dtype=np.int64)
     if num is not None and total > num:
         np.random.RandomState(seed).shuffle(idx)
@@ -886,6 +887,8 @@ def check_dest(path):
     its folder cannot be made or written to, or a folder of that name is in the way. Makes the folder."""
     if not path:
         raise ValueError("an empty path: give the name of the file to write")
+    if path.endswith(("/", os.sep)):                    # abspath would drop the slash and name the folder's parent
+        raise ValueError(f"{path}: ends with a slash; give the path of the file to write")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)

@@ -4,7 +4,8 @@ repository root):
     python tests/bench_sdxl.py precision    # bf16 vs fp32 on the passes the official run keeps in fp32
     python tests/bench_sdxl.py tokenizer    # our CLIP tokenizer vs open_clip's SimpleTokenizer, 1,000 prompts
     python tests/bench_sdxl.py pipelines 512   # full-size random weights: our pipeline in bf16 and fp32 against
-                                               # diffusers' in bf16, image differences at 512x512 (minutes, ~20 GB)
+                                               # diffusers' in bf16, image differences at 512x512 (minutes, ~20 GB);
+                                               # the size is needed: a multiple of 64, at least 64
 
 Not a test: timings depend on the machine; the figures are ratios measured side by side in one run.
 """
@@ -41,7 +42,7 @@ def precision():
         print(f"{name:14s} relative difference bf16 vs fp32: {((low[name] - high[name]).norm() / high[name].norm()):.2e}")
 
 
-def pipelines(size="512"):
+def pipelines(size):
     """sdxl.bench_pipelines' images (prompt -> 4 DMD2 steps -> VAE decode, pixels in [0, 1]) on SDXL base's shapes with
     random weights (--preset random), at size x size: our pipeline with the UNet and text encoders in bf16 and in
     fp32, and diffusers' StableDiffusionXLPipeline in bf16 on the same weights, all with the fp32 VAE. The bf16
@@ -127,7 +128,7 @@ if __name__ == "__main__":
         sys.exit(0)
     sized = sys.argv[1:2] == ["pipelines"] and len(sys.argv) == 3 and sys.argv[2].isdigit() and int(sys.argv[2]) >= 64 \
         and int(sys.argv[2]) % 64 == 0
-    if (len(sys.argv) != 2 or sys.argv[1] not in commands) and not sized:
+    if not sized and (len(sys.argv) != 2 or sys.argv[1] not in commands or sys.argv[1] == "pipelines"):
         sys.exit(__doc__)                                 # no command or an unknown one: the usage above, status 1
     torch.set_num_threads(1)
     commands[sys.argv[1]](*sys.argv[2:])

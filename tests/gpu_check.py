@@ -26,8 +26,10 @@ Parts:
 """
 import argparse
 import json
+import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -166,10 +168,11 @@ def part_sdxl_generate(dry):
     size = 64 if dry else 1024
     r = sdxl.bench_pipelines(net, parts["clip_l"], parts["clip_g"], parts["vae"], parts["vae_cfg"], height=size,
                              width=size, steps=4, reps=2 if dry else 5, reference=diffusers_pipeline)
-    out = dict(resolution=size, ours_s=round(r["ours"]["median"], 3), ours_peak_gib=round(r["ours"]["peak_gib"], 2))
+    gib = lambda v: round(v, 2) if math.isfinite(v) else None               # bench_pipelines gives NaN on a CPU
+    out = dict(resolution=size, ours_s=round(r["ours"]["median"], 3), ours_peak_gib=gib(r["ours"]["peak_gib"]))
     if "diffusers" in r:
         diff = (r["ours"]["image"] - r["diffusers"]["image"]).abs()                  # [1, 3, H, W], pixels in [0, 1]
-        out.update(diffusers_s=round(r["diffusers"]["median"], 3), diffusers_peak_gib=round(r["diffusers"]["peak_gib"], 2),
+        out.update(diffusers_s=round(r["diffusers"]["median"], 3), diffusers_peak_gib=gib(r["diffusers"]["peak_gib"]),
                    latency_ratio=round(r["ours"]["median"] / r["diffusers"]["median"], 3),
                    max_abs_diff=float(f"{diff.max():.3g}"), mean_abs_diff=float(f"{diff.mean():.3g}"),
                    share_over_0_05=float(f"{(diff > 0.05).float().mean():.3g}"))   # a few pixels, or the whole image?
@@ -281,6 +284,20 @@ PARTS = dict(imagenet64=part_imagenet64, imagenet64_compile=part_imagenet64_comp
 # ----------------------------------------------------------------------------------------------------------------
 # Running the parts in child processes, each under its cap.
 
+def run_in_group(cmd, timeout):
+    """subprocess.run in a process group of its own: on a timeout the whole group is killed, so that what the part
+    started (the toy's run and its workers) stops with it. -> CompletedProcess; raises TimeoutExpired."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def run_part(name, dry, cap, image_dir=""):
     """-> (status, figures, seconds). The child writes its figures as JSON; a timeout or a crash is a status."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -289,7 +306,7 @@ def run_part(name, dry, cap, image_dir=""):
         cmd += ["--image_dir", image_dir] if image_dir else []
         t = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, timeout=cap, capture_output=True, text=True)
+            proc = run_in_group(cmd, cap)
         except subprocess.TimeoutExpired:
             partial = {}
             if os.path.exists(result + ".partial"):
@@ -322,6 +339,36 @@ def markdown(env, rows):
     return "\n".join(lines)
 
 
+def check_args(p, args):
+    """Everything that would fail later, refused now, before any part runs or any file is written.
+    -> (part names, caps, the JSON's path)"""
+    names = [n for n in args.parts.split(",") if n]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        p.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
+    if not names or len(set(names)) < len(names):
+        p.error(f"--parts {args.parts!r}: give each part once, at least one, from {list(PARTS)}")
+    if args.budget < 1:
+        p.error(f"--budget must be at least 1 second, got {args.budget}")
+    caps = dict(CAPS)
+    for item in args.cap:
+        name, _, seconds = item.partition("=")
+        if name not in PARTS or not seconds.isdigit() or int(seconds) < 1:
+            p.error(f"--cap {item!r}: expected PART=SECONDS with a part from {list(PARTS)} and whole seconds >= 1")
+        caps[name] = int(seconds)
+    if not args.dry_run:
+        import torch
+        if not torch.cuda.is_available():                  # before any part runs, and before any file is written
+            p.error("no CUDA device: run with --dry-run on a CPU")
+    out = args.out or (os.path.join("out", "gpu_check_dry_run.json") if args.dry_run else "gpu_check.json")
+    import fid
+    try:
+        fid.check_dest(out)                                # before minutes of parts, not after
+    except ValueError as e:
+        p.error(f"--out {e}")
+    return names, caps, out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks every code path")
@@ -330,7 +377,9 @@ def main(argv=None):
                    "--dry-run out/gpu_check_dry_run.json, so that a dry run never overwrites a GPU run's figures)")
     p.add_argument("--cap", action="append", default=[], metavar="PART=SECONDS",
                    help="a GPU run: another time cap for one part (repeatable), e.g. imagenet64_compile=240 on a slower GPU")
-    p.add_argument("--budget", type=int, default=TOTAL_BUDGET, help=f"seconds for the whole check (default {TOTAL_BUDGET})")
+    p.add_argument("--budget", type=int, default=TOTAL_BUDGET,
+                   help=f"a GPU run: seconds for the whole check (default {TOTAL_BUDGET}; the dry run caps each part at "
+                   f"{DRY_CAP} s)")
     p.add_argument("--part", help=argparse.SUPPRESS)      # internal: run one part in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--image_dir", default="", help=argparse.SUPPRESS)
@@ -345,20 +394,7 @@ def main(argv=None):
         with open(args.result, "w") as f:
             json.dump(figures, f)
         return 0
-    names = [n for n in args.parts.split(",") if n]
-    unknown = [n for n in names if n not in PARTS]
-    if unknown:
-        p.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
-    if args.budget < 1:
-        p.error(f"--budget must be at least 1 second, got {args.budget}")
-    caps = dict(CAPS)
-    for item in args.cap:
-        name, _, seconds = item.partition("=")
-        if name not in PARTS or not seconds.isdigit() or int(seconds) < 1:
-            p.error(f"--cap {item!r}: expected PART=SECONDS with a part from {list(PARTS)} and whole seconds >= 1")
-        caps[name] = int(seconds)
-    out = args.out or (os.path.join("out", "gpu_check_dry_run.json") if args.dry_run else "gpu_check.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    names, caps, out = check_args(p, args)
     env, rows, start = environment(), {}, time.perf_counter()
     for name in names:
         left = int(args.budget - (time.perf_counter() - start))

@@ -413,7 +413,7 @@ def test_num_picks_edms_subset_or_the_first_images(tmp_path):
     assert np.array_equal(fid.compute_features(nchw(images), PixelDetector(), num=4, progress=False), expected[:4])
     batches = (nchw(images[i:i + 2]) for i in range(0, 7, 2))
     assert np.array_equal(fid.compute_features(batches, PixelDetector(), num=5, progress=False), expected[:5])
-    with pytest.raises(ValueError, match="found 7 images, but 8"):
+    with pytest.raises(ValueError, match=r"found 7 image\(s\), but 8 .*use --num 7"):
         fid.compute_features(folder, PixelDetector(), num=8, progress=False)
     with pytest.raises(ValueError, match="ended after 7 images, but 8"):
         fid.compute_features(iter([nchw(images)]), PixelDetector(), num=8, progress=False)
@@ -538,6 +538,9 @@ def test_cli_ref_refuses_a_destination_it_cannot_write_before_any_features(tmp_p
             fid.main(["ref", "--data", str(tmp_path), "--dest", str(dest)])
         assert exit_.value.code == 1
         assert capsys.readouterr().err.startswith(f"fid.py ref: error: {dest}: {problem}")
+    with pytest.raises(SystemExit):
+        fid.main(["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "d1") + "/"])    # once written as d1/.tmpN
+    assert capsys.readouterr().err.startswith(f"fid.py ref: error: {tmp_path / 'd1'}/: ends with a slash")
     fid.check_dest(str(tmp_path / "new" / "ref.npz"))                                   # its folder is made
     assert (tmp_path / "new").is_dir()
 

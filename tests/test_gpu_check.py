@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,14 +53,54 @@ def test_part_over_its_cap_still_reports_its_partial_figures(monkeypatch):
     run that follows is the one that runs over."""
     gpu_check = load_gpu_check()
 
-    def over_cap(cmd, timeout, **kwargs):
+    def over_cap(cmd, timeout):
         result = cmd[cmd.index("--result") + 1]
         with open(result + ".partial", "w") as f:
             json.dump({"cuda_wall_s": 12.5}, f)
         raise subprocess.TimeoutExpired(cmd, timeout)
-    monkeypatch.setattr(gpu_check.subprocess, "run", over_cap)
+    monkeypatch.setattr(gpu_check, "run_in_group", over_cap)
     status, figures, _ = gpu_check.run_part("toy2d", False, 7)
     assert status == "skipped: over its 7 s cap" and figures == {"cuda_wall_s": 12.5}
+
+
+def test_a_part_over_its_cap_is_stopped_with_everything_it_started(tmp_path):
+    """run_in_group kills the part's whole process group: the toy's run (a grandchild) used to run on."""
+    gpu_check = load_gpu_check()
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = "import time; time.sleep(120)"
+    child = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        gpu_check.run_in_group([sys.executable, "-c", child], timeout=5)
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline and alive(pid):
+        time.sleep(0.1)
+    assert not alive(pid)
+
+
+def alive(pid):
+    """A process that exists and is not a zombie (killed, waiting for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_gpu_run_without_cuda_or_with_nothing_to_run_is_refused_before_anything_is_written(tmp_path):
+    script = os.path.join(ROOT, "tests", "gpu_check.py")
+    run = lambda *a: subprocess.run([sys.executable, script, *a], cwd=tmp_path, capture_output=True, text=True,
+                                    timeout=120)
+    proc = run()
+    assert proc.returncode == 2 and "no CUDA device: run with --dry-run on a CPU" in proc.stderr
+    for parts in (",", "fid,fid"):
+        proc = run("--dry-run", "--parts", parts)
+        assert proc.returncode == 2 and "give each part once, at least one" in proc.stderr
+    (tmp_path / "results").mkdir()
+    proc = run("--dry-run", "--parts", "fid", "--out", "results")
+    assert proc.returncode == 2 and "--out results: is a folder" in proc.stderr
+    assert os.listdir(tmp_path) == ["results"] and os.listdir(tmp_path / "results") == []
 
 
 def test_part_keeps_partial_figures_as_it_goes(tmp_path):

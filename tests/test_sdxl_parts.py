@@ -575,11 +575,11 @@ def test_command_line(tmp_path, capsys):
 
 def test_bench_sdxl_command_line_prints_its_usage_for_what_it_cannot_run():
     """tests/bench_sdxl.py: --help is the usage (status 0); no command, an unknown one or a `pipelines` size that is
-    not a multiple of 64 (at least 64) is the usage with status 1, before any model is built."""
+    missing or not a multiple of 64 (at least 64) is the usage with status 1, before any model is built."""
     script = os.path.join(ROOT, "tests", "bench_sdxl.py")
     run = lambda *a: subprocess.run([sys.executable, script, *a], capture_output=True, text=True, timeout=120)
     proc = run("--help")
     assert proc.returncode == 0 and "pipelines 512" in proc.stdout
-    for argv in ([], ["pipelines", "100"], ["precision", "64"]):
+    for argv in ([], ["pipelines"], ["pipelines", "100"], ["precision", "64"]):
         proc = run(*argv)
         assert proc.returncode == 1 and "pipelines 512" in proc.stderr, argv

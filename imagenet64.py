@@ -902,17 +902,27 @@ def sample_main(argv):
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="", help="'' = cuda if available")
     a = p.parse_args(argv)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = unet.check_device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {a.batch}")
     seeds = parse_range(a.seeds)
     classes = parse_range(a.classes, "--classes") if a.classes else None
     if os.path.splitext(a.out)[1].lower() in (".png", ".jpg", ".jpeg", ".npy", ".pt"):
         raise ValueError(f"--out {a.out}: give a folder (PNGs named by seed) or a file ending in .npz")
+    made = fid.missing_folders(a.out if a.out.endswith(".npz") else os.path.join(a.out, "x.png"))
     if a.out.endswith(".npz"):                  # the destination is checked before the images are made, not after
         fid.check_dest(a.out)
     else:
         fid.check_folder(a.out)
+    try:
+        write_samples(a, seeds, classes, device)
+    except BaseException:                       # an error or Ctrl-C: no empty folders left behind
+        fid.remove_empty_folders(made)
+        raise
+
+
+def write_samples(a, seeds, classes, device):
+    """sample_main's work once its options are checked: load the generator, make the images, write them."""
     generator, net_kwargs = load_generator(a.ckpt, device)
     K = net_kwargs["label_dim"]
     if classes and not 0 <= min(classes) <= max(classes) < K:

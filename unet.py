@@ -1234,7 +1234,7 @@ def init_distributed(device=""):
     device "" picks cuda:LOCAL_RANK when CUDA exists, else the CPU; "cuda" means cuda:LOCAL_RANK."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         device = torch.device("cuda", local if device.index is None else device.index)
         torch.cuda.set_device(device)
@@ -1780,7 +1780,7 @@ def check_device(name):
 
 
 def check_main_args(args):
-    """Everything that would fail after minutes of sampling fails now: impossible counts, the device, the grid's path."""
+    """Everything that would fail after minutes of sampling fails now: impossible counts, the device, --out and --grid."""
     if args.steps < 1 or args.num < 1 or args.churn < 0:
         raise ValueError(f"need --steps >= 1, --num >= 1 and --churn >= 0, got {args.steps}, {args.num}, {args.churn}")
     check_device(args.device)
@@ -1790,9 +1790,21 @@ def check_main_args(args):
             raise ValueError(f"--grid {args.grid}: give an image file name (.png, .jpg, ...)")
         if args.out and os.path.abspath(args.out) == os.path.abspath(args.grid):
             raise ValueError(f"--grid and --out are the same file, {args.grid}: the picture would replace the weights")
-        if os.path.isdir(args.grid):
-            raise ValueError(f"--grid {args.grid}: is a folder")
-        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
+    for flag, path in (("--out", args.out), ("--grid", args.grid)):
+        if path:
+            check_writable(flag, path)
+
+
+def check_writable(flag, path):
+    """A file could be written at `path` once the work is done: not a folder, and its folder exists or can be made
+    and written to. Makes nothing, so a run that fails later leaves no empty folders."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    folder = existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag} {path}: its folder {folder} cannot be made or written to ({existing} is in the way)")
 
 
 def run_main(args):
@@ -1818,6 +1830,7 @@ def run_main(args):
         n = math.ceil(math.sqrt(args.num))
         x = torch.cat([x, torch.zeros([n * n - args.num, C, res, res], dtype=torch.uint8)])
         x = x.reshape(n, n, C, res, res).permute(0, 3, 1, 4, 2).reshape(n * res, n * res, C)  # [n*res, n*res, C]
+        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
         Image.fromarray(x.squeeze(-1).numpy() if C == 1 else x.numpy()).save(args.grid)
         print(f"wrote {args.grid}")
 

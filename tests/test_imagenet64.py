@@ -551,6 +551,21 @@ def test_sample_checks_its_destination_before_loading_the_generator(tmp_path, mo
             m.main(["sample", "--ckpt", "g.pt", "--seeds", "0-1", "--out", str(out)])
 
 
+def test_sample_that_fails_leaves_no_empty_folder_and_a_bad_device_is_one_line(tmp_path):
+    for out in (tmp_path / "new" / "pngs", tmp_path / "new" / "deeper" / "x.npz"):
+        with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+            m.main(["sample", "--ckpt", str(tmp_path / "missing.pt"), "--out", str(out)])
+        assert os.listdir(tmp_path) == []
+    for device, problem in (("banana", "is not a torch device"), ("cuda", "this torch sees no CUDA device")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(ValueError, match=f"--device .*{device}.*{problem}"):
+            m.main(["sample", "--ckpt", "g.pt", "--out", str(tmp_path / "s"), "--device", device])
+        with pytest.raises(ValueError, match=problem):
+            unet.init_distributed(device)                       # training and evaluate (and sdxl.py) start here
+    assert os.listdir(tmp_path) == []
+
+
 def test_load_generator_accepts_a_bare_edmprecond_state_dict(tmp_path, monkeypatch):
     """The official DMD2 ImageNet release is a bare EDMPrecond state dict (full size; a tiny config stands in here)."""
     tiny = dict(img_resolution=8, img_channels=3, label_dim=4, **m.TINY_UNET)

@@ -743,9 +743,13 @@ def test_command_line_errors_are_one_line_and_come_before_the_work(tmp_path, cap
                         ([str(evil), "--device", "foo"], "--device 'foo' is not a torch device"),
                         ([str(evil), "--grid", str(tmp_path / "g.txt")], "give an image file name"),
                         ([str(evil), "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "g.png")],
-                         "--grid and --out are the same file")):
+                         "--grid and --out are the same file"),
+                        ([str(evil), "--out", str(tmp_path)], "is a folder; give a file name"),
+                        ([str(evil), "--out", str(tmp_path / "new") + "/"], "is a folder; give a file name"),
+                        ([str(evil), "--out", str(tmp_path / "evil.pkl" / "x.pt")], "cannot be made or written to"),
+                        ([str(tmp_path / "none.pkl"), "--grid", str(tmp_path / "g1" / "a" / "grid.png")], "none.pkl")):
         with pytest.raises(SystemExit) as exit_:
             unet.main(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 1 and err.startswith("unet.py: error:") and words in err and err.count("\n") == 1, err
-    assert not (tmp_path / "ran").exists()
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "g1").exists()        # no folder made for a failed run

@@ -1209,6 +1209,8 @@ def check_config(cfg):
         errors.append(f"--quantize must be one of {QUANTIZE}, not {cfg.quantize!r}")
     if cfg.precision not in ("bf16", "fp32"):
         errors.append(f"--precision must be bf16 or fp32, not {cfg.precision!r}")
+    if os.path.exists(cfg.outdir) and not os.path.isdir(cfg.outdir):
+        errors.append(f"--outdir {cfg.outdir}: is a file; give a folder for the run")
     if errors:
         raise ValueError("invalid options:\n  " + "\n  ".join(errors))
     if cfg.resume and cfg.init_from and os.path.exists(os.path.join(cfg.outdir, "checkpoint.pt")):

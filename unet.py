@@ -717,7 +717,8 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True): tensors and plain containers only, nothing in the file is executed."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise FileNotFoundError(f"{path}: " + ("a folder; give a checkpoint file" if os.path.isdir(path) else
+                                               "no such checkpoint file"))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:

@@ -566,6 +566,14 @@ def test_sample_that_fails_leaves_no_empty_folder_and_a_bad_device_is_one_line(t
     assert os.listdir(tmp_path) == []
 
 
+def test_a_file_as_outdir_or_a_folder_as_checkpoint_is_named(tmp_path):
+    (tmp_path / "log.txt").write_text("")
+    with pytest.raises(ValueError, match=r"--outdir .*log.txt: is a file; give a folder for the run"):
+        m.check_config(tiny_cfg(tmp_path, "--outdir", str(tmp_path / "log.txt")))
+    with pytest.raises(FileNotFoundError, match=r": a folder; give a checkpoint file"):
+        m.main(["sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "s")])
+
+
 def test_load_generator_accepts_a_bare_edmprecond_state_dict(tmp_path, monkeypatch):
     """The official DMD2 ImageNet release is a bare EDMPrecond state dict (full size; a tiny config stands in here)."""
     tiny = dict(img_resolution=8, img_channels=3, label_dim=4, **m.TINY_UNET)

@@ -209,7 +209,8 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
     """From the shell, a bad option or file ends the run with its message and exit status 1, not a traceback."""
     (tmp_path / "a_file").write_text("")
     for args, message in ((["--preset", "gaussian", "--precision", "fp16"], "--precision must be bf16 or fp32"),
-                          (["--preset", "gaussian", "--outdir", str(tmp_path / "a_file")], "File exists"),
+                          (["--preset", "gaussian", "--outdir", str(tmp_path / "a_file")],
+                           "is a file; give a folder for the run"),
                           (["sample", "--ckpt", str(tmp_path / "a_file"), "--seeds", "0-1", "--out", str(tmp_path)],
                            "a_file: not a weights-only torch checkpoint")):
         run = subprocess.run([sys.executable, os.path.join(ROOT, "imagenet64.py"), *args], capture_output=True,

@@ -1365,7 +1365,7 @@ def check_config(cfg):
 
 
 def value_errors(cfg):
-    """check_config's part for numbers that must be finite or in range: seeds, rho, clipping, GAN weights. -> [messages]"""
+    """check_config's part for numbers that must be finite or in range: seeds, rho, clipping, GAN weights."""
     errors = [f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}" for f in fields(cfg)
               if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
     last_seed = cfg.seed + max(cfg.seeds, cfg.ablation_seeds if cfg.ablation else 1) - 1

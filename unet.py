@@ -1781,7 +1781,7 @@ def check_device(name):
 
 
 def check_main_args(args):
-    """Everything that would fail after minutes of sampling fails now: impossible counts, the device, --out and --grid."""
+    """What would fail after minutes of sampling fails now: impossible counts, the device, --out and --grid."""
     if args.steps < 1 or args.num < 1 or args.churn < 0:
         raise ValueError(f"need --steps >= 1, --num >= 1 and --churn >= 0, got {args.steps}, {args.num}, {args.churn}")
     check_device(args.device)
@@ -1805,7 +1805,8 @@ def check_writable(flag, path):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise ValueError(f"{flag} {path}: its folder {folder} cannot be made or written to ({existing} is in the way)")
+        raise ValueError(f"{flag} {path}: its folder {folder} cannot be made or written to ({existing} is not a "
+                         f"writable folder)")
 
 
 def run_main(args):

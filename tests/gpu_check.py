@@ -1,6 +1,6 @@
 """One prepared GPU check: the full-size figures README's GPU table reports, in one run of under 9 minutes.
 
-    python tests/gpu_check.py                       # one CUDA GPU: every part, under 9 minutes; gpu_check.json + a table
+    python tests/gpu_check.py                       # one CUDA GPU: every part, under 9 minutes: gpu_check.json, a table
     python tests/gpu_check.py --dry-run             # the same code paths on the CPU at tiny sizes (CI runs this, < 1 min);
                                                     # out/gpu_check_dry_run.json
     python tests/gpu_check.py --parts fid,toy2d     # a subset
@@ -376,10 +376,11 @@ def main(argv=None):
     p.add_argument("--out", default="", help="where to write the JSON results (default: gpu_check.json; with "
                    "--dry-run out/gpu_check_dry_run.json, so that a dry run never overwrites a GPU run's figures)")
     p.add_argument("--cap", action="append", default=[], metavar="PART=SECONDS",
-                   help="a GPU run: another time cap for one part (repeatable), e.g. imagenet64_compile=240 on a slower GPU")
+                   help="a GPU run: another time cap for one part (repeatable), e.g. imagenet64_compile=240 on a "
+                   "slower GPU")
     p.add_argument("--budget", type=int, default=TOTAL_BUDGET,
-                   help=f"a GPU run: seconds for the whole check (default {TOTAL_BUDGET}; the dry run caps each part at "
-                   f"{DRY_CAP} s)")
+                   help=f"a GPU run: seconds for the whole check (default {TOTAL_BUDGET}; the dry run caps each "
+                   f"part at {DRY_CAP} s)")
     p.add_argument("--part", help=argparse.SUPPRESS)      # internal: run one part in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--image_dir", default="", help=argparse.SUPPRESS)

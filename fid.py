@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import (PickledOrderedDict, check_device, describe_value, legacy_storage_nbytes,  # hostile files, options
-                  load_legacy_storage, read_safetensors, scan_pickle, torch_load_error)
+from unet import (PickledOrderedDict, check_device, check_writable, describe_value,  # hostile files, options, paths
+                  legacy_storage_nbytes, load_legacy_storage, read_safetensors, scan_pickle, torch_load_error)
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -884,20 +884,15 @@ def save_stats(path, mu, sigma, **more):
 
 def check_dest(path):
     """Raise ValueError now if a file could not be written at `path` after a long computation (save_stats, an image):
-    its folder cannot be made or written to, or a folder of that name is in the way. Makes the folder."""
+    unet.check_writable's checks, then the folder is made."""
     if not path:
         raise ValueError("an empty path: give the name of the file to write")
-    if path.endswith(("/", os.sep)):                    # abspath would drop the slash and name the folder's parent
-        raise ValueError(f"{path}: ends with a slash; give the path of the file to write")
+    check_writable(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise ValueError(f"{path}: cannot make its folder {folder} ({e.strerror or e})") from None
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a folder; give the path of the file to write")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{path}: its folder {folder} is not writable")
 
 
 def missing_folders(path):

@@ -1793,20 +1793,26 @@ def check_main_args(args):
             raise ValueError(f"--grid and --out are the same file, {args.grid}: the picture would replace the weights")
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
         if path:
-            check_writable(flag, path)
+            check_writable(path, flag)
 
 
-def check_writable(flag, path):
-    """A file could be written at `path` once the work is done: not a folder, and its folder exists or can be made
-    and written to. Makes nothing, so a run that fails later leaves no empty folders."""
-    if path.endswith(("/", os.sep)) or os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+def check_writable(path, flag=""):
+    """Raise ValueError now if a file could not be written at `path` once the work is done: it ends with a slash or
+    names a folder, or its folder neither exists writable nor can be made. Makes nothing, so a run that fails later
+    leaves no empty folders (fid.check_dest is this check plus making the folder)."""
+    name = f"{flag} {path}" if flag else path
+    if path.endswith(("/", os.sep)):                    # abspath would drop the slash and name the folder's parent
+        raise ValueError(f"{name}: ends with a slash; give the path of the file to write")
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: is a folder; give the path of the file to write")
     folder = existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise ValueError(f"{flag} {path}: its folder {folder} cannot be made or written to ({existing} is not a "
-                         f"writable folder)")
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name}: cannot make its folder {folder} ({existing} is a file)")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{name}: its folder {folder} is not writable" if existing == folder else
+                         f"{name}: cannot make its folder {folder} ({existing} is not writable)")
 
 
 def run_main(args):

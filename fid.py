@@ -885,8 +885,6 @@ def save_stats(path, mu, sigma, **more):
 def check_dest(path):
     """Raise ValueError now if a file could not be written at `path` after a long computation (save_stats, an image):
     unet.check_writable's checks, then the folder is made."""
-    if not path:
-        raise ValueError("an empty path: give the name of the file to write")
     check_writable(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:

@@ -966,7 +966,7 @@ def cmd_generate(args):
         raise ValueError(f"--steps, --height and --width must be 0 (the default) or more, got {args.steps}, "
                          f"{args.height} and {args.width}")
     if args.prompt:                             # the destination is checked before the models load, not after
-        fid.check_dest(args.out)
+        unet.check_writable(args.out, "--out")  # (its folder is made when the image is written)
     else:
         fid.check_folder(args.outdir)
     net, parts = load_for_inference(args)
@@ -1077,7 +1077,7 @@ def cmd_eval(args):
     prompts = read_prompts(args.prompts)
     # what would fail at the end is checked before hours of features: the destination, the CLIP file, the pairing
     if args.save_ref:
-        fid.check_dest(args.save_ref)
+        unet.check_writable(args.save_ref, "--save_ref")      # save_stats makes its folder
     fid.check_open_clip_file(args.clip)
     count, _ = fid.image_batches(args.images, args.batch)
     if count != len(prompts):

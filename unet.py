@@ -1801,6 +1801,8 @@ def check_writable(path, flag=""):
     names a folder, or its folder neither exists writable nor can be made. Makes nothing, so a run that fails later
     leaves no empty folders (fid.check_dest is this check plus making the folder)."""
     name = f"{flag} {path}" if flag else path
+    if not path:
+        raise ValueError(f"{flag + ': ' if flag else ''}an empty path: give the name of the file to write")
     if path.endswith(("/", os.sep)):                    # abspath would drop the slash and name the folder's parent
         raise ValueError(f"{name}: ends with a slash; give the path of the file to write")
     if os.path.isdir(path):

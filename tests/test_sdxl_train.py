@@ -380,6 +380,16 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, m
         assert exit_.value.code == 1 and problem in capsys.readouterr().err, argv
 
 
+def test_generate_that_fails_leaves_no_folder_for_its_out(tmp_path, monkeypatch, capsys):
+    """--out's folder is made when the image is written, so a run whose models fail to load leaves nothing behind."""
+    def no_models(*args):
+        raise ValueError("missing.safetensors: no such file")
+    monkeypatch.setattr(sdxl, "load_for_inference", no_models)
+    with pytest.raises(SystemExit):
+        sdxl.main(["generate", "--preset", "tiny", "--prompt", "a cat", "--out", str(tmp_path / "new" / "x.png")])
+    assert "no such file" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
 def test_impossible_options_are_refused_at_start_each_by_name():
     """A 0, a negative number or an impossible range fails before the models load, naming the option, not as a
     ZeroDivisionError or an IndexError some iterations into a run."""

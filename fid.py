@@ -894,7 +894,8 @@ def check_dest(path):
 
 
 def missing_folders(path):
-    """The folders above the file `path` that do not exist yet, deepest first: what check_dest would make."""
+    """The folders above the file `path` that do not exist yet, deepest first: what check_dest would make (a caller
+    that fails later removes them with remove_empty_folders)."""
     missing, folder = [], os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         missing.append(folder)
@@ -1337,15 +1338,10 @@ def run(args):
     elif args.command == "ref":
         if _is_image(args.dest):                # it could be one of --data's own images
             raise ValueError(f"--dest {args.dest}: statistics are an .npz, not an image file")
-        made = missing_folders(args.dest)
-        check_dest(args.dest)                   # before the features (hours on a CPU), not after
-        try:
-            detector = load_inception(args.weights, args.device)
-            mu, sigma = source_statistics(args.data, detector, args.batch, args.num, args.device, True, args.seed)
-            save_stats(args.dest, mu, sigma)
-        except BaseException:                   # an error or Ctrl-C: no empty folders left behind
-            remove_empty_folders(made)
-            raise
+        check_writable(args.dest)               # before the features (hours on a CPU); save_stats makes the folder
+        detector = load_inception(args.weights, args.device)
+        mu, sigma = source_statistics(args.data, detector, args.batch, args.num, args.device, True, args.seed)
+        save_stats(args.dest, mu, sigma)
         print(f"wrote {args.dest}: mu [{len(mu)}], sigma [{len(mu)}, {len(mu)}]")
     elif args.command == "calc":
         detector = load_inception(args.weights, args.device)

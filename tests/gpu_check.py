@@ -71,6 +71,12 @@ PARTIAL = ""            # in a part's process: where it keeps the figures it has
 IMAGE_DIR = ""          # in a part's process: the folder of the JSON results, where sdxl_generate leaves its images
 
 
+def part_tmpdir():
+    """A temporary folder for a part's files, inside the folder run_part removes: a part killed at its cap cannot clean
+    up after itself."""
+    return tempfile.TemporaryDirectory(dir=os.path.dirname(PARTIAL) or None)
+
+
 def keep_partial(figures):
     """Save the figures so far: a part that then runs over its cap still reports them."""
     if PARTIAL:
@@ -136,7 +142,7 @@ def part_imagenet64_finite(dry):
     import unet
     device, _ = device_and_sync(dry)
     steps = 10 if dry else 50
-    with tempfile.TemporaryDirectory() as outdir:
+    with part_tmpdir() as outdir:
         cfg = imagenet64_config(dry, total_steps=steps, outdir=outdir, ckpt_every=0, sample_every=0, log_every=10)
         reset_peak(device)
         t = time.perf_counter()
@@ -205,7 +211,7 @@ def part_sdxl_train(dry):
 
     import sdxl
     device, sync = device_and_sync(dry)
-    with tempfile.TemporaryDirectory() as tmp:
+    with part_tmpdir() as tmp:
         resolution = 128 if dry else 1024
         write_random_latents(os.path.join(tmp, "latents"), resolution)
         cfg = sdxl.Config(preset="tiny" if dry else "random", latents=os.path.join(tmp, "latents"), outdir=tmp,
@@ -258,7 +264,7 @@ def part_toy2d(dry):
              "--workers", "1", "--threads", "1"] if dry else []
     devices = ["cpu"] if dry else ["cpu", "cuda"]          # the CPU first: its figure is kept if CUDA runs over
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with part_tmpdir() as tmp:
         for dev in devices:
             cmd = [sys.executable, os.path.join(ROOT, "toy2d.py"), "--device", dev, "--outdir", os.path.join(tmp, dev),
                    "--quiet", *small]

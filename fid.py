@@ -49,8 +49,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import (PickledOrderedDict, check_device, check_writable, describe_value,  # hostile files, options, paths
-                  legacy_storage_nbytes, load_legacy_storage, read_safetensors, scan_pickle, torch_load_error)
+from unet import (PickledOrderedDict, describe_value, legacy_storage_nbytes, load_legacy_storage,  # hostile files
+                  read_safetensors, scan_pickle, torch_load_error)
+from unet import HelpFormatter, check_device, check_writable                           # options and paths
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -1259,7 +1260,8 @@ def clip_score(images, tokens, model, batch_size=64, device="cpu", progress=True
 # Command line.
 
 def bench(detector, batch=64, num=256, res=64, device="cpu"):
-    """Detector throughput in images/s on random uint8 res x res images (resize to 299 included)."""
+    """Detector throughput in images/s on `num` random uint8 res x res images (resize to 299 included), `batch` per
+    forward; the last forward takes what is left (num 3, batch 8: one forward of 3)."""
     images = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with torch.inference_mode():
@@ -1267,13 +1269,13 @@ def bench(detector, batch=64, num=256, res=64, device="cpu"):
         sync()
         start, done = time.perf_counter(), 0
         while done < num:
-            detector(images)
-            done += batch
+            detector(images[:num - done])
+            done += min(batch, num - done)
         sync()
     return done / (time.perf_counter() - start)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _HelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
@@ -1333,7 +1335,7 @@ def run(args):
             print(f"note: {args.weights} not found, timing placeholder weights")
             detector = InceptionV3().eval().requires_grad_(False).to(args.device)
         rate = bench(detector, args.batch, args.num, args.res, args.device)
-        print(f"{rate:.1f} images/s ({args.device}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        print(f"{rate:.1f} images/s ({args.num} timed; {args.device}, {torch.get_num_threads()} threads, batch {args.batch}, "
               f"{args.res}x{args.res} uint8 -> 299x299 -> 2048 features)")
     elif args.command == "ref":
         if _is_image(args.dest):                # it could be one of --data's own images

@@ -868,7 +868,7 @@ def write_json(path, obj):
 
 
 def evaluate_main(argv):
-    p = argparse.ArgumentParser(prog="imagenet64.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="imagenet64.py evaluate", formatter_class=unet.HelpFormatter,
                                 description="FID of every kept generator in a folder (and of extra files), as DMD2 "
                                             "reports it: fp32 samples, DMD2's uint8 quantisation, class-balanced.")
     p.add_argument("--folder", required=True, help="run folder with generator_XXXXXXX.pt; fid.json is written here")
@@ -890,7 +890,7 @@ def evaluate_main(argv):
 
 
 def sample_main(argv):
-    p = argparse.ArgumentParser(prog="imagenet64.py sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="imagenet64.py sample", formatter_class=unet.HelpFormatter,
                                 description="Write one-step samples of a trained generator as PNGs or one .npz.")
     p.add_argument("--ckpt", required=True, help="checkpoint.pt / generator.pt, or an EDMPrecond state dict")
     p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 0,5,9-11")
@@ -1360,7 +1360,7 @@ def report_flops(cfg, batch=280):
 # Command line.
 
 def parse_config(argv):
-    p = argparse.ArgumentParser(prog="imagenet64.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="imagenet64.py", formatter_class=unet.HelpFormatter,
                                 description="DMD2: distil EDM's ImageNet-64 teacher into a one-step generator. "
                                             "Subcommands: `sample`, `evaluate` (see their --help).")
     helps = field_help()

@@ -965,10 +965,20 @@ def cmd_generate(args):
     if args.steps < 0 or args.height < 0 or args.width < 0:
         raise ValueError(f"--steps, --height and --width must be 0 (the default) or more, got {args.steps}, "
                          f"{args.height} and {args.width}")
+    made = [] if args.prompt else fid.missing_folders(os.path.join(args.outdir, "00000.png"))
     if args.prompt:                             # the destination is checked before the models load, not after
         unet.check_writable(args.out, "--out")  # (its folder is made when the image is written)
     else:
         fid.check_folder(args.outdir)
+    try:
+        generate_images(args)
+    except BaseException:                       # an error or Ctrl-C: no empty folders left behind
+        fid.remove_empty_folders(made)
+        raise
+
+
+def generate_images(args):
+    """cmd_generate's work once the destination is checked: load the models, sample, write the image(s)."""
     net, parts = load_for_inference(args)
     sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
     side = 128 if args.preset == "tiny" else 1024
@@ -1236,7 +1246,7 @@ def add_eval_parser(sub, fmt):
 
 def build_parser():
     """-> (parser, its train subparser, whose defaults a --preset replaces)"""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = unet.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub, fmt)

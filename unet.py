@@ -1750,7 +1750,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Load an EDM network pickle safely; convert it or sample from it.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("pkl", help="EDM network pickle, e.g. edm-imagenet-64x64-cond-adm.pkl")
     p.add_argument("--out", default=None, help="write {'init_kwargs', 'state_dict'} here (load with load_checkpoint)")
     p.add_argument("--grid", default=None, help="write a PNG grid of teacher samples here")
@@ -1767,6 +1767,16 @@ def main(argv=None):
         run_main(args)
     except (OSError, ValueError, pickle.UnpicklingError) as e:    # a bad file or option: the message, no traceback
         p.exit(1, f"unet.py: error: {e}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show: a required option, or a default of None
+    (e.g. "use a random subset of this many images"), which argparse would print as "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_device(name):

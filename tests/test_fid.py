@@ -616,6 +616,15 @@ def test_bench_runs_without_weights(tmp_path, capsys, monkeypatch):
     assert "placeholder weights" in out and float(out.splitlines()[-1].split()[0]) > 0
 
 
+def test_bench_times_exactly_num_images():
+    sizes = []
+    fid.bench(lambda images: sizes.append(len(images)), batch=8, num=3, res=4)
+    assert sizes == [8, 3]                                                    # the warm-up, then the 3 images asked for
+    sizes.clear()
+    fid.bench(lambda images: sizes.append(len(images)), batch=2, num=5, res=4)
+    assert sizes == [2, 2, 2, 1]
+
+
 def test_download_checks_the_sha256_and_writes_atomically(tmp_path):
     source = tmp_path / "release" / "weights-1234.pth"
     source.parent.mkdir()

@@ -69,3 +69,15 @@ def test_batch_generator_is_a_pure_function_of_seed_step_rank():
     b = torch.randn(3, generator=unet.batch_generator(0, 5, 1, "cpu"))
     c = torch.randn(3, generator=unet.batch_generator(0, 6, 1, "cpu"))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("argv", [["fid.py", "ref"], ["fid.py", "calc"], ["unet.py"], ["imagenet64.py", "evaluate"],
+                                  ["imagenet64.py", "sample"], ["sdxl.py", "eval"], ["sdxl.py", "train"]])
+def test_help_shows_defaults_but_none_for_required_or_unset_options(argv, capsys):
+    """unet.HelpFormatter: argparse's defaults formatter would print "(default: None)" after a required option and
+    an option that is unset unless given."""
+    module = __import__(argv[0].removesuffix(".py"))
+    with pytest.raises(SystemExit) as exit:
+        module.main([*argv[1:], "-h"])
+    out = " ".join(capsys.readouterr().out.split())                  # help text wraps at the terminal's width
+    assert exit.value.code == 0 and "(default: None)" not in out and "(default: " in out

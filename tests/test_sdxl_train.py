@@ -380,14 +380,24 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, m
         assert exit_.value.code == 1 and problem in capsys.readouterr().err, argv
 
 
-def test_generate_that_fails_leaves_no_folder_for_its_out(tmp_path, monkeypatch, capsys):
-    """--out's folder is made when the image is written, so a run whose models fail to load leaves nothing behind."""
+def test_generate_that_fails_leaves_no_folder_for_its_out_or_outdir(tmp_path, monkeypatch, capsys):
+    """--out's folder is made when the image is written, and --outdir's is removed again, so a run whose models fail
+    to load leaves nothing behind."""
     def no_models(*args):
         raise ValueError("missing.safetensors: no such file")
     monkeypatch.setattr(sdxl, "load_for_inference", no_models)
     with pytest.raises(SystemExit):
         sdxl.main(["generate", "--preset", "tiny", "--prompt", "a cat", "--out", str(tmp_path / "new" / "x.png")])
     assert "no such file" in capsys.readouterr().err and os.listdir(tmp_path) == []
+    # --prompts: --outdir is made at the check (it must be writable before the models load); a failure removes it,
+    # and a folder that was there before stays
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "old").mkdir()
+    for outdir in (tmp_path / "new" / "images", tmp_path / "old"):
+        with pytest.raises(SystemExit):
+            sdxl.main(["generate", "--preset", "tiny", "--prompts", str(tmp_path / "prompts.txt"), "--outdir", str(outdir)])
+        assert "no such file" in capsys.readouterr().err
+        assert sorted(os.listdir(tmp_path)) == ["old", "prompts.txt"] and os.listdir(tmp_path / "old") == []
 
 
 def test_impossible_options_are_refused_at_start_each_by_name():

@@ -732,6 +732,11 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--eval_redraws", "-1"])
     with pytest.raises(SystemExit, match=r"--fake_score_lognormal must be between 0 \(DMD2's\) and 1, got 1.5"):
         toy2d.main(["--fake_score_lognormal", "1.5"])
+    # every mode expects 20 samples: at --num_eval 100 the ring's lightest mode got 5 and every shape KL was inf
+    with pytest.raises(SystemExit, match=r"--num_eval must be at least 400 for the ring, .* got 100"):
+        toy2d.main(["--num_eval", "100"])
+    with pytest.raises(SystemExit, match=r"--num_eval must be at least 1180 for the grid, .* got 1000"):
+        toy2d.main(["--dataset", "grid", "--num_eval", "1000"])
 
 
 def test_numbers_out_of_range_or_not_finite_get_clear_errors():

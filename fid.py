@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import (PickledOrderedDict, describe_value, legacy_storage_nbytes, load_legacy_storage,  # hostile files
-                  read_safetensors, scan_pickle, torch_load_error)
+from unet import (PickledOrderedDict, check_zip_inflation, describe_value, legacy_storage_nbytes,  # hostile files
+                  load_legacy_storage, read_safetensors, scan_pickle, torch_load_error)
 from unet import HelpFormatter, check_device, check_writable                           # options and paths
 
 # ----------------------------------------------------------------------------
@@ -106,11 +106,21 @@ def _subset(total, num, seed, path):
     return idx
 
 
+# The most pixels an image may have: the detector sees it at 299 x 299, and a PNG of a few kB can declare 81M
+# pixels (under PIL's own limit), 243 MB decoded, which a batch of 64 would hold at once.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 def _read_image(file, name, noted):
     """One image file -> uint8 [H, W, 3]. Grayscale and palette images are converted with a note; others are refused."""
     try:
-        image = PIL.Image.open(file)
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)  # > 89M pixels from a few kB
+            image = PIL.Image.open(file)                                      # reads the header only
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{image.width}x{image.height} pixels, more than fid.py reads "
+                                 f"({MAX_IMAGE_PIXELS:,}); resize it first")
+            image.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
         raise ValueError(f"{name}: cannot read image ({e})") from e
     if image.mode in ("L", "P"):
@@ -133,7 +143,11 @@ def _file_batches(path, names, open_file, idx, batch_size, transform=None):
         batch = []
         for i in idx[start:start + batch_size]:
             name = os.path.join(path, names[i])
-            with open_file(names[i]) as f:
+            try:
+                f = open_file(names[i])
+            except (OSError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as e:  # encrypted, bad header, ...
+                raise ValueError(f"{name}: cannot read image ({e})") from None
+            with f:
                 image = _read_image(f, name, noted)  # [H, W, 3]
             if transform is not None:  # per image, before stacking: COCO photos differ in size
                 image = _transformed(transform, image, name)
@@ -153,7 +167,7 @@ def _npz_headers(path):
     compressed bytes can hold (stored: itself; deflate: at most NPZ_MAX_INFLATE times, plus 1 MiB)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return {info.filename[:-4]: _npy_header(archive, info)
+            return {info.filename[:-4]: _npy_header(archive, info, os.path.getsize(path))
                     for info in archive.infolist() if info.filename.endswith(".npy")}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot read this .npz ({type(e).__name__}: {e})") from None
@@ -165,9 +179,9 @@ def _npz_headers(path):
 NPZ_MAX_INFLATE = 64
 
 
-def _npy_header(archive, info):
+def _npy_header(archive, info, archive_size):
     ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: NPZ_MAX_INFLATE}.get(info.compress_type)
-    if ratio is None or info.file_size > ratio * info.compress_size + (1 << 20):
+    if ratio is None or info.compress_size > archive_size or info.file_size > ratio * info.compress_size + (1 << 20):
         raise ValueError(f"member {info.filename} declares {info.file_size} bytes from {info.compress_size} "
                          f"compressed ones (compression type {info.compress_type})")
     with archive.open(info) as f:
@@ -220,6 +234,8 @@ def _to_nchw(x, what):
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
         raise ValueError(f"{what}: expected 3 channels, got shape {tuple(x.shape)}")
+    if 0 in x.shape[2:]:
+        raise ValueError(f"{what}: images of {x.shape[3]}x{x.shape[2]} pixels, got shape {tuple(x.shape)}")
     return x
 
 
@@ -542,7 +558,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, path, archive=None, prefix=""):
         super().__init__(file)
         self.file, self.path, self.archive, self.prefix, self.storages = file, path, archive, prefix, {}
-        self.budget = 0
+        self.budget = self.storage_bytes = 0
 
     def load(self):
         start = self.file.tell()
@@ -593,6 +609,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(key, str) and isinstance(dtype, torch.dtype) and type(numel) is int):
             raise pickle.UnpicklingError(f"{self.path}: malformed storage record {describe_value(pid)}")
         if key not in self.storages:
+            self.storage_bytes += self.archive.getinfo(f"{self.prefix}data/{key}").file_size
+            if self.storage_bytes > os.path.getsize(self.path):  # torch writes them uncompressed: no more than the file
+                raise pickle.UnpicklingError(f"{self.path}: its storages declare {self.storage_bytes} bytes, more "
+                                             "than the file holds (compressed members)")
             data = bytearray(_read_member(self.archive, f"{self.prefix}data/{key}", self.path))
             flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
             if flat.numel() != numel:
@@ -710,6 +730,7 @@ def read_inception_weights(path):
                                                      archive, prefix)
                     sd = _flatten(unpickler.load())
                 else:  # a torch.save zip (e.g. a state dict)
+                    check_zip_inflation(path)
                     sd = torch.load(path, map_location="cpu", weights_only=True)
         else:
             with open(path, "rb") as f:
@@ -1155,6 +1176,7 @@ def read_open_clip_weights(path):
                 with open(path, "rb") as f:
                     if legacy_storage_nbytes(f) > os.path.getsize(path):
                         raise ValueError("its storages declare more bytes than the file holds")
+            check_zip_inflation(path)
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read open_clip weights ({torch_load_error(e)})") from None

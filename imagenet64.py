@@ -225,7 +225,7 @@ class ImageDataset:
         where = f"{self.path}/dataset.json"
         try:
             meta = json.loads(self._read("dataset.json"))
-        except ValueError as e:                                # JSONDecodeError and UnicodeDecodeError
+        except (ValueError, RecursionError) as e:              # JSONDecodeError, UnicodeDecodeError, nesting
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{where}: expected an object {{\"labels\": [[file, class], ...]}}, "
@@ -814,10 +814,19 @@ def load_generator(path, device="cpu"):
         net_kwargs, state = dict(unet.EDM_IMAGENET64, dropout=0.0), ckpt
     else:
         raise ValueError(f"{path}: neither an imagenet64.py checkpoint nor an EDMPrecond state dict")
-    try:
-        net = unet.EDMPrecond(**net_kwargs)
-    except TypeError as e:
-        raise ValueError(f"{path}: net_kwargs do not describe an EDMPrecond: {e}") from None
+    if not (type(net_kwargs.get("label_dim")) is int and net_kwargs["label_dim"] >= 1):
+        raise ValueError(f"{path}: net_kwargs has label_dim {unet.describe_value(net_kwargs.get('label_dim'))}; "
+                         "a class-conditional generator needs an integer of at least 1")
+    try:                                    # the sizes come from the file: checked on meta before any allocation
+        with torch.device("meta"):
+            probe = unet.EDMPrecond(**net_kwargs)
+    except Exception as e:
+        raise ValueError(f"{path}: net_kwargs do not describe an EDMPrecond: {type(e).__name__}: "
+                         f"{str(e)[:300]}") from None
+    with warnings.catch_warnings():       # keys and shapes checked on meta: torch warns that it copies nothing
+        warnings.simplefilter("ignore", UserWarning)
+        load_state(probe, state, path, "the generator")
+    net = unet.EDMPrecond(**net_kwargs)
     load_state(net, state, path, "the generator")
     return net.to(device).eval().requires_grad_(False), net_kwargs
 

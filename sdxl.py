@@ -64,6 +64,7 @@ import re
 import time
 import types
 import unicodedata
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,7 +175,7 @@ class LatentDataset:
                                  f"found {got}")
             try:
                 captions = json.loads(metadata.get("captions", "null"))
-            except ValueError:
+            except (ValueError, RecursionError):
                 captions = None
             if not (isinstance(captions, list) and len(captions) == len(latents)
                     and all(isinstance(c, str) for c in captions)):
@@ -951,8 +952,16 @@ def lora_unet_config(metadata, path):
     """The UNet layout a LoRA run stored in its generator.safetensors (write_generator)."""
     try:
         fields = json.loads(metadata["unet_config"])
-        return SDXLUNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    except (KeyError, TypeError, ValueError) as e:
+        cfg = SDXLUNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        positive = [cfg.in_channels, cfg.out_channels, cfg.model_channels, cfg.num_res_blocks, cfg.num_head_channels,
+                    cfg.context_dim, cfg.adm_in_channels, *cfg.channel_mult]
+        # the layout comes from the file: a LoRA of any real UNet names far fewer blocks than these bounds allow
+        if not (all(type(n) is int and n >= 1 for n in positive)
+                and all(type(n) is int and n >= 0 for n in cfg.transformer_depth)
+                and cfg.num_res_blocks <= 16 and sum(cfg.transformer_depth) <= 256 and len(cfg.channel_mult) <= 8):
+            raise ValueError(f"implausible UNet layout {cfg}")
+        return cfg
+    except (KeyError, TypeError, ValueError, RecursionError, ArithmeticError) as e:
         raise ValueError(f"{path}: no UNet layout in the metadata ({type(e).__name__}: {e}); --format kohya "
                          "exports the generator.safetensors of a `train --lora_rank` run") from None
 
@@ -1725,8 +1734,11 @@ def image_caption_pairs(folder):
         image, txt = os.path.join(folder, name), os.path.join(folder, os.path.splitext(name)[0] + ".txt")
         if not os.path.isfile(txt):
             raise ValueError(f"{image}: no caption (expected the text file {txt})")
-        with open(txt, encoding="utf-8") as f:
-            caption = f.read().strip()
+        try:
+            with open(txt, encoding="utf-8") as f:
+                caption = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{txt}: cannot read the caption ({e})") from None
         if not caption:
             raise ValueError(f"{txt}: empty caption")
         pairs.append((image, caption))
@@ -1736,9 +1748,13 @@ def image_caption_pairs(folder):
 def load_image(path, resolution):
     """RGB image -> [3, R, R] in [-1, 1]: shorter side resized to R (Lanczos), then the center R x R crop."""
     try:
-        with PIL.Image.open(path) as f:
-            image = f.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as f:
+                image = f.convert("RGB")
+    # PIL.UnidentifiedImageError and truncated files are OSErrors; a header declaring too many pixels is a bomb
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError,
+            PIL.Image.DecompressionBombWarning) as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from None
     scale = resolution / min(image.size)
     w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
@@ -1755,7 +1771,18 @@ def encode_folder(vae, folder, out, resolution, batch=8, shard_size=1000, seed=0
     pairs = image_caption_pairs(folder)
     if glob.glob(os.path.join(glob.escape(out), "latents_*.safetensors")):
         raise ValueError(f"{out}: already holds latents_*.safetensors shards; choose an empty folder")
-    os.makedirs(out, exist_ok=True)
+    made = fid.missing_folders(os.path.join(out, "latents_00000.safetensors"))
+    fid.check_folder(out)                       # writable before the first image is encoded, not after
+    try:
+        encode_shards(vae, pairs, out, resolution, batch, shard_size, seed)
+    except BaseException:                       # a bad image or Ctrl-C before a shard is written: no empty folder
+        fid.remove_empty_folders(made)
+        raise
+    return len(pairs)
+
+
+def encode_shards(vae, pairs, out, resolution, batch, shard_size, seed):
+    """encode_folder's work: [(image path, caption)] -> out/latents_00000.safetensors, ..., shard_size pairs each."""
     device = vae.quant_conv.weight.device
     g = torch.Generator(device).manual_seed(seed)
     for s in range(0, len(pairs), shard_size):
@@ -1768,7 +1795,6 @@ def encode_folder(vae, folder, out, resolution, batch=8, shard_size=1000, seed=0
         write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"),
                           {"latents": torch.cat(latents).half()},
                           {"captions": json.dumps([c for _, c in chunk]), "resolution": str(resolution)})
-    return len(pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

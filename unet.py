@@ -43,6 +43,7 @@ import pickletools
 import re
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -720,10 +721,22 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"{path}: " + ("a folder; give a checkpoint file" if os.path.isdir(path) else
                                                "no such checkpoint file"))
     try:
+        check_zip_inflation(path)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a weights-only torch checkpoint (EDM .pkl files go through load_edm_pickle): "
                          f"{torch_load_error(e)}") from None
+
+
+def check_zip_inflation(path):
+    """torch.save writes its zip members uncompressed, so together they hold no more than the file; torch.load
+    inflates deflated members whole, so a 1 MB zip of deflated zeros would otherwise load as 1 GB of tensors."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+        if declared > os.path.getsize(path):
+            raise ValueError(f"its zip members declare {declared} bytes, more than the file's "
+                             f"{os.path.getsize(path)} (compressed members; torch.save stores them uncompressed)")
 
 
 def torch_load_error(e):
@@ -1489,7 +1502,7 @@ def _metadata_alpha(metadata, source_name):
         return None
     try:
         config = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"{source_name}: metadata 'lora_adapter_metadata' is not JSON ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{source_name}: metadata 'lora_adapter_metadata' is not a JSON object")
@@ -1537,6 +1550,10 @@ def lora_from_file_state(state_dict, cfg, source_name, metadata=None):
     factors = {}
     for name, part in groups.items():
         down, up = part["down"][1], part["up"][1]
+        if "alpha" in part and part["alpha"][1].numel() != 1:
+            raise ValueError(f"{source_name}: {part['alpha'][0]} holds {part['alpha'][1].numel()} numbers, not one")
+        if down.ndim < 2 or down.shape[0] == 0:
+            raise ValueError(f"{source_name}: {part['down'][0]} has shape {list(down.shape)}: not a rank >= 1 LoRA")
         alpha = float(part["alpha"][1]) if "alpha" in part else default_alpha
         factors[name] = (down, up, float(down.shape[0] if alpha is None else alpha))
     return factors

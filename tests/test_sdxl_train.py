@@ -703,8 +703,9 @@ def test_encode_errors_name_the_file(tmp_path, problem, match):
                 os.remove(os.path.join(folder, f))
     vae = sdxl.AutoencoderKL(sdxl.TINY_VAE)
     with pytest.raises(ValueError, match=match) as err:
-        sdxl.encode_folder(vae, folder, str(tmp_path / "out"), 32)
+        sdxl.encode_folder(vae, folder, str(tmp_path / "new" / "out"), 32)
     assert folder in str(err.value)
+    assert not (tmp_path / "new").exists()              # a failed encode leaves no empty folders behind
 
 
 def test_latent_dataset_errors(tiny_run, tmp_path):

@@ -1,0 +1,213 @@
+"""Hostile files from fuzzing the readers: deflated zip members (torch.load and the TorchScript reader inflate them
+whole), zip entries that cannot be opened, .npz sizes beyond the archive, images that declare too many pixels,
+checkpoint arguments that would build a network before its weights are checked, JSON nested too deeply, and malformed
+LoRA files. Every one must be a ValueError (or UnpicklingError) naming the file. Every file here is small, and small
+enough inflated that a reader that accepted one would still not exhaust memory."""
+import dataclasses
+import io
+import json
+import pickle
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import fid
+import imagenet64
+import sdxl
+import unet
+
+
+def png(w=8, h=8):
+    f = io.BytesIO()
+    PIL.Image.new("RGB", (w, h)).save(f, "PNG")
+    return f.getvalue()
+
+
+def deflated_torch_save(path, n=20):
+    """A torch.save zip re-written with deflated members: n MiB of zeros in ~30 kB."""
+    buf = io.BytesIO()
+    torch.save({f"t{k}": torch.zeros(1 << 18) for k in range(n)}, buf)
+    source = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in source.namelist():
+            z.writestr(name, source.read(name))
+
+
+def test_deflated_torch_zip_is_refused_by_every_torch_load(tmp_path):
+    path = tmp_path / "bomb.pt"
+    deflated_torch_save(path)
+    assert path.stat().st_size < 100_000
+    for reader in (unet.load_checkpoint, fid.read_inception_weights, fid.read_open_clip_weights):
+        with pytest.raises(ValueError, match="more than the file"):
+            reader(str(path))
+
+
+def test_deflated_torchscript_storages_are_refused(tmp_path):
+    """300 storages of 32 KiB zeros, each deflated to ~100 bytes: each member alone fits the file, together 160x."""
+    n, size = 300, 32 << 10
+    items = b"".join(b"(X\x07\x00\x00\x00storagectorch\nByteStorage\n" + b"X" + struct.pack("<I", len(str(k)))
+                     + str(k).encode() + b"X\x03\x00\x00\x00cpuJ" + struct.pack("<i", size) + b"tQ" for k in range(n))
+    path = tmp_path / "ts.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("m/code/__torch__.py", "x")
+        z.writestr("m/data.pkl", b"\x80\x02(" + items + b"l.")
+        for k in range(n):
+            z.writestr(f"m/data/{k}", bytes(size))
+    with pytest.raises((ValueError, pickle.UnpicklingError), match="more than the file"):
+        fid.read_inception_weights(str(path))
+
+
+def corrupt_zip(path, how):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a.png", png())
+        z.writestr("b.png", png())
+    raw = bytearray(path.read_bytes())
+    if how == "bad local header":
+        raw[0:4] = b"XXXX"
+    for at in range(len(raw) - 4):
+        if raw[at:at + 4] == b"PK\x01\x02":
+            if how == "encrypted":
+                raw[at + 8] |= 1
+            elif how == "unknown compression":
+                raw[at + 10:at + 12] = struct.pack("<H", 99)
+    path.write_bytes(raw)
+
+
+@pytest.mark.parametrize("how", ["encrypted", "bad local header", "unknown compression"])
+def test_zip_of_images_whose_entries_cannot_be_opened(tmp_path, how):
+    path = tmp_path / "images.zip"
+    corrupt_zip(path, how)
+    _, batches = fid.image_batches(str(path))
+    with pytest.raises(ValueError, match="images.zip/a.png"):
+        next(batches)
+
+
+def test_npz_member_declaring_more_than_the_archive(tmp_path):
+    """A 3 kB .npz whose zip64 directory says its stored member is 100 GiB, as its .npy header does: np.load would
+    ask for 100 GiB before reading (a raw MemoryError)."""
+    declared = 100 << 30
+    header = f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({declared - 128}, 1, 1, 1), }}"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    assert 10 + len(header) == 128
+    member = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(3000)
+    f = io.BytesIO()
+    with zipfile.ZipFile(f, "w") as z:
+        z.writestr("arr_0.npy", member)
+    raw = f.getvalue()
+    cd, eocd = raw.find(b"PK\x01\x02"), raw.find(b"PK\x05\x06")
+    entry = bytearray(raw[cd:eocd])
+    name_len, extra_len = struct.unpack("<HH", entry[28:32])
+    entry[20:28] = struct.pack("<II", 0xFFFFFFFF, 0xFFFFFFFF)
+    entry[30:32] = struct.pack("<H", extra_len + 20)
+    at = 46 + name_len + extra_len
+    entry[at:at] = struct.pack("<HHQQ", 1, 16, declared, declared)
+    end = bytearray(raw[eocd:])
+    end[12:16] = struct.pack("<I", len(entry))
+    path = tmp_path / "images.npz"
+    path.write_bytes(raw[:cd] + bytes(entry) + bytes(end))
+    with pytest.raises(ValueError, match="images.npz"):
+        fid.image_batches(str(path))
+
+
+TINY_KW = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+
+
+@pytest.mark.parametrize("change, words", [(dict(label_dim=3, model_channels=-5), "negative dimension"),
+                                           (dict(), "label_dim None"), (dict(label_dim=0), "label_dim 0")])
+def test_generator_arguments_are_checked_before_a_network_is_built(tmp_path, change, words):
+    kw = {**TINY_KW, **change}
+    state = unet.EDMPrecond(**{**kw, "model_channels": 16}).state_dict()
+    path = tmp_path / "gen.pt"
+    unet.save_checkpoint({"net_kwargs": kw, "generator": state}, path)
+    with pytest.raises(ValueError, match=words):
+        imagenet64.load_generator(str(path))
+
+
+def test_generator_loads_as_before(tmp_path):
+    kw = dict(TINY_KW, label_dim=3)
+    net = unet.EDMPrecond(**kw)
+    unet.save_checkpoint({"net_kwargs": kw, "generator": net.state_dict()}, tmp_path / "gen.pt")
+    loaded, _ = imagenet64.load_generator(str(tmp_path / "gen.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+
+
+DEEP = "[" * 100_000
+
+
+def test_deeply_nested_json_is_refused_with_the_file_name(tmp_path):
+    (tmp_path / "ds" / "0").mkdir(parents=True)
+    (tmp_path / "ds" / "0" / "a.png").write_bytes(png())
+    (tmp_path / "ds" / "dataset.json").write_text('{"labels": ' + DEEP)
+    with pytest.raises(ValueError, match="dataset.json"):
+        imagenet64.ImageDataset(str(tmp_path / "ds"), 8)
+    (tmp_path / "lat").mkdir()
+    unet.write_safetensors(str(tmp_path / "lat" / "latents_00000.safetensors"),
+                           {"latents": torch.zeros(2, 4, 8, 8).half()}, {"captions": DEEP})
+    with pytest.raises(ValueError, match="latents_00000"):
+        sdxl.LatentDataset(str(tmp_path / "lat"), 64)
+
+
+def lora_file(path, alpha=None, rank=4, **metadata):
+    cfg = sdxl.TINY_UNET
+    name = next(n for n in unet.lora_names(cfg) if n.endswith("attn1.to_q"))
+    width = cfg.model_channels * cfg.channel_mult[1]
+    state = {f"{name}.lora_down.weight": torch.zeros(rank, width), f"{name}.lora_up.weight": torch.zeros(width, rank)}
+    if alpha is not None:
+        state[f"{name}.alpha"] = alpha
+    metadata.setdefault("unet_config", json.dumps(dataclasses.asdict(cfg)))
+    unet.write_safetensors(str(path), state, metadata)
+    return str(path)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(unet_config=DEEP), "no UNet layout"),
+    (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), num_head_channels=0))), "no UNet layout"),
+    (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), model_channels=-32))), "no UNet layout"),
+    (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), num_res_blocks=10 ** 7))), "no UNet layout"),
+    (dict(lora_adapter_metadata=DEEP), "lora_adapter_metadata"),
+    (dict(alpha=torch.ones(3)), "not one"),
+    (dict(rank=0), "rank >= 1")])
+def test_malformed_lora_files_are_refused_by_name(tmp_path, kwargs, words):
+    path = lora_file(tmp_path / "lora.safetensors", **kwargs)
+    with pytest.raises(ValueError, match=words):
+        state, metadata = sdxl.read_lora(path)
+        cfg = sdxl.lora_unet_config(metadata, path)
+        factors = unet.lora_from_file_state(state, cfg, path, metadata)
+        unet.merge_lora(unet.SDXLUNet(cfg), factors, 1.0, path)
+
+
+def test_encode_inputs_name_the_file(tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe caption")
+    with pytest.raises(ValueError, match="a.txt"):
+        sdxl.image_caption_pairs(str(tmp_path))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(ValueError, match="bomb.png"):
+        sdxl.load_image(str(bomb), 64)
+
+
+def test_npz_of_empty_images_is_refused_before_the_detector(tmp_path):
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((4, 0, 0, 3), np.uint8))
+    _, batches = fid.image_batches(str(tmp_path / "empty.npz"))
+    with pytest.raises(ValueError, match="empty.npz: images of 0x0"):
+        next(batches)
+
+
+def test_images_declaring_more_pixels_than_fid_reads_are_refused_before_decoding(tmp_path):
+    """A 5000 x 4000 PNG of zeros is a few kB; 64 of them in a batch would decode to 3.8 GB."""
+    (tmp_path / "big").mkdir()
+    PIL.Image.new("L", (5000, 4000)).save(tmp_path / "big" / "a.png")
+    assert (tmp_path / "big" / "a.png").stat().st_size < 100_000
+    _, batches = fid.image_batches(str(tmp_path / "big"))
+    with pytest.raises(ValueError, match=r"a.png: cannot read image \(5000x4000 pixels, more than fid.py reads"):
+        next(batches)

@@ -43,6 +43,7 @@ Measured (README, GPU figures): one H200 trains at 80.5 images/s in bf16 at 40 i
 200k iterations at batch 280 would take about 8 days on one H200 alone (several GPUs: not measured yet).
 """
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -915,6 +916,9 @@ def sample_main(argv):
     if a.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {a.batch}")
     seeds = parse_range(a.seeds)
+    repeated = sorted(k for k, n in collections.Counter(seeds).items() if n > 1)
+    if repeated:                                # one file per seed: a repeat would be counted but not written
+        raise ValueError(f"--seeds {a.seeds}: lists seed(s) {repeated[:5]} more than once")
     classes = parse_range(a.classes, "--classes") if a.classes else None
     if os.path.splitext(a.out)[1].lower() in (".png", ".jpg", ".jpeg", ".npy", ".pt"):
         raise ValueError(f"--out {a.out}: give a folder (PNGs named by seed) or a file ending in .npz")
@@ -1387,16 +1391,19 @@ def parse_config(argv):
 
 
 def field_help():
-    """--help text: the comments next to Config's fields (continuation lines included)."""
+    """--help text: the comments next to Config's fields (continuation lines included). A comment line at the fields'
+    own indentation heads a group ("Only for --preset gaussian:"): each field below it gets that note."""
     import inspect
-    helps, name = {}, None
+    helps, name, group = {}, None, ""
     for line in inspect.getsource(Config).splitlines():
         code, _, comment = line.partition("#")
         if ":" in code and "=" in code:
             name = code.split(":")[0].strip()
-            helps[name] = comment.strip()
-        elif name and not code.strip() and comment:
+            helps[name] = comment.strip() + (f" ({group.rstrip(':').lower()})" if group else "")
+        elif name and not code.strip() and comment and len(code) > 4:          # a continuation, aligned with the above
             helps[name] += " " + comment.strip()
+        elif not code.strip() and comment:                                      # a group heading
+            name, group = None, comment.strip()
     return {k: v.replace("%", "%%") for k, v in helps.items()}
 
 

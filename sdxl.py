@@ -1023,6 +1023,9 @@ def generate_folder(args, net, parts, sampler, height, width):
 def cmd_encode(args):
     if args.batch < 1 or args.shard_size < 1:
         raise ValueError(f"need --batch >= 1 and --shard_size >= 1, got {args.batch} and {args.shard_size}")
+    if args.resolution and (args.resolution < 64 or args.resolution & (args.resolution - 1)):
+        raise ValueError(f"--resolution must be a power of 2 of at least 64, as train's GAN head needs (SDXL: 1024, "
+                         f"--preset tiny: 128), got {args.resolution}")
     device, _, vae_dtype = runtime(args)
     if args.preset:
         vae = load_parts(args.preset, "", device, vae_dtype=vae_dtype)["vae"]
@@ -1066,6 +1069,7 @@ def cmd_export(args):
     """Our generator (any file load_unet_state reads) -> one .safetensors in diffusers UNet2DConditionModel names, as
     DMD2's release: diffusers, ComfyUI and others load it. The config is read from the file's shapes. With --lora and
     --format kohya: a LoRA run's generator.safetensors -> the Kohya keys of DMD2's released LoRA."""
+    unet.check_writable(args.out, "--out")      # before the weights are read and renamed, not after
     if args.lora or args.format == "kohya":
         return export_lora(args)
     if not args.unet:

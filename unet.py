@@ -1821,6 +1821,8 @@ def check_main_args(args):
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
         if path:
             check_writable(path, flag)
+            if os.path.abspath(path) == os.path.abspath(args.pkl):
+                raise ValueError(f"{flag} {path} is the pickle being read: it would replace the downloaded network")
 
 
 def check_writable(path, flag=""):

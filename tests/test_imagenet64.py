@@ -622,11 +622,20 @@ def test_impossible_options_are_refused_at_start_each_by_name(tmp_path):
     m.check_config(tiny_cfg(tmp_path))                                   # the preset itself passes
 
 
+def test_help_text_is_each_fields_comment_and_its_groups_note():
+    helps = m.field_help()
+    assert helps["bench"] == "time the loop against the sum of its network passes, then exit"      # no heading in it
+    assert helps["gauss_classes"] == "number of classes of the Gaussian data model (only for --preset gaussian)"
+    assert helps["quantize"].endswith("or \"edm\" (EDM's rounding)")                                # a continuation
+
+
 def test_evaluate_and_sample_refuse_impossible_counts_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(m.fid, "load_inception", lambda *a: pytest.fail("loaded Inception before checking --num"))
     for argv, problem in ((["evaluate", "--folder", str(tmp_path), "--fid_ref", "r.npz", "--num", "1"], "--num >= 2"),
                           (["sample", "--ckpt", "g.pt", "--seeds", "5-2", "--out", str(tmp_path)], "range 5-2 is empty"),
                           (["sample", "--ckpt", "g.pt", "--seeds", "0-x", "--out", str(tmp_path)], "expected numbers"),
+                          (["sample", "--ckpt", "g.pt", "--seeds", "0,0-3", "--out", str(tmp_path)],
+                           r"lists seed\(s\) \[0\] more than once"),
                           (["sample", "--ckpt", "g.pt", "--out", str(tmp_path / "x.jpg")], "give a folder"),
                           (["sample", "--ckpt", "g.pt", "--batch", "0", "--out", str(tmp_path)], "--batch must")):
         with pytest.raises(ValueError, match=problem):

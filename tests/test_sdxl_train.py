@@ -430,7 +430,11 @@ def test_generate_and_encode_refuse_impossible_counts_before_the_models_load(tmp
                         ([*prompts, "--steps", "-1"], "--steps, --height and --width"),
                         (["generate", "--preset", "tiny", "--prompt", "a cat", "--height", "-64"], "--height"),
                         (["encode", "--preset", "tiny", "--images", str(tmp_path), "--out", str(tmp_path / "lat"),
-                          "--shard_size", "-1"], "--shard_size >= 1")):
+                          "--shard_size", "-1"], "--shard_size >= 1"),
+                        (["encode", "--preset", "tiny", "--images", str(tmp_path), "--out", str(tmp_path / "lat"),
+                          "--resolution", "100"], "--resolution must be a power of 2 of at least 64"),
+                        (["export", "--unet", "missing.safetensors", "--out", str(tmp_path)], f"--out {tmp_path}: is a "
+                         "folder")):
         with pytest.raises(SystemExit) as exit_:
             sdxl.main(argv)
         assert exit_.value.code == 1 and words in capsys.readouterr().err, argv

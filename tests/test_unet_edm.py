@@ -745,6 +745,7 @@ def test_command_line_errors_are_one_line_and_come_before_the_work(tmp_path, cap
                         ([str(evil), "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "g.png")],
                          "--grid and --out are the same file"),
                         ([str(evil), "--out", str(tmp_path)], "is a folder; give the path of the file to write"),
+                        ([str(evil), "--out", str(evil)], "is the pickle being read"),
                         ([str(evil), "--out", str(tmp_path / "new") + "/"], "ends with a slash"),
                         ([str(evil), "--out", str(tmp_path / "evil.pkl" / "x.pt")], "cannot make its folder"),
                         ([str(tmp_path / "none.pkl"), "--grid", str(tmp_path / "g1" / "a" / "grid.png")], "none.pkl")):

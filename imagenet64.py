@@ -704,11 +704,17 @@ def bookkeeping(run, done):
         fid_during_training(run, done)
     if cfg.bench:
         return
+    if cfg.keep_every and done % cfg.keep_every == 0 and run.rank == 0:
+        keep(run, done)           # before checkpoint.pt: a kill between the two redoes this step on --resume
     if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.total_steps:
         save(run, done)
-    if cfg.keep_every and done % cfg.keep_every == 0 and run.rank == 0:
-        record = generator_record(run, done, with_fake_score=True)
-        unet.save_checkpoint(record, os.path.join(cfg.outdir, kept_name(done)))
+
+
+def keep(run, step):
+    """generator_XXXXXXX.pt: the generator, its EMA and the fake score at `step` (--keep_every; evaluate scores
+    them, and stage 2 starts from one)."""
+    record = generator_record(run, step, with_fake_score=True)
+    unet.save_checkpoint(record, os.path.join(run.cfg.outdir, kept_name(step)))
 
 
 def write_log(run, line):
@@ -843,31 +849,50 @@ def evaluate_folder(folder, detector, ref, extra=(), num=50_000, device="cpu", r
     protocol = dict(num=num, quantize=quantize, ref=ref_name, precision="fp32", classes="balanced, seed i: class i%K")
     os.makedirs(folder, exist_ok=True)                                   # e.g. a folder just for the release's score
     record_path = os.path.join(folder, "fid.json")
-    scores = previous_scores(record_path, protocol)
+    stamps = {path: file_stamp(path) for path in files}
+    scores, scored = previous_scores(record_path, protocol, stamps)
     for path in files:
         if path in scores:
             continue
         generator, kw = load_generator(path, device)
         scores[path] = evaluate_fid(generator, kw["label_dim"], detector, ref, num, device, rank, world, batch,
                                     quantize)
+        scored[path] = stamps[path]
         if rank == 0:
             print(f"{path}: FID {scores[path]:.4f} ({num} samples)", flush=True)
-            write_json(record_path, dict(protocol=protocol, scores=scores, best=min(scores, key=scores.get)))
+            write_json(record_path, dict(protocol=protocol, scores=scores, best=min(scores, key=scores.get),
+                                         files=scored))
     best = min(scores, key=scores.get)
     if rank == 0:
-        write_json(record_path, dict(protocol=protocol, scores=scores, best=best))
+        write_json(record_path, dict(protocol=protocol, scores=scores, best=best, files=scored))
         print(f"best: {best}  FID {scores[best]:.4f}  (all scores in {record_path})")
     return dict(scores=scores, best=best)
 
 
-def previous_scores(path, protocol):
-    """Scores from an earlier evaluate of the same folder with the same protocol; anything else starts afresh."""
+def file_stamp(path):
+    """[size, modification time in ns]: a kept file written again (e.g. by another run) is scored again."""
+    try:
+        st = os.stat(path)
+    except OSError:                     # missing: load_generator says so
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def previous_scores(path, protocol, stamps):
+    """({file: FID}, {file: file_stamp}) from an earlier evaluate of the same folder with the same protocol, without
+    the files that have changed since (stamps: each file's stamp now). A file since removed keeps its score."""
     try:
         with open(path) as f:
             old = json.load(f)
-        return dict(old["scores"]) if old.get("protocol") == protocol else {}
+        if old.get("protocol") != protocol:
+            return {}, {}
+        scores, scored = dict(old["scores"]), dict(old.get("files", {}))
+        changed = [f for f in scores if f in stamps and scored.get(f) != stamps[f]]
+        for f in changed:
+            scores.pop(f), scored.pop(f, None)
+        return scores, scored
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+        return {}, {}
 
 
 def write_json(path, obj):
@@ -1113,7 +1138,7 @@ def save(run, step):
                               generator=run.generator.state_dict(), fake_score=run.fake_score.state_dict(),
                               opt_g=run.opt_g.state_dict(), opt_d=run.opt_d.state_dict(),
                               generator_ema=run.generator_ema.state_dict() if run.generator_ema is not None else None,
-                              rng=rngs), run.ckpt_path)
+                              rng=rngs, best_fid=run.best_fid), run.ckpt_path)
 
 
 def load_state(module, state, path, what):
@@ -1138,12 +1163,17 @@ def resume(run):
         load_state(run.generator_ema, ckpt.get("generator_ema") or ckpt["generator"], path, "the generator EMA")
     if isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == run.world:
         set_rng_state(ckpt["rng"][run.rank])
+    if isinstance(ckpt.get("best_fid"), float):      # generator_best.pt is replaced only by a lower FID than this
+        run.best_fid = ckpt["best_fid"]
     saved_cfg = ckpt["cfg"] if isinstance(ckpt["cfg"], dict) else {}
     changed = {k: (v, getattr(cfg, k)) for k, v in saved_cfg.items()
                if getattr(cfg, k, v) != v and k not in ("resume", "total_steps")}
     if run.rank == 0:
         print(f"resumed from {path} at step {ckpt['step']}" + (f"; changed settings: {changed}" if changed else ""))
         repair_generator_file(run, ckpt["step"])
+        if cfg.keep_every and ckpt["step"] % cfg.keep_every == 0 and not os.path.exists(
+                os.path.join(cfg.outdir, kept_name(ckpt["step"]))):     # killed before it was kept (older versions)
+            keep(run, ckpt["step"])
     return ckpt["step"]
 
 
@@ -1224,6 +1254,9 @@ def check_config(cfg):
         errors.append(f"--precision must be bf16 or fp32, not {cfg.precision!r}")
     if os.path.exists(cfg.outdir) and not os.path.isdir(cfg.outdir):
         errors.append(f"--outdir {cfg.outdir}: is a file; give a folder for the run")
+    if not (cfg.resume or cfg.bench) and os.path.exists(os.path.join(cfg.outdir, "checkpoint.pt")):
+        errors.append(f"--outdir {cfg.outdir}: holds a run's checkpoint.pt; add --resume to continue it, or give "
+                      "another folder (a new run would overwrite it, and evaluate would score both runs' generators)")
     if errors:
         raise ValueError("invalid options:\n  " + "\n  ".join(errors))
     if cfg.resume and cfg.init_from and os.path.exists(os.path.join(cfg.outdir, "checkpoint.pt")):

@@ -55,6 +55,7 @@ import dataclasses
 import functools
 import glob
 import gzip
+import hashlib
 import html
 import inspect
 import json
@@ -695,6 +696,9 @@ def check_config(cfg):
         errors.append(f"--{' and --'.join(lora_flags)} only apply to a LoRA generator: add --lora_rank (DMD2's: 64)")
     if cfg.precision not in ("bf16", "fp32"):
         errors.append(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    if not cfg.resume and os.path.exists(os.path.join(cfg.outdir, "checkpoint.pt")):
+        errors.append(f"--outdir {cfg.outdir}: holds a run's checkpoint.pt; add --resume to continue it, or give "
+                      "another folder (a new run would overwrite it)")
     if errors:
         raise ValueError("invalid options:\n  " + "\n  ".join(errors))
 
@@ -980,10 +984,47 @@ def cmd_generate(args):
     else:
         fid.check_folder(args.outdir)
     try:
+        if args.prompts:
+            check_image_folder(args)
         generate_images(args)
     except BaseException:                       # an error or Ctrl-C: no empty folders left behind
         fid.remove_empty_folders(made)
         raise
+
+
+def folder_settings(args):
+    """What decides the images of `generate --prompts`, recorded in OUTDIR/generate.json: the prompts (their SHA-256),
+    the models' files and every sampling option (the sampler and its steps as resolved from "auto" and 0)."""
+    sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
+    side = 128 if args.preset == "tiny" else 1024
+    with open(args.prompts, "rb") as f:
+        prompts = hashlib.sha256(f.read()).hexdigest()
+    return dict(prompts=prompts, ckpt=args.ckpt, unet=args.unet, lora=args.lora, lora_scale=args.lora_scale,
+                preset=args.preset, sampler=sampler, steps=args.steps or (4 if sampler == "dmd2" else 30),
+                guidance=args.guidance, conditioning_timestep=args.conditioning_timestep, seed=args.seed,
+                batch=args.batch, height=args.height or side, width=args.width or side)
+
+
+def check_image_folder(args):
+    """A stopped `generate --prompts` continues where it stopped, keeping the images it wrote: only with the same
+    settings (generate.json). Images from other settings would be kept as if they were this run's, and eval would pair
+    them with these prompts."""
+    path = os.path.join(args.outdir, "generate.json")
+    written = glob.glob(os.path.join(glob.escape(args.outdir), "[0-9][0-9][0-9][0-9][0-9].png"))
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except FileNotFoundError:
+        before = None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: cannot read it ({e}); remove it with the images, or give another --outdir") from None
+    if before is None and written:
+        raise ValueError(f"--outdir {args.outdir}: holds images of another run (no generate.json); give an empty "
+                         "folder, or remove them")
+    if before is not None and before != folder_settings(args):
+        differ = sorted(k for k in {**before, **folder_settings(args)} if before.get(k) != folder_settings(args).get(k))
+        raise ValueError(f"--outdir {args.outdir}: holds images made with other settings (different: "
+                         f"{', '.join(differ)}); give an empty folder, or the same settings to continue that run")
 
 
 def generate_images(args):
@@ -1004,9 +1045,13 @@ def generate_images(args):
 def generate_folder(args, net, parts, sampler, height, width):
     """One image per line of --prompts, written as OUTDIR/00000.png, 00001.png, ... in the prompts' order (sdxl.py eval
     pairs them by sorted name). Batch i of --batch prompts draws its noise from seed + i (DMD2's COCO script seeds each
-    batch with its index). Images already written are kept: a stopped run continues."""
+    batch with its index). Images already written are kept: a stopped run continues (check_image_folder)."""
     prompts = read_prompts(args.prompts)
     os.makedirs(args.outdir, exist_ok=True)
+    path = os.path.join(args.outdir, "generate.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(folder_settings(args), f, indent=1)
+    os.replace(path + ".tmp", path)
     for i in range(0, len(prompts), args.batch):
         names = [os.path.join(args.outdir, f"{j:05d}.png") for j in range(i, min(i + args.batch, len(prompts)))]
         if all(os.path.exists(n) for n in names):

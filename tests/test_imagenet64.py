@@ -424,6 +424,48 @@ def test_a_kill_at_the_final_save_never_leaves_a_stale_generator(tmp_path, monke
     assert all(torch.equal(gen["generator"][k], v) for k, v in final.items())
 
 
+def test_a_kill_while_keeping_a_generator_is_redone_on_resume(tmp_path, monkeypatch):
+    """The kept generator_XXXXXXX.pt is written before checkpoint.pt: a run killed while writing it resumes from the
+    checkpoint before, redoes the step and keeps the file (stage 2 starts from one)."""
+    flags = ["--total_steps", "6", "--ckpt_every", "2", "--keep_every", "4"]
+    real_save = unet.save_checkpoint
+
+    def dies_keeping(obj, path):
+        if os.path.basename(path) == "generator_0000004.pt":
+            raise Killed()
+        return real_save(obj, path)
+
+    monkeypatch.setattr(unet, "save_checkpoint", dies_keeping)
+    with pytest.raises(Killed):
+        m.train(tiny_cfg(tmp_path, *flags))
+    monkeypatch.setattr(unet, "save_checkpoint", real_save)
+    assert unet.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 2
+    m.train(tiny_cfg(tmp_path, *flags, "--resume"))
+    assert unet.load_checkpoint(str(tmp_path / "generator_0000004.pt"))["step"] == 4
+
+
+def test_resume_keeps_the_best_fid_so_far(tmp_path, monkeypatch):
+    """generator_best.pt is replaced only by a lower FID than any before it, across --resume too."""
+    monkeypatch.setattr(m.fid, "load_inception", lambda *a: None)
+    monkeypatch.setattr(m.fid, "load_stats", lambda *a: None)
+    scores = {2: 5.0, 4: 3.0, 6: 4.0}                                      # the best is step 4's, before the resume
+    order = iter(scores.values())
+    monkeypatch.setattr(m, "evaluate_fid", lambda *a, **k: next(order))
+    flags = ["--ckpt_every", "2", "--fid_every", "2", "--fid_ref", "ref.npz"]
+    m.train(tiny_cfg(tmp_path, "--total_steps", "4", *flags))
+    m.train(tiny_cfg(tmp_path, "--total_steps", "6", *flags, "--resume"))
+    best = unet.load_checkpoint(str(tmp_path / "generator_best.pt"))
+    assert (best["step"], best["fid"]) == (4, 3.0) and scores[best["step"]] == best["fid"]
+
+
+def test_a_new_run_into_a_folder_holding_a_checkpoint_is_refused(tmp_path):
+    m.train(tiny_cfg(tmp_path, "--total_steps", "2"))
+    with pytest.raises(ValueError, match="holds a run's checkpoint.pt; add --resume to continue it"):
+        m.train(tiny_cfg(tmp_path, "--total_steps", "4"))
+    assert unet.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 2
+    m.train(tiny_cfg(tmp_path, "--total_steps", "2", "--bench"))          # --bench writes nothing: allowed
+
+
 def test_stale_temporaries_of_the_runs_own_files_are_removed_at_start(tmp_path):
     for name in ("checkpoint.pt.k2j4.tmp", "generator.pt.a8f1.tmp", "generator_0000002.pt.x.tmp", "notes.txt.tmp"):
         (tmp_path / name).write_bytes(b"partial")
@@ -712,6 +754,11 @@ def test_evaluator_scores_every_kept_checkpoint_and_the_release_and_picks_the_be
     monkeypatch.setattr(m, "evaluate_fid", lambda *a, **k: pytest.fail("scored twice"))
     assert m.evaluate_folder(str(tmp_path), detector, ref, [str(tmp_path / "pytorch_model.bin")], num=64,
                              batch=16)["best"] == out["best"]
+    # a kept file written again (another run into the folder) is scored again, the others are not
+    write_generator(str(tmp_path / "generator_0001000.pt"), nets[2], 1000)
+    monkeypatch.setattr(m, "evaluate_fid", lambda *a, **k: 0.5)
+    again = m.evaluate_folder(str(tmp_path), detector, ref, [str(tmp_path / "pytorch_model.bin")], num=64, batch=16)
+    assert again["scores"] == {**out["scores"], str(tmp_path / "generator_0001000.pt"): 0.5}
 
 # ----------------------------------------------------------------------------------------------
 # The 1.28 recipe end to end: stage 1 without GAN, stage 2 from its kept checkpoint, then the evaluator.

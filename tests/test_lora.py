@@ -341,9 +341,18 @@ def test_generate_with_a_lora_and_its_errors(lora_run, tmp_path, capsys):
                "--out", png, "--device", "cpu"])
     assert os.path.getsize(png) > 0 and "at scale 0.5" in capsys.readouterr().out
     (tmp_path / "prompts.txt").write_text("a cat\na dog\na bird\n")
-    sdxl.main(["generate", "--preset", "tiny", "--lora", gen, "--prompts", str(tmp_path / "prompts.txt"), "--outdir",
-               str(tmp_path / "images"), "--batch", "2", "--device", "cpu"])
-    assert sorted(os.listdir(tmp_path / "images")) == ["00000.png", "00001.png", "00002.png"]
+    folder = ["generate", "--preset", "tiny", "--lora", gen, "--prompts", str(tmp_path / "prompts.txt"), "--outdir",
+              str(tmp_path / "images"), "--batch", "2", "--device", "cpu"]
+    sdxl.main(folder)
+    assert sorted(os.listdir(tmp_path / "images")) == ["00000.png", "00001.png", "00002.png", "generate.json"]
+    first = (tmp_path / "images" / "00002.png").read_bytes()
+    (tmp_path / "images" / "00002.png").unlink()                        # as if stopped before the last batch
+    sdxl.main(folder)                                                    # the same settings: it continues
+    assert (tmp_path / "images" / "00002.png").read_bytes() == first
+    with pytest.raises(SystemExit):                                      # other settings: refused, nothing replaced
+        sdxl.main([*folder, "--seed", "5", "--lora_scale", "0.5"])
+    assert "other settings (different: lora_scale, seed)" in capsys.readouterr().err
+    assert (tmp_path / "images" / "00002.png").read_bytes() == first
     bad = str(tmp_path / "bad.safetensors")
     state, _ = sdxl.read_lora(gen)
     sdxl.write_safetensors(bad, {**state, "lora_te1_text_model_x.lora_down.weight": torch.zeros(4, 4)})

@@ -369,10 +369,13 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, m
     (tmp_path / "prompts.txt").write_text("a cat\n")
     bad = str(tmp_path / "a_file" / "x")
     prompts = ["--preset", "tiny", "--prompts", str(tmp_path / "prompts.txt")]
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "00000.png").write_bytes(b"")
     for argv, problem in ((["generate", "--preset", "tiny", "--prompt", "a cat", "--out", bad + ".png"],
                            "cannot make its folder"),
                           (["generate", *prompts, "--outdir", str(tmp_path / "a_file")], "a_file: is a file"),
                           (["generate", *prompts, "--outdir", bad], "cannot make this folder"),
+                          (["generate", *prompts, "--outdir", str(tmp_path / "pngs")], "holds images of another run"),
                           (["eval", "--images", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"), "--ref",
                             str(tmp_path), "--save_ref", bad + ".npz", "--clip", "clip.bin"], "cannot make its folder")):
         with pytest.raises(SystemExit) as exit_:
@@ -471,6 +474,8 @@ def test_resume_is_exact(tiny_run, tmp_path):
     function of the step)."""
     out, kw = str(tmp_path / "resumed"), dict(latents=tiny_run["latents"], dfake_gen_update_ratio=2, device="cpu")
     sdxl.train(tiny_config(outdir=out, total_steps=2, **kw))
+    with pytest.raises(ValueError, match="holds a run's checkpoint.pt; add --resume"):   # a new run would overwrite it
+        sdxl.train(tiny_config(outdir=out, total_steps=4, **kw))
     sdxl.train(tiny_config(outdir=out, total_steps=4, resume=True, **kw))
     a = torch.load(os.path.join(tiny_run["out"], "checkpoint.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)

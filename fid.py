@@ -228,6 +228,9 @@ def _to_nchw(x, what):
                         "(x * 127.5 + 128).clip(0, 255).to(torch.uint8)")
     if x.ndim != 4:
         raise ValueError(f"{what}: expected images [N, 3, H, W] or [N, H, W, 3], got shape {tuple(x.shape)}")
+    if x.shape[1] in (1, 3) and x.shape[3] in (1, 3):   # e.g. [N, 3, 1, 3]: 3x1 RGB images, or 1x3 ones?
+        raise ValueError(f"{what}: images of shape {tuple(x.shape[1:])} could be [C, H, W] or [H, W, C]; images this "
+                         "small (3 pixels or fewer a side) cannot be scored")
     if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
         x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
     if x.shape[1] == 1:

@@ -211,3 +211,11 @@ def test_images_declaring_more_pixels_than_fid_reads_are_refused_before_decoding
     _, batches = fid.image_batches(str(tmp_path / "big"))
     with pytest.raises(ValueError, match=r"a.png: cannot read image \(5000x4000 pixels, more than fid.py reads"):
         next(batches)
+
+
+def test_npz_images_whose_layout_cannot_be_told_are_refused(tmp_path):
+    """[N, 1, 1, 3] is 1x1 RGB images stored channels-last, but reads as 3 channels-first images of 1x3 pixels."""
+    np.savez(tmp_path / "tiny.npz", arr_0=np.zeros((4, 1, 1, 3), np.uint8))
+    _, batches = fid.image_batches(str(tmp_path / "tiny.npz"))
+    with pytest.raises(ValueError, match=r"tiny.npz.*could be \[C, H, W\] or \[H, W, C\]"):
+        next(batches)

@@ -889,7 +889,8 @@ def previous_scores(path, protocol, stamps):
         scores, scored = dict(old["scores"]), dict(old.get("files", {}))
         changed = [f for f in scores if f in stamps and scored.get(f) != stamps[f]]
         for f in changed:
-            scores.pop(f), scored.pop(f, None)
+            del scores[f]
+            scored.pop(f, None)
         return scores, scored
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}, {}
@@ -1171,9 +1172,6 @@ def resume(run):
     if run.rank == 0:
         print(f"resumed from {path} at step {ckpt['step']}" + (f"; changed settings: {changed}" if changed else ""))
         repair_generator_file(run, ckpt["step"])
-        if cfg.keep_every and ckpt["step"] % cfg.keep_every == 0 and not os.path.exists(
-                os.path.join(cfg.outdir, kept_name(ckpt["step"]))):     # killed before it was kept (older versions)
-            keep(run, ckpt["step"])
     return ckpt["step"]
 
 

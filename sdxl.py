@@ -992,17 +992,24 @@ def cmd_generate(args):
         raise
 
 
-def folder_settings(args):
-    """What decides the images of `generate --prompts`, recorded in OUTDIR/generate.json: the prompts (their SHA-256),
-    the models' files and every sampling option (the sampler and its steps as resolved from "auto" and 0)."""
+def sampling(args):
+    """generate's (sampler, steps, height, width), "auto" and 0 resolved: DMD2's 4-step sampler for a distilled UNet
+    (--unet, or a preset), else the base model's Euler with 30 steps; 1024 x 1024 (128 with --preset tiny)."""
     sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
     side = 128 if args.preset == "tiny" else 1024
+    return sampler, args.steps or (4 if sampler == "dmd2" else 30), args.height or side, args.width or side
+
+
+def folder_settings(args):
+    """What decides the images of `generate --prompts`, recorded in OUTDIR/generate.json: the prompts (their SHA-256),
+    the models' files and every sampling option."""
     with open(args.prompts, "rb") as f:
         prompts = hashlib.sha256(f.read()).hexdigest()
+    sampler, steps, height, width = sampling(args)
     return dict(prompts=prompts, ckpt=args.ckpt, unet=args.unet, lora=args.lora, lora_scale=args.lora_scale,
-                preset=args.preset, sampler=sampler, steps=args.steps or (4 if sampler == "dmd2" else 30),
-                guidance=args.guidance, conditioning_timestep=args.conditioning_timestep, seed=args.seed,
-                batch=args.batch, height=args.height or side, width=args.width or side)
+                preset=args.preset, sampler=sampler, steps=steps, guidance=args.guidance,
+                conditioning_timestep=args.conditioning_timestep, seed=args.seed, batch=args.batch, height=height,
+                width=width)
 
 
 def check_image_folder(args):
@@ -1021,8 +1028,9 @@ def check_image_folder(args):
     if before is None and written:
         raise ValueError(f"--outdir {args.outdir}: holds images of another run (no generate.json); give an empty "
                          "folder, or remove them")
-    if before is not None and before != folder_settings(args):
-        differ = sorted(k for k in {**before, **folder_settings(args)} if before.get(k) != folder_settings(args).get(k))
+    now = folder_settings(args)
+    if before is not None and before != now:
+        differ = sorted(k for k in {**before, **now} if before.get(k) != now.get(k))
         raise ValueError(f"--outdir {args.outdir}: holds images made with other settings (different: "
                          f"{', '.join(differ)}); give an empty folder, or the same settings to continue that run")
 
@@ -1030,23 +1038,22 @@ def check_image_folder(args):
 def generate_images(args):
     """cmd_generate's work once the destination is checked: load the models, sample, write the image(s)."""
     net, parts = load_for_inference(args)
-    sampler = args.sampler if args.sampler != "auto" else ("dmd2" if args.unet or args.preset else "euler")
-    side = 128 if args.preset == "tiny" else 1024
     if args.prompts:
-        return generate_folder(args, net, parts, sampler, args.height or side, args.width or side)
-    image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], args.height or side,
-                     args.width or side, args.seed, sampler, args.steps or (4 if sampler == "dmd2" else 30),
-                     args.guidance, args.conditioning_timestep)[0]
+        return generate_folder(args, net, parts)
+    sampler, steps, height, width = sampling(args)
+    image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], height, width, args.seed,
+                     sampler, steps, args.guidance, args.conditioning_timestep)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     PIL.Image.fromarray(image).save(args.out)
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {sampler} sampler)")
 
 
-def generate_folder(args, net, parts, sampler, height, width):
+def generate_folder(args, net, parts):
     """One image per line of --prompts, written as OUTDIR/00000.png, 00001.png, ... in the prompts' order (sdxl.py eval
     pairs them by sorted name). Batch i of --batch prompts draws its noise from seed + i (DMD2's COCO script seeds each
     batch with its index). Images already written are kept: a stopped run continues (check_image_folder)."""
     prompts = read_prompts(args.prompts)
+    sampler, steps, height, width = sampling(args)
     os.makedirs(args.outdir, exist_ok=True)
     path = os.path.join(args.outdir, "generate.json")
     with open(path + ".tmp", "w") as f:
@@ -1057,8 +1064,7 @@ def generate_folder(args, net, parts, sampler, height, width):
         if all(os.path.exists(n) for n in names):
             continue
         images = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], prompts[i:i + args.batch], height,
-                          width, args.seed + i // args.batch, sampler, args.steps or (4 if sampler == "dmd2" else 30),
-                          args.guidance, args.conditioning_timestep)
+                          width, args.seed + i // args.batch, sampler, steps, args.guidance, args.conditioning_timestep)
         for name, image in zip(names, images):
             PIL.Image.fromarray(image).save(name[:-4] + ".tmp", format="PNG")   # not an image name: eval skips it
             os.replace(name[:-4] + ".tmp", name)                                   # a kill leaves no half-written PNG

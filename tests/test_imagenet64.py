@@ -401,22 +401,27 @@ def test_nan_weights_from_a_corrupted_optimiser_state_are_never_saved(tmp_path):
     assert all(torch.isfinite(v).all() for v in generator.values())
 
 
+def train_until_killed(tmp_path, monkeypatch, flags, kill_at):
+    """Train until a file is written for which kill_at(file name, what is written) is true: a kill there."""
+    real_save = unet.save_checkpoint
+
+    def killed(obj, path):
+        if kill_at(os.path.basename(path), obj):
+            raise Killed()
+        return real_save(obj, path)
+
+    monkeypatch.setattr(unet, "save_checkpoint", killed)
+    with pytest.raises(Killed):
+        m.train(tiny_cfg(tmp_path, *flags))
+    monkeypatch.setattr(unet, "save_checkpoint", real_save)
+
+
 @pytest.mark.parametrize("killed_file", ["generator.pt", "checkpoint.pt"])
 def test_a_kill_at_the_final_save_never_leaves_a_stale_generator(tmp_path, monkeypatch, killed_file):
     """Killed while writing either file at the last step, then --resume: generator.pt ends at the final step with the
     final weights (both write orders and both kill points are covered by the two cases)."""
     flags = ["--total_steps", "6", "--ckpt_every", "2"]
-    real_save = unet.save_checkpoint
-
-    def dies_at_the_end(obj, path):
-        if os.path.basename(path) == killed_file and obj.get("step") == 6:
-            raise Killed()
-        return real_save(obj, path)
-
-    monkeypatch.setattr(unet, "save_checkpoint", dies_at_the_end)
-    with pytest.raises(Killed):
-        m.train(tiny_cfg(tmp_path, *flags))
-    monkeypatch.setattr(unet, "save_checkpoint", real_save)
+    train_until_killed(tmp_path, monkeypatch, flags, lambda name, obj: name == killed_file and obj.get("step") == 6)
     m.train(tiny_cfg(tmp_path, *flags, "--resume"))
     ckpt, gen = (unet.load_checkpoint(str(tmp_path / f)) for f in ("checkpoint.pt", "generator.pt"))
     assert ckpt["step"] == gen["step"] == 6
@@ -428,17 +433,7 @@ def test_a_kill_while_keeping_a_generator_is_redone_on_resume(tmp_path, monkeypa
     """The kept generator_XXXXXXX.pt is written before checkpoint.pt: a run killed while writing it resumes from the
     checkpoint before, redoes the step and keeps the file (stage 2 starts from one)."""
     flags = ["--total_steps", "6", "--ckpt_every", "2", "--keep_every", "4"]
-    real_save = unet.save_checkpoint
-
-    def dies_keeping(obj, path):
-        if os.path.basename(path) == "generator_0000004.pt":
-            raise Killed()
-        return real_save(obj, path)
-
-    monkeypatch.setattr(unet, "save_checkpoint", dies_keeping)
-    with pytest.raises(Killed):
-        m.train(tiny_cfg(tmp_path, *flags))
-    monkeypatch.setattr(unet, "save_checkpoint", real_save)
+    train_until_killed(tmp_path, monkeypatch, flags, lambda name, obj: name == "generator_0000004.pt")
     assert unet.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 2
     m.train(tiny_cfg(tmp_path, *flags, "--resume"))
     assert unet.load_checkpoint(str(tmp_path / "generator_0000004.pt"))["step"] == 4

@@ -562,6 +562,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.file, self.path, self.archive, self.prefix, self.storages = file, path, archive, prefix, {}
         self.budget = self.storage_bytes = 0
+        self.file_size = os.path.getsize(path) if archive is not None else 0    # the storages' bytes stay within it
 
     def load(self):
         start = self.file.tell()
@@ -613,7 +614,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"{self.path}: malformed storage record {describe_value(pid)}")
         if key not in self.storages:
             self.storage_bytes += self.archive.getinfo(f"{self.prefix}data/{key}").file_size
-            if self.storage_bytes > os.path.getsize(self.path):  # torch writes them uncompressed: no more than the file
+            if self.storage_bytes > self.file_size:  # torch writes them uncompressed, so no more than the file
                 raise pickle.UnpicklingError(f"{self.path}: its storages declare {self.storage_bytes} bytes, more "
                                              "than the file holds (compressed members)")
             data = bytearray(_read_member(self.archive, f"{self.prefix}data/{key}", self.path))
@@ -1360,8 +1361,8 @@ def run(args):
             print(f"note: {args.weights} not found, timing placeholder weights")
             detector = InceptionV3().eval().requires_grad_(False).to(args.device)
         rate = bench(detector, args.batch, args.num, args.res, args.device)
-        print(f"{rate:.1f} images/s ({args.num} timed; {args.device}, {torch.get_num_threads()} threads, batch {args.batch}, "
-              f"{args.res}x{args.res} uint8 -> 299x299 -> 2048 features)")
+        print(f"{rate:.1f} images/s ({args.num} timed; {args.device}, {torch.get_num_threads()} threads, "
+              f"batch {args.batch}, {args.res}x{args.res} uint8 -> 299x299 -> 2048 features)")
     elif args.command == "ref":
         if _is_image(args.dest):                # it could be one of --data's own images
             raise ValueError(f"--dest {args.dest}: statistics are an .npz, not an image file")

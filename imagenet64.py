@@ -938,7 +938,7 @@ def sample_main(argv):
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="", help="'' = cuda if available")
     a = p.parse_args(argv)
-    device = unet.check_device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = unet.check_device(a.device)
     if a.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {a.batch}")
     seeds = parse_range(a.seeds)

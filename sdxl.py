@@ -914,8 +914,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def runtime(args):
     """-> device, UNet/text dtype (auto: bf16 on CUDA, fp32 on CPU), VAE dtype; TF32 on (as DMD2's demo)."""
-    device = (unet.check_device(args.device) if args.device
-              else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = unet.check_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -1146,8 +1145,7 @@ def export_lora(args):
 
 def cmd_eval(args):
     """DMD2's COCO metrics (Table 2) of a folder of generated images, paired in sorted file order with the prompts."""
-    device = (unet.check_device(args.device) if args.device
-              else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = unet.check_device(args.device)
     prompts = read_prompts(args.prompts)
     # what would fail at the end is checked before hours of features: the destination, the CLIP file, the pairing
     if args.save_ref:

@@ -1248,7 +1248,7 @@ def init_distributed(device=""):
     device "" picks cuda:LOCAL_RANK when CUDA exists, else the CPU; "cuda" means cuda:LOCAL_RANK."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = check_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
     if device.type == "cuda":
         device = torch.device("cuda", local if device.index is None else device.index)
         torch.cuda.set_device(device)
@@ -1797,7 +1797,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def check_device(name):
-    """torch.device(name), or a ValueError naming --device: not a device name, or CUDA asked of a torch without it."""
+    """torch.device(name), or a ValueError naming --device: not a device name, or CUDA asked of a torch without it.
+    An empty name is the default: CUDA when there is one, else the CPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -668,7 +668,7 @@ def start(run):
     wrap(run)
     if cfg.fid_every:  # load the detector and the reference statistics now, so that a bad path fails before training
         run.fid_tools = (fid.load_inception(cfg.inception or None, run.device), fid.load_stats(cfg.fid_ref))
-    run.log = open(os.path.join(cfg.outdir, "log.txt"), "a") if run.rank == 0 and not cfg.bench else None
+    run.log = unet.open_run_log(cfg.outdir, start_step) if run.rank == 0 and not cfg.bench else None
     run.t_log, run.step_log = time.time(), start_step
     if cfg.preset == "gaussian" and run.rank == 0 and start_step == 0 and cfg.sample_every:
         run.frechet.append((0, report_frechet(0, run.ema_or_g, run.teacher, cfg, run.log)))
@@ -1109,9 +1109,10 @@ def kept_name(step):
 
 
 def own_files(cfg):
-    """The files this run writes with save_checkpoint (a kill may leave NAME.<random>.tmp beside each)."""
+    """The files this run writes atomically, with save_checkpoint or unet.open_run_log (a kill may leave
+    NAME.<random>.tmp beside each)."""
     kept = range(cfg.keep_every, cfg.total_steps + 1, cfg.keep_every) if cfg.keep_every else []
-    return ["checkpoint.pt", "generator.pt", "generator_best.pt", *map(kept_name, kept)]
+    return ["checkpoint.pt", "generator.pt", "generator_best.pt", "log.txt", *map(kept_name, kept)]
 
 
 def generator_record(run, step, with_fake_score=False):

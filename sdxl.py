@@ -728,7 +728,7 @@ def setup_training(cfg):
     run.shape = (batch_gpu, run.unet_cfg.in_channels, cfg.resolution // 8, cfg.resolution // 8)  # [B, 4, h, w]
     run.start_step = resume_training(run) if cfg.resume and os.path.exists(run.ckpt_path) else 0
     os.makedirs(cfg.outdir, exist_ok=True)
-    run.log = open(os.path.join(cfg.outdir, "log.txt"), "a") if rank == 0 else None
+    run.log = unet.open_run_log(cfg.outdir, run.start_step) if rank == 0 else None
     return run
 
 
@@ -877,8 +877,9 @@ def save_training(run, step):
 
 def remove_stale_temporaries(outdir):
     """Temporaries a killed run left beside its own files (tens of GB each at full size): unet.save_checkpoint's
-    checkpoint.pt.<random>.tmp and write_safetensors' generator.safetensors.tmp<pid>. Nothing else is touched."""
-    removed = unet.remove_stale_temporaries(outdir, ["checkpoint.pt", "generator.safetensors"])
+    checkpoint.pt.<random>.tmp, unet.open_run_log's log.txt.<random>.tmp and write_safetensors'
+    generator.safetensors.tmp<pid>. Nothing else is touched."""
+    removed = unet.remove_stale_temporaries(outdir, ["checkpoint.pt", "generator.safetensors", "log.txt"])
     for path in glob.glob(os.path.join(glob.escape(outdir), "generator.safetensors.tmp*")):
         if re.fullmatch(r"generator\.safetensors\.tmp\d+", os.path.basename(path)) and os.path.isfile(path):
             os.remove(path)

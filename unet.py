@@ -1322,6 +1322,31 @@ def remove_stale_temporaries(folder, names):
     return removed
 
 
+def open_run_log(folder, start_step):
+    """FOLDER/log.txt, opened to append, for a training run that starts at `start_step`. Every line the training
+    scripts write begins with "step N". A run resumed from its checkpoint at step S redoes the steps after S that the
+    killed run had already logged, so their lines go first; a new run (step 0) continues no earlier run, so an old
+    log.txt (of a run that left no checkpoint) is started afresh. The file is rewritten atomically."""
+    path = os.path.join(folder, "log.txt")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            lines = f.readlines()
+        steps = [re.match(r"step +(\d+)", line) for line in lines]
+        kept = [line for line, m in zip(lines, steps)
+                if start_step > 0 and line.endswith("\n") and m and int(m.group(1)) <= start_step]
+        if len(kept) < len(lines):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix="log.txt.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                    f.writelines(kept)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+    return open(path, "a", encoding="utf-8")
+
+
 def require_keys(obj, keys, path, what):
     """A checkpoint read back must be the kind we expect: name the file, what it should be and what is missing."""
     if not isinstance(obj, dict):

@@ -36,6 +36,10 @@ def tiny_cfg(tmp_path, *flags):
                            "--log_every", "1000", "--batch_size", "16", *flags])
 
 
+def logged_steps(path):
+    return [int(line.split()[1]) for line in open(path)]
+
+
 def all_state(run):
     return {**{f"G.{k}": v for k, v in run.generator.state_dict().items()},
             **{f"D.{k}": v for k, v in run.fake_score.state_dict().items()}}
@@ -490,7 +494,8 @@ class Killed(Exception):
 def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
     """12 iterations (with 2 gradient-accumulation rounds) straight through, vs. killed in the middle of
     iteration 7 (after its generator update, before its critic update) and resumed from the step-4 checkpoint."""
-    flags = ["--total_steps", "12", "--ckpt_every", "4", "--batch_gpu", "8", "--dfake_gen_update_ratio", "3"]
+    flags = ["--total_steps", "12", "--ckpt_every", "4", "--batch_gpu", "8", "--dfake_gen_update_ratio", "3",
+             "--log_every", "1"]
     straight = m.train(tiny_cfg(tmp_path / "a", *flags))
     calls, real = [0], m.loss_fake_score
 
@@ -508,6 +513,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
     resumed = m.train(tiny_cfg(tmp_path / "b", *flags, "--resume"))
     assert len(resumed.iter_times) == 8                                # steps 4..11 only
+    for d in ("a", "b"):              # b's log: steps 5 and 6, logged before the kill and again after it, once each
+        assert logged_steps(tmp_path / d / "log.txt") == list(range(1, 13))
     a, b = all_state(straight), all_state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca, cb = (unet.load_checkpoint(str(tmp_path / d / "checkpoint.pt")) for d in ("a", "b"))

@@ -47,6 +47,22 @@ def test_remove_stale_temporaries_only_removes_the_runs_own(tmp_path):
     assert unet.remove_stale_temporaries(str(tmp_path / "missing"), ["checkpoint.pt"]) == []
 
 
+def test_open_run_log_keeps_the_lines_a_resumed_run_does_not_redo(tmp_path):
+    lines = ["step       2  loss 1\n", "step       4  FID 9.0\n", "note: not a step line\n", "step       6  loss 3\n",
+             "step       8  loss"]                                     # the last line, cut off by a kill
+    (tmp_path / "log.txt").write_text("".join(lines))
+    with unet.open_run_log(str(tmp_path), 4) as log:                  # resumed from the step-4 checkpoint
+        log.write("step       5  loss 2\n")
+    assert (tmp_path / "log.txt").read_text() == lines[0] + lines[1] + "step       5  loss 2\n"
+    with unet.open_run_log(str(tmp_path), 0):                         # a new run: the old log goes
+        pass
+    assert (tmp_path / "log.txt").read_text() == ""
+    assert os.listdir(tmp_path) == ["log.txt"]                        # no temporary left behind
+    (tmp_path / "new").mkdir()
+    unet.open_run_log(str(tmp_path / "new"), 0).close()              # no log yet: an empty one
+    assert (tmp_path / "new" / "log.txt").read_text() == ""
+
+
 def test_require_keys_names_the_file_and_what_is_missing():
     with pytest.raises(ValueError, match=r"ck\.pt: not a training checkpoint: missing rng \(it holds: step\)"):
         unet.require_keys({"step": 1}, ["step", "rng"], "ck.pt", "a training checkpoint")

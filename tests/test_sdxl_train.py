@@ -649,6 +649,8 @@ def test_kill_at_the_final_save_leaves_no_stale_generator(tiny_run, tmp_path, mo
     monkeypatch.setattr(sdxl, "write_safetensors", write)
     sdxl.train(tiny_config(total_steps=3, resume=True, **kw))
     gen_path, ckpt_path = os.path.join(out, "generator.safetensors"), os.path.join(out, "checkpoint.pt")
+    # step 3 was logged before the kill and again after it: log.txt has it once
+    assert [line.split()[1] for line in open(os.path.join(out, "log.txt"))] == ["1", "2", "3"]
 
     def consistent():
         ckpt, gen = torch.load(ckpt_path, weights_only=True), sdxl.read_safetensors(gen_path)

@@ -34,6 +34,7 @@ import io
 import math
 import os
 import pickle
+import sys
 import time
 import urllib.request
 import warnings
@@ -1382,4 +1383,8 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                 # Ctrl-C: one line, not a traceback; status 130, as for SIGINT
+        print("fid.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

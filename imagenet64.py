@@ -1448,7 +1448,10 @@ def main(argv=None):
     cfg = parse_config(argv)
     if cfg.bench:
         return bench(cfg)
-    run = train(cfg)
+    try:
+        run = train(cfg)
+    except KeyboardInterrupt:
+        raise unet.interrupted("imagenet64.py", os.path.join(cfg.outdir, "checkpoint.pt")) from None
     if cfg.preset == "gaussian" and run.rank == 0:
         fds = gaussian_frechet(run.ema_or_g, run.teacher, cfg.eval_per_class)
         print("exact Frechet distance to the data, per class: " + "  ".join(f"{v:.3f}" for v in fds))
@@ -1462,3 +1465,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError, unet.NonFiniteLoss) as e:   # these name the option or file and the problem
         raise SystemExit(f"imagenet64.py: {e}")
+    except KeyboardInterrupt:
+        raise unet.interrupted("imagenet64.py") from None

@@ -1332,6 +1332,9 @@ def main(argv=None):
     # these name the file and the problem; a traceback adds nothing
     except (ValueError, OSError, unet.NonFiniteLoss) as e:
         parser.exit(1, f"error: {e}\n")
+    except KeyboardInterrupt:
+        ckpt = os.path.join(args.outdir, "checkpoint.pt") if args.command == "train" else None
+        raise unet.interrupted("sdxl.py", ckpt) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -36,6 +36,8 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -1242,8 +1244,10 @@ def student_pool(cfg, device, num_jobs):
 
 def _warm_worker():
     """Each worker's start-up: one thread, the imports its first optimizer needs (see student_pool), and a watcher
-    that ends the worker if the run that started it dies without shutting the pool down (kill -9)."""
+    that ends the worker if the run that started it dies without shutting the pool down (kill -9). Ctrl-C reaches
+    the workers too: they end at once, without a traceback each, and the run itself reports it."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     parent = multiprocessing.parent_process()
     threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
@@ -1460,4 +1464,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                 # Ctrl-C: one line, not a traceback; status 130, as for SIGINT
+        print("toy2d.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

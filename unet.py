@@ -41,6 +41,7 @@ import os
 import pickle
 import pickletools
 import re
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -1277,6 +1278,19 @@ def _last_good(ckpt_path):
     return ckpt_path if os.path.exists(ckpt_path) else "none written yet"
 
 
+def interrupted(script, ckpt_path=None):
+    """Ctrl-C: one line on stderr instead of a traceback, saying what a training run keeps, and the SystemExit to
+    raise (status 130, as a shell reports SIGINT). The atomic writers leave no half-written file behind."""
+    if ckpt_path is None:
+        kept = ""
+    elif os.path.exists(ckpt_path):
+        kept = f"; {ckpt_path} is kept: add --resume to go on from it"
+    else:
+        kept = "; no checkpoint was written yet"
+    print(f"{script}: interrupted{kept}", file=sys.stderr, flush=True)
+    return SystemExit(130)
+
+
 def check_finite(stats, step, world, ckpt_path):
     """Average logged scalars over ranks and stop every rank together on NaN/inf, BEFORE the optimiser step, so that
     neither the weights in memory nor the last checkpoint on disk see the bad update. -> {name: float}"""
@@ -1903,4 +1917,7 @@ def run_main(args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise interrupted("unet.py") from None

@@ -491,6 +491,28 @@ class Killed(Exception):
     pass
 
 
+def test_ctrl_c_says_which_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in training: one line naming the checkpoint a --resume goes on from (or that none was written yet),
+    status 130, no traceback."""
+    argv = ["--preset", "gaussian", "--pretrain_steps", "0", "--sample_every", "0", "--log_every", "1000",
+            "--batch_size", "16", "--total_steps", "6", "--ckpt_every", "2", "--dfake_gen_update_ratio", "1"]
+    real = m.loss_fake_score
+    for at, kept in ((1, "no checkpoint was written yet"), (4, "checkpoint.pt is kept: add --resume")):
+        calls = [0]
+
+        def ctrl_c(*args, at=at, **kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(m, "loss_fake_score", ctrl_c)
+        with pytest.raises(SystemExit) as exit_info:
+            m.main(argv + ["--outdir", str(tmp_path / str(at))])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 130 and err.startswith("imagenet64.py: interrupted") and kept in err, err
+
+
 def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
     """12 iterations (with 2 gradient-accumulation rounds) straight through, vs. killed in the middle of
     iteration 7 (after its generator update, before its critic update) and resumed from the step-4 checkpoint."""

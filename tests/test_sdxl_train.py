@@ -611,6 +611,23 @@ def test_batch_size_must_split_into_processes_and_rounds():
             sdxl.micro_batching(sdxl.Config(**bad), 2)
 
 
+def test_ctrl_c_says_which_checkpoint_is_kept(tiny_run, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "ctrl_c")
+    args = ["train", "--preset", "tiny", "--latents", tiny_run["latents"], "--outdir", out, "--sample_every", "0",
+            "--dfake_gen_update_ratio", "1", "--device", "cpu"]
+    sdxl.main(args + ["--total_steps", "1"])
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sdxl, "loss_distribution_matching", ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        sdxl.main(args + ["--total_steps", "3", "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130
+    assert err == f"sdxl.py: interrupted; {os.path.join(out, 'checkpoint.pt')} is kept: add --resume to go on from it\n"
+
+
 def test_non_finite_weights_stop_before_any_save(tiny_run, tmp_path, capsys):
     """A negative AdamW second moment: the losses stay finite, the step writes NaN weights. The run must stop there,
     and checkpoint.pt must keep the last good weights (issue: the next save used to overwrite it with the NaNs)."""

@@ -676,6 +676,58 @@ def test_student_workers_exit_when_the_run_is_killed(tmp_path):
     assert not any(_alive(w) for w in workers), workers
 
 
+INTERRUPT_HOLDER = """
+import os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import toy2d
+if __name__ == "__main__":
+    pool = toy2d.student_pool(toy2d.Config(workers=2), torch.device("cpu"), 2)
+    pids = set()
+    while len(pids) < 2:                                 # both workers started (start-up done) and taking jobs
+        pids |= {f.result() for f in [pool.submit(os.getpid) for _ in range(4)]}
+    busy = pool.submit(time.sleep, 60)                   # one worker in a job, the other waiting for one
+    time.sleep(0.5)
+    print("ready", flush=True)
+    try:
+        busy.result()
+    except KeyboardInterrupt:
+        pool.shutdown(cancel_futures=True)
+        print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT to a process group")
+def test_ctrl_c_stops_the_run_and_its_workers_with_one_line(tmp_path):
+    """Ctrl-C reaches every process of the run: the student workers, busy or idle, end without a traceback each,
+    and toy2d.py itself says it was interrupted (status 130) instead of printing one."""
+    import signal
+    script = tmp_path / "hold.py"
+    script.write_text(INTERRUPT_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), os.path.dirname(os.path.abspath(toy2d.__file__))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)              # the busy worker's 60 s job ends at once
+    finally:
+        proc.kill()
+    assert out.strip() == "interrupted" and "Traceback" not in err, err
+    out_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.abspath(toy2d.__file__), "--quiet", "--workers", "1",
+                             "--teacher_iters", "1000000", "--outdir", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not out_dir.exists() and time.time() < deadline:    # made inside main(), before the teacher trains
+            time.sleep(0.1)
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err == "toy2d.py: interrupted\n", err
+
+
 def test_seeds_table_has_every_seed_median_and_worst(tmp_path):
     """--seeds N runs the main run per seed and summarises each student: one row per seed, then median and worst."""
     toy2d.main(TINY + ["--seeds", "2", "--outdir", str(tmp_path)])

@@ -775,15 +775,25 @@ def nearest_mode(mix, x):
     return log_comp.argmax(1), log_comp
 
 
+def mode_shares(mix, assign):
+    """The share of the samples each mode receives [K], from each sample's nearest mode assign [N]."""
+    return torch.bincount(assign, minlength=len(mix.weights)).float() / len(assign)
+
+
 @torch.no_grad()
-def shape_per_step(mix, G, z, sigmas):
-    """mode_shape_kl (mean over modes) of the x0 each step of the K-step chain predicts, z [N, 2] -> [K] floats:
-    shows which step's outputs have the data's shape (the fake score only sees the steps' outputs mixed)."""
-    out = []
+def per_step_metrics(mix, G, z, sigmas):
+    """Of the x0 each step of the K-step chain predicts, z [N, 2]: mode_shape_kl (mean over modes) and the mode-weight
+    part of the exact energy distance (energy_exact_weights) -> two lists of K floats. They show which step gives the
+    outputs the data's shapes, and which step's cuts between neighbouring modes move their weights (README)."""
+    M = mode_distances(mix)                                                                  # [K, K]
+    shapes, weights = [], []
     for k, sigma in enumerate(sigmas):
         x0 = G(backward_simulation(G, z, sigmas, k), sigma).float().cpu()
-        out.append(float(mode_shape_kl(mix, x0, nearest_mode(mix, x0)[0]).mean()))
-    return out
+        assign = nearest_mode(mix, x0)[0]
+        delta = mode_shares(mix, assign).double() - mix.weights.double()                     # [K]
+        shapes.append(float(mode_shape_kl(mix, x0, assign).mean()))
+        weights.append(float(-delta @ M @ delta))
+    return shapes, weights
 
 
 def evaluate(mix, x, reference, reference_self=None):
@@ -791,7 +801,7 @@ def evaluate(mix, x, reference, reference_self=None):
     (reference_self: mean_distance(reference), to compute it once for many rows)."""
     x = x.float().cpu()
     assign, log_comp = nearest_mode(mix, x)                                                  # [N], [N, K]
-    found = torch.bincount(assign, minlength=len(mix.weights)).float() / len(x)           # [K]
+    found = mode_shares(mix, assign)                                                         # [K]
     delta = found.double() - mix.weights.double()                                            # [K]
     shape = mode_shape_kl(mix, x, assign)                                                    # [K]
     log_likelihood = float(torch.logsumexp(log_comp, 1).mean())                           # mean log p0(x)
@@ -1017,7 +1027,9 @@ def run(cfg):
     metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
     metrics["student_1step"]["nfe"] = 1
     metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps
-    metrics[f"student_{cfg.ksteps}step"]["mode_shape_kl_per_step"] = shape_per_step(mix, GK, z["steps"], many)
+    shapes, weights = per_step_metrics(mix, GK, z["steps"], many)
+    metrics[f"student_{cfg.ksteps}step"]["mode_shape_kl_per_step"] = shapes
+    metrics[f"student_{cfg.ksteps}step"]["energy_exact_weights_per_step"] = weights
     if cfg.eval_redraws:                   # after everything else, so that the rest of the run is unchanged
         torch.manual_seed(cfg.seed + 2)
         students = {"student_1step": (G1, one), f"student_{cfg.ksteps}step": (GK, many)}

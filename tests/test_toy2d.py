@@ -497,6 +497,25 @@ def test_energy_weight_part_is_the_reweighted_mixtures_distance():
     assert m["energy_exact"] == pytest.approx(expected, rel=0.02)
 
 
+def test_per_step_metrics_score_each_steps_output():
+    """The two far-apart modes above, and a 'chain' whose steps before the last give exact samples with the right
+    shares (0.5 / 0.5) and whose last step gives 0.7 / 0.3: only the last step has a mode-weight part (0.04 (...),
+    as above), and every step the data's shapes."""
+    mix = toy2d.Mixture(torch.tensor([[-10.0, 0.0], [10.0, 0.0]]), torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.5]))
+    g = torch.Generator().manual_seed(0)
+    sigmas = [2.5, 0.6, 0.3]
+
+    def G(x, sigma, g=g):
+        n0 = 7000 if sigma == sigmas[-1] else 5000
+        return torch.cat([mix.means[0] + 0.5 * torch.randn(n0, 2, generator=g),
+                          mix.means[1] + 0.3 * torch.randn(10000 - n0, 2, generator=g)])
+
+    shapes, weights = toy2d.per_step_metrics(mix, G, torch.randn(10000, 2), sigmas)
+    assert weights[:2] == [0.0, 0.0]
+    assert weights[2] == pytest.approx(0.2**2 * (2 * 20 - (0.5 + 0.3) * math.sqrt(math.pi)), rel=1e-3)
+    assert len(shapes) == 3 and max(shapes) < 0.01
+
+
 def test_mode_shape_kl_known_answers():
     """Two far-apart modes (no sample is assigned to the wrong one): one drawn with its std scaled by c,
     KL = c^2 - 1 - 2 ln c; the other shifted by d, KL = d^2 / (2 s^2). evaluate() reports their mean and max."""
@@ -687,8 +706,8 @@ if __name__ == "__main__":
         pids |= {f.result() for f in [pool.submit(os.getpid) for _ in range(4)]}
     busy = pool.submit(time.sleep, 60)                   # one worker in a job, the other waiting for one
     time.sleep(0.5)
-    print("ready", flush=True)
     try:
+        print("ready", flush=True)                      # the signal may come as soon as this is written
         busy.result()
     except KeyboardInterrupt:
         pool.shutdown(cancel_futures=True)
@@ -922,7 +941,8 @@ def test_end_to_end_quality(tmp_path):
     for key in ("student_1step", "student_4step"):
         assert m[key]["mode_shape_kl"] < SHAPE_BAR and m[key]["reverse_kl"] < REVERSE_KL_BAR, (key, m[key])
         assert m[key]["weight_tv"] < 0.05, (key, m[key])          # measured 0.007 (1-step), 0.018 (4-step)
-    assert len(m["student_4step"]["mode_shape_kl_per_step"]) == 4
+    per_step = m["student_4step"]
+    assert len(per_step["mode_shape_kl_per_step"]) == len(per_step["energy_exact_weights_per_step"]) == 4
     for png in ("samples.png", "dm_field.png", "curves.png"):
         assert (out / png).stat().st_size > 1000
 

@@ -499,8 +499,8 @@ def test_energy_weight_part_is_the_reweighted_mixtures_distance():
 
 def test_per_step_metrics_score_each_steps_output():
     """The two far-apart modes above, and a 'chain' whose steps before the last give exact samples with the right
-    shares (0.5 / 0.5) and whose last step gives 0.7 / 0.3: only the last step has a mode-weight part (0.04 (...),
-    as above), and every step the data's shapes."""
+    shares (0.5 / 0.5) and whose last step gives 0.7 / 0.3: only the last step has a mode-weight part, the one of the
+    test above, and every step has the data's shapes."""
     mix = toy2d.Mixture(torch.tensor([[-10.0, 0.0], [10.0, 0.0]]), torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.5]))
     g = torch.Generator().manual_seed(0)
     sigmas = [2.5, 0.6, 0.3]

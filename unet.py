@@ -696,14 +696,20 @@ def load_edm_pickle(path, device="cpu", dropout=None):
 #    ck = load_checkpoint("gen.pt"); net = EDMPrecond(**ck["init_kwargs"]); net.load_state_dict(ck["state_dict"])
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash never leaves a half-written file."""
+    """torch.save, atomically (write_atomically): a crash never leaves a half-written checkpoint."""
+    write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_atomically(path, write):
+    """write(f) to a binary temporary file PATH.<random>.tmp in the same folder, fsync, then os.replace it onto path:
+    a crash leaves the old file or the new one, never half of one, and a failure removes the temporary."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -1340,24 +1346,15 @@ def open_run_log(folder, start_step):
     """FOLDER/log.txt, opened to append, for a training run that starts at `start_step`. Every line the training
     scripts write begins with "step N". A run resumed from its checkpoint at step S redoes the steps after S that the
     killed run had already logged, so their lines go first; a new run (step 0) continues no earlier run, so an old
-    log.txt (of a run that left no checkpoint) is started afresh. The file is rewritten atomically."""
+    log.txt (of a run that left no checkpoint) is started afresh. The file is rewritten atomically (write_atomically)."""
     path = os.path.join(folder, "log.txt")
     if os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
             lines = f.readlines()
-        steps = [re.match(r"step +(\d+)", line) for line in lines]
-        kept = [line for line, m in zip(lines, steps)
-                if start_step > 0 and line.endswith("\n") and m and int(m.group(1)) <= start_step]
+        kept = [line for line in lines if start_step > 0 and line.endswith("\n")
+                and (m := re.match(r"step +(\d+)", line)) and int(m.group(1)) <= start_step]
         if len(kept) < len(lines):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix="log.txt.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                    f.writelines(kept)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+            write_atomically(path, lambda f: f.write("".join(kept).encode("utf-8")))
     return open(path, "a", encoding="utf-8")
 
 

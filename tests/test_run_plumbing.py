@@ -54,6 +54,9 @@ def test_open_run_log_keeps_the_lines_a_resumed_run_does_not_redo(tmp_path):
     with unet.open_run_log(str(tmp_path), 4) as log:                  # resumed from the step-4 checkpoint
         log.write("step       5  loss 2\n")
     assert (tmp_path / "log.txt").read_text() == lines[0] + lines[1] + "step       5  loss 2\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "log.txt").st_mode) == 0o666 & ~umask    # as open() makes it
     with unet.open_run_log(str(tmp_path), 0):                         # a new run: the old log goes
         pass
     assert (tmp_path / "log.txt").read_text() == ""

@@ -1346,7 +1346,7 @@ def open_run_log(folder, start_step):
     """FOLDER/log.txt, opened to append, for a training run that starts at `start_step`. Every line the training
     scripts write begins with "step N". A run resumed from its checkpoint at step S redoes the steps after S that the
     killed run had already logged, so their lines go first; a new run (step 0) continues no earlier run, so an old
-    log.txt (of a run that left no checkpoint) is started afresh. The file is rewritten atomically (write_atomically)."""
+    log.txt (of a run that left no checkpoint) is started afresh. It is rewritten with write_atomically."""
     path = os.path.join(folder, "log.txt")
     if os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace", newline="") as f:

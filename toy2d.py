@@ -780,6 +780,14 @@ def mode_shares(mix, assign):
     return torch.bincount(assign, minlength=len(mix.weights)).float() / len(assign)
 
 
+def weight_part(mix, found, M):
+    """energy_exact_weights: the energy distance between the true mixture and the same modes re-weighted with the
+    shares found [K] (mode_shares). For two mixtures of the same modes it is -delta^T M delta, delta = found - w, with
+    M = mode_distances(mix): the part of the exact energy distance that the mode weights alone make."""
+    delta = found.double() - mix.weights.double()                                            # [K]
+    return float(-delta @ M @ delta)
+
+
 @torch.no_grad()
 def per_step_metrics(mix, G, z, sigmas):
     """Of the x0 each step of the K-step chain predicts, z [N, 2]: mode_shape_kl (mean over modes) and the mode-weight
@@ -790,9 +798,8 @@ def per_step_metrics(mix, G, z, sigmas):
     for k, sigma in enumerate(sigmas):
         x0 = G(backward_simulation(G, z, sigmas, k), sigma).float().cpu()
         assign = nearest_mode(mix, x0)[0]
-        delta = mode_shares(mix, assign).double() - mix.weights.double()                     # [K]
         shapes.append(float(mode_shape_kl(mix, x0, assign).mean()))
-        weights.append(float(-delta @ M @ delta))
+        weights.append(weight_part(mix, mode_shares(mix, assign), M))
     return shapes, weights
 
 
@@ -802,7 +809,6 @@ def evaluate(mix, x, reference, reference_self=None):
     x = x.float().cpu()
     assign, log_comp = nearest_mode(mix, x)                                                  # [N], [N, K]
     found = mode_shares(mix, assign)                                                         # [K]
-    delta = found.double() - mix.weights.double()                                            # [K]
     shape = mode_shape_kl(mix, x, assign)                                                    # [K]
     log_likelihood = float(torch.logsumexp(log_comp, 1).mean())                           # mean log p0(x)
     xx, nearest = self_distances(x)                                                          # float, [N]
@@ -818,7 +824,7 @@ def evaluate(mix, x, reference, reference_self=None):
         # The same distance to the mixture in closed form (no reference sample, unbiased), and the part of it that
         # the mode weights alone make: the mixture re-weighted with the shares `found`, against the true one.
         "energy_exact": energy_to_mixture(mix, x, xx, M),
-        "energy_exact_weights": float(-delta @ M @ delta),
+        "energy_exact_weights": weight_part(mix, found, M),
         # KL(samples || data) = -H(samples) - E log p0(samples): the entropy by nn_entropy, the rest exact. It is
         # the one metric here that sees samples folded onto curves; exact samples score 0 +- 0.03 (its noise).
         "reverse_kl": -nn_entropy(x, nearest) - log_likelihood,

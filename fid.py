@@ -50,8 +50,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import (PickledOrderedDict, check_zip_inflation, describe_value, legacy_storage_nbytes,  # hostile files
-                  load_legacy_storage, read_safetensors, scan_pickle, torch_load_error)
+from unet import (PickledOrderedDict, ZIP_ERRORS, check_dense_tensors, check_zip_inflation,  # hostile files
+                  describe_value, legacy_storage_nbytes, load_legacy_storage, read_safetensors, scan_pickle,
+                  torch_load_error)
 from unet import HelpFormatter, check_device, check_writable                           # options and paths
 
 # ----------------------------------------------------------------------------
@@ -89,8 +90,8 @@ def _list_images(path):
         return [n for n in names if _is_image(n)], lambda name: open(os.path.join(path, name), "rb")
     try:
         archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a folder, a zip of images or an .npz of images ({e})") from e
+    except ZIP_ERRORS as e:
+        raise ValueError(f"{path}: not a folder, a zip of images or an .npz of images ({type(e).__name__}: {e})") from e
     return sorted(n for n in archive.namelist() if _is_image(n)), archive.open
 
 
@@ -143,11 +144,11 @@ def _file_batches(path, names, open_file, idx, batch_size, transform=None):
     for start in range(0, len(idx), batch_size):
         batch = []
         for i in idx[start:start + batch_size]:
-            name = os.path.join(path, names[i])
+            name = os.path.join(path, names[i].lstrip("/"))  # a zip member may be named "/a.png": keep the zip's name
             try:
                 f = open_file(names[i])
-            except (OSError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as e:  # encrypted, bad header, ...
-                raise ValueError(f"{name}: cannot read image ({e})") from None
+            except ZIP_ERRORS as e:  # encrypted, bad header, a name that is not UTF-8, ...
+                raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
             with f:
                 image = _read_image(f, name, noted)  # [H, W, 3]
             if transform is not None:  # per image, before stacking: COCO photos differ in size
@@ -170,7 +171,7 @@ def _npz_headers(path):
         with zipfile.ZipFile(path) as archive:
             return {info.filename[:-4]: _npy_header(archive, info, os.path.getsize(path))
                     for info in archive.infolist() if info.filename.endswith(".npy")}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
+    except ZIP_ERRORS as e:
         raise ValueError(f"{path}: cannot read this .npz ({type(e).__name__}: {e})") from None
 
 
@@ -203,7 +204,7 @@ def _npz_load(path, key):
     try:
         with np.load(path, allow_pickle=False) as data:
             return data[key]
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as e:
+    except (*ZIP_ERRORS, KeyError) as e:
         raise ValueError(f"{path}: cannot read array '{key}' ({type(e).__name__}: {e})") from None
 
 
@@ -753,6 +754,7 @@ def read_inception_weights(path):
         raise pickle.UnpicklingError(text if text.startswith(path) else f"{path}: {text}") from None
     except Exception as e:
         raise ValueError(f"{path}: cannot read FID Inception weights ({type(e).__name__}: {e})") from e
+    check_dense_tensors(sd, path)
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict or a network, got {type(sd).__name__}")
     sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
@@ -1185,6 +1187,7 @@ def read_open_clip_weights(path):
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read open_clip weights ({torch_load_error(e)})") from None
+    check_dense_tensors(sd, path)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):   # an open_clip training checkpoint
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -192,7 +192,7 @@ class ImageDataset:
         self.path, self.resolution, self.channels, self.label_dim = path, resolution, channels, label_dim
         try:
             self.zip = zipfile.ZipFile(path) if os.path.isfile(path) else None
-        except (zipfile.BadZipFile, OSError) as e:
+        except unet.ZIP_ERRORS as e:
             raise ValueError(f"{path}: not a zip file (expected a zip or a folder of images): {e}") from None
         if self.zip is not None:
             names = self.zip.namelist()
@@ -816,7 +816,7 @@ def load_generator(path, device="cpu"):
         unet.require_keys(ckpt, ["net_kwargs", "generator"], path, "an imagenet64.py generator or checkpoint")
         if not isinstance(ckpt["net_kwargs"], dict):
             raise ValueError(f"{path}: net_kwargs is a {type(ckpt['net_kwargs']).__name__}, not a dict")
-        net_kwargs, state = ckpt["net_kwargs"], (ckpt.get("generator_ema") or ckpt["generator"])
+        net_kwargs, state = ckpt["net_kwargs"], ema_or_generator_state(ckpt)
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(k, str) and k.startswith("model.") for k in ckpt):
         net_kwargs, state = dict(unet.EDM_IMAGENET64, dropout=0.0), ckpt
     else:
@@ -1143,6 +1143,13 @@ def save(run, step):
                               rng=rngs, best_fid=run.best_fid), run.ckpt_path)
 
 
+def ema_or_generator_state(ckpt):
+    """The EMA's weights of a checkpoint, or the generator's where it kept none (None: --ema_decay 0). Not `ema or
+    generator`: the truth of a tensor a hostile file put there would raise torch's RuntimeError."""
+    ema = ckpt.get("generator_ema")
+    return ckpt["generator"] if ema is None or (isinstance(ema, dict) and not ema) else ema
+
+
 def load_state(module, state, path, what):
     """load_state_dict (strict) with an error that names the file instead of torch's bare RuntimeError."""
     try:
@@ -1162,7 +1169,7 @@ def resume(run):
     load_state(run.opt_g, ckpt["opt_g"], path, "the generator's optimiser state")
     load_state(run.opt_d, ckpt["opt_d"], path, "the fake score's optimiser state")
     if run.generator_ema is not None:
-        load_state(run.generator_ema, ckpt.get("generator_ema") or ckpt["generator"], path, "the generator EMA")
+        load_state(run.generator_ema, ema_or_generator_state(ckpt), path, "the generator EMA")
     if isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == run.world:
         set_rng_state(ckpt["rng"][run.rank])
     if isinstance(ckpt.get("best_fid"), float):      # generator_best.pt is replaced only by a lower FID than this

@@ -66,6 +66,7 @@ import time
 import types
 import unicodedata
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -798,6 +799,7 @@ def load_training_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = unet.check_dense_tensors(ckpt, path)
     return unet.require_keys(ckpt, CHECKPOINT_KEYS, path, "an sdxl.py training checkpoint")
 
 
@@ -1370,6 +1372,7 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
 # CLIP's vocabulary is 49,408 = 2*256 byte symbols + 48,894 merges + 2 specials
 NUM_MERGES = 49152 - 256 - 2
+MAX_VOCAB_LINE = 200         # characters per vocabulary line read (the real file's longest is 39)
 
 
 def bytes_to_unicode():
@@ -1386,13 +1389,16 @@ BYTE_TO_CHAR = bytes_to_unicode()
 @functools.lru_cache(maxsize=4)
 def load_clip_vocab(path=VOCAB_PATH):
     """(vocab {symbol: id}, merge ranks {(left, right): rank}) from bpe_simple_vocab_16e6.txt.gz."""
-    try:
+    try:   # only the lines used, each at most MAX_VOCAB_LINE long: a small gzip can inflate to gigabytes
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the CLIP BPE vocabulary ({e})") from None
-    merges = [tuple(line.split()) for line in lines[1:1 + NUM_MERGES]]  # line 0 is a version header
-    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+            lines = [f.readline(MAX_VOCAB_LINE + 1) for _ in range(1 + NUM_MERGES)]
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot read the CLIP BPE vocabulary ({type(e).__name__}: {e})") from None
+    if not all(line.endswith("\n") for line in lines):
+        raise ValueError(f"{path}: expected a header and {NUM_MERGES} merge lines of at most {MAX_VOCAB_LINE} "
+                         "characters (the file ends early or has a longer line)")
+    merges = [tuple(line.split()) for line in lines[1:]]  # line 0 is a version header
+    if any(len(m) != 2 for m in merges):
         raise ValueError(f"{path}: expected {NUM_MERGES} merge lines of two symbols after the header")
     base = list(BYTE_TO_CHAR.values())
     symbols = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
@@ -1904,9 +1910,12 @@ def infer_configs(path, parts=("clip_l", "clip_g", "vae", "unet")):
 def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_in, projection):
     """TextConfig from one text tower's shapes: vocab and width from the token embedding, positions, numbered layers,
     heads of 64 channels (CLIP-L 768 = 12 x 64, bigG 1280 = 20 x 64), the projection width (bigG only)."""
-    def dims(key):
+    def dims(key):   # every tensor read here is a matrix
         if key not in shapes:
             raise ValueError(f"{path}: cannot infer the {what}'s config: no tensor {key}")
+        if len(shapes[key]) != 2 or 0 in shapes[key]:
+            raise ValueError(f"{path}: cannot infer the {what}'s config: {key} has shape {list(shapes[key])}, "
+                             "not a matrix")
         return tuple(shapes[key])
 
     vocab, width = dims(tokens)
@@ -1921,9 +1930,12 @@ def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_i
 def infer_vae_config(shapes, path):
     """VAEConfig from the encoder's shapes: base width, one multiplier per level, ResnetBlocks per level, latent
     channels. The decoder is then checked tensor by tensor when the weights load."""
-    def dims(key):
+    def dims(key):   # every tensor read here is a convolution's weight
         if key not in shapes:
             raise ValueError(f"{path}: cannot infer the VAE's config: no tensor {key}")
+        if len(shapes[key]) != 4 or 0 in shapes[key]:
+            raise ValueError(f"{path}: cannot infer the VAE's config: {key} has shape {list(shapes[key])}, not a "
+                             "convolution's four non-zero dimensions")
         return tuple(shapes[key])
 
     ch = dims("encoder.conv_in.weight")[0]

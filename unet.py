@@ -41,10 +41,12 @@ import os
 import pickle
 import pickletools
 import re
+import struct
 import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -729,10 +731,37 @@ def load_checkpoint(path, map_location="cpu"):
                                                "no such checkpoint file"))
     try:
         check_zip_inflation(path)
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a weights-only torch checkpoint (EDM .pkl files go through load_edm_pickle): "
                          f"{torch_load_error(e)}") from None
+    return check_dense_tensors(obj, path)
+
+
+def check_dense_tensors(obj, path):
+    """obj, once every tensor in it (in dicts, lists and tuples, at any depth) is checked to hold as many elements as
+    its storage: a file can save zeros(1).expand(10**9), a view of one number with a billion elements, and a network
+    built or merged from it would allocate them all. Checkpoints hold dense tensors (views of them included)."""
+    todo = [(obj, "")]
+    while todo:
+        item, where = todo.pop()
+        if isinstance(item, torch.Tensor):
+            if item.numel() * item.element_size() > item.untyped_storage().nbytes():
+                raise ValueError(f"{path}: tensor {where or '(the whole file)'} of shape {list(item.shape)} has more "
+                                 f"elements than its storage of {item.untyped_storage().nbytes()} bytes holds (an "
+                                 "expanded view); checkpoints hold dense tensors")
+        elif isinstance(item, dict):
+            todo.extend((v, f"{where}[{k!r}]") for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            todo.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return obj
+
+
+# What reading a corrupt or hostile zip can raise besides BadZipFile: a bad version field (NotImplementedError), a name
+# flagged UTF-8 that is not (UnicodeDecodeError), a broken deflate stream (zlib.error), offsets past the end (OSError,
+# EOFError, struct.error), an encrypted member (RuntimeError). Readers turn these into a ValueError naming the file.
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError, OverflowError,
+              zlib.error, struct.error)
 
 
 def check_zip_inflation(path):
@@ -1179,8 +1208,8 @@ def diffusers_to_sgm_unet(state_dict, cfg=SDXLUNetConfig(), source_name="diffuse
 def _transformer_depth(shapes, prefix):
     """Number of transformer blocks under prefix (e.g. 'input_blocks.4.1.'), 0 without a SpatialTransformer."""
     head = prefix + "transformer_blocks."
-    found = {int(k[len(head):].split(".", 1)[0]) for k in shapes if k.startswith(head)}
-    return len(found) if found == set(range(len(found))) else -1
+    names = {k[len(head):].split(".", 1)[0] for k in shapes if k.startswith(head)}
+    return len(names) if names == {str(i) for i in range(len(names))} else -1
 
 
 def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=64):
@@ -1189,13 +1218,17 @@ def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=
     per level from the numbered transformer_blocks, cross-attention width from attn2.to_k, and heads by SDXL's
     convention of 64-channel heads (on narrower models, the largest width dividing every level's and 64). Checked
     against SDXLUNet(cfg) on the meta device; ValueError naming source_name and what could not be inferred."""
-    def dims(key):
+    def dims(key, ndim):
         if key not in shapes:
             raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: no tensor {key}")
+        if len(shapes[key]) != ndim or 0 in shapes[key]:
+            raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: {key} has shape "
+                             f"{list(shapes[key])}, not {ndim} non-zero dimensions")
         return tuple(shapes[key])
 
-    C, in_channels = dims("input_blocks.0.0.weight")[:2]
-    blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.")})[1:]
+    C, in_channels = dims("input_blocks.0.0.weight", 4)[:2]
+    # block numbers; other names under input_blocks. are left to the strict check at the end
+    blocks = sorted({int(m[1]) for k in shapes if (m := re.match(r"input_blocks\.(\d{1,6})\.", k))})[1:]
     levels = [[]]
     for i in blocks:
         if f"input_blocks.{i}.0.op.weight" in shapes:
@@ -1205,7 +1238,7 @@ def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=
     if len({len(level) for level in levels}) != 1 or not levels[0]:
         raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: ResBlocks per level "
                          f"{[len(level) for level in levels]} differ (SDXLUNetConfig has one num_res_blocks)")
-    widths = [dims(f"input_blocks.{level[0]}.0.in_layers.2.weight")[0] for level in levels]
+    widths = [dims(f"input_blocks.{level[0]}.0.in_layers.2.weight", 4)[0] for level in levels]
     depths = [{_transformer_depth(shapes, f"input_blocks.{i}.1.") for i in level} for level in levels]
     if any(len(d) != 1 or -1 in d for d in depths) or any(w % C for w in widths):
         raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: transformer depths per block "
@@ -1218,10 +1251,10 @@ def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=
     to_k = sorted(k for k in shapes if k.endswith("attn2.to_k.weight"))
     if not to_k:
         raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: no cross-attention (attn2.to_k) weights")
-    cfg = SDXLUNetConfig(in_channels=in_channels, out_channels=dims("out.2.weight")[0], model_channels=C,
+    cfg = SDXLUNetConfig(in_channels=in_channels, out_channels=dims("out.2.weight", 4)[0], model_channels=C,
                          channel_mult=tuple(w // C for w in widths), num_res_blocks=len(levels[0]),
                          transformer_depth=tuple(depths), num_head_channels=math.gcd(head_channels, *widths),
-                         context_dim=dims(to_k[0])[1], adm_in_channels=dims("label_emb.0.0.weight")[1])
+                         context_dim=dims(to_k[0], 2)[1], adm_in_channels=dims("label_emb.0.0.weight", 2)[1])
     with torch.device("meta"):
         expected = {k: v.shape for k, v in SDXLUNet(cfg).state_dict().items()}
     problems = _state_problems({k: torch.empty(v, device="meta") for k, v in shapes.items()}, expected)
@@ -1546,9 +1579,13 @@ def _metadata_alpha(metadata, source_name):
     if unsupported:
         raise ValueError(f"{source_name}: LoRAs with {', '.join(unsupported)} are not supported (plain LoRA only)")
     alpha = config.get("unet.lora_alpha", config.get("lora_alpha"))
-    if alpha is not None and not isinstance(alpha, (int, float)):
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"{source_name}: lora_alpha in the metadata is not a number")
-    return alpha
+    if not (-1e30 < alpha < 1e30):             # compared before float(): 10**400 is a valid JSON int; NaN fails too
+        raise ValueError(f"{source_name}: lora_alpha in the metadata is {alpha!r:.40}, not a finite number")
+    return float(alpha)
 
 
 def _group_lora_keys(state_dict, table):
@@ -1590,7 +1627,12 @@ def lora_from_file_state(state_dict, cfg, source_name, metadata=None):
             raise ValueError(f"{source_name}: {part['alpha'][0]} holds {part['alpha'][1].numel()} numbers, not one")
         if down.ndim < 2 or down.shape[0] == 0:
             raise ValueError(f"{source_name}: {part['down'][0]} has shape {list(down.shape)}: not a rank >= 1 LoRA")
-        alpha = float(part["alpha"][1]) if "alpha" in part else default_alpha
+        try:
+            alpha = float(part["alpha"][1]) if "alpha" in part else default_alpha
+        except (RuntimeError, ValueError, TypeError) as e:                # e.g. a complex number
+            raise ValueError(f"{source_name}: {part['alpha'][0]} is not a real number ({e})") from None
+        if alpha is not None and not math.isfinite(alpha):
+            raise ValueError(f"{source_name}: {part['alpha'][0]} is {alpha}, not a finite number")
         factors[name] = (down, up, float(down.shape[0] if alpha is None else alpha))
     return factors
 
@@ -1603,7 +1645,11 @@ def _lora_delta(layer, down, up, alpha, scale):
                 f"{list(weight.shape)} weight")
     if up.shape[0] != weight.shape[0] or down[0].shape != weight[0].shape or up[0, 0].numel() != 1:
         return f"down {list(down.shape)}, up {list(up.shape)} do not fit the weight {list(weight.shape)}"
+    if rank > min(weight.shape[0], weight[0].numel()):     # a low-rank update; a huge rank would be a huge product
+        return f"rank {rank} is more than the {list(weight.shape)} weight's own rank can be"
     delta = up.flatten(1).float().to(weight.device) @ down.flatten(1).float().to(weight.device)      # [out, in * k * k]
+    if not torch.isfinite(delta).all():
+        return "its factors hold NaN or infinite values"
     return (scale * alpha / rank) * delta.reshape(weight.shape)
 
 

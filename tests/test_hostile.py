@@ -298,7 +298,7 @@ def pickle_cases():
             "unet 2**30 paths to one module": ("tree.pkl", edm_root(tree_ops, dict_of((s("model"), tree))), UNET,
                                                "occurs twice"),
             "fid 2**30 paths to one module": ("tree.pkl", PROTO + tree_ops + tree + STOP, FID, "occurs twice"),
-            "fid stride-0 batch-norm scale": ("bn.pth", stride0_bn(), FID, "wrong shapes")}
+            "fid stride-0 batch-norm scale": ("bn.pth", stride0_bn(), FID, "expanded view")}
 
 
 def hostile_files():

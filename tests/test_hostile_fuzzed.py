@@ -152,11 +152,12 @@ def test_deeply_nested_json_is_refused_with_the_file_name(tmp_path):
         sdxl.LatentDataset(str(tmp_path / "lat"), 64)
 
 
-def lora_file(path, alpha=None, rank=4, **metadata):
+def lora_file(path, alpha=None, rank=4, down=0.0, **metadata):
     cfg = sdxl.TINY_UNET
     name = next(n for n in unet.lora_names(cfg) if n.endswith("attn1.to_q"))
     width = cfg.model_channels * cfg.channel_mult[1]
-    state = {f"{name}.lora_down.weight": torch.zeros(rank, width), f"{name}.lora_up.weight": torch.zeros(width, rank)}
+    state = {f"{name}.lora_down.weight": torch.full((rank, width), down),
+             f"{name}.lora_up.weight": torch.ones(width, rank)}
     if alpha is not None:
         state[f"{name}.alpha"] = alpha
     metadata.setdefault("unet_config", json.dumps(dataclasses.asdict(cfg)))
@@ -219,3 +220,169 @@ def test_npz_images_whose_layout_cannot_be_told_are_refused(tmp_path):
     _, batches = fid.image_batches(str(tmp_path / "tiny.npz"))
     with pytest.raises(ValueError, match=r"tiny.npz.*could be \[C, H, W\] or \[H, W, C\]"):
         next(batches)
+
+
+# A second fuzzing round: corrupt deflate streams, zip fields that zipfile itself refuses, shapes of the wrong rank
+# for config inference, tensors whose data is one number viewed many times, and LoRA numbers that are not finite.
+
+def deflated_npz(path):
+    """An .npz whose first member's deflate stream starts with an invalid block type."""
+    f = io.BytesIO()
+    np.savez_compressed(f, mu=np.zeros(3), sigma=np.eye(3))
+    raw = bytearray(f.getvalue())
+    name_len, extra_len = struct.unpack("<HH", raw[26:30])
+    raw[30 + name_len + extra_len] = 0xFF
+    path.write_bytes(raw)
+    return str(path)
+
+
+def test_corrupt_deflate_streams_are_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="stats.npz"):
+        fid.load_stats(deflated_npz(tmp_path / "stats.npz"))
+    raw = bytearray(open(sdxl.VOCAB_PATH, "rb").read())
+    raw[20:30] = b"\xff" * 10
+    (tmp_path / "vocab.txt.gz").write_bytes(raw)
+    with pytest.raises(ValueError, match="vocab.txt.gz"):
+        sdxl.load_clip_vocab(str(tmp_path / "vocab.txt.gz"))
+
+
+@pytest.mark.parametrize("content", [b"\n" * (100 << 20), b"x" * (100 << 20)], ids=["newlines", "one long line"])
+def test_clip_vocabulary_reads_only_the_lines_it_uses(tmp_path, content):
+    """100 MiB of newlines, or one 100 MiB line, gzip to about 100 kB. The reader used to inflate and split all of
+    it; it now reads the 48,895 lines it uses, each at most MAX_VOCAB_LINE characters."""
+    import gzip
+    import tracemalloc
+    path = tmp_path / "vocab.txt.gz"
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(content)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="vocab.txt.gz"):
+            sdxl.load_clip_vocab(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20
+
+
+def zip_of_png(name="a.png", data=None):
+    f = io.BytesIO()
+    with zipfile.ZipFile(f, "w") as z:
+        z.writestr(name, png() if data is None else data)
+    return bytearray(f.getvalue())
+
+
+def zip_version_225(raw):            # zipfile: NotImplementedError("zip file version 22.5")
+    cd = raw.find(b"PK\x01\x02")
+    raw[cd + 6:cd + 8] = struct.pack("<H", 225)
+    return raw
+
+
+def zip_directory_name_not_utf8(raw):  # the UTF-8 flag on a name that is not: UnicodeDecodeError when opened
+    cd = raw.find(b"PK\x01\x02")
+    raw[cd + 9] |= 8
+    raw[cd + 46] = 0xFF
+    return raw
+
+
+def zip_local_name_not_utf8(raw):    # the same in the member's own header: UnicodeDecodeError when read
+    raw[7] |= 8
+    raw[30] = 0xFF
+    return raw
+
+
+@pytest.mark.parametrize("damage", [zip_version_225, zip_directory_name_not_utf8, zip_local_name_not_utf8])
+def test_zips_that_zipfile_refuses_are_refused_by_name(tmp_path, damage):
+    path = tmp_path / "images.zip"
+    path.write_bytes(damage(zip_of_png()))
+    with pytest.raises(ValueError, match="images.zip"):
+        _, batches = fid.image_batches(str(path))
+        next(batches)
+    with pytest.raises(ValueError, match="images.zip"):
+        imagenet64.ImageDataset(str(path), 8)
+
+
+def test_a_zip_member_with_an_absolute_name_is_reported_inside_the_zip(tmp_path):
+    path = tmp_path / "images.zip"
+    path.write_bytes(zip_of_png("/a.png", b"not a png"))
+    _, batches = fid.image_batches(str(path))
+    with pytest.raises(ValueError, match="images.zip/a.png: cannot read image"):
+        next(batches)
+
+
+L, G, V, U = sdxl.PREFIX_CLIP_L, sdxl.PREFIX_CLIP_G, sdxl.PREFIX_VAE, sdxl.PREFIX_UNET
+CLIP_L_OK = {L + "embeddings.token_embedding.weight": [4, 64], L + "encoder.layers.0.mlp.fc1.weight": [256, 64]}
+CLIP_G_OK = {G + "token_embedding.weight": [4, 64], G + "transformer.resblocks.0.mlp.c_fc.weight": [256, 64],
+             G + "positional_embedding": [3, 64]}
+
+
+@pytest.mark.parametrize("part, shapes", [
+    ("clip_l", {L + "embeddings.token_embedding.weight": [64]}),
+    ("clip_l", {**CLIP_L_OK, L + "embeddings.position_embedding.weight": []}),
+    ("clip_g", {**CLIP_G_OK, G + "text_projection": [64]}),
+    ("vae", {V + "encoder.conv_in.weight": []}),
+    ("vae", {V + "encoder.conv_in.weight": [0, 3, 3, 3], V + "encoder.down.0.block.0.conv2.weight": [0, 0, 3, 3],
+             V + "encoder.conv_out.weight": [8, 0, 3, 3]}),
+    ("unet", {U + "input_blocks.0.0.weight": [32, 4, 3, 3], U + "input_blocks.x.weight": [1]}),
+    ("unet", {U + "input_blocks.0.0.weight": [32]}),
+    ("unet", {U + "input_blocks.0.0.weight": [0, 4, 3, 3], U + "input_blocks.1.0.in_layers.2.weight": [0, 0, 3, 3]}),
+])
+def test_config_inference_refuses_shapes_of_the_wrong_rank_by_name(tmp_path, part, shapes):
+    """Each used to raise IndexError, ZeroDivisionError or an unpacking ValueError without the file's name."""
+    path = str(tmp_path / "model.safetensors")
+    unet.write_safetensors(path, {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()})
+    with pytest.raises(ValueError, match="model.safetensors.*: cannot infer"):
+        sdxl.infer_configs(path, [part])
+
+
+def test_a_generator_ema_that_is_a_tensor_is_refused_by_name(tmp_path):
+    kw = dict(TINY_KW, label_dim=3)
+    unet.save_checkpoint({"net_kwargs": kw, "generator": unet.EDMPrecond(**kw).state_dict(),
+                          "generator_ema": torch.zeros(3)}, tmp_path / "gen.pt")
+    with pytest.raises(ValueError, match="gen.pt: the generator does not fit"):
+        imagenet64.load_generator(str(tmp_path / "gen.pt"))
+
+
+def test_tensors_viewing_one_number_many_times_are_refused_by_every_torch_reader(tmp_path):
+    """torch.save keeps a view's strides: zeros(1).expand(...) stores 4 bytes. A 2 kB LoRA of two such rank-2^28
+    factors asked the merge for 64 GiB; a 172 kB generator checkpoint built a 4.5 GB network."""
+    path = tmp_path / "views.pt"
+    torch.save({"w": torch.zeros(1).expand(1 << 14, 1 << 14)}, path)
+    assert path.stat().st_size < 10_000
+    readers = [unet.load_checkpoint, sdxl.read_lora, fid.read_inception_weights, fid.read_open_clip_weights,
+               imagenet64.load_generator, sdxl.load_training_checkpoint]
+    for reader in readers:
+        with pytest.raises(ValueError, match="views.pt.*expanded view"):
+            reader(str(path))
+    dense = tmp_path / "dense.pt"                       # a view of a real tensor's data is not refused
+    torch.save({"w": torch.arange(6.0).reshape(2, 3).t()}, dense)
+    assert torch.equal(unet.load_checkpoint(str(dense))["w"], torch.arange(6.0).reshape(2, 3).t())
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(lora_adapter_metadata=json.dumps({"unet.lora_alpha": 10 ** 400})), "not a finite number"),
+    (dict(lora_adapter_metadata=json.dumps({"unet.lora_alpha": float("nan")})), "not a finite number"),
+    (dict(lora_adapter_metadata=json.dumps({"unet.lora_alpha": True})), "not a number"),
+    (dict(alpha=torch.tensor(float("inf"))), "not a finite number"),
+    (dict(down=float("nan")), "NaN or infinite"),
+    (dict(rank=200), "rank 200 is more than")])
+def test_lora_numbers_that_would_spoil_the_weights_are_refused(tmp_path, kwargs, words):
+    path = lora_file(tmp_path / "lora.safetensors", **kwargs)
+    state, metadata = sdxl.read_lora(path)
+    cfg = sdxl.lora_unet_config(metadata, path)
+    model = unet.SDXLUNet(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=words):
+        unet.merge_lora(model, unet.lora_from_file_state(state, cfg, path, metadata), 1.0, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # nothing was changed
+
+
+def test_a_complex_lora_alpha_is_refused_by_name(tmp_path):
+    """safetensors has no complex dtype, but a torch file does."""
+    state, _ = sdxl.read_lora(lora_file(tmp_path / "lora.safetensors"))
+    alpha_key = next(k for k in state if k.endswith(".lora_down.weight")).replace(".lora_down.weight", ".alpha")
+    torch.save({**state, alpha_key: torch.tensor(1 + 2j)}, tmp_path / "lora.pt")
+    state, metadata = sdxl.read_lora(str(tmp_path / "lora.pt"))
+    with pytest.raises(ValueError, match="lora.pt: .*alpha is not a real number"):
+        unet.lora_from_file_state(state, sdxl.TINY_UNET, str(tmp_path / "lora.pt"), metadata)

@@ -741,10 +741,14 @@ def load_checkpoint(path, map_location="cpu"):
 def check_dense_tensors(obj, path):
     """obj, once every tensor in it (in dicts, lists and tuples, at any depth) is checked to hold as many elements as
     its storage: a file can save zeros(1).expand(10**9), a view of one number with a billion elements, and a network
-    built or merged from it would allocate them all. Checkpoints hold dense tensors (views of them included)."""
-    todo = [(obj, "")]
+    built or merged from it would allocate them all. Checkpoints hold dense tensors (views of them included).
+    Each container is visited once: a pickle can hold a list that contains itself."""
+    todo, seen = [(obj, "")], set()
     while todo:
         item, where = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
         if isinstance(item, torch.Tensor):
             if item.numel() * item.element_size() > item.untyped_storage().nbytes():
                 raise ValueError(f"{path}: tensor {where or '(the whole file)'} of shape {list(item.shape)} has more "

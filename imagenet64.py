@@ -176,7 +176,11 @@ def decode_image(data, where, resolution, channels):
         image = PIL.Image.fromarray(np.rint(a / 257).astype(np.uint8), "L")   # 0..65535 -> 0..255
     elif image.mode == "F":
         raise ValueError(f"{where}: floating-point image (mode F); expected 8- or 16-bit images")
-    a = np.asarray(image.convert("RGB" if channels == 3 else "L")).reshape(resolution, resolution, -1)
+    try:
+        image = image.convert("RGB" if channels == 3 else "L")
+    except ValueError as e:                                  # e.g. a LAB TIFF: PIL has no conversion for it
+        raise ValueError(f"{where}: {e}") from None
+    a = np.asarray(image).reshape(resolution, resolution, -1)
     return torch.from_numpy(a.transpose(2, 0, 1).copy())
 
 
@@ -814,8 +818,7 @@ def load_generator(path, device="cpu"):
     ckpt = unet.load_checkpoint(path)
     if isinstance(ckpt, dict) and "generator" in ckpt:
         unet.require_keys(ckpt, ["net_kwargs", "generator"], path, "an imagenet64.py generator or checkpoint")
-        if not isinstance(ckpt["net_kwargs"], dict):
-            raise ValueError(f"{path}: net_kwargs is a {type(ckpt['net_kwargs']).__name__}, not a dict")
+        check_net_kwargs(ckpt["net_kwargs"], path)
         net_kwargs, state = ckpt["net_kwargs"], ema_or_generator_state(ckpt)
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(k, str) and k.startswith("model.") for k in ckpt):
         net_kwargs, state = dict(unet.EDM_IMAGENET64, dropout=0.0), ckpt
@@ -887,12 +890,14 @@ def previous_scores(path, protocol, stamps):
         if old.get("protocol") != protocol:
             return {}, {}
         scores, scored = dict(old["scores"]), dict(old.get("files", {}))
+        if not all(type(v) in (int, float) for v in scores.values()):    # a record edited by hand: score again
+            return {}, {}
         changed = [f for f in scores if f in stamps and scored.get(f) != stamps[f]]
         for f in changed:
             del scores[f]
             scored.pop(f, None)
         return scores, scored
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}, {}
 
 
@@ -1143,6 +1148,17 @@ def save(run, step):
                               rng=rngs, best_fid=run.best_fid), run.ckpt_path)
 
 
+def check_net_kwargs(net_kwargs, path):
+    """EDMPrecond's arguments as a checkpoint records them: a dict of numbers, strings and flat lists of them. Checked
+    before they are compared or printed: a tensor there has no truth value, and a list nesting one shared list twice,
+    30 deep, would print for ever."""
+    plain = (type(None), bool, int, float, str)           # torch.load refuses ints too long to print
+    if not (isinstance(net_kwargs, dict) and all(isinstance(k, str) and (isinstance(v, plain) or (
+            isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))) for k, v in net_kwargs.items())):
+        raise ValueError(f"{path}: net_kwargs is not a dict of numbers, strings and lists of them "
+                         f"({unet.describe_value(net_kwargs)})")
+
+
 def ema_or_generator_state(ckpt):
     """The EMA's weights of a checkpoint, or the generator's where it kept none (None: --ema_decay 0). Not `ema or
     generator`: the truth of a tensor a hostile file put there would raise torch's RuntimeError."""
@@ -1162,6 +1178,7 @@ def resume(run):
     """Everything from checkpoint.pt (weights, optimisers, EMA, RNG states). -> the step to continue from."""
     path, cfg = run.ckpt_path, run.cfg
     ckpt = unet.require_keys(unet.load_checkpoint(path), RESUME_KEYS, path, "an imagenet64.py checkpoint.pt")
+    check_net_kwargs(ckpt["net_kwargs"], path)
     if ckpt["net_kwargs"] != run.net_kwargs:
         raise ValueError(f"{path}: written for the network {ckpt['net_kwargs']}, this run builds {run.net_kwargs}")
     load_state(run.generator, ckpt["generator"], path, "the generator")
@@ -1202,6 +1219,7 @@ def init_from(run, path):
     ckpt = unet.require_keys(unet.load_checkpoint(path), ["net_kwargs", "generator", "fake_score"], path, what)
     if not isinstance(ckpt["fake_score"], dict):
         raise ValueError(f"{path}: not {what} (fake_score is a {type(ckpt['fake_score']).__name__})")
+    check_net_kwargs(ckpt["net_kwargs"], path)
     if ckpt["net_kwargs"] != run.net_kwargs:
         raise ValueError(f"{path}: written for the network {ckpt['net_kwargs']}, this run builds {run.net_kwargs}")
     load_state(run.generator, ckpt["generator"], path, "the generator")

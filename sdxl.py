@@ -185,6 +185,8 @@ class LatentDataset:
             self.rows += [(len(self.shards), i) for i in range(len(latents))]
             self.shards.append(latents)
             self.captions += captions
+        if not self.rows:
+            raise ValueError(f"{folder}: its shards hold no latents")
 
     def sample(self, n, g):
         """n latents drawn uniformly with replacement: a pure function of g, so resuming needs no loader position."""
@@ -809,6 +811,8 @@ def resume_training(run):
     ckpt, full = load_training_checkpoint(run.ckpt_path), StateDictOptions(full_state_dict=True)
     lora = StateDictOptions(full_state_dict=True, strict=False)                   # LoRA runs store the LoRA only
     saved_rank = ckpt["cfg"].get("lora_rank", 0) if isinstance(ckpt["cfg"], dict) else 0
+    if type(saved_rank) is not int:
+        raise ValueError(f"{run.ckpt_path}: its cfg's lora_rank is {unet.describe_value(saved_rank)}, not an integer")
     if saved_rank != run.cfg.lora_rank:     # one line, not a size mismatch for each of its LoRA tensors
         raise ValueError(f"{run.ckpt_path}: its run had --lora_rank {saved_rank}, this one has {run.cfg.lora_rank}; "
                          f"resume with --lora_rank {saved_rank}")
@@ -1027,6 +1031,9 @@ def check_image_folder(args):
         before = None
     except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: cannot read it ({e}); remove it with the images, or give another --outdir") from None
+    if before is not None and not isinstance(before, dict):
+        raise ValueError(f"{path}: not the settings object generate writes ({unet.describe_value(before)}); remove it "
+                         "with the images, or give another --outdir")
     if before is None and written:
         raise ValueError(f"--outdir {args.outdir}: holds images of another run (no generate.json); give an empty "
                          "folder, or remove them")
@@ -1815,10 +1822,10 @@ def load_image(path, resolution):
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             with PIL.Image.open(path) as f:
                 image = f.convert("RGB")
-    # PIL.UnidentifiedImageError and truncated files are OSErrors; a header declaring too many pixels is a bomb
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError,
-            PIL.Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
+    # PIL.UnidentifiedImageError and truncated files are OSErrors, a header declaring too many pixels is a bomb, and a
+    # damaged file of a rarer format can raise nearly anything from its plugin (IndexError, TypeError, MemoryError, ...)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
     scale = resolution / min(image.size)
     w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
     image = image.resize((w, h), PIL.Image.LANCZOS)

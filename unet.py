@@ -41,6 +41,7 @@ import os
 import pickle
 import pickletools
 import re
+import reprlib
 import struct
 import sys
 import tempfile
@@ -597,7 +598,8 @@ def persistent_state_dict(node, prefix=""):
         if not (isinstance(state, dict)
                 and all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))):
             raise ValueError(f"'{where}' is not a pickled torch module")
-        skip = state.get("_non_persistent_buffers_set") or set()
+        skip = state.get("_non_persistent_buffers_set")                  # not `or set()`: a tensor has no truth
+        skip = set() if skip is None else skip
         if not isinstance(skip, (set, frozenset, list, tuple)):
             raise ValueError(f"'{where}' has a _non_persistent_buffers_set that is a {type(skip).__name__}")
         tensors = list(state["_parameters"].items()) + [(k, v) for k, v in state["_buffers"].items() if k not in skip]
@@ -630,14 +632,15 @@ def _edm_kwargs(path, ema, dropout, n_tensors):
     """EDMPrecond's constructor arguments as persistence.persistent_class recorded them, minus those our EDMPrecond
     does not take. They come from the file, so they are checked before a network (even on meta) is built from them:
     each DhariwalUNet block holds several tensors, so a file cannot declare more blocks than it has tensors."""
-    kwargs = ema.state.get("_init_kwargs")
-    if not isinstance(kwargs, dict) or ema.state.get("_init_args") or not all(isinstance(k, str) for k in kwargs):
+    kwargs, args = ema.state.get("_init_kwargs"), ema.state.get("_init_args")
+    positional = args is not None and not (isinstance(args, (tuple, list)) and not args)    # EDM passes none
+    if not isinstance(kwargs, dict) or positional or not all(isinstance(k, str) for k in kwargs):
         raise ValueError(f"{path}: the EDMPrecond in 'ema' has no usable recorded constructor arguments (_init_kwargs)")
     kwargs = dict(kwargs)
     model_type = kwargs.pop("model_type", "DhariwalUNet")
     if model_type != "DhariwalUNet":
-        raise ValueError(f"{path}: only EDM's DhariwalUNet (ADM) is supported, this pickle holds "
-                         f"a {describe_value(model_type)}")
+        raise ValueError(f"{path}: only EDM's DhariwalUNet (ADM) is supported, this pickle's model_type is "
+                         f"{describe_value(model_type)}")
     kwargs.pop("use_fp16", None)                                                   # EDM's fp16 switch; we use autocast instead
     for name, default in (("sigma_min", 0), ("sigma_max", float("inf"))):       # EDMPrecond's defaults, never changed by EDM
         value = kwargs.pop(name, default)
@@ -738,26 +741,35 @@ def load_checkpoint(path, map_location="cpu"):
     return check_dense_tensors(obj, path)
 
 
+SHORT_REPR = reprlib.Repr()              # a key read from a file, in an error message: a few levels and characters
+SHORT_REPR.maxlevel, SHORT_REPR.maxstring, SHORT_REPR.maxother = 3, 60, 60
+
+
 def check_dense_tensors(obj, path):
     """obj, once every tensor in it (in dicts, lists and tuples, at any depth) is checked to hold as many elements as
     its storage: a file can save zeros(1).expand(10**9), a view of one number with a billion elements, and a network
     built or merged from it would allocate them all. Checkpoints hold dense tensors (views of them included).
     Each container is visited once: a pickle can hold a list that contains itself."""
-    todo, seen = [(obj, "")], set()
-    while todo:
-        item, where = todo.pop()
+    todo, seen = [(obj, ())], set()          # (item, its keys from the top), named only in an error: a key's repr
+    while todo:                              # can be exponential (a tuple nesting one shared tuple twice, 30 deep)
+        item, keys = todo.pop()
         if id(item) in seen:
             continue
         seen.add(id(item))
         if isinstance(item, torch.Tensor):
-            if item.numel() * item.element_size() > item.untyped_storage().nbytes():
-                raise ValueError(f"{path}: tensor {where or '(the whole file)'} of shape {list(item.shape)} has more "
-                                 f"elements than its storage of {item.untyped_storage().nbytes()} bytes holds (an "
-                                 "expanded view); checkpoints hold dense tensors")
+            problem = ("is not a dense tensor" if item.layout != torch.strided else
+                       "is on the meta device: it holds no numbers" if item.is_meta else
+                       f"has more elements than its storage of {item.untyped_storage().nbytes()} bytes holds (an "
+                       "expanded view)" if item.numel() * item.element_size() > item.untyped_storage().nbytes() else
+                       None)
+            if problem:
+                where = "".join(f"[{SHORT_REPR.repr(k)}]" for k in keys) or "(the whole file)"
+                raise ValueError(f"{path}: tensor {where} of shape {list(item.shape)} {problem}; checkpoints hold "
+                                 "dense tensors")
         elif isinstance(item, dict):
-            todo.extend((v, f"{where}[{k!r}]") for k, v in item.items())
+            todo.extend((v, (*keys, k)) for k, v in item.items())
         elif isinstance(item, (list, tuple)):
-            todo.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+            todo.extend((v, (*keys, i)) for i, v in enumerate(item))
     return obj
 
 

@@ -298,7 +298,20 @@ def pickle_cases():
             "unet 2**30 paths to one module": ("tree.pkl", edm_root(tree_ops, dict_of((s("model"), tree))), UNET,
                                                "occurs twice"),
             "fid 2**30 paths to one module": ("tree.pkl", PROTO + tree_ops + tree + STOP, FID, "occurs twice"),
-            "fid stride-0 batch-norm scale": ("bn.pth", stride0_bn(), FID, "expanded view")}
+            "fid stride-0 batch-norm scale": ("bn.pth", stride0_bn(), FID, "expanded view"),
+            "unet _init_args that is a tensor": ("args.pkl", ema(node(s("EDMPrecond"), module_state(
+                _init_args=tensor_ops(), _init_kwargs=TINY_KWARGS))), UNET, "no usable recorded constructor"),
+            "unet _non_persistent_buffers_set that is a tensor": ("skip.pkl", ema(node(s("EDMPrecond"), module_state(
+                _non_persistent_buffers_set=tensor_ops(), _init_args=b")", _init_kwargs=TINY_KWARGS))), UNET,
+                "_non_persistent_buffers_set that is a Tensor")}
+
+
+def tensor_ops():
+    """torch._utils._rebuild_tensor_v2 of a 2-float legacy storage: a tensor where the reader expects a tuple or a set
+    (whose truth value torch refuses for more than one element)."""
+    storage = glob("torch.storage", "_load_from_bytes") + binbytes(legacy_storage(2)) + TUPLE1 + REDUCE
+    return (glob("torch._utils", "_rebuild_tensor_v2") + MARK + storage + i(0) + MARK + i(2) + b"t" + MARK + i(1)
+            + b"t" + b"\x89" + glob("collections", "OrderedDict") + b")" + REDUCE + b"t" + REDUCE)
 
 
 def hostile_files():

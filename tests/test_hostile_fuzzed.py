@@ -9,6 +9,7 @@ import json
 import pickle
 import signal
 import struct
+import types
 import zipfile
 import zlib
 
@@ -399,3 +400,110 @@ def test_a_complex_lora_alpha_is_refused_by_name(tmp_path):
     state, metadata = sdxl.read_lora(str(tmp_path / "lora.pt"))
     with pytest.raises(ValueError, match="lora.pt: .*alpha is not a real number"):
         unet.lora_from_file_state(state, sdxl.TINY_UNET, str(tmp_path / "lora.pt"), metadata)
+
+
+# A third round, on the readers the second did not cover: tensors without dense data, dictionary keys whose repr is
+# exponential, images whose PIL plugin raises something else than OSError, and JSON or checkpoint values of a wrong type.
+
+@pytest.mark.parametrize("tensor", [lambda: torch.zeros(3).to_sparse(), lambda: torch.eye(3).to_sparse_csr(),
+                                    lambda: torch.empty(32, device="meta")], ids=["sparse", "sparse csr", "meta"])
+def test_tensors_without_dense_data_are_refused_by_every_torch_reader(tmp_path, tensor):
+    path = tmp_path / "odd.pt"
+    torch.save({"Conv2d_1a_3x3.bn.weight": tensor()}, path)
+    for reader in (unet.load_checkpoint, fid.read_inception_weights, fid.read_open_clip_weights,
+                   sdxl.load_training_checkpoint):
+        with pytest.raises(ValueError, match="odd.pt.*checkpoints hold dense tensors"):
+            reader(str(path))
+
+
+def within(seconds, what, call):
+    """call(), failed (not hung) if it runs past `seconds`: the cases below used to take minutes or for ever."""
+    def too_long(*_):
+        raise TimeoutError(what)
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(seconds)
+    try:
+        return call()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_key_whose_repr_is_exponential_is_named_briefly(tmp_path):
+    """A tuple nesting one shared tuple twice, 26 deep: 2 kB in the file, 2**26 leaves in its repr."""
+    key = ()
+    for _ in range(26):
+        key = (key, key)
+    torch.save({key: torch.zeros(1).expand(10)}, tmp_path / "key.pt")
+    with pytest.raises(ValueError, match="key.pt: tensor .{0,300} of shape"):
+        within(30, "the key was printed whole", lambda: unet.load_checkpoint(str(tmp_path / "key.pt")))
+
+
+def test_a_png_whose_plugin_raises_an_index_error_is_refused_by_name(tmp_path):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path = tmp_path / "iccp.png"                       # an empty iCCP chunk after the image data
+    path.write_bytes(png()[:33] + chunk(b"IDAT", zlib.compress(bytes(200))) + chunk(b"iCCP", b"") + chunk(b"IEND", b""))
+    with pytest.raises(ValueError, match="iccp.png: cannot read the image"):
+        sdxl.load_image(str(path), 8)
+
+
+def test_an_image_pil_cannot_convert_is_refused_by_name():
+    f = io.BytesIO()
+    PIL.Image.new("LAB", (8, 8)).save(f, "TIFF")
+    with pytest.raises(ValueError, match="lab.tif: conversion from LAB"):
+        imagenet64.decode_image(f.getvalue(), "lab.tif", 8, 1)
+
+
+def test_a_fid_record_that_is_not_ours_is_scored_again(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    assert imagenet64.previous_scores(str(tmp_path / "deep.json"), {}, {}) == ({}, {})
+    (tmp_path / "text.json").write_text(json.dumps({"protocol": {}, "scores": {"g.pt": "1.0"}, "files": {}}))
+    assert imagenet64.previous_scores(str(tmp_path / "text.json"), {}, {}) == ({}, {})
+
+
+def test_a_generate_json_that_is_not_an_object_is_refused_by_name(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "generate.json").write_text("[1, 2]")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    args = sdxl.build_parser()[0].parse_args(["generate", "--prompts", str(tmp_path / "prompts.txt"),
+                                              "--outdir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="generate.json: not the settings object"):
+        sdxl.check_image_folder(args)
+
+
+def shared_list(depth):
+    items = []
+    for _ in range(depth):
+        items = [items, items]
+    return items
+
+
+@pytest.mark.parametrize("value", [torch.zeros(2), shared_list(30)], ids=["tensor", "shared list"])
+def test_net_kwargs_that_are_not_plain_values_are_refused_by_name(tmp_path, value):
+    """A tensor has no truth value for `!=`, and the shared list printed for ever in the mismatch message."""
+    kw = dict(TINY_KW, label_dim=3)
+    path = tmp_path / "checkpoint.pt"
+    net = unet.EDMPrecond(**kw).state_dict()
+    torch.save({**{k: None for k in imagenet64.RESUME_KEYS}, "net_kwargs": dict(kw, img_resolution=value),
+                "generator": net, "fake_score": {}}, path)
+    run = types.SimpleNamespace(ckpt_path=str(path), cfg=None, net_kwargs=kw)
+    for call in (lambda: imagenet64.resume(run), lambda: imagenet64.init_from(run, str(path)),
+                 lambda: imagenet64.load_generator(str(path))):
+        with pytest.raises(ValueError, match="checkpoint.pt: net_kwargs is not a dict of numbers"):
+            within(30, "net_kwargs were printed whole", call)
+
+
+def test_a_lora_rank_that_is_a_tensor_is_refused_by_name(tmp_path):
+    torch.save({"step": 1, "cfg": {"lora_rank": torch.zeros(2)}, "generator": {}, "fake_score": {}, "opt_g": {},
+                "opt_d": {}}, tmp_path / "checkpoint.pt")
+    run = types.SimpleNamespace(ckpt_path=str(tmp_path / "checkpoint.pt"), cfg=types.SimpleNamespace(lora_rank=0))
+    with pytest.raises(ValueError, match="checkpoint.pt: its cfg's lora_rank is a Tensor"):
+        sdxl.resume_training(run)
+
+
+def test_latent_shards_holding_no_latents_are_refused_when_opened(tmp_path):
+    unet.write_safetensors(str(tmp_path / "latents_00000.safetensors"), {"latents": torch.zeros(0, 4, 8, 8).half()},
+                           {"captions": "[]"})
+    with pytest.raises(ValueError, match="shards hold no latents"):
+        sdxl.LatentDataset(str(tmp_path), 64)

@@ -405,6 +405,7 @@ def test_a_complex_lora_alpha_is_refused_by_name(tmp_path):
 # A third round, on the readers the second did not cover: tensors without dense data, dictionary keys whose repr is
 # exponential, images whose PIL plugin raises something else than OSError, and JSON or checkpoint values of a wrong type.
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("tensor", [lambda: torch.zeros(3).to_sparse(), lambda: torch.eye(3).to_sparse_csr(),
                                     lambda: torch.empty(32, device="meta")], ids=["sparse", "sparse csr", "meta"])
 def test_tensors_without_dense_data_are_refused_by_every_torch_reader(tmp_path, tensor):

@@ -734,6 +734,11 @@ def load_checkpoint(path, map_location="cpu"):
                                                "no such checkpoint file"))
     try:
         check_zip_inflation(path)
+        if not zipfile.is_zipfile(path):             # a legacy torch.save file: torch allocates what it declares
+            with open(path, "rb") as f:
+                declared = legacy_storage_nbytes(f)
+            if declared > os.path.getsize(path):
+                raise ValueError(f"its storages declare {declared} bytes, more than the file's {os.path.getsize(path)}")
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a weights-only torch checkpoint (EDM .pkl files go through load_edm_pickle): "

@@ -292,6 +292,8 @@ def pickle_cases():
             "fid one storage loaded 3000 times": ("rep.pkl", PROTO + rep_ops + rep + STOP, FID, "more data than"),
             "unet storage declaring 4 GB": ("big.pkl", ema(big), UNET, "declares"),
             "fid .pth storage declaring 4 GB": ("big.pth", pth_declaring(1 << 32), FID, "declare"),
+            "unet legacy checkpoint declaring 4 GB": ("big.pt", pth_declaring(1 << 32), "unet.load_checkpoint(P)",
+                                                      "declare"),
             "unet 3000-deep module chain": ("chain.pkl", edm_root(chain_ops, dict_of((s("model"), chain))), UNET,
                                             "blocks than"),
             "unet module that is its own child": ("cycle.pkl", ema(cyc, cycle_ops), UNET, "occurs twice"),

@@ -1242,7 +1242,29 @@ def student_job(cfg, mix, teacher_state, sigmas, seed, record_field_at=None, pos
 
 
 def _student_job(kwargs):
-    return student_job(**kwargs)
+    return _worker_job(student_job, **kwargs)
+
+
+_IN_JOB = False                    # in a worker process: whether it is running a job (see _warm_worker)
+
+
+def _worker_job(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a worker, marked as a job, so that Ctrl-C interrupts it (_warm_worker)."""
+    global _IN_JOB
+    _IN_JOB = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _IN_JOB = False
+
+
+def _on_ctrl_c(*_):
+    """A worker's SIGINT handler. A job ends with KeyboardInterrupt, which the pool hands to the run as the job's
+    result, so the run sees a KeyboardInterrupt whichever it notices first, the worker's or its own. An idle worker
+    waits for the run's shutdown: exiting there, mid-read of its task queue, would print a traceback, and the run
+    could see a broken pool before its own Ctrl-C."""
+    if _IN_JOB:
+        raise KeyboardInterrupt
 
 
 def student_pool(cfg, device, num_jobs):
@@ -1263,9 +1285,9 @@ def student_pool(cfg, device, num_jobs):
 def _warm_worker():
     """Each worker's start-up: one thread, the imports its first optimizer needs (see student_pool), and a watcher
     that ends the worker if the run that started it dies without shutting the pool down (kill -9). Ctrl-C reaches
-    the workers too: they end at once, without a traceback each, and the run itself reports it."""
+    the workers too: a running job stops at once, without a traceback, and the run itself reports it (_on_ctrl_c)."""
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGINT, _on_ctrl_c)
     parent = multiprocessing.parent_process()
     threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])

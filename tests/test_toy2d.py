@@ -704,7 +704,7 @@ if __name__ == "__main__":
     pids = set()
     while len(pids) < 2:                                 # both workers started (start-up done) and taking jobs
         pids |= {f.result() for f in [pool.submit(os.getpid) for _ in range(4)]}
-    busy = pool.submit(time.sleep, 60)                   # one worker in a job, the other waiting for one
+    busy = pool.submit(toy2d._worker_job, time.sleep, 60)   # one worker in a job, the other waiting for one
     time.sleep(0.5)
     try:
         print("ready", flush=True)                      # the signal may come as soon as this is written

@@ -754,7 +754,7 @@ def read_inception_weights(path):
         raise pickle.UnpicklingError(text if text.startswith(path) else f"{path}: {text}") from None
     except Exception as e:
         raise ValueError(f"{path}: cannot read FID Inception weights ({type(e).__name__}: {e})") from e
-    check_dense_tensors(sd, path)
+    check_dense_tensors(sd, path, os.path.getsize(path))
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict or a network, got {type(sd).__name__}")
     sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
@@ -1187,7 +1187,7 @@ def read_open_clip_weights(path):
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read open_clip weights ({torch_load_error(e)})") from None
-    check_dense_tensors(sd, path)
+    check_dense_tensors(sd, path, os.path.getsize(path))
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):   # an open_clip training checkpoint
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -241,9 +241,10 @@ class ImageDataset:
         if not isinstance(labels, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
                                                    for p in labels):
             raise ValueError(f"{where}: \"labels\" must be a list of [file name, class index] pairs")
-        wrong = [p for p in labels if type(p[1]) is not int]  # refuses true/false and 3.0 as well as "3"
+        wrong = [p for p in labels if type(p[1]) is not int or abs(p[1]) >= 2 ** 31]  # true/false, 3.0, "3", 2**63
         if wrong:
-            raise ValueError(f"{where}: the class of {wrong[0][0]} is {json.dumps(wrong[0][1])}, not an integer")
+            raise ValueError(f"{where}: the class of {wrong[0][0]} is {json.dumps(wrong[0][1])}, not an integer "
+                             "below 2**31")
         table = {name.replace("\\", "/"): y for name, y in labels}
         missing = [f for f in self.files if f not in table]
         if missing:

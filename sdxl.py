@@ -801,7 +801,7 @@ def load_training_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from None
-    ckpt = unet.check_dense_tensors(ckpt, path)
+    ckpt = unet.check_dense_tensors(ckpt, path, os.path.getsize(path))
     return unet.require_keys(ckpt, CHECKPOINT_KEYS, path, "an sdxl.py training checkpoint")
 
 

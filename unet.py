@@ -409,13 +409,15 @@ class _StorageSizes(pickle.Unpickler):
 
 def legacy_storage_nbytes(f):
     """Total bytes the storages of a legacy torch.save stream declare (torch allocates them before reading them).
-    The stream is 3 small pickles (magic number, protocol, system info), the main pickle, then the raw storages."""
+    The stream is 3 small pickles (magic number, protocol, system info), the main pickle, the list of storage keys,
+    then the raw storages. Each pickle is scanned before torch reads it: a declared string length is read at once."""
     start = f.tell()
     for _ in range(3):
         f.seek(scan_pickle(f))
     scan_pickle(f)
     sizes = _StorageSizes(f)
     sizes.load()
+    scan_pickle(f)                                   # the storage keys
     f.seek(start)
     return sum(sizes.nbytes.values())
 
@@ -743,19 +745,21 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:
         raise ValueError(f"{path}: not a weights-only torch checkpoint (EDM .pkl files go through load_edm_pickle): "
                          f"{torch_load_error(e)}") from None
-    return check_dense_tensors(obj, path)
+    return check_dense_tensors(obj, path, os.path.getsize(path))
 
 
 SHORT_REPR = reprlib.Repr()              # a key read from a file, in an error message: a few levels and characters
 SHORT_REPR.maxlevel, SHORT_REPR.maxstring, SHORT_REPR.maxother = 3, 60, 60
 
 
-def check_dense_tensors(obj, path):
+def check_dense_tensors(obj, path, file_size=None):
     """obj, once every tensor in it (in dicts, lists and tuples, at any depth) is checked to hold as many elements as
     its storage: a file can save zeros(1).expand(10**9), a view of one number with a billion elements, and a network
     built or merged from it would allocate them all. Checkpoints hold dense tensors (views of them included).
-    Each container is visited once: a pickle can hold a list that contains itself."""
-    todo, seen = [(obj, ())], set()          # (item, its keys from the top), named only in an error: a key's repr
+    Each container is visited once: a pickle can hold a list that contains itself. With file_size, the storages
+    together may not hold more than the file: a legacy torch.save record can size a tensor past its storage, which
+    torch then grows (uninitialised memory, if the file never fills it)."""
+    todo, seen, storages = [(obj, ())], set(), {}   # (item, its keys from the top), named only in an error: a key's repr
     while todo:                              # can be exponential (a tuple nesting one shared tuple twice, 30 deep)
         item, keys = todo.pop()
         if id(item) in seen:
@@ -771,10 +775,14 @@ def check_dense_tensors(obj, path):
                 where = "".join(f"[{SHORT_REPR.repr(k)}]" for k in keys) or "(the whole file)"
                 raise ValueError(f"{path}: tensor {where} of shape {list(item.shape)} {problem}; checkpoints hold "
                                  "dense tensors")
+            storages[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
         elif isinstance(item, dict):
             todo.extend((v, (*keys, k)) for k, v in item.items())
         elif isinstance(item, (list, tuple)):
             todo.extend((v, (*keys, i)) for i, v in enumerate(item))
+    if file_size is not None and sum(storages.values()) > file_size:
+        raise ValueError(f"{path}: its tensors' storages hold {sum(storages.values())} bytes, more than the file's "
+                         f"{file_size}")
     return obj
 
 

@@ -502,3 +502,41 @@ def test_latent_shards_holding_no_latents_are_refused_when_opened(tmp_path):
                            {"captions": "[]"})
     with pytest.raises(ValueError, match="shards hold no latents"):
         sdxl.LatentDataset(str(tmp_path), 64)
+
+
+def legacy_file(path, state, edit):
+    """A legacy (pre-zip) torch.save of state, its bytes passed through edit(raw)."""
+    f = io.BytesIO()
+    torch.save(state, f, _use_new_zipfile_serialization=False)
+    path.write_bytes(edit(f.getvalue()))
+    return str(path)
+
+
+def sized_past_storage(raw):
+    """The 2 x 2 int64 tensor's record says 2 x 2**26, and the list of storage keys is empty, so torch grows the
+    storage to 1 GiB (its set_ resizes a legacy storage to fit) and never reads it back: uninitialised memory."""
+    raw = raw.replace(b"K\x02K\x02\x86", b"K\x02J\x00\x00\x00\x04\x86")
+    return raw[:raw.index(b"\x80\x02]", raw.index(b"cpu"))] + b"\x80\x02]."
+
+
+def key_list_declaring_1_gib(raw):
+    """The list of storage keys, the last pickle, declares a 1 GiB string: torch's unpickler reads it at once."""
+    return raw[:raw.index(b"\x80\x02]", raw.index(b"cpu"))] + b"\x80\x02]X" + struct.pack("<I", 1 << 30) + b"0"
+
+
+@pytest.mark.parametrize("edit, words", [(sized_past_storage, "storages hold 1073741824 bytes, more than the file"),
+                                         (key_list_declaring_1_gib, "declares 1073741824 bytes")],
+                         ids=["tensor sized past its storage", "key list declaring 1 GiB"])
+def test_legacy_torch_files_that_claim_more_than_they_hold_are_refused(tmp_path, edit, words):
+    path = legacy_file(tmp_path / "legacy.pt", {"layers.conv.weight": torch.zeros(2, 2, dtype=torch.int64).t()}, edit)
+    for reader in (unet.load_checkpoint, fid.read_inception_weights, fid.read_open_clip_weights):
+        with pytest.raises((ValueError, pickle.UnpicklingError), match=f"legacy.pt.*{words}"):
+            reader(path)
+
+
+def test_a_class_index_beyond_int64_is_refused_when_the_dataset_opens(tmp_path):
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:
+        z.writestr("a.png", png())
+        z.writestr("dataset.json", json.dumps({"labels": [["a.png", 2 ** 63]]}))
+    with pytest.raises(ValueError, match="dataset.json: the class of a.png is 9223372036854775808, not an integer"):
+        imagenet64.ImageDataset(str(tmp_path / "data.zip"), 8)

@@ -151,7 +151,7 @@ PRESETS = {
 
 def read_prompts(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark (Windows editors) is not text
             prompts = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the prompts ({e})") from None
@@ -1805,7 +1805,7 @@ def image_caption_pairs(folder):
         if not os.path.isfile(txt):
             raise ValueError(f"{image}: no caption (expected the text file {txt})")
         try:
-            with open(txt, encoding="utf-8") as f:
+            with open(txt, encoding="utf-8-sig") as f:
                 caption = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{txt}: cannot read the caption ({e})") from None

@@ -540,3 +540,13 @@ def test_a_class_index_beyond_int64_is_refused_when_the_dataset_opens(tmp_path):
         z.writestr("dataset.json", json.dumps({"labels": [["a.png", 2 ** 63]]}))
     with pytest.raises(ValueError, match="dataset.json: the class of a.png is 9223372036854775808, not an integer"):
         imagenet64.ImageDataset(str(tmp_path / "data.zip"), 8)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt_or_caption(tmp_path):
+    """Windows editors may start a UTF-8 file with U+FEFF, which str.strip() keeps: the first prompt would be
+    tokenized with it."""
+    (tmp_path / "prompts.txt").write_bytes("\ufeffa cat\nbig dog\n".encode())
+    assert sdxl.read_prompts(str(tmp_path / "prompts.txt")) == ["a cat", "big dog"]
+    (tmp_path / "a.png").write_bytes(png())
+    (tmp_path / "a.txt").write_bytes("\ufeffa red car".encode())
+    assert sdxl.image_caption_pairs(str(tmp_path)) == [(str(tmp_path / "a.png"), "a red car")]

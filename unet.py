@@ -388,23 +388,46 @@ class _Inert:
         pass
 
 
+class _StorageRef(_Inert):
+    """A storage record's stand-in, which remembers its key."""
+
+    def __init__(self, key):
+        self.key = key
+
+
 class _StorageSizes(pickle.Unpickler):
     """Reads the main pickle of a legacy torch.save stream for its storage records ('storage', type, key, device,
-    numel, ...) only: {key: declared bytes}. Every global is an inert stand-in; nothing is built from the data."""
+    numel, ...) only: {key: declared bytes}. Every global is an inert stand-in; nothing is built from the data, but
+    each tensor record is checked to lie within its storage: torch's set_ would grow a legacy storage to fit it."""
 
     def __init__(self, file):
         super().__init__(file)
-        self.nbytes = {}
+        self.nbytes, self.numel = {}, {}
 
     def find_class(self, module, name):
-        return _STORAGE_ITEMSIZE[name] if module == "torch" and name in _STORAGE_ITEMSIZE else _Inert
+        if module == "torch" and name in _STORAGE_ITEMSIZE:
+            return _STORAGE_ITEMSIZE[name]
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return self.check_tensor
+        return _Inert
+
+    def check_tensor(self, storage, offset, size, stride, *rest):
+        """_rebuild_tensor(_v2)'s arguments: the last element a tensor of this size and stride reaches."""
+        if isinstance(storage, _StorageRef) and isinstance(size, tuple) and isinstance(stride, tuple) \
+                and len(size) == len(stride) and all(type(v) is int for v in (offset, *size, *stride)):
+            last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(n > 0 for n in size) else -1
+            if last >= self.numel[storage.key]:
+                raise pickle.UnpicklingError(f"a tensor record of shape {list(size)} reaches element {last} of a "
+                                             f"storage of {self.numel[storage.key]}")
+        return _Inert()
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and type(pid[1]) is int
                 and type(pid[4]) is int and pid[4] >= 0 and isinstance(pid[2], str)):
             raise pickle.UnpicklingError("malformed storage record in a torch.save stream")
         self.nbytes[pid[2]] = max(self.nbytes.get(pid[2], 0), pid[1] * pid[4])      # torch keeps the first claim
-        return _Inert()
+        self.numel.setdefault(pid[2], pid[4])
+        return _StorageRef(pid[2])
 
 
 def legacy_storage_nbytes(f):

@@ -782,8 +782,10 @@ def check_dense_tensors(obj, path, file_size=None):
     Each container is visited once: a pickle can hold a list that contains itself. With file_size, the storages
     together may not hold more than the file: a legacy torch.save record can size a tensor past its storage, which
     torch then grows (uninitialised memory, if the file never fills it)."""
-    todo, seen, storages = [(obj, ())], set(), {}   # (item, its keys from the top), named only in an error: a key's repr
-    while todo:                              # can be exponential (a tuple nesting one shared tuple twice, 30 deep)
+    # (item, its keys from the top): the keys are named only in an error, since a key's repr can be exponential (a
+    # tuple nesting one shared tuple twice, 30 deep); storages: {data pointer: bytes}, each storage counted once
+    todo, seen, storages = [(obj, ())], set(), {}
+    while todo:
         item, keys = todo.pop()
         if id(item) in seen:
             continue

@@ -30,6 +30,11 @@ def png(w=8, h=8):
     return f.getvalue()
 
 
+def png_chunk(kind, data):
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def deflated_torch_save(path, n=20):
     """A torch.save zip re-written with deflated members: n MiB of zeros in ~30 kB."""
     buf = io.BytesIO()
@@ -190,11 +195,9 @@ def test_encode_inputs_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="a.txt"):
         sdxl.image_caption_pairs(str(tmp_path))
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
-                     + chunk(b"IEND", b""))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                     + png_chunk(b"IEND", b""))
     with pytest.raises(ValueError, match="bomb.png"):
         sdxl.load_image(str(bomb), 64)
 
@@ -397,7 +400,8 @@ def test_a_complex_lora_alpha_is_refused_by_name(tmp_path):
 
 
 # A third round, on the readers the second did not cover: tensors without dense data, dictionary keys whose repr is
-# exponential, images whose PIL plugin raises something else than OSError, and JSON or checkpoint values of a wrong type.
+# exponential, images whose PIL plugin raises something else than OSError, and JSON or checkpoint values of a wrong
+# type.
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("tensor", [lambda: torch.zeros(3).to_sparse(), lambda: torch.eye(3).to_sparse_csr(),
@@ -435,10 +439,9 @@ def test_a_key_whose_repr_is_exponential_is_named_briefly(tmp_path):
 
 
 def test_a_png_whose_plugin_raises_an_index_error_is_refused_by_name(tmp_path):
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     path = tmp_path / "iccp.png"                       # an empty iCCP chunk after the image data
-    path.write_bytes(png()[:33] + chunk(b"IDAT", zlib.compress(bytes(200))) + chunk(b"iCCP", b"") + chunk(b"IEND", b""))
+    path.write_bytes(png()[:33] + png_chunk(b"IDAT", zlib.compress(bytes(200))) + png_chunk(b"iCCP", b"")
+                     + png_chunk(b"IEND", b""))
     with pytest.raises(ValueError, match="iccp.png: cannot read the image"):
         sdxl.load_image(str(path), 8)
 

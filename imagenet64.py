@@ -1154,10 +1154,14 @@ def check_net_kwargs(net_kwargs, path):
     before they are compared or printed: a tensor there has no truth value, and a list nesting one shared list twice,
     30 deep, would print for ever."""
     plain = (type(None), bool, int, float, str)           # torch.load refuses ints too long to print
-    if not (isinstance(net_kwargs, dict) and all(isinstance(k, str) and (isinstance(v, plain) or (
-            isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))) for k, v in net_kwargs.items())):
-        raise ValueError(f"{path}: net_kwargs is not a dict of numbers, strings and lists of them "
-                         f"({unet.describe_value(net_kwargs)})")
+    if not isinstance(net_kwargs, dict):
+        raise ValueError(f"{path}: net_kwargs is not a dict ({unet.describe_value(net_kwargs)})")
+    for k, v in net_kwargs.items():
+        if not isinstance(k, str):
+            raise ValueError(f"{path}: net_kwargs has a key that is not a string ({unet.describe_value(k)})")
+        if not (isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))):
+            raise ValueError(f"{path}: net_kwargs[{k[:80]!r}] is not a number, a string or a flat list of them "
+                             f"({unet.describe_value(v)})")
 
 
 def ema_or_generator_state(ckpt):

@@ -28,6 +28,8 @@ generator is conditioned on the real latents' captions, as in the official 4-ste
     python sdxl.py encode --ckpt sd_xl_base_1.0.safetensors --images laion_images/ --out latents/  # cat.png + cat.txt
     torchrun --nproc_per_node=8 sdxl.py train --ckpt sd_xl_base_1.0.safetensors --latents latents/   # 8 rounds of 8 x 2
     torchrun --nproc_per_node=8 sdxl.py train ... --resume                                  # continue from --outdir
+    torchrun --nproc_per_node=8 sdxl.py train ... --num_denoising_step 1 --generator_init \
+        sdxl_lr1e-5_8node_ode_pretraining_10k_cond399_checkpoint_model_002000.bin   # DMD2's 1-step run (README)
     python sdxl.py generate --ckpt sd_xl_base_1.0.safetensors --unet out/sdxl/generator.safetensors --prompt "..."
     python sdxl.py export --unet out/sdxl/generator.safetensors --format diffusers --out unet_diffusers.safetensors
 Tiny CPU mode (random tiny text encoders / VAE / UNet built from configs, no weights needed; seconds on a laptop):
@@ -124,9 +126,10 @@ class Config:
     fake_gan_weight: float = 1e-2         # discriminator weight (official guidance_cls_loss_weight)
     backward_simulation: bool = True      # off: Table 4 ablation, G's input = a noised real latent
     gan_only: bool = False                # Table 4 ablation: G minimises the GAN loss alone (gan_alone)
-    lora_rank: int = 0                    # > 0: LoRA generator of this rank, fake score full (official: 64, lr 5e-5)
+    lora_rank: int = 0                    # > 0: LoRA generator of this rank; fake score full (DMD2: 64, both lrs 5e-5)
     lora_alpha: float = 8.0               # LoRA update scale alpha / rank (official 8)
     lora_dropout: float = 0.0             # dropout on the LoRA layers' input (official 0)
+    generator_init: str = ""              # a UNet file G starts from instead of --ckpt's (README: DMD2's 1-step run)
     precision: str = "bf16"               # bf16: bf16 teacher, autocast on trained passes (official); fp32
     no_grad_bf16: bool = False            # text encoders, chain, critic-step G pass in bf16 (official fp32)
     tf32: bool = True                     # allow TF32 matmuls/convs on Ampere+ (official does)
@@ -319,6 +322,7 @@ def loss_distribution_matching(x, context, y, teacher, fake_score, alphas_cumpro
     Gradient descent moves x along -grad, i.e. along x0_real - x0_fake: toward the teacher, away from the fake score.
     x [B, 4, h, w] float32 -> a scalar whose gradient w.r.t. x is grad / x.numel() (the "mean" reduction)."""
     lo, hi = int(cfg.min_step_percent * NUM_TRAIN_TIMESTEPS), int(cfg.max_step_percent * NUM_TRAIN_TIMESTEPS)
+    hi = min(hi, NUM_TRAIN_TIMESTEPS - 1)                   # --max_step_percent 1: up to t = 999, as the official code
     with torch.no_grad():
         t = torch.randint(lo, hi + 1, (len(x),), generator=g, device=g.device).to(x.device)     # [B]
         x_t = add_noise(x, randn(x.shape, g, x.device), t, alphas_cumprod)
@@ -385,14 +389,14 @@ def backward_simulation(eps_fn, shape, context, y, k, timesteps, alphas_cumprod,
 @torch.no_grad()
 def noised_real_latents(x_real, timesteps, alphas_cumprod, g):
     """Table 4's "w/o backward simulation" (official --denoising without --backward_simulation): each sample gets its
-    own step k and the generator's input is a REAL latent noised to t_k (pure noise at t = 999, as above): the
-    train/inference mismatch backward simulation removes. -> x_t [B, 4, h, w], t [B]"""
-    ks = torch.randint(len(timesteps), (len(x_real),), generator=g, device=g.device)
-    t = torch.tensor(timesteps, device=x_real.device)[ks.to(x_real.device)]                  # [B]
+    own step k and the generator's input is a REAL latent noised to t_k, except at step 0, which is pure noise as at
+    inference (t = 999 with 4 steps, as above; 399 for a 1-step generator): the train/inference mismatch backward
+    simulation removes. -> x_t [B, 4, h, w], t [B]"""
+    ks = torch.randint(len(timesteps), (len(x_real),), generator=g, device=g.device).to(x_real.device)
+    t = torch.tensor(timesteps, device=x_real.device)[ks]                                    # [B]
     noise = randn(x_real.shape, g, x_real.device)
     x_t = add_noise(x_real, noise, t, alphas_cumprod)
-    pure = (t == NUM_TRAIN_TIMESTEPS - 1).reshape(-1, 1, 1, 1)
-    return torch.where(pure, noise, x_t), t
+    return torch.where((ks == 0).reshape(-1, 1, 1, 1), noise, x_t), t
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -699,6 +703,11 @@ def check_config(cfg):
         errors.append(f"--{' and --'.join(lora_flags)} only apply to a LoRA generator: add --lora_rank (DMD2's: 64)")
     if cfg.precision not in ("bf16", "fp32"):
         errors.append(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    if cfg.generator_init and cfg.lora_rank:
+        errors.append("--generator_init with --lora_rank: a LoRA generator trains on --ckpt's UNet, which its file "
+                      "is applied to")
+    elif cfg.generator_init and not os.path.isfile(cfg.generator_init):
+        errors.append(f"--generator_init {cfg.generator_init}: no such file")
     if not cfg.resume and os.path.exists(os.path.join(cfg.outdir, "checkpoint.pt")):
         errors.append(f"--outdir {cfg.outdir}: holds a run's checkpoint.pt; add --resume to continue it, or give "
                       "another folder (a new run would overwrite it)")
@@ -751,6 +760,9 @@ def build_models(run, frozen_dtype, text_dtype):
         generator = SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing)
         fake_score = FakeScore(SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing), gan_head(channels, mid))
     generator_state = state
+    if cfg.generator_init:  # DMD2's 1-step run starts G from an ODE-regression pretraining (dmd2.md §7), not the base
+        generator_state = load_unet_state(cfg.generator_init, run.unet_cfg)
+        check_state(generator, generator_state, cfg.generator_init, "--generator_init UNet")
     if cfg.lora_rank:  # DMD2's LoRA generator (README model zoo): the base stays frozen, the low-rank updates train
         unet.add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         generator_state = {**state, **unet.lora_init_state(generator, cfg.seed)}

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 import sdxl
 import sdxl_diffusers  # tests/sdxl_diffusers.py: the diffusers reference pipeline
+import unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AB = sdxl.ddpm_alphas_cumprod()
@@ -166,6 +167,17 @@ def test_dm_gradient_sign_and_scale():
     assert (x.grad - with_alpha).abs().max() > 100 * (x.grad - expected).abs().max()
     # Sign: a gradient-descent step on x moves it towards the teacher's prediction, away from the fake score's.
     assert (-x.grad.double() * (mu_real - mu_fake)).sum() > 0
+
+
+def test_dm_timesteps_reach_999_and_no_further_with_max_step_percent_1():
+    """--max_step_percent 1 (option_errors allows it) draws t up to the schedule's last index, 999, not 1000."""
+    context, y = conditioning(B=256)
+    x = torch.randn(256, 4, 2, 2)
+    fake = RecordingFakeScore()
+    cfg = sdxl.Config(min_step_percent=0.99, max_step_percent=1.0)
+    sdxl.loss_distribution_matching(x, context, y, standin_eps, fake, AB, cfg, torch.Generator().manual_seed(0))
+    (_, t, _), = fake.calls
+    assert t.min() == 990 and t.max() == 999
 
 
 def test_a_small_step_on_the_dm_loss_moves_x_toward_the_teachers_x0():
@@ -591,6 +603,35 @@ def test_ablation_without_backward_simulation_noises_real_latents(tiny_run, tmp_
         ab = AB[t[i]].float()
         expected = noise[i] if t[i] == 999 else ab.sqrt() * x_real[i] + (1 - ab).sqrt() * noise[i]
         torch.testing.assert_close(x_t[i], expected)
+    # a 1-step generator's one step is step 0: pure noise at t = 399, as sample_dmd2 feeds it, not a noised latent
+    x_t, t = sdxl.noised_real_latents(x_real, [399], AB, torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(6)
+    torch.randint(1, (64,), generator=g)
+    assert t.eq(399).all() and torch.equal(x_t, torch.randn(x_real.shape, generator=g))
+
+
+def test_generator_init_starts_the_generator_from_its_file_and_the_teacher_from_the_base(tiny_run, tmp_path):
+    """--generator_init (DMD2's 1-step run: an ODE-regression checkpoint): G starts from the file, while the teacher
+    and the fake score stay --ckpt's UNet."""
+    base = sdxl.load_parts("tiny", "", "cpu")["unet_state"]
+    init = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+            for i, (k, v) in enumerate(base.items())}
+    path = str(tmp_path / "ode_init.safetensors")
+    unet.write_safetensors(path, init)
+    run = sdxl.setup_training(tiny_config(latents=tiny_run["latents"], outdir=str(tmp_path / "run"),
+                                          generator_init=path, device="cpu"))
+    g, teacher, fake = run.generator.state_dict(), run.teacher.state_dict(), run.fake_score.fake_unet.state_dict()
+    assert all(torch.equal(g[k], init[k]) for k in init)
+    assert all(torch.equal(teacher[k].float(), base[k]) and torch.equal(fake[k], base[k]) for k in base)
+    wrong = str(tmp_path / "wrong.safetensors")
+    unet.write_safetensors(wrong, {k: v for k, v in init.items() if k != "out.2.weight"})
+    with pytest.raises(ValueError, match="(?s)wrong.safetensors: the --generator_init UNet weights do not match.*out.2"):
+        sdxl.setup_training(tiny_config(latents=tiny_run["latents"], outdir=str(tmp_path / "run2"),
+                                        generator_init=wrong, device="cpu"))
+    for kw, words in ((dict(generator_init=str(tmp_path / "none.bin")), "none.bin: no such file"),
+                      (dict(generator_init=path, lora_rank=4), "--generator_init with --lora_rank")):
+        with pytest.raises(ValueError, match=words):
+            sdxl.check_config(tiny_config(latents=tiny_run["latents"], outdir=str(tmp_path / "run3"), **kw))
 
 
 def test_ablation_gan_only_has_no_distribution_matching(tiny_run, tmp_path, monkeypatch):

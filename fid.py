@@ -54,6 +54,7 @@ from unet import (PickledOrderedDict, ZIP_ERRORS, check_dense_tensors, check_zip
                   describe_value, legacy_storage_nbytes, load_legacy_storage, read_safetensors, scan_pickle,
                   torch_load_error)
 from unet import HelpFormatter, check_device, check_writable                           # options and paths
+from unet import IMAGE_FORMATS, check_regular_file                                       # image files
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -87,12 +88,28 @@ def _list_images(path):
     """Image names in a folder (recursive) or a zip, sorted as EDM's ImageFolderDataset sorts them, and an opener."""
     if os.path.isdir(path):
         names = sorted(os.path.relpath(os.path.join(root, f), path) for root, _, files in os.walk(path) for f in files)
-        return [n for n in names if _is_image(n)], lambda name: open(os.path.join(path, name), "rb")
+        return [n for n in names if _is_image(n)], lambda name: _open_checked(os.path.join(path, name))
     try:
         archive = zipfile.ZipFile(path)
     except ZIP_ERRORS as e:
         raise ValueError(f"{path}: not a folder, a zip of images or an .npz of images ({type(e).__name__}: {e})") from e
-    return sorted(n for n in archive.namelist() if _is_image(n)), archive.open
+    return sorted(n for n in archive.namelist() if _is_image(n)), lambda name: _open_checked(name, archive)
+
+
+# The largest image file read: a 4096 x 4096 PNG (MAX_IMAGE_PIXELS below) is at most about 50 MB. Some PIL plugins
+# (WebP) read the whole file when they open it, so a 600 MB zip member of zeros, a few hundred kB deflated, would be
+# held in memory before any pixel count is known.
+MAX_IMAGE_BYTES = 64 << 20
+
+
+def _open_checked(name, archive=None):
+    """A binary file object for an image in a folder or a zip, once its size is known to be at most MAX_IMAGE_BYTES
+    (a zip member cannot inflate past its declared size) and a folder's entry is a regular file (not a pipe, which
+    blocks, or a device, which never ends)."""
+    size = archive.getinfo(name).file_size if archive is not None else os.path.getsize(check_regular_file(name))
+    if size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{size} bytes, more than fid.py reads for one image ({MAX_IMAGE_BYTES})")
+    return archive.open(name) if archive is not None else open(name, "rb")
 
 
 def _subset(total, num, seed, path):
@@ -118,7 +135,7 @@ def _read_image(file, name, noted):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)  # > 89M pixels from a few kB
-            image = PIL.Image.open(file)                                      # reads the header only
+            image = PIL.Image.open(file, formats=IMAGE_FORMATS)              # reads the header only
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{image.width}x{image.height} pixels, more than fid.py reads "
                                  f"({MAX_IMAGE_PIXELS:,}); resize it first")
@@ -139,27 +156,33 @@ def _read_image(file, name, noted):
     return np.asarray(image)
 
 
+# The most pixels a batch holds: 32 images of 1024 x 1024 (100 MB). Batches of larger images are smaller, so a small
+# zip of 64 blank 4096 x 4096 PNGs (each allowed) does not become one 3 GB batch. The features do not depend on it.
+MAX_BATCH_PIXELS = 32 * 1024 * 1024
+
+
 def _file_batches(path, names, open_file, idx, batch_size, transform=None):
-    noted, first = set(), None
-    for start in range(0, len(idx), batch_size):
-        batch = []
-        for i in idx[start:start + batch_size]:
-            name = os.path.join(path, names[i].lstrip("/"))  # a zip member may be named "/a.png": keep the zip's name
-            try:
-                f = open_file(names[i])
-            except ZIP_ERRORS as e:  # encrypted, bad header, a name that is not UTF-8, ...
-                raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
-            with f:
-                image = _read_image(f, name, noted)  # [H, W, 3]
-            if transform is not None:  # per image, before stacking: COCO photos differ in size
-                image = _transformed(transform, image, name)
-            if first is None:
-                first = (name, image.shape)
-            if image.shape != first[1]:
-                raise ValueError(f"{name}: image is {image.shape[1]}x{image.shape[0]} but {first[0]} is "
-                                 f"{first[1][1]}x{first[1][0]}; all images of one source must have one size")
-            batch.append(image)
-        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # [B, 3, H, W]
+    noted, first, batch, limit = set(), None, [], batch_size
+    for pos, i in enumerate(idx):
+        name = os.path.join(path, names[i].lstrip("/"))  # a zip member may be named "/a.png": keep the zip's name
+        try:
+            f = open_file(names[i])
+        except ZIP_ERRORS as e:  # encrypted, bad header, a name that is not UTF-8, too large, a pipe, ...
+            raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
+        with f:
+            image = _read_image(f, name, noted)  # [H, W, 3]
+        if transform is not None:  # per image, before stacking: COCO photos differ in size
+            image = _transformed(transform, image, name)
+        if first is None:
+            first = (name, image.shape)
+            limit = max(1, min(batch_size, MAX_BATCH_PIXELS // max(1, image.shape[0] * image.shape[1])))
+        if image.shape != first[1]:
+            raise ValueError(f"{name}: image is {image.shape[1]}x{image.shape[0]} but {first[0]} is "
+                             f"{first[1][1]}x{first[1][0]}; all images of one source must have one size")
+        batch.append(image)
+        if len(batch) == limit or pos == len(idx) - 1:
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # [B, 3, H, W]
+            batch = []
 
 
 def _npz_headers(path):
@@ -181,7 +204,8 @@ def _npz_headers(path):
 NPZ_MAX_INFLATE = 64
 
 
-def _npy_header(archive, info, archive_size):
+def _npy_header(archive, info, archive_size, load=False):
+    """(shape, dtype) of one .npy member after the checks above, or with load=True the array itself."""
     ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: NPZ_MAX_INFLATE}.get(info.compress_type)
     if ratio is None or info.compress_size > archive_size or info.file_size > ratio * info.compress_size + (1 << 20):
         raise ValueError(f"member {info.filename} declares {info.file_size} bytes from {info.compress_size} "
@@ -191,19 +215,28 @@ def _npy_header(archive, info, archive_size):
         if version not in ((1, 0), (2, 0)):
             raise ValueError(f"member {info.filename} has .npy format version {version}")
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
+        shape, fortran_order, dtype = read(f)
+        if not all(type(n) is int and n >= 0 for n in shape):        # numpy's reader lets (True,) through
+            raise ValueError(f"member {info.filename} has a shape of non-integers, {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
         if dtype.hasobject or dtype.fields is not None or f.tell() + nbytes != info.file_size:
             raise ValueError(f"member {info.filename} is a {dtype} array of shape {shape} ({nbytes} bytes) stored "
                              f"in {info.file_size - f.tell()} bytes (object arrays need pickle and are refused)")
-    return shape, dtype
+        if not load:
+            return shape, dtype
+        data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise ValueError(f"member {info.filename} holds {len(data)} bytes of data, not {nbytes}")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
 def _npz_load(path, key):
-    """One array of an .npz whose header _npz_headers has checked."""
+    """One array of an .npz, read from the very member (key + '.npy') whose header _npz_headers checked, with the
+    same checks. Not np.load: it would take a member named `key` exactly if the zip holds one, or read the whole
+    file as one .npy if it starts like one (a zip may be appended to anything)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return data[key]
+        with zipfile.ZipFile(path) as archive:
+            return _npy_header(archive, archive.getinfo(key + ".npy"), os.path.getsize(path), load=True)
     except (*ZIP_ERRORS, KeyError) as e:
         raise ValueError(f"{path}: cannot read array '{key}' ({type(e).__name__}: {e})") from None
 
@@ -216,6 +249,9 @@ def _npz_images(path):
         found = {k: f"{dtype} {list(shape)}" for k, (shape, dtype) in headers.items()}
         raise ValueError(f"{path}: no uint8 image array [N, H, W, 3] in this .npz (arrays: {found}); statistics files "
                          "go to --ref, not --images")
+    if 0 in headers[key][0][1:]:       # and 10**12 such images would take no bytes: refused before any index is made
+        raise ValueError(f"{path}: images of {headers[key][0][2]}x{headers[key][0][1]} pixels in '{key}' "
+                         f"{list(headers[key][0])}")
     return _npz_load(path, key)
 
 
@@ -954,6 +990,11 @@ def check_folder(path):
         raise ValueError(f"{path}: this folder is not writable")
 
 
+# The most features statistics may have: Inception's are 2048 (sigma: 32 MB in float64). A small file of small
+# integers could otherwise declare a sigma of gigabytes once it is turned into float64.
+MAX_STATS_DIM = 4096
+
+
 def load_stats(path, prefix=""):
     """(mu [D], sigma [D, D]) float64 from an .npz with keys 'mu' and 'sigma' (EDM's imagenet-64x64.npz, ADM's batches),
     or '<prefix>mu' and '<prefix>sigma'."""
@@ -971,17 +1012,19 @@ def load_stats(path, prefix=""):
     (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = headers[mu_key], headers[sigma_key]
     if mu_dtype.kind not in "fiu" or sigma_dtype.kind not in "fiu":
         raise ValueError(f"{path}: 'mu' and 'sigma' must be numbers, got {mu_dtype} and {sigma_dtype}")
-    if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
-        raise ValueError(f"{path}: expected mu [D] and sigma [D, D], got {mu_shape} and {sigma_shape}")
-    return _npz_load(path, mu_key).astype(np.float64), _npz_load(path, sigma_key).astype(np.float64)
+    if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]) or not 1 <= mu_shape[0] <= MAX_STATS_DIM:
+        raise ValueError(f"{path}: expected mu [D] and sigma [D, D] with 1 <= D <= {MAX_STATS_DIM}, got {mu_shape} "
+                         f"and {sigma_shape}")
+    mu, sigma = _npz_load(path, mu_key).astype(np.float64), _npz_load(path, sigma_key).astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: the statistics must be finite (this file has NaN or inf)")
+    return mu, sigma
 
 
 def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device="cpu", progress=True, seed=0, method="sqrtm",
                     resize="edm"):
     """FID of num images from any source (folder, zip, .npz, tensor, generator of uint8 batches) against a stats file."""
     mu_ref, sigma_ref = load_stats(ref_path)  # read first, so that a bad file fails before hours of features
-    if not (np.isfinite(mu_ref).all() and np.isfinite(sigma_ref).all()):
-        raise ValueError(f"{ref_path}: the reference statistics must be finite (this file has NaN or inf)")
     mu, sigma = source_statistics(source, detector, batch_size, num, device, progress, seed, resize)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)
 

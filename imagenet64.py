@@ -161,7 +161,7 @@ def decode_image(data, where, resolution, channels):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(io.BytesIO(data))
+            image = PIL.Image.open(io.BytesIO(data), formats=unet.IMAGE_FORMATS)   # not EPS, ICO, ... (unet.py)
             if image.size == (resolution, resolution):
                 image.load()                                   # decode now: a truncated file fails here, not later
     except Exception as e:                                      # PIL raises OSError, ValueError, SyntaxError, ...
@@ -206,7 +206,7 @@ class ImageDataset:
         self.files = sorted(n for n in names if n.lower().endswith(IMAGE_EXT))
         if not self.files:
             raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXT)}) found")
-        self.labels = self._json_labels() if "dataset.json" in names else self._folder_labels()
+        self.labels = self._json_labels(names) if "dataset.json" in names else self._folder_labels()
         bad = [(f, y) for f, y in zip(self.files, self.labels) if y < 0 or (label_dim is not None and y >= label_dim)]
         if bad:
             limit = f"0..{label_dim - 1} (the teacher's classes)" if label_dim is not None else "0 or more"
@@ -226,10 +226,18 @@ class ImageDataset:
         raise ValueError(f"{self.path}: missing labels: expected dataset.json (EDM dataset_tool) or one subfolder "
                          f"per class")
 
-    def _json_labels(self):
+    def _json_labels(self, names):
         where = f"{self.path}/dataset.json"
+        raw = self._read("dataset.json")
+        # A few kB deflated can hold tens of millions of JSON values, which json.loads would all build: the labels need
+        # one list and two commas per file, so a file with far more of them (beyond those in file names) is refused.
+        values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+        allowed = 8 * (len(names) + 128) + sum(n.count(",") + n.count("[") + n.count("{") for n in names)
+        if values > allowed:
+            raise ValueError(f"{where}: {values} commas and brackets, far more than labels for {len(names)} "
+                             "files need")
         try:
-            meta = json.loads(self._read("dataset.json"))
+            meta = json.loads(raw)
         except (ValueError, RecursionError) as e:              # JSONDecodeError, UnicodeDecodeError, nesting
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(meta, dict):
@@ -258,10 +266,10 @@ class ImageDataset:
                 if self.zip.getinfo(name).file_size > MAX_IMAGE_FILE:
                     raise ValueError(f"declares {self.zip.getinfo(name).file_size} bytes (limit {MAX_IMAGE_FILE})")
                 return self.zip.read(name)
-            if os.path.getsize(os.path.join(self.path, name)) > MAX_IMAGE_FILE:
+            if os.path.getsize(unet.check_regular_file(os.path.join(self.path, name))) > MAX_IMAGE_FILE:
                 raise ValueError(f"larger than {MAX_IMAGE_FILE} bytes")
             with open(os.path.join(self.path, name), "rb") as f:
-                return f.read()
+                return f.read(MAX_IMAGE_FILE + 1)
         except Exception as e:                                  # a corrupt zip member, an unreadable file, ...
             raise ValueError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
 

@@ -1817,7 +1817,7 @@ def image_caption_pairs(folder):
         if not os.path.isfile(txt):
             raise ValueError(f"{image}: no caption (expected the text file {txt})")
         try:
-            with open(txt, encoding="utf-8-sig") as f:
+            with open(unet.check_regular_file(txt), encoding="utf-8-sig") as f:
                 caption = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{txt}: cannot read the caption ({e})") from None
@@ -1832,7 +1832,7 @@ def load_image(path, resolution):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(path) as f:
+            with PIL.Image.open(unet.check_regular_file(path), formats=unet.IMAGE_FORMATS) as f:   # not EPS, ICO, ...
                 image = f.convert("RGB")
     # PIL.UnidentifiedImageError and truncated files are OSErrors, a header declaring too many pixels is a bomb, and a
     # damaged file of a rarer format can raise nearly anything from its plugin (IndexError, TypeError, MemoryError, ...)

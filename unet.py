@@ -818,6 +818,20 @@ ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, N
               zlib.error, struct.error)
 
 
+# The PIL formats the image readers decode: the usual photo and dataset formats. Not EPS (PIL hands it to Ghostscript,
+# a program, to render), nor ICO (PIL decodes it whole on opening, before a reader can check its size), nor the rarer
+# plugins, whose damaged files raise nearly anything.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+
+def check_regular_file(path):
+    """A ValueError naming path if it exists but is not a regular file: opening a named pipe blocks for ever, and a
+    device such as /dev/zero (a link to it, say) never ends. A missing path is left to the caller's open()."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path}: not a regular file (a folder, a pipe or a device)")
+    return path
+
+
 def check_zip_inflation(path):
     """torch.save writes its zip members uncompressed, so together they hold no more than the file; torch.load
     inflates deflated members whole, so a 1 MB zip of deflated zeros would otherwise load as 1 GB of tensors."""
@@ -1761,10 +1775,13 @@ MAX_DIMS = 64  # a generous bound (real tensors have <= 5 dims); without one a 1
 
 def _reject_duplicates(pairs):
     """json object_pairs_hook: a name listed twice would silently keep only the last entry."""
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
-    return dict(pairs)
+    result = dict(pairs)
+    if len(result) != len(pairs):                  # one pass: a header may hold a million keys
+        seen, twice = set(), set()
+        for k, _ in pairs:
+            (twice if k in seen else seen).add(k)
+        raise ValueError(f"duplicate keys {sorted(twice)[:5]}")
+    return result
 
 
 def _parse_header_json(path, raw):
@@ -1815,6 +1832,9 @@ def read_safetensors_header(path):
 
     Returns (entries, metadata, data_start) with entries[name] = (torch dtype, shape tuple, begin, end),
     begin/end relative to the data section that starts at byte data_start. Raises ValueError naming the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    check_regular_file(path)
     size = os.path.getsize(path)
     if size < 8:
         raise ValueError(f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length)")

@@ -6,6 +6,7 @@ enough inflated that a reader that accepted one would still not exhaust memory."
 import dataclasses
 import io
 import json
+import os
 import pickle
 import signal
 import struct
@@ -205,9 +206,8 @@ def test_encode_inputs_name_the_file(tmp_path):
 
 def test_npz_of_empty_images_is_refused_before_the_detector(tmp_path):
     np.savez(tmp_path / "empty.npz", arr_0=np.zeros((4, 0, 0, 3), np.uint8))
-    _, batches = fid.image_batches(str(tmp_path / "empty.npz"))
     with pytest.raises(ValueError, match="empty.npz: images of 0x0"):
-        next(batches)
+        fid.image_batches(str(tmp_path / "empty.npz"))
 
 
 def test_images_declaring_more_pixels_than_fid_reads_are_refused_before_decoding(tmp_path):
@@ -570,3 +570,169 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt_or_caption(tmp_path):
     (tmp_path / "a.png").write_bytes(png())
     (tmp_path / "a.txt").write_bytes("\ufeffa red car".encode())
     assert sdxl.image_caption_pairs(str(tmp_path)) == [(str(tmp_path / "a.png"), "a red car")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fourth round: .npz members that np.load would read instead of the checked ones, sizes in folders and batches,
+# formats PIL decodes on opening, and headers that cost quadratic time.
+
+def npy_bytes(array):
+    f = io.BytesIO()
+    np.save(f, array)
+    return f.getvalue()
+
+
+def npy_declaring(shape, descr, data=b""):
+    """A .npy file's bytes with a hand-written header (numpy would not write these shapes)."""
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    header += " " * (-(11 + len(header)) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + data
+
+
+def npz_file(path, members, prefix=b""):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, raw in members:
+            z.writestr(name, raw)
+    path.write_bytes(prefix + buf.getvalue())
+    return str(path)
+
+
+STATS = [("mu.npy", npy_bytes(np.arange(3.0))), ("sigma.npy", npy_bytes(np.eye(3)))]
+IMAGES = ("arr_0.npy", npy_bytes(np.full((2, 8, 8, 3), 7, np.uint8)))
+
+
+@pytest.mark.parametrize("shadow", [("mu", b"junk"), ("sigma", npy_bytes(np.eye(5))),
+                                    ("mu", npy_declaring("(100000000000,)", "<f8"))], ids=["junk", "5x5", "745 GiB"])
+def test_stats_come_from_the_checked_npy_members_not_a_member_named_like_the_key(tmp_path, shadow):
+    """numpy maps key 'mu' to a member named exactly 'mu' when there is one, which nothing had checked."""
+    mu, sigma = fid.load_stats(npz_file(tmp_path / "stats.npz", STATS + [shadow]))
+    assert np.array_equal(mu, np.arange(3.0)) and np.array_equal(sigma, np.eye(3))
+
+
+def test_images_come_from_the_zip_even_when_the_file_starts_like_one_npy(tmp_path):
+    """A zip may follow anything: np.load read such a file as the .npy at its start, whose header declared 17.5 TiB."""
+    for prefix in (IMAGES[1], npy_declaring("(100000000000, 8, 8, 3)", "|u1")):
+        _, batches = fid.image_batches(npz_file(tmp_path / "images.npz", [IMAGES], prefix=prefix))
+        assert torch.equal(next(batches), torch.full((2, 3, 8, 8), 7, dtype=torch.uint8))
+
+
+def test_npy_shapes_of_booleans_are_refused_by_name(tmp_path):
+    path = npz_file(tmp_path / "stats.npz", [("mu.npy", npy_declaring("(True,)", "<f8", bytes(8))),
+                                             ("sigma.npy", npy_bytes(np.eye(1)))])
+    with pytest.raises(ValueError, match=r"stats.npz: .*mu.npy has a shape of non-integers, \(True,\)"):
+        fid.load_stats(path)
+
+
+def test_a_trillion_empty_images_are_refused_before_any_index_is_made(tmp_path):
+    path = npz_file(tmp_path / "images.npz", [("arr_0.npy", npy_declaring("(1000000000000, 0, 8, 3)", "|u1"))])
+    with pytest.raises(ValueError, match=r"images.npz: images of 8x0 pixels"):
+        fid.image_batches(path, num=10)
+
+
+@pytest.mark.parametrize("sigma, words", [(np.zeros((4097, 4097), np.uint8), r"1 <= D <= 4096"),
+                                          (np.full((3, 3), np.nan), "must be finite")], ids=["4097 features", "NaN"])
+def test_statistics_too_large_or_not_finite_are_refused_when_read(tmp_path, sigma, words):
+    """A sigma of bytes becomes 8 times as large in float64 (a 1 MB .npz of them, deflated within the allowed 64x,
+    took 550 MB); NaN failed only after hours of features, in a message without the file's name."""
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(len(sigma), sigma.dtype), sigma=sigma)
+    with pytest.raises(ValueError, match=f"stats.npz: .*{words}"):
+        fid.load_stats(str(tmp_path / "stats.npz"))
+
+
+def test_a_zip_member_larger_than_an_image_file_is_refused_before_it_is_read(tmp_path):
+    """PIL's WebP plugin reads a whole file when it opens it: 65 MiB of zeros deflate to 65 kB."""
+    with zipfile.ZipFile(tmp_path / "images.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.webp", b"RIFF" + struct.pack("<I", 65 << 20) + b"WEBPVP8 " + bytes(65 << 20))
+    _, batches = fid.image_batches(str(tmp_path / "images.zip"))
+    with pytest.raises(ValueError, match=r"images.zip/a.webp: cannot read image .*more than fid.py reads"):
+        next(batches)
+
+
+def test_batches_of_large_images_hold_at_most_max_batch_pixels(tmp_path, monkeypatch):
+    """Each 4096 x 4096 image is allowed, but 64 of them in one batch were 3.2 GB from a 1 MB zip."""
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as z:
+        for k in range(5):
+            z.writestr(f"{k}.png", png_of(k))
+    _, batches = fid.image_batches(str(tmp_path / "images.zip"))
+    whole = list(batches)
+    monkeypatch.setattr(fid, "MAX_BATCH_PIXELS", 2 * 8 * 8)
+    _, batches = fid.image_batches(str(tmp_path / "images.zip"))
+    limited = list(batches)
+    assert [len(b) for b in whole] == [5] and [len(b) for b in limited] == [2, 2, 1]
+    assert torch.equal(torch.cat(limited), whole[0])
+
+
+def png_of(value):
+    f = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8), (value, value, value)).save(f, "PNG")
+    return f.getvalue()
+
+
+def ico(size=8):
+    f = io.BytesIO()
+    PIL.Image.new("RGB", (size, size)).save(f, "ICO", sizes=[(size, size)])
+    return f.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto showpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize("data", [ico(), EPS], ids=["ICO", "EPS"])
+def test_formats_pil_decodes_on_opening_or_renders_with_a_program_are_not_read(tmp_path, data):
+    """PIL decodes an ICO whole when it opens it (a 64x64 entry may hold a 9000 x 9000 PNG), and renders EPS with
+    Ghostscript, a program run on the file: the readers decode only the usual image formats (unet.IMAGE_FORMATS)."""
+    assert PIL.Image.open(io.BytesIO(data)).format in ("ICO", "EPS")            # PIL itself would take them
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(data)
+    _, batches = fid.image_batches(str(tmp_path / "images"))
+    with pytest.raises(ValueError, match="a.png: cannot read image .*cannot identify"):
+        next(batches)
+    with pytest.raises(ValueError, match="a.png: not a readable image .*cannot identify"):
+        imagenet64.decode_image(data, "a.png", 8, 3)
+    with pytest.raises(ValueError, match="a.png: cannot read the image .*cannot identify"):
+        sdxl.load_image(str(tmp_path / "images" / "a.png"), 8)
+
+
+def test_a_dataset_json_of_millions_of_values_is_refused_before_it_is_parsed(tmp_path):
+    """60 MB of '[],' deflate to 61 kB, and json.loads built 20 million lists (1.4 GB) before the labels were read."""
+    with zipfile.ZipFile(tmp_path / "data.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.png", png())
+        z.writestr("dataset.json", b'{"labels": [' + b"[]," * 100_000 + b'["a.png", 0]]}')
+    with pytest.raises(ValueError, match="dataset.json: 200004 commas and brackets, far more than labels for 2 files"):
+        imagenet64.ImageDataset(str(tmp_path / "data.zip"), 8)
+
+
+def test_duplicate_names_in_a_safetensors_header_are_found_in_linear_time(tmp_path):
+    """keys.count(k) for every key: a 1 MB header of 80,000 names took 44 s, and 100 MB are allowed."""
+    n = 300_000
+    body = ('{"__metadata__":{' + ",".join(f'"k{i}":""' for i in range(n)) + ',"k0":""}}').encode()
+    (tmp_path / "dup.safetensors").write_bytes(len(body).to_bytes(8, "little") + body)
+    with pytest.raises(ValueError, match=r"dup.safetensors: .*duplicate keys \['k0'\]"):
+        within(20, "the duplicate check is quadratic", lambda: unet.read_safetensors(str(tmp_path / "dup.safetensors")))
+
+
+def special_files(folder):
+    """A named pipe (opening it blocks for ever) and a link to /dev/zero (reading it never ends), named as images."""
+    os.mkfifo(folder / "b.png")
+    os.symlink("/dev/zero", folder / "c.png")
+    os.mkdir(folder / "latents_00000.safetensors")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="POSIX pipes and devices")
+def test_pipes_devices_and_folders_named_as_files_are_refused_by_name(tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [[n, 0] for n in ("a.png", "b.png", "c.png")]}))
+    special_files(tmp_path)
+    data = imagenet64.ImageDataset(str(tmp_path), 8)
+    for i in (1, 2):
+        with pytest.raises(ValueError, match=f"{data.files[i]}: cannot be read .*not a regular file"):
+            within(20, "a pipe or a device was opened", lambda: data.load(i))
+    for name in ("b.png", "c.png"):
+        with pytest.raises(ValueError, match=f"{name}: cannot read .*not a regular file"):
+            within(20, "a pipe or a device was opened", lambda: sdxl.load_image(str(tmp_path / name), 8))
+    _, batches = fid.image_batches(str(tmp_path))
+    with pytest.raises(ValueError, match="b.png: cannot read image .*not a regular file"):
+        within(20, "a pipe was opened", lambda: list(batches))
+    with pytest.raises(ValueError, match="latents_00000.safetensors: not a regular file"):
+        sdxl.LatentDataset(str(tmp_path), 64)

@@ -80,6 +80,20 @@ class Defaults:
 # ----------------------------------------------------------------------------
 # Data: every source becomes a stream of uint8 [B, 3, H, W] batches.
 
+# Generated images in [-1, 1] -> uint8, before they are scored. The two rules differ by up to one level per pixel.
+QUANTIZE = ("dmd2", "edm")
+
+
+def to_uint8(x, quantize="dmd2"):
+    """Images in [-1, 1] -> uint8. "dmd2": ((x + 1) * 127.5).clamp(0, 255) cast to uint8, which truncates (DMD2's
+    evaluators, ImageNet and SDXL); "edm": x * 127.5 + 128 clipped and truncated, i.e. rounded (EDM's generate.py)."""
+    if quantize == "dmd2":
+        return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    if quantize == "edm":
+        return (x.float() * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
+
+
 def _is_image(name):
     return os.path.splitext(name)[1].lower() in PIL.Image.registered_extensions()  # EDM's test: PIL.Image.EXTENSION
 
@@ -360,10 +374,11 @@ def resize_tf1_bilinear(x, size=299):
 
 
 def resize_clean(images, size=299):
-    """uint8 [B, 3, H, W] -> float32 [B, 3, size, size] in [0, 255]: clean-fid's "clean" resize (Parmar et al. 2022; the
-    clean-fid package's make_resizer("PIL", False, "bicubic")), which DMD2's SDXL FIDs use. Each channel is resized as a
-    float image (PIL mode 'F') with PIL's antialiased bicubic filter, then clipped, never rounded; the detector then
-    skips its own TF1 resize. EDM's protocol (resize_tf1_bilinear inside the detector) is the other mode."""
+    """uint8 (or float32 in [0, 255]) [B, 3, H, W] -> float32 [B, 3, size, size] in [0, 255]: clean-fid's "clean"
+    resize (Parmar et al. 2022; the clean-fid package's make_resizer("PIL", False, "bicubic")), which DMD2's SDXL FIDs
+    use. Each channel is resized as a float image (PIL mode 'F') with PIL's antialiased bicubic filter, then clipped,
+    never rounded; the detector then skips its own TF1 resize. EDM's protocol (resize_tf1_bilinear inside the
+    detector) is the other mode."""
     out = np.empty((len(images), 3, size, size), dtype=np.float32)
     for i, image in enumerate(images.cpu().numpy()):
         for c in range(3):
@@ -1074,7 +1089,14 @@ def coco_fid_crop(image):
 
 
 def patch_crop(image):
-    return center_crop(image, PATCH)                 # resize_clean leaves 299x299 as it is (PIL returns a copy)
+    """DMD2's patch-FID input (main/coco_eval/coco_evaluator.py): the centre PATCH x PATCH crop, which resize_clean
+    leaves as it is (PIL returns a copy). An image smaller than that on a side is used whole, resized to PATCH x PATCH
+    with the same clean resize, as DMD2's evaluator does: float32 [PATCH, PATCH, 3], not rounded to 8 bits (a batch
+    holding one becomes float32; uint8 values are exact in it)."""
+    if min(image.shape[:2]) >= PATCH:
+        return center_crop(image, PATCH)
+    whole = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]                          # [1, 3, H, W]
+    return resize_clean(whole, PATCH)[0].permute(1, 2, 0).numpy()                             # [PATCH, PATCH, 3]
 
 
 def coco_statistics(source, detector, batch_size=64, device="cpu", progress=True):

@@ -758,20 +758,7 @@ def fid_during_training(run, done):
 # ----------------------------------------------------------------------------------------------
 # Evaluation as DMD2 reports it (main/edm/test_folder_edm.py, paper App. G): 50,000 class-balanced one-step samples
 # drawn in fp32, quantised as ((x + 1) * 127.5).clamp(0, 255) -> uint8 (truncation), FID with EDM's Inception and
-# reference statistics (fid.py); every kept checkpoint is scored and the best one is reported.
-
-QUANTIZE = ("dmd2", "edm")
-
-
-def to_uint8(x, quantize="dmd2"):
-    """Images in [-1, 1] -> uint8. "dmd2": ((x + 1) * 127.5).clamp(0, 255) cast to uint8, which truncates (DMD2's
-    evaluator); "edm": x * 127.5 + 128 clipped and truncated, i.e. rounded (EDM's generate.py)."""
-    if quantize == "dmd2":
-        return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    if quantize == "edm":
-        return (x.float() * 127.5 + 128).clip(0, 255).to(torch.uint8)
-    raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
-
+# reference statistics (fid.py; fid.to_uint8 quantises); every kept checkpoint is scored and the best one is reported.
 
 def parse_range(s, flag="--seeds"):
     """'0-63' or '1,5,9-11' -> [0, ..., 63] / [1, 5, 9, 10, 11]."""
@@ -798,7 +785,7 @@ def generate_uint8(generator, seeds, labels, num_classes, device, batch=64, quan
         y = torch.as_tensor(labels[i:i + batch], device=device)
         with torch.autocast(torch.device(device).type, enabled=False):
             x = generate(generator, z.to(device), y, num_classes, conditioning_sigma)
-        yield to_uint8(x, quantize)
+        yield fid.to_uint8(x, quantize)
 
 
 @torch.no_grad()
@@ -927,7 +914,7 @@ def evaluate_main(argv):
     p.add_argument("--fid_ref", required=True, help="reference statistics .npz (EDM's imagenet-64x64.npz)")
     p.add_argument("--inception", default="", help="Inception weights for fid.load_inception ('' = fid.py's default)")
     p.add_argument("--num", type=int, default=50_000, help="samples per checkpoint (class-balanced)")
-    p.add_argument("--quantize", default="dmd2", choices=QUANTIZE, help="dmd2: truncate as DMD2; edm: round as EDM")
+    p.add_argument("--quantize", default="dmd2", choices=fid.QUANTIZE, help="dmd2: truncate as DMD2; edm: round as EDM")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="", help="'' = cuda if available")
     a = p.parse_args(argv)
@@ -948,7 +935,7 @@ def sample_main(argv):
                                                  "(default: seed %% num_classes)")
     p.add_argument("--out", required=True, help="a folder (PNGs named by seed) or a file ending in .npz "
                                                 "(arr_0 [N,H,W,C] uint8, labels)")
-    p.add_argument("--quantize", default="dmd2", choices=QUANTIZE, help="dmd2: truncate as DMD2; edm: round as EDM")
+    p.add_argument("--quantize", default="dmd2", choices=fid.QUANTIZE, help="dmd2: truncate as DMD2; edm: round as EDM")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="", help="'' = cuda if available")
     a = p.parse_args(argv)
@@ -1285,8 +1272,8 @@ def check_config(cfg):
             errors.append(f"--{name} must be at least 2, got {getattr(cfg, name)}")
     if cfg.fid_every and not cfg.fid_ref:
         errors.append("--fid_every needs --fid_ref, the reference statistics (EDM's imagenet-64x64.npz)")
-    if cfg.quantize not in QUANTIZE:
-        errors.append(f"--quantize must be one of {QUANTIZE}, not {cfg.quantize!r}")
+    if cfg.quantize not in fid.QUANTIZE:
+        errors.append(f"--quantize must be one of {fid.QUANTIZE}, not {cfg.quantize!r}")
     if cfg.precision not in ("bf16", "fp32"):
         errors.append(f"--precision must be bf16 or fp32, not {cfg.precision!r}")
     if os.path.exists(cfg.outdir) and not os.path.isdir(cfg.outdir):

@@ -516,7 +516,7 @@ def train(cfg):
 
 @torch.no_grad()
 def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="dmd2", steps=4, guidance_scale=8.0,
-             conditioning_timestep=399):
+             conditioning_timestep=399, quantize="dmd2"):
     """prompts -> uint8 images [B, H, W, 3]. sampler "dmd2": DMD2's generator (steps 4 -> t = 999, 749, 499, 249;
     1 -> t = conditioning_timestep); "euler": the base model, Euler + CFG guidance_scale. The initial noise and every
     re-noise come from one CPU generator seeded with seed (as DMD2's demo): an image does not depend on the device."""
@@ -538,7 +538,8 @@ def generate(net, clip_l, clip_g, vae, prompts, height, width, seed=0, sampler="
         raise ValueError(f"sampler must be 'dmd2' or 'euler', got {sampler!r}")
     with torch.autocast(device.type, enabled=False):                                   # one image at a time: the
         images = torch.cat([vae.decode(x0[i:i + 1]).float() for i in range(len(x0))])  # VAE's peak is at full size
-    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    # quantize "dmd2" truncates as DMD2's COCO evaluator does (test_folder_sdxl.py); "edm" rounds (fid.to_uint8)
+    return fid.to_uint8(images, quantize).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def sample_dmd2(eps_fn, noise, context, y, timesteps, alphas_cumprod, generator):
@@ -1027,7 +1028,7 @@ def folder_settings(args):
     return dict(prompts=prompts, ckpt=args.ckpt, unet=args.unet, lora=args.lora, lora_scale=args.lora_scale,
                 preset=args.preset, sampler=sampler, steps=steps, guidance=args.guidance,
                 conditioning_timestep=args.conditioning_timestep, seed=args.seed, batch=args.batch, height=height,
-                width=width)
+                width=width, quantize=args.quantize)
 
 
 def check_image_folder(args):
@@ -1063,7 +1064,7 @@ def generate_images(args):
         return generate_folder(args, net, parts)
     sampler, steps, height, width = sampling(args)
     image = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], [args.prompt], height, width, args.seed,
-                     sampler, steps, args.guidance, args.conditioning_timestep)[0]
+                     sampler, steps, args.guidance, args.conditioning_timestep, args.quantize)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     PIL.Image.fromarray(image).save(args.out)
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {sampler} sampler)")
@@ -1085,7 +1086,8 @@ def generate_folder(args, net, parts):
         if all(os.path.exists(n) for n in names):
             continue
         images = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], prompts[i:i + args.batch], height,
-                          width, args.seed + i // args.batch, sampler, steps, args.guidance, args.conditioning_timestep)
+                          width, args.seed + i // args.batch, sampler, steps, args.guidance, args.conditioning_timestep,
+                          args.quantize)
         for name, image in zip(names, images):
             PIL.Image.fromarray(image).save(name[:-4] + ".tmp", format="PNG")   # not an image name: eval skips it
             os.replace(name[:-4] + ".tmp", name)                                   # a kill leaves no half-written PNG
@@ -1248,6 +1250,8 @@ def add_generate_parser(sub, fmt):
     p.add_argument("--steps", type=int, default=0, help="0 = 4 for dmd2 (t = 999, 749, 499, 249), 30 for euler")
     p.add_argument("--guidance", type=float, default=8.0, help="CFG scale of the euler sampler (DMD2's teacher: 8)")
     p.add_argument("--conditioning_timestep", type=int, default=399, help="t of a 1-step DMD2 generator (--steps 1)")
+    p.add_argument("--quantize", default="dmd2", choices=fid.QUANTIZE,
+                   help="pixels to 8 bits: dmd2 truncates (DMD2's COCO evaluator), edm rounds")
     p.set_defaults(run=cmd_generate)
 
 

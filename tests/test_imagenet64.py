@@ -605,7 +605,7 @@ def test_sample_command_png_and_npz_are_per_seed(tmp_path):
     assert np.array_equal(png, ((x[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy())  # DMD2's
     with torch.no_grad():                                                 # class 2 for seed 4 differs from class 0
         x2 = m.generate(generator, z, torch.tensor([2]), kw["label_dim"])
-    assert np.array_equal(data["arr_0"][1], m.to_uint8(x2[0].permute(1, 2, 0)).numpy())
+    assert np.array_equal(data["arr_0"][1], fid.to_uint8(x2[0].permute(1, 2, 0)).numpy())
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]                  # the .npz went in by a rename
 
 
@@ -715,12 +715,12 @@ def test_dmd2_quantisation_is_bit_exact_on_known_inputs():
     """DMD2: ((x + 1) * 127.5).clamp(0, 255) then uint8, which truncates; EDM: x * 127.5 + 128, clipped, truncated."""
     x = torch.tensor([-2.0, -1.0, -0.999, -0.5, 0.0, 0.001, 0.5, 0.999, 1.0, 1.5])
     #  (x + 1) * 127.5 = -127.5, 0, 0.1275, 63.75, 127.5, 127.6275, 191.25, 254.8725, 255, 318.75
-    assert m.to_uint8(x, "dmd2").tolist() == [0, 0, 0, 63, 127, 127, 191, 254, 255, 255]
+    assert fid.to_uint8(x, "dmd2").tolist() == [0, 0, 0, 63, 127, 127, 191, 254, 255, 255]
     #  x * 127.5 + 128 = -127, 0.5, 0.6275, 64.25, 128, 128.1275, 191.75, 255.3725, 255.5, 319.25
-    assert m.to_uint8(x, "edm").tolist() == [0, 0, 0, 64, 128, 128, 191, 255, 255, 255]
-    assert m.to_uint8(x, "dmd2").dtype == torch.uint8
+    assert fid.to_uint8(x, "edm").tolist() == [0, 0, 0, 64, 128, 128, 191, 255, 255, 255]
+    assert fid.to_uint8(x, "dmd2").dtype == torch.uint8
     with pytest.raises(ValueError, match="quantize"):
-        m.to_uint8(x, "round")
+        fid.to_uint8(x, "round")
 
 
 def random_net(seed):
@@ -740,7 +740,7 @@ def test_fid_samples_are_drawn_in_fp32_even_under_autocast():
         inside = torch.cat(list(m.generate_uint8(net, list(range(6)), [0, 1, 2, 3, 0, 1], 4, "cpu")))
         with torch.no_grad():
             z = torch.stack([torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(s)) for s in range(6)])
-            bf16 = m.to_uint8(m.generate(net, z, torch.tensor([0, 1, 2, 3, 0, 1]), 4))
+            bf16 = fid.to_uint8(m.generate(net, z, torch.tensor([0, 1, 2, 3, 0, 1]), 4))
     assert torch.equal(plain, inside) and not torch.equal(plain, bf16)  # autocast would have changed the images
 
 

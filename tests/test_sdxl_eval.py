@@ -94,7 +94,19 @@ def test_crops_follow_dmd2():
     np.testing.assert_array_equal(fid.coco_fid_crop(rocket), np.asarray(square))
     assert fid.patch_crop(rocket).shape == (299, 299, 3) and fid.clip_crop(rocket).shape == (224, 224, 3)
     with pytest.raises(ValueError, match="smaller than the 299x299"):
-        fid.patch_crop(rocket[:200])
+        fid.center_crop(rocket[:200], 299)
+    # DMD2's evaluator crops a patch only from an image at least 299 a side; a smaller one is used whole, resized to
+    # 299 x 299 by the clean resize (float, not rounded), and a batch holding it keeps the others' pixels exactly
+    small = rocket[:200]
+    whole = fid.resize_clean(torch.from_numpy(np.array(small)).permute(2, 0, 1)[None])[0]
+    np.testing.assert_array_equal(fid.patch_crop(small), whole.permute(1, 2, 0).numpy())
+    assert fid.patch_crop(small).dtype == np.float32
+    square = torch.from_numpy(np.stack([rocket[:400, :400]] * 2))
+    _, batches = fid.image_batches(square, transform=fid.patch_crop)
+    big = next(batches)
+    mixed = torch.from_numpy(np.stack([fid.patch_crop(rocket[:400, :400]), fid.patch_crop(small)])).permute(0, 3, 1, 2)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed[0], big[0].float())
+    torch.testing.assert_close(fid.resize_clean(mixed), torch.stack([fid.resize_clean(big)[0], whole]), rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

@@ -371,6 +371,11 @@ def test_generate_writes_png_from_trained_generator(tiny_run):
                                  sdxl.TINY_UNET, "cpu", torch.float32, "ckpt"), sdxl.load_parts("tiny", "", "cpu")
     direct = sdxl.generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], ["a cat"], 128, 128, seed=0, steps=4)[0]
     assert np.abs(direct.astype(int) - pixels.astype(int)).max() <= 2  # fp16 export vs fp32 checkpoint
+    # DMD2's COCO evaluator truncates to 8 bits ((x + 1) * 127.5 -> uint8), the default; EDM's rule rounds
+    rounded = sdxl.generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], ["a cat"], 128, 128, seed=0, steps=4,
+                            quantize="edm")[0]
+    step = rounded.astype(int) - direct.astype(int)
+    assert step.min() >= 0 and step.max() == 1 and 0.3 < step.mean() < 0.7
 
 
 def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, monkeypatch):

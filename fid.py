@@ -144,8 +144,9 @@ def _subset(total, num, seed, path):
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-def _read_image(file, name, noted):
-    """One image file -> uint8 [H, W, 3]. Grayscale and palette images are converted with a note; others are refused."""
+def _read_image(file, name, noted, any_mode=False):
+    """One image file -> uint8 [H, W, 3]. Grayscale and palette images are converted with a note; others are refused,
+    or with any_mode converted by PIL's convert("RGB"), as clean-fid's reader does."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)  # > 89M pixels from a few kB
@@ -162,6 +163,8 @@ def _read_image(file, name, noted):
             warnings.warn(f"{name}: {what} (further {image.mode} images are converted silently)")
             noted.add(image.mode)
         image = image.convert("RGB")
+    elif any_mode and image.mode != "RGB":
+        image = image.convert("RGB")
     elif image.mode in ("RGBA", "LA", "PA"):
         raise ValueError(f"{name}: has an alpha channel (mode {image.mode}); FID is defined on RGB pixels, so flatten "
                          "the images onto a background of your choice first")
@@ -175,7 +178,7 @@ def _read_image(file, name, noted):
 MAX_BATCH_PIXELS = 32 * 1024 * 1024
 
 
-def _file_batches(path, names, open_file, idx, batch_size, transform=None):
+def _file_batches(path, names, open_file, idx, batch_size, transform=None, any_mode=False):
     noted, first, batch, limit = set(), None, [], batch_size
     for pos, i in enumerate(idx):
         name = os.path.join(path, names[i].lstrip("/"))  # a zip member may be named "/a.png": keep the zip's name
@@ -184,7 +187,7 @@ def _file_batches(path, names, open_file, idx, batch_size, transform=None):
         except ZIP_ERRORS as e:  # encrypted, bad header, a name that is not UTF-8, too large, a pipe, ...
             raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
         with f:
-            image = _read_image(f, name, noted)  # [H, W, 3]
+            image = _read_image(f, name, noted, any_mode)  # [H, W, 3]
         if transform is not None:  # per image, before stacking: COCO photos differ in size
             image = _transformed(transform, image, name)
         if first is None:
@@ -330,10 +333,12 @@ def _transform_batches(batches, transform, what):
         yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
-def image_batches(source, batch_size=64, num=None, seed=0, transform=None):
+def image_batches(source, batch_size=64, num=None, seed=0, transform=None, any_mode=False):
     """(count or None, iterator of uint8 [B, 3, H, W] batches) for a folder, an EDM-style zip, an .npz, a tensor/array,
     or an iterable of batches. Files holding more than num images give EDM's random subset; in-memory sources the first num.
-    transform, if given, maps each uint8 [H, W, 3] image to uint8 [h, w, 3] (e.g. coco_fid_crop) before batching."""
+    transform, if given, maps each uint8 [H, W, 3] image to uint8 [h, w, 3] (e.g. coco_fid_crop) before batching.
+    any_mode: image files of any pixel mode are converted to RGB, as clean-fid reads them (CMYK, 16-bit, alpha dropped);
+    otherwise only RGB, grayscale and palette images are read."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -343,7 +348,7 @@ def image_batches(source, batch_size=64, num=None, seed=0, transform=None):
             if not names:
                 raise ValueError(f"{path}: no image files found")
             idx = _subset(len(names), num, seed, path)
-            return len(idx), _file_batches(path, names, open_file, idx, batch_size, transform)
+            return len(idx), _file_batches(path, names, open_file, idx, batch_size, transform, any_mode)
         images = _npz_images(path)
         idx = _subset(len(images), num, seed, path)
         total, batches = len(idx), _tensor_batches(images if len(idx) == len(images) else images[idx], None, batch_size, path)
@@ -867,10 +872,11 @@ RESIZE_MODES = ("edm", "clean")  # EDM/StyleGAN's TF1 bilinear inside the detect
 def iterate_features(source, detector, batch_size=64, num=None, device="cpu", progress=True, seed=0, resize="edm",
                      transform=None):
     """Yields float32 detector features [B, 2048] (numpy) for every batch of the source (see image_batches).
-    resize: 'edm' (EDM's and DMD2's ImageNet numbers) or 'clean' (clean-fid's, DMD2's SDXL numbers)."""
+    resize: 'edm' (EDM's and DMD2's ImageNet numbers) or 'clean' (clean-fid's, DMD2's SDXL numbers; image files of any
+    pixel mode are then converted to RGB, as clean-fid reads them)."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    total, batches = image_batches(source, batch_size, num, seed, transform)
+    total, batches = image_batches(source, batch_size, num, seed, transform, any_mode=resize == "clean")
     with tqdm(total=total, unit="img", desc="inception features", disable=not progress) as bar:
         for images in batches:  # uint8 [B, 3, H, W]
             if resize == "clean":

@@ -303,3 +303,22 @@ def test_sdxl_eval_prints_the_three_numbers(open_clip, tmp_path, capsys):
     expected = fid.clip_score(tmp_path / "fake", tokens[:2], fid.load_open_clip(tmp_path / "clip.bin", TINY_CLIP),
                               progress=False)
     assert abs(score - expected) <= 1e-4
+
+
+def test_clean_mode_reads_images_of_any_pixel_mode_as_clean_fid_does(tmp_path, monkeypatch):
+    """clean-fid (DMD2's COCO numbers) opens every image with PIL's convert("RGB"): a CMYK JPEG or an RGBA PNG among
+    real COCO photos is scored, not refused; EDM's protocol keeps refusing them."""
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    PIL.Image.fromarray(rgb).convert("CMYK").save(tmp_path / "a.jpg", quality=95)
+    PIL.Image.fromarray(rgb).convert("RGBA").save(tmp_path / "b.png")
+    _, batches = fid.image_batches(str(tmp_path), any_mode=True)
+    expected = [np.asarray(PIL.Image.open(tmp_path / n).convert("RGB")) for n in ("a.jpg", "b.png")]
+    np.testing.assert_array_equal(next(batches).permute(0, 2, 3, 1).numpy(), np.stack(expected))
+    _, batches = fid.image_batches(str(tmp_path))
+    with pytest.raises(ValueError, match="a.jpg: mode CMYK is not 8-bit RGB"):
+        next(batches)
+    seen = []
+    monkeypatch.setattr(fid, "image_batches", lambda *a, any_mode=False: seen.append(any_mode) or (0, iter([])))
+    for resize in ("clean", "edm"):
+        list(fid.iterate_features(str(tmp_path), None, resize=resize, progress=False))
+    assert seen == [True, False]

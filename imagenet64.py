@@ -881,7 +881,7 @@ def previous_scores(path, protocol, stamps):
     """({file: FID}, {file: file_stamp}) from an earlier evaluate of the same folder with the same protocol, without
     the files that have changed since (stamps: each file's stamp now). A file since removed keeps its score."""
     try:
-        with open(path) as f:
+        with open(unet.check_regular_file(path)) as f:      # not a pipe or a device, which would block or never end
             old = json.load(f)
         if old.get("protocol") != protocol:
             return {}, {}
@@ -1145,18 +1145,9 @@ def save(run, step):
 
 
 def check_net_kwargs(net_kwargs, path):
-    """EDMPrecond's arguments as a checkpoint records them: a dict of numbers, strings and flat lists of them. Checked
-    before they are compared or printed: a tensor there has no truth value, and a list nesting one shared list twice,
-    30 deep, would print for ever."""
-    plain = (type(None), bool, int, float, str)           # torch.load refuses ints too long to print
-    if not isinstance(net_kwargs, dict):
-        raise ValueError(f"{path}: net_kwargs is not a dict ({unet.describe_value(net_kwargs)})")
-    for k, v in net_kwargs.items():
-        if not isinstance(k, str):
-            raise ValueError(f"{path}: net_kwargs has a key that is not a string ({unet.describe_value(k)})")
-        if not (isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))):
-            raise ValueError(f"{path}: net_kwargs[{k[:80]!r}] is not a number, a string or a flat list of them "
-                             f"({unet.describe_value(v)})")
+    """EDMPrecond's arguments as a checkpoint records them (unet.check_plain_dict), checked before they are compared
+    or printed."""
+    unet.check_plain_dict(net_kwargs, path, "net_kwargs")
 
 
 def ema_or_generator_state(ckpt):
@@ -1170,7 +1161,7 @@ def load_state(module, state, path, what):
     """load_state_dict (strict) with an error that names the file instead of torch's bare RuntimeError."""
     try:
         module.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
         raise ValueError(f"{path}: {what} does not fit this network: {str(e)[:600]}") from None
 
 
@@ -1179,16 +1170,24 @@ def resume(run):
     path, cfg = run.ckpt_path, run.cfg
     ckpt = unet.require_keys(unet.load_checkpoint(path), RESUME_KEYS, path, "an imagenet64.py checkpoint.pt")
     check_net_kwargs(ckpt["net_kwargs"], path)
+    unet.check_step(ckpt["step"], path)
+    if ckpt["cfg"] is not None:
+        unet.check_plain_dict(ckpt["cfg"], path, "its cfg")
     if ckpt["net_kwargs"] != run.net_kwargs:
         raise ValueError(f"{path}: written for the network {ckpt['net_kwargs']}, this run builds {run.net_kwargs}")
     load_state(run.generator, ckpt["generator"], path, "the generator")
     load_state(run.fake_score, ckpt["fake_score"], path, "the fake score")
     load_state(run.opt_g, ckpt["opt_g"], path, "the generator's optimiser state")
     load_state(run.opt_d, ckpt["opt_d"], path, "the fake score's optimiser state")
+    unet.check_adamw_state(run.opt_g, path, "the generator's optimiser state")
+    unet.check_adamw_state(run.opt_d, path, "the fake score's optimiser state")
     if run.generator_ema is not None:
         load_state(run.generator_ema, ema_or_generator_state(ckpt), path, "the generator EMA")
     if isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == run.world:
-        set_rng_state(ckpt["rng"][run.rank])
+        try:
+            set_rng_state(ckpt["rng"][run.rank])
+        except (TypeError, KeyError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise ValueError(f"{path}: its RNG state cannot be restored ({type(e).__name__}: {str(e)[:200]})") from None
     if isinstance(ckpt.get("best_fid"), float):      # generator_best.pt is replaced only by a lower FID than this
         run.best_fid = ckpt["best_fid"]
     saved_cfg = ckpt["cfg"] if isinstance(ckpt["cfg"], dict) else {}
@@ -1223,7 +1222,7 @@ def init_from(run, path):
     if ckpt["net_kwargs"] != run.net_kwargs:
         raise ValueError(f"{path}: written for the network {ckpt['net_kwargs']}, this run builds {run.net_kwargs}")
     load_state(run.generator, ckpt["generator"], path, "the generator")
-    fake_unet = {k[len("unet."):]: v for k, v in ckpt["fake_score"].items() if k.startswith("unet.")}
+    fake_unet = {k[len("unet."):]: v for k, v in ckpt["fake_score"].items() if str(k).startswith("unet.")}
     load_state(run.fake_score.unet, fake_unet, path, "the fake score")
     if run.generator_ema is not None:
         run.generator_ema.load_state_dict(run.generator.state_dict())

@@ -154,7 +154,7 @@ PRESETS = {
 
 def read_prompts(path):
     try:
-        with open(path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark (Windows editors) is not text
+        with open(unet.check_regular_file(path), encoding="utf-8-sig") as f:   # -sig: a byte-order mark is not text
             prompts = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the prompts ({e})") from None
@@ -823,7 +823,12 @@ def resume_training(run):
     file left behind by a kill is rewritten to match. -> the step to continue from"""
     ckpt, full = load_training_checkpoint(run.ckpt_path), StateDictOptions(full_state_dict=True)
     lora = StateDictOptions(full_state_dict=True, strict=False)                   # LoRA runs store the LoRA only
-    saved_rank = ckpt["cfg"].get("lora_rank", 0) if isinstance(ckpt["cfg"], dict) else 0
+    unet.check_step(ckpt["step"], run.ckpt_path)
+    unet.check_plain_dict(ckpt["cfg"], run.ckpt_path, "its cfg")
+    for part in ("generator", "fake_score", "opt_g", "opt_d"):
+        if not isinstance(ckpt[part], dict):
+            raise ValueError(f"{run.ckpt_path}: its {part} is {unet.describe_value(ckpt[part])}, not a state dict")
+    saved_rank = ckpt["cfg"].get("lora_rank", 0)
     if type(saved_rank) is not int:
         raise ValueError(f"{run.ckpt_path}: its cfg's lora_rank is {unet.describe_value(saved_rank)}, not an integer")
     if saved_rank != run.cfg.lora_rank:     # one line, not a size mismatch for each of its LoRA tensors
@@ -835,8 +840,11 @@ def resume_training(run):
         set_model_state_dict(run.fake_score, ckpt["fake_score"], options=full)
         set_optimizer_state_dict(run.generator, run.opt["generator"], ckpt["opt_g"], options=full)
         set_optimizer_state_dict(run.fake_score, run.opt["fake_score"], ckpt["opt_d"], options=full)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ValueError(f"{run.ckpt_path}: does not fit this run's models ({type(e).__name__}: {e})") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        message = f"{type(e).__name__}: {str(e)[:600]}"
+        raise ValueError(f"{run.ckpt_path}: does not fit this run's models ({message})") from None
+    unet.check_adamw_state(run.opt["generator"], run.ckpt_path, "the generator's optimiser state")
+    unet.check_adamw_state(run.opt["fake_score"], run.ckpt_path, "the fake score's optimiser state")
     step, cfg = ckpt["step"], run.cfg
     if run.rank == 0 and generator_file_step(run.gen_path) != step:
         write_generator(run.gen_path, ckpt["generator"], step, cfg, run.unet_cfg)
@@ -1022,7 +1030,7 @@ def sampling(args):
 def folder_settings(args):
     """What decides the images of `generate --prompts`, recorded in OUTDIR/generate.json: the prompts (their SHA-256),
     the models' files and every sampling option."""
-    with open(args.prompts, "rb") as f:
+    with open(unet.check_regular_file(args.prompts), "rb") as f:
         prompts = hashlib.sha256(f.read()).hexdigest()
     sampler, steps, height, width = sampling(args)
     return dict(prompts=prompts, ckpt=args.ckpt, unet=args.unet, lora=args.lora, lora_scale=args.lora_scale,
@@ -1038,7 +1046,7 @@ def check_image_folder(args):
     path = os.path.join(args.outdir, "generate.json")
     written = glob.glob(os.path.join(glob.escape(args.outdir), "[0-9][0-9][0-9][0-9][0-9].png"))
     try:
-        with open(path) as f:
+        with open(unet.check_regular_file(path)) as f:
             before = json.load(f)
     except FileNotFoundError:
         before = None
@@ -1413,7 +1421,7 @@ BYTE_TO_CHAR = bytes_to_unicode()
 def load_clip_vocab(path=VOCAB_PATH):
     """(vocab {symbol: id}, merge ranks {(left, right): rank}) from bpe_simple_vocab_16e6.txt.gz."""
     try:   # only the lines used, each at most MAX_VOCAB_LINE long: a small gzip can inflate to gigabytes
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        with gzip.open(unet.check_regular_file(path), "rt", encoding="utf-8") as f:
             lines = [f.readline(MAX_VOCAB_LINE + 1) for _ in range(1 + NUM_MERGES)]
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise ValueError(f"{path}: cannot read the CLIP BPE vocabulary ({type(e).__name__}: {e})") from None

@@ -464,6 +464,9 @@ class PickledOrderedDict(collections.OrderedDict):
     def __setstate__(self, state):
         if not (isinstance(state, dict) and len(state) <= 8):
             raise pickle.UnpicklingError("an OrderedDict record sets more than 8 attributes")
+        shadowing = [k for k in state if not isinstance(k, str) or k.startswith("__") or hasattr(type(self), k)]
+        if shadowing:                  # an attribute named "get" or "items" would replace the dict's own method
+            raise pickle.UnpicklingError(f"an OrderedDict record sets attributes named {shadowing[:3]!r}")
         self.__dict__.update(state)
 
 
@@ -1448,15 +1451,68 @@ def open_run_log(folder, start_step):
     scripts write begins with "step N". A run resumed from its checkpoint at step S redoes the steps after S that the
     killed run had already logged, so their lines go first; a new run (step 0) continues no earlier run, so an old
     log.txt (of a run that left no checkpoint) is started afresh. It is rewritten with write_atomically."""
-    path = os.path.join(folder, "log.txt")
+    path = check_regular_file(os.path.join(folder, "log.txt"))          # a pipe there would block the run for ever
     if os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
             lines = f.readlines()
         kept = [line for line in lines if start_step > 0 and line.endswith("\n")
-                and (m := re.match(r"step +(\d+)", line)) and int(m.group(1)) <= start_step]
+                and (m := re.match(r"step +(\d{1,18})\b", line)) and int(m.group(1)) <= start_step]
         if len(kept) < len(lines):
             write_atomically(path, lambda f: f.write("".join(kept).encode("utf-8")))
     return open(path, "a", encoding="utf-8")
+
+
+def check_plain_dict(obj, path, what):
+    """A dict read from a checkpoint (a run's cfg, a network's arguments) that is compared and printed as it is: string
+    keys, and values that are numbers, strings or flat lists of them. A tensor has no truth value for `!=`, and a list
+    nesting one shared list twice, 30 deep, would print for ever."""
+    plain = (type(None), bool, int, float, str)           # torch.load refuses ints too long to print
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {what} is not a dict ({describe_value(obj)})")
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise ValueError(f"{path}: {what} has a key that is not a string ({describe_value(k)})")
+        if not (isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))):
+            raise ValueError(f"{path}: {what}[{k[:80]!r}] is not a number, a string or a flat list of them "
+                             f"({describe_value(v)})")
+    return obj
+
+
+def check_step(step, path):
+    """A checkpoint's step: an int from 0 (not a bool, a float or a tensor, which range() and comparisons refuse)."""
+    if type(step) is not int or not 0 <= step < 2 ** 62:
+        raise ValueError(f"{path}: its step is {describe_value(step)}, not an integer from 0")
+    return step
+
+
+def check_adamw_state(opt, path, what):
+    """An AdamW state after load_state_dict, checked before any step reads it: torch checks neither the moments'
+    shapes (the fused CPU kernel reads and writes past a moment smaller than its parameter: a crash, not an error)
+    nor the hyper-parameters' types. Each parameter's state must be empty or hold a scalar step and exp_avg and
+    exp_avg_sq of its parameter's shape; each group's betas two numbers in [0, 1), lr, eps and weight_decay numbers,
+    amsgrad off (neither script uses it)."""
+    def number(x):
+        return type(x) in (int, float) and math.isfinite(x)
+    for group in opt.param_groups:
+        betas = group.get("betas")
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas)
+                and all(number(group.get(k)) for k in ("lr", "eps", "weight_decay")) and group.get("amsgrad") is False):
+            raise ValueError(f"{path}: {what}: the hyper-parameters {describe_value(betas)} (betas), "
+                             f"{describe_value(group.get('lr'))} (lr), {describe_value(group.get('eps'))} (eps), "
+                             f"{describe_value(group.get('weight_decay'))} (weight decay), "
+                             f"{describe_value(group.get('amsgrad'))} (amsgrad) are not AdamW's")
+        for i, param in enumerate(group["params"]):
+            state = opt.state.get(param, {})
+            if not state:
+                continue
+            step = state.get("step")
+            moments = [state.get(k) for k in ("exp_avg", "exp_avg_sq")]
+            if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()
+                    and all(isinstance(m, torch.Tensor) and m.shape == param.shape and m.dtype == param.dtype
+                            for m in moments) and set(state) == {"step", "exp_avg", "exp_avg_sq"}):
+                shapes = [list(m.shape) if isinstance(m, torch.Tensor) else describe_value(m) for m in moments]
+                raise ValueError(f"{path}: {what}: parameter {i} of shape {list(param.shape)} has the AdamW state "
+                                 f"{sorted(map(str, state))} with moments {shapes}, not its parameter's shape")
 
 
 def require_keys(obj, keys, path, what):

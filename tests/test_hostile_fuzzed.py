@@ -3,6 +3,7 @@ whole), zip entries that cannot be opened, .npz sizes beyond the archive, images
 checkpoint arguments that would build a network before its weights are checked, JSON nested too deeply, and malformed
 LoRA files. Every one must be a ValueError (or UnpicklingError) naming the file. Every file here is small, and small
 enough inflated that a reader that accepted one would still not exhaust memory."""
+import collections
 import dataclasses
 import io
 import json
@@ -506,7 +507,7 @@ def test_a_lora_rank_that_is_a_tensor_is_refused_by_name(tmp_path):
     torch.save({"step": 1, "cfg": {"lora_rank": torch.zeros(2)}, "generator": {}, "fake_score": {}, "opt_g": {},
                 "opt_d": {}}, tmp_path / "checkpoint.pt")
     run = types.SimpleNamespace(ckpt_path=str(tmp_path / "checkpoint.pt"), cfg=types.SimpleNamespace(lora_rank=0))
-    with pytest.raises(ValueError, match="checkpoint.pt: its cfg's lora_rank is a Tensor"):
+    with pytest.raises(ValueError, match=r"checkpoint.pt: its cfg\['lora_rank'\] is not a number"):
         sdxl.resume_training(run)
 
 
@@ -736,3 +737,97 @@ def test_pipes_devices_and_folders_named_as_files_are_refused_by_name(tmp_path):
         within(20, "a pipe was opened", lambda: list(batches))
     with pytest.raises(ValueError, match="latents_00000.safetensors: not a regular file"):
         sdxl.LatentDataset(str(tmp_path), 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fifth round: training checkpoints read back on --resume, pickled dicts, and the run's own small files.
+
+def imagenet64_checkpoint(folder):
+    """A two-iteration run of imagenet64.py's CPU preset -> (its flags, its checkpoint dict)."""
+    flags = ["--preset", "gaussian", "--outdir", str(folder), "--pretrain_steps", "0", "--sample_every", "0",
+             "--log_every", "1000", "--batch_size", "16"]
+    imagenet64.train(imagenet64.parse_config(flags + ["--total_steps", "2"]))
+    return flags, torch.load(folder / "checkpoint.pt", weights_only=True)
+
+
+def edit_moments(ckpt):
+    for state in ckpt["opt_d"]["state"].values():
+        state["exp_avg"] = torch.zeros(1)
+
+
+def edit_betas(ckpt):
+    ckpt["opt_g"]["param_groups"][0]["betas"] = (0.9, 0.99, 0.5)
+
+
+def edit_rng(ckpt):
+    ckpt["rng"] = [{}]
+
+
+def edit_state_entry(ckpt):
+    ckpt["opt_g"]["state"] = {0: torch.zeros(2)}
+
+
+@pytest.mark.parametrize("edit, words", [
+    (edit_moments, "the fake score's optimiser state: parameter 0 .* not its parameter's shape"),
+    (edit_betas, "the generator's optimiser state: the hyper-parameters .* are not AdamW's"),
+    (lambda c: c.update(step="2"), "its step is '2', not an integer from 0"),
+    (lambda c: c.update(step=-5), "its step is -5, not an integer from 0"),
+    (lambda c: c.update(step=2.0), "its step is 2.0, not an integer from 0"),
+    (lambda c: c.update(cfg={3: 1}), "its cfg has a key that is not a string"),
+    (edit_rng, "its RNG state cannot be restored"),
+    (edit_state_entry, "the generator's optimiser state does not fit")],
+    ids=["moments of shape [1]", "three betas", "step '2'", "step -5", "step 2.0", "cfg key 3", "empty RNG state",
+         "a tensor as a state entry"])
+def test_imagenet64_resume_refuses_checkpoint_values_a_step_could_not_use(tmp_path, edit, words):
+    """Moments smaller than their parameters made the fused CPU AdamW read and write out of bounds (a crash); the
+    others raised TypeError, KeyError, IndexError or unnamed errors, some only at the first step."""
+    flags, ckpt = imagenet64_checkpoint(tmp_path / "run")
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=f"checkpoint.pt: {words}"):
+        imagenet64.train(imagenet64.parse_config(flags + ["--total_steps", "4", "--resume"]))
+
+
+def test_init_from_a_fake_score_with_a_key_that_is_not_a_string(tmp_path):
+    kw = dict(TINY_KW, label_dim=3)
+    net = unet.EDMPrecond(**kw)
+    torch.save({"net_kwargs": kw, "generator": net.state_dict(), "fake_score": {3: torch.zeros(1)}}, tmp_path / "i.pt")
+    run = types.SimpleNamespace(net_kwargs=kw, generator=net, fake_score=types.SimpleNamespace(unet=net),
+                                generator_ema=None, rank=1)
+    with pytest.raises(ValueError, match="i.pt: the fake score does not fit"):
+        imagenet64.init_from(run, str(tmp_path / "i.pt"))
+
+
+@pytest.mark.parametrize("name", ["get", "items", "__class__"])
+def test_a_pickled_ordered_dict_cannot_shadow_its_methods(tmp_path, name):
+    """BUILD copied any state into the instance's __dict__: an attribute 'get' replaced dict.get, and the reader's
+    own data.get("ema") raised TypeError."""
+    od = collections.OrderedDict(ema=None)
+    raw = pickle.dumps(od, protocol=2)
+    raw = raw[:-1] + b"}" + pickle.dumps(name, protocol=2)[2:-1] + b"K\x05sb."   # BUILD {name: 5}, then STOP
+    (tmp_path / "od.pkl").write_bytes(raw)
+    with pytest.raises((ValueError, pickle.UnpicklingError), match=f"od.pkl.*sets attributes named \\['{name}'\\]"):
+        unet.load_edm_pickle(str(tmp_path / "od.pkl"))
+
+
+def test_a_log_line_with_a_step_of_thousands_of_digits_is_dropped(tmp_path):
+    (tmp_path / "log.txt").write_text("step 1 ok\nstep " + "9" * 5000 + " ok\nstep 2 ok\n")
+    unet.open_run_log(str(tmp_path), 5).close()
+    assert (tmp_path / "log.txt").read_text() == "step 1 ok\nstep 2 ok\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="POSIX pipes and devices")
+def test_the_runs_small_files_refuse_pipes_and_devices(tmp_path):
+    """Prompts, the CLIP vocabulary, generate.json, fid.json and log.txt were opened as they were: a pipe blocked the
+    command for ever, /dev/zero read until memory ran out."""
+    os.mkfifo(tmp_path / "pipe")
+    os.symlink("/dev/zero", tmp_path / "zero")
+    for path in (tmp_path / "pipe", tmp_path / "zero"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            within(20, "a pipe or a device was read", lambda: sdxl.read_prompts(str(path)))
+        with pytest.raises(ValueError, match="not a regular file"):
+            within(20, "a pipe or a device was read", lambda: sdxl.load_clip_vocab(str(path)))
+        assert within(20, "fid.json was read", lambda: imagenet64.previous_scores(str(path), {}, {})) == ({}, {})
+    os.mkfifo(tmp_path / "log.txt")
+    with pytest.raises(ValueError, match="log.txt: not a regular file"):
+        within(20, "log.txt was opened", lambda: unet.open_run_log(str(tmp_path), 0))

@@ -11,6 +11,7 @@ with gradient accumulation.
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -971,3 +972,26 @@ def test_two_fsdp_processes_equal_one_process_with_accumulation(tiny_run, tmp_pa
     net = sdxl.build_unet(sdxl.load_unet_state(os.path.join(out, "generator.safetensors"), sdxl.TINY_UNET),
                           sdxl.TINY_UNET, "cpu", torch.float32, "fsdp export")
     assert torch.equal(net.out[2].weight, ckpt["generator"]["out.2.weight"].half().float())
+
+
+def sdxl_edit_moments(ckpt):
+    for state in ckpt["opt_d"]["state"].values():
+        state["exp_avg"] = torch.zeros(1)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.update(step="2"), "its step is '2', not an integer from 0"),
+    (lambda c: c.update(cfg=[1]), "its cfg is not a dict"),
+    (lambda c: c.update(generator=5), "its generator is 5, not a state dict"),
+    (sdxl_edit_moments, "the fake score's optimiser state: parameter 0 .* not its parameter's shape")],
+    ids=["step '2'", "cfg a list", "generator an int", "moments of shape [1]"])
+def test_resume_refuses_checkpoint_values_a_step_could_not_use(tiny_run, tmp_path, edit, words):
+    """These raised TypeError or AttributeError, or (the moments) a RuntimeError at the first AdamW step."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run["out"], out)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=f"checkpoint.pt: {words}"):
+        sdxl.train(tiny_config(latents=tiny_run["latents"], outdir=str(out), total_steps=6, resume=True,
+                               dfake_gen_update_ratio=2, device="cpu"))

@@ -778,6 +778,7 @@ def edit_state_entry(ckpt):
     (edit_state_entry, "the generator's optimiser state does not fit")],
     ids=["moments of shape [1]", "three betas", "step '2'", "step -5", "step 2.0", "cfg key 3", "empty RNG state",
          "a tensor as a state entry"])
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")       # torch's, indexing the tensor state entry
 def test_imagenet64_resume_refuses_checkpoint_values_a_step_could_not_use(tmp_path, edit, words):
     """Moments smaller than their parameters made the fused CPU AdamW read and write out of bounds (a crash); the
     others raised TypeError, KeyError, IndexError or unnamed errors, some only at the first step."""

@@ -209,7 +209,7 @@ def _npz_headers(path):
     compressed bytes can hold (stored: itself; deflate: at most NPZ_MAX_INFLATE times, plus 1 MiB)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return {info.filename[:-4]: _npy_header(archive, info, os.path.getsize(path))
+            return {info.filename[:-4]: _npy_member(archive, info, os.path.getsize(path))
                     for info in archive.infolist() if info.filename.endswith(".npy")}
     except ZIP_ERRORS as e:
         raise ValueError(f"{path}: cannot read this .npz ({type(e).__name__}: {e})") from None
@@ -221,7 +221,7 @@ def _npz_headers(path):
 NPZ_MAX_INFLATE = 64
 
 
-def _npy_header(archive, info, archive_size, load=False):
+def _npy_member(archive, info, archive_size, load=False):
     """(shape, dtype) of one .npy member after the checks above, or with load=True the array itself."""
     ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: NPZ_MAX_INFLATE}.get(info.compress_type)
     if ratio is None or info.compress_size > archive_size or info.file_size > ratio * info.compress_size + (1 << 20):
@@ -253,7 +253,7 @@ def _npz_load(path, key):
     file as one .npy if it starts like one (a zip may be appended to anything)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return _npy_header(archive, archive.getinfo(key + ".npy"), os.path.getsize(path), load=True)
+            return _npy_member(archive, archive.getinfo(key + ".npy"), os.path.getsize(path), load=True)
     except (*ZIP_ERRORS, KeyError) as e:
         raise ValueError(f"{path}: cannot read array '{key}' ({type(e).__name__}: {e})") from None
 

@@ -1169,7 +1169,7 @@ def export_lora(args):
     state, metadata = read_lora(args.lora)
     cfg = lora_unet_config(metadata, args.lora)
     factors = unet.lora_from_file_state(state, cfg, args.lora, metadata)
-    kohya = unet.kohya_lora_state(factors, cfg, DTYPES[args.dtype])
+    kohya = unet.kohya_lora_state(factors, cfg, DTYPES[args.dtype], args.lora)
     write_safetensors(args.out, kohya, {"format": "pt"})
     alphas = sorted({a for _, _, a in factors.values()})
     print(f"wrote {args.out}: {len(factors)} LoRA modules in Kohya names (lora_unet_*), alpha {alphas}, {args.dtype}")

@@ -1761,9 +1761,9 @@ def lora_from_file_state(state_dict, cfg, source_name, metadata=None):
     return factors
 
 
-def _lora_delta(layer, down, up, alpha, scale):
-    """scale * (alpha / rank) * up @ down in the layer's weight shape (float32), or a string saying why not."""
-    rank, weight = down.shape[0], layer.weight
+def _lora_shape_problem(weight, down, up):
+    """Why down [rank, in(, k, k)] and up [out, rank(, 1, 1)] cannot be a low-rank update of weight, or None."""
+    rank = down.shape[0]
     if down.ndim != weight.ndim or up.ndim != weight.ndim or up.shape[1] != rank:
         return (f"down {list(down.shape)}, up {list(up.shape)} do not form a rank-{rank} update of a "
                 f"{list(weight.shape)} weight")
@@ -1771,6 +1771,15 @@ def _lora_delta(layer, down, up, alpha, scale):
         return f"down {list(down.shape)}, up {list(up.shape)} do not fit the weight {list(weight.shape)}"
     if rank > min(weight.shape[0], weight[0].numel()):     # a low-rank update; a huge rank would be a huge product
         return f"rank {rank} is more than the {list(weight.shape)} weight's own rank can be"
+    return None
+
+
+def _lora_delta(layer, down, up, alpha, scale):
+    """scale * (alpha / rank) * up @ down in the layer's weight shape (float32), or a string saying why not."""
+    rank, weight = down.shape[0], layer.weight
+    problem = _lora_shape_problem(weight, down, up)
+    if problem:
+        return problem
     delta = up.flatten(1).float().to(weight.device) @ down.flatten(1).float().to(weight.device)      # [out, in * k * k]
     if not torch.isfinite(delta).all():
         return "its factors hold NaN or infinite values"
@@ -1800,9 +1809,23 @@ def merge_lora(model, factors, scale=1.0, source_name="LoRA"):
     return model
 
 
-def kohya_lora_state(factors, cfg, dtype=None):
+def kohya_lora_state(factors, cfg, dtype=None, source_name="LoRA"):
     """{our module name: (down, up, alpha)} -> the Kohya keys of DMD2's released LoRA (extract_lora_module.py):
-    'lora_unet_<diffusers module name, '.' -> '_'>.lora_down.weight', '.lora_up.weight' and a 0-d '.alpha'."""
+    'lora_unet_<diffusers module name, '.' -> '_'>.lora_down.weight', '.lora_up.weight' and a 0-d '.alpha'. Checked as
+    a merge is (each pair fits its layer of SDXLUNet(cfg), built on the meta device) and finite in dtype (an alpha of
+    3e38 is inf in fp16): a file that merge_lora would refuse is not written."""
+    with torch.device("meta"):
+        layers = dict(SDXLUNet(cfg).named_modules())
+    problems = []
+    for name, (down, up, alpha) in factors.items():
+        if not isinstance(layers.get(name), (nn.Linear, nn.Conv2d)):
+            problems.append(f"{name}: no Linear/Conv2d of that name in the model")
+        elif problem := _lora_shape_problem(layers[name].weight, down, up):
+            problems.append(f"{name}: {problem}")
+        elif not all(torch.isfinite(t.detach().to(dtype or t.dtype)).all() for t in (down, up, torch.tensor(float(alpha)))):
+            problems.append(f"{name}: its factors or alpha are NaN or infinite in {dtype or down.dtype}")
+    if problems:
+        raise ValueError(f"{source_name}: cannot export for SDXLUNet({cfg}):\n" + _listing("problems", problems))
     names, out = lora_names(cfg), {}
     for name, (down, up, alpha) in factors.items():
         key = "lora_unet_" + names[name].replace(".", "_")

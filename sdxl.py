@@ -40,7 +40,7 @@ Latency and peak memory at 1024x1024, 4 steps, bf16 (CUDA); the second also time
 on the same weights (needs the test requirements):
     python sdxl.py bench --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin
     python tests/sdxl_diffusers.py --ckpt sd_xl_base_1.0.safetensors --unet dmd2_sdxl_4step_unet_fp16.bin
-Inspect (CPU, < 1 s):
+Inspect (CPU, a few seconds, most of it importing torch):
     python sdxl.py tokenize "a photo of a cat"               # CLIP BPE ids for both encoders
     python sdxl.py inspect sd_xl_base_1.0.safetensors        # tensor counts, dtypes and bytes per prefix
 In Python (one GPU; ~1.7 GB of text encoders in fp16 + 0.33 GB of VAE in fp32):
@@ -1089,9 +1089,11 @@ def generate_folder(args, net, parts):
     with open(path + ".tmp", "w") as f:
         json.dump(folder_settings(args), f, indent=1)
     os.replace(path + ".tmp", path)
+    kept = 0
     for i in range(0, len(prompts), args.batch):
         names = [os.path.join(args.outdir, f"{j:05d}.png") for j in range(i, min(i + args.batch, len(prompts)))]
         if all(os.path.exists(n) for n in names):
+            kept += len(names)
             continue
         images = generate(net, parts["clip_l"], parts["clip_g"], parts["vae"], prompts[i:i + args.batch], height,
                           width, args.seed + i // args.batch, sampler, steps, args.guidance, args.conditioning_timestep,
@@ -1099,7 +1101,8 @@ def generate_folder(args, net, parts):
         for name, image in zip(names, images):
             PIL.Image.fromarray(image).save(name[:-4] + ".tmp", format="PNG")   # not an image name: eval skips it
             os.replace(name[:-4] + ".tmp", name)                                   # a kill leaves no half-written PNG
-    print(f"wrote {len(prompts)} images to {args.outdir} ({sampler} sampler)")
+    print(f"wrote {len(prompts) - kept} images to {args.outdir} ({sampler} sampler)"
+          + (f"; kept the {kept} an earlier run had written" if kept else ""))
 
 
 def cmd_encode(args):

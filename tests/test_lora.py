@@ -347,8 +347,11 @@ def test_generate_with_a_lora_and_its_errors(lora_run, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "images")) == ["00000.png", "00001.png", "00002.png", "generate.json"]
     first = (tmp_path / "images" / "00002.png").read_bytes()
     (tmp_path / "images" / "00002.png").unlink()                        # as if stopped before the last batch
+    capsys.readouterr()
     sdxl.main(folder)                                                    # the same settings: it continues
     assert (tmp_path / "images" / "00002.png").read_bytes() == first
+    printed = capsys.readouterr().out                                    # it says what it wrote, not all three
+    assert "wrote 1 images to" in printed and "kept the 2 an earlier run had written" in printed
     with pytest.raises(SystemExit):                                      # other settings: refused, nothing replaced
         sdxl.main([*folder, "--seed", "5", "--lora_scale", "0.5"])
     assert "other settings (different: lora_scale, seed)" in capsys.readouterr().err

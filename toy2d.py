@@ -402,7 +402,7 @@ def fake_score_sigmas(sigma_grid, n, lognormal=0.0):
 
 
 def fake_score_loss(D_fake, x_fake, sigma_grid, x_real=None, lognormal=0.0):
-    """2. Fake-score (critic) denoising loss on detached generator samples, at sigma over the grid's whole range.
+    """2. The fake score's denoising loss on detached generator samples, at sigma over the grid's whole range.
 
       sigma ~ grid[U{0..999}] (a share `lognormal` from EDM's lognormal instead: fake_score_sigmas)
       lambda(sigma) = 1/sigma^2 + 1/sigma_data^2  (EDM weighting; DMD Alg. 3)
@@ -427,7 +427,9 @@ def fake_score_loss(D_fake, x_fake, sigma_grid, x_real=None, lognormal=0.0):
 
 
 def gan_logits(D_fake, head, x, sigma_grid):
-    """3. GAN head: noise x at a random grid sigma (diffusion GAN), classify the fake score's features."""
+    """3. GAN head: noise x at a random grid sigma (diffusion GAN), classify the fake score's features. The
+    generator's turn draws sigma here, uniformly over the grid; the discriminator's side reads the fake score's own
+    forward, whose sigma are fake_score_sigmas' (README: --fake_score_lognormal)."""
     sigma = sigma_grid[torch.randint(0, len(sigma_grid), (x.shape[0],), device=x.device)].unsqueeze(1)
     _, h = D_fake(x + sigma * torch.randn_like(x), sigma, features=True)
     return head(h).float()
@@ -593,7 +595,8 @@ def generator_turn(cfg, t, D_real, x_in, sigma_k):
 
 def fake_score_turn(cfg, t, x_fake, x_real):
     """One fake-score update: denoising loss on the generator's detached samples x_fake [B, 2] (2.), plus
-    the GAN head's loss on the same forward's features of noised fake and real samples x_real [B, 2] (3.)."""
+    the GAN head's loss on the same forward's features of noised fake and real samples x_real [B, 2] (3.), at that
+    forward's sigma (fake_score_sigmas)."""
     with t.autocast():
         loss_fake, h_fake, h_real = fake_score_loss(t.D_fake, x_fake, t.sigma_grid, x_real, cfg.fake_score_lognormal)
         loss = loss_fake
@@ -1401,7 +1404,8 @@ def check_config(cfg):
     if cfg.eval_redraws < 0:
         errors.append(f"--eval_redraws must be 0 (off) or more, got {cfg.eval_redraws}")
     if cfg.ablation and (cfg.seeds > 1 or cfg.eval_redraws):       # it would ignore them
-        errors.append("--ablation runs its own seeds (--ablation_seeds) and no redraws: drop --seeds and --eval_redraws")
+        errors.append("--ablation runs its own seeds (--ablation_seeds) and no redraws: drop --seeds and "
+                      "--eval_redraws")
     if cfg.dataset in ("ring", "grid"):
         least = math.ceil(20 / float(make_mixture(cfg.dataset).weights.min()))    # ring 400, grid 1180
         if cfg.num_eval < least:      # mode_shape_kl fits a Gaussian to a mode's samples: at least 10 of them

@@ -179,6 +179,8 @@ MAX_BATCH_PIXELS = 32 * 1024 * 1024
 
 
 def _file_batches(path, names, open_file, idx, batch_size, transform=None, any_mode=False):
+    """uint8 [B, 3, H, W] batches of the images names[idx] of a folder or zip, read one by one with open_file; all of
+    one size, B = batch_size or fewer (MAX_BATCH_PIXELS, and the last batch)."""
     noted, first, batch, limit = set(), None, [], batch_size
     for pos, i in enumerate(idx):
         name = os.path.join(path, names[i].lstrip("/"))  # a zip member may be named "/a.png": keep the zip's name
@@ -336,7 +338,8 @@ def _transform_batches(batches, transform, what):
 def image_batches(source, batch_size=64, num=None, seed=0, transform=None, any_mode=False):
     """(count or None, iterator of uint8 [B, 3, H, W] batches) for a folder, an EDM-style zip, an .npz, a tensor/array,
     or an iterable of batches. Files holding more than num images give EDM's random subset; in-memory sources the first num.
-    transform, if given, maps each uint8 [H, W, 3] image to uint8 [h, w, 3] (e.g. coco_fid_crop) before batching.
+    transform, if given, maps each uint8 [H, W, 3] image to uint8 [h, w, 3] (e.g. coco_fid_crop) before batching, or to
+    float32 values in [0, 255] (patch_crop of a small image), which makes its batch float32.
     any_mode: image files of any pixel mode are converted to RGB, as clean-fid reads them (CMYK, 16-bit, alpha dropped);
     otherwise only RGB, grayscale and palette images are read."""
     if isinstance(source, (str, os.PathLike)):

@@ -761,7 +761,9 @@ def build_models(run, frozen_dtype, text_dtype):
         generator = SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing)
         fake_score = FakeScore(SDXLUNet(run.unet_cfg, checkpointing=cfg.checkpointing), gan_head(channels, mid))
     generator_state = state
-    if cfg.generator_init:  # DMD2's 1-step run starts G from an ODE-regression pretraining (dmd2.md §7), not the base
+    # DMD2's 1-step run starts G from an ODE-regression pretraining (dmd2.md §7); a resumed run takes the checkpoint's
+    resuming = cfg.resume and os.path.exists(run.ckpt_path)
+    if cfg.generator_init and not resuming:
         generator_state = load_unet_state(cfg.generator_init, run.unet_cfg)
         check_state(generator, generator_state, cfg.generator_init, "--generator_init UNet")
     if cfg.lora_rank:  # DMD2's LoRA generator (README model zoo): the base stays frozen, the low-rank updates train

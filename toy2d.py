@@ -4,7 +4,8 @@ toy2d.py: all of DMD2 on a 2D Gaussian mixture, on a CPU, in seconds, with pictu
 DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis",
 arXiv 2405.14867) distills a many-step diffusion model (the teacher) into a generator that samples in
 1 or K steps. Its four ideas, each written out below in this order:
-  1. the distribution-matching (DM) gradient: move generator samples along D_real - D_fake (Sec. 3),
+  1. the distribution-matching (DM) gradient: move generator samples along x0_real - x0_fake, the difference of
+     the teacher's and the fake score's denoised guesses (Sec. 3),
   2. the fake score, trained on the generator's own samples, updated 5x per generator update:
      the two time-scale update rule, TTUR (Sec. 4.2),
   3. a GAN head on the fake score's features, trained on real data (Sec. 4.3),
@@ -187,7 +188,7 @@ def mixture_std(mix):
 # initialises the fake score and the generator from the teacher's weights.
 
 
-def karras_sigmas(n, sigma_min, sigma_max, rho):
+def sigma_grid(n, sigma_min, sigma_max, rho):
     """EDM Eq. 5, ascending: index 0 is sigma_min, index n-1 is sigma_max (DMD2's 1000-point grid)."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     sigmas = (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
@@ -273,7 +274,7 @@ class ExactDenoiser(nn.Module):
         return exact_denoiser(self.mix, x.float(), sigma)
 
 
-def make_head(width):
+def make_gan_head(width):
     """DMD2's GAN classifier, on the fake score's last hidden layer: features [B, width] -> logit [B]."""
     return nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1), nn.Flatten(0))
 
@@ -294,7 +295,7 @@ def generate(G, z, sigmas, generator=None):
 @torch.no_grad()
 def heun_sampler(D, z, num_steps, sigma_min, sigma_max, rho):
     """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Heun steps on the probability-flow ODE."""
-    t = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho).flip(0), torch.zeros(1)]).tolist()
+    t = torch.cat([sigma_grid(num_steps, sigma_min, sigma_max, rho).flip(0), torch.zeros(1)]).tolist()
     x = z * t[0]
     for i in range(num_steps):
         d = (x - D(x, t[i])) / t[i]                                 # dx/dsigma = (x - D(x; sigma)) / sigma
@@ -345,7 +346,7 @@ def train_teacher(cfg, mix, device, progress=True):
     # DMD2 asks the teacher for D_real at sigma drawn uniformly over the 1000-point grid: half of its draws are above
     # 2.5 and a fifth above 20, where EDM's lognormal sigma (median 0.3) trains 4% and 0.02% of the time. The teacher's
     # errors there pushed the students' samples towards one side of the ring and shifted their mode weights (README).
-    grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+    grid = sigma_grid(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
     for _ in tqdm(range(cfg.teacher_iters), desc="teacher", disable=not progress, leave=False):
         x0 = sample_mixture(mix, cfg.teacher_batch + cfg.teacher_grid_batch).to(device)      # [B, 2]
         loss = edm_loss(teacher, x0, sigma_grid=grid, n_grid=cfg.teacher_grid_batch)
@@ -360,14 +361,15 @@ def train_teacher(cfg, mix, device, progress=True):
 # 1. Distribution matching gradient (DMD Eq. 7-8, DMD2 Sec. 3)
 
 
-def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
+def loss_distribution_matching(x, D_real, fake_score, sigma_grid, min_idx, max_idx):
     """1. Distribution-matching gradient (DMD Eq. 7-8 as DMD2's code computes it).
 
     The generator should move each sample x along the difference of the real and fake scores of
-    the noised sample, i.e. along D_real - D_fake (Tweedie: score = (D - x_t) / sigma^2):
+    the noised sample, i.e. along x0_real - x0_fake (Tweedie: score = (x0 - x_t) / sigma^2):
       sigma   ~ grid[U{min_idx..max_idx}]        (2%-98% of the 1000-point grid)
       x_t     = x + sigma * eps
-      p_real  = x - D_real(x_t; sigma),  p_fake = x - D_fake(x_t; sigma)
+      x0_real = D_real(x_t; sigma),  x0_fake = fake_score(x_t; sigma)
+      p_real  = x - x0_real,         p_fake  = x - x0_fake
       grad    = (p_real - p_fake) / mean|p_real|   (per-sample normaliser)
       loss    = 0.5 * MSE(x, stopgrad(x - grad))   (its gradient w.r.t. x is grad / numel(x))
     x [B, 2] with grad -> (loss, grad [B, 2]).
@@ -376,8 +378,8 @@ def dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx):
     sigma = sigma_grid[idx].unsqueeze(1)                                       # [B, 1]
     with torch.no_grad():
         x_t = x + sigma * torch.randn_like(x)
-        p_real = x - D_real(x_t, sigma)
-        p_fake = x - D_fake(x_t, sigma)
+        p_real = x - D_real(x_t, sigma)                                        # x - x0_real, [B, 2]
+        p_fake = x - fake_score(x_t, sigma)                                    # x - x0_fake, [B, 2]
         grad = (p_real - p_fake) / p_real.abs().mean(dim=1, keepdim=True)
         grad = torch.nan_to_num(grad)
     loss = 0.5 * F.mse_loss(x, (x - grad).detach())
@@ -401,24 +403,24 @@ def fake_score_sigmas(sigma_grid, n, lognormal=0.0):
     return sigma
 
 
-def fake_score_loss(D_fake, x_fake, sigma_grid, x_real=None, lognormal=0.0):
+def loss_fake_score(fake_score, x_fake, sigma_grid, x_real=None, lognormal=0.0):
     """2. The fake score's denoising loss on detached generator samples, at sigma over the grid's whole range.
 
       sigma ~ grid[U{0..999}] (a share `lognormal` from EDM's lognormal instead: fake_score_sigmas)
       lambda(sigma) = 1/sigma^2 + 1/sigma_data^2  (EDM weighting; DMD Alg. 3)
-      loss  = mean lambda(sigma) * (D_fake(x + sigma*eps; sigma) - x)^2
+      loss  = mean lambda(sigma) * (fake_score(x + sigma*eps; sigma) - x)^2
     Returns (loss, features [B, width], features of x_real or None). The GAN head (3.) reads the features of
     the noised generator samples, and of real data x_real [B, 2], noised alike, which rides along in the same
     forward and adds nothing to this loss.
     The two time-scale rule lives in the loop: this loss is minimised every iteration, the
-    generator's loss only every dfake_gen_update_ratio-th, so D_fake keeps up with the generator.
+    generator's loss only every dfake_gen_update_ratio-th, so fake_score keeps up with the generator.
     """
     B = x_fake.shape[0]
     x = x_fake if x_real is None else torch.cat([x_fake, x_real])                          # [B or 2B, 2]
     sigma = fake_score_sigmas(sigma_grid, x.shape[0], lognormal)                           # [B or 2B, 1]
-    D_x, h = D_fake(x + sigma * torch.randn_like(x), sigma, features=True)
-    weight = 1 / sigma[:B] ** 2 + 1 / D_fake.sigma_data**2
-    loss = (weight * (D_x[:B].float() - x_fake) ** 2).mean()
+    x0_fake, h = fake_score(x + sigma * torch.randn_like(x), sigma, features=True)       # [B or 2B, 2], [.., width]
+    weight = 1 / sigma[:B] ** 2 + 1 / fake_score.sigma_data**2
+    loss = (weight * (x0_fake[:B].float() - x_fake) ** 2).mean()
     return loss, h[:B], (None if x_real is None else h[B:])
 
 
@@ -426,21 +428,21 @@ def fake_score_loss(D_fake, x_fake, sigma_grid, x_real=None, lognormal=0.0):
 # 3. GAN head (DMD2 Sec. 4.3)
 
 
-def gan_logits(D_fake, head, x, sigma_grid):
+def gan_logits(fake_score, gan_head, x, sigma_grid):
     """3. GAN head: noise x at a random grid sigma (diffusion GAN), classify the fake score's features. The
     generator's turn draws sigma here, uniformly over the grid; the discriminator's side reads the fake score's own
     forward, whose sigma are fake_score_sigmas' (README: --fake_score_lognormal)."""
     sigma = sigma_grid[torch.randint(0, len(sigma_grid), (x.shape[0],), device=x.device)].unsqueeze(1)
-    _, h = D_fake(x + sigma * torch.randn_like(x), sigma, features=True)
-    return head(h).float()
+    _, h = fake_score(x + sigma * torch.randn_like(x), sigma, features=True)
+    return gan_head(h).float()
 
 
-def gan_generator_loss(logits_fake):
+def loss_gan_generator(logits_fake):
     """Non-saturating generator loss softplus(-D(G(z))) = -log sigmoid(D) (paper Eq. 4, logit form)."""
     return F.softplus(-logits_fake).mean()
 
 
-def gan_discriminator_loss(logits_real, logits_fake):
+def loss_gan_discriminator(logits_real, logits_fake):
     """softplus(D(fake)) + softplus(-D(real)): the head learns real -> +, generated -> -."""
     return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
 
@@ -483,8 +485,8 @@ def amp_settings(cfg, device):
 class Trainables:
     """What distillation trains, with its optimisers and the loop's fixed settings."""
     G: nn.Module                  # the generator (official: feedforward_model)
-    D_fake: nn.Module             # the fake score (official: fake_unet)
-    head: nn.Module               # the GAN head (official: cls_pred_branch)
+    fake_score: nn.Module         # the fake score (official: fake_unet)
+    gan_head: nn.Module           # the GAN head (official: cls_pred_branch)
     G_ema: nn.Module              # the EMA of G's weights, which the student is sampled from (G itself: --ema_span 0)
     opt_G: torch.optim.Optimizer
     opt_fake: torch.optim.Optimizer
@@ -518,25 +520,25 @@ def make_trainables(cfg, teacher, device, ksteps=1):
     1-step student's generator and fake score each get extra input features whose weights start at zero, so they
     still compute the teacher's function at the start."""
     G = copy.deepcopy(teacher).train().requires_grad_(True)
-    D_fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
     if cfg.one_step_generator_features and ksteps == 1:      # another draw of frequencies than the fake score's (99)
         G.add_input_features(cfg.one_step_generator_features, cfg.x_feature_scale, seed=98)
     if cfg.fake_score_knows_step and ksteps > 1:
-        D_fake.add_steps(ksteps)
+        fake_score.add_steps(ksteps)
     if cfg.one_step_fake_features and ksteps == 1:
-        D_fake.add_input_features(cfg.one_step_fake_features, cfg.x_feature_scale)
-    head = make_head(cfg.width).to(device)
+        fake_score.add_input_features(cfg.one_step_fake_features, cfg.x_feature_scale)
+    gan_head = make_gan_head(cfg.width).to(device)
     G_ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema_span > 0 else G
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
-    opt_fake = torch.optim.AdamW([*D_fake.parameters(), *head.parameters()], lr=student_settings(cfg, ksteps)[1],
-                                 **adamw)
-    sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
-    dm_range = dm_index_range(cfg)
-    return Trainables(G, D_fake, head, G_ema, opt_G, opt_fake, *amp_settings(cfg, device), sigma_grid, dm_range)
+    opt_fake = torch.optim.AdamW([*fake_score.parameters(), *gan_head.parameters()],
+                                 lr=student_settings(cfg, ksteps)[1], **adamw)
+    grid = sigma_grid(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+    return Trainables(G, fake_score, gan_head, G_ema, opt_G, opt_fake, *amp_settings(cfg, device), grid,
+                      dm_index_range(cfg))
 
 
-def optimizer_step(opt, loss, params, scaler, max_grad_norm):
+def optimiser_step(opt, loss, params, scaler, max_grad_norm):
     """Backward, clip (as the official runs), step; the GradScaler is a no-op unless --precision fp16."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -572,24 +574,26 @@ def generator_input(cfg, mix, G, z, sigmas, k):
     return sample_mixture(mix, z.shape[0]).to(z.device) + sigmas[k] * z
 
 
-def generator_turn(cfg, t, D_real, x_in, sigma_k):
+def generator_turn(cfg, t, D_real, x_in, sigma_k, dm_objective=None):
     """One generator update: the DM gradient (1.) plus the GAN generator loss (3.) on G(x_in; sigma_k).
-    -> (generated samples x [B, 2], detached, for the fake score's turn; log)."""
+    -> (generated samples x [B, 2], detached, for the fake score's turn; log). dm_objective(x [B, 2]) -> loss, if
+    given, stands in for the DM gradient's loss (the neighbours notebook's other objectives)."""
     log = {}
-    t.D_fake.requires_grad_(False), t.head.requires_grad_(False)     # the GAN gradient flows into G only
+    t.fake_score.requires_grad_(False), t.gan_head.requires_grad_(False)     # the GAN gradient flows into G only
     with t.autocast():
         x = t.G(x_in, sigma_k).float()                               # [B, 2]
         loss_G = torch.zeros((), device=x.device)
         if cfg.dm:
-            loss_dm, _ = dm_loss(x, D_real, t.D_fake, t.sigma_grid, *t.dm_range)
+            loss_dm = (loss_distribution_matching(x, D_real, t.fake_score, t.sigma_grid, *t.dm_range)[0]
+                       if dm_objective is None else dm_objective(x))
             loss_G = loss_G + loss_dm
             log["loss_dm"] = loss_dm.item()
         if cfg.gen_gan_weight > 0:
-            loss_gan = gan_generator_loss(gan_logits(t.D_fake, t.head, x, t.sigma_grid))
+            loss_gan = loss_gan_generator(gan_logits(t.fake_score, t.gan_head, x, t.sigma_grid))
             loss_G = loss_G + cfg.gen_gan_weight * loss_gan
             log["loss_g_gan"] = loss_gan.item()
-    optimizer_step(t.opt_G, loss_G, t.G.parameters(), t.scaler, cfg.max_grad_norm)
-    t.D_fake.requires_grad_(True), t.head.requires_grad_(True)
+    optimiser_step(t.opt_G, loss_G, t.G.parameters(), t.scaler, cfg.max_grad_norm)
+    t.fake_score.requires_grad_(True), t.gan_head.requires_grad_(True)
     return x.detach(), log
 
 
@@ -598,14 +602,16 @@ def fake_score_turn(cfg, t, x_fake, x_real):
     the GAN head's loss on the same forward's features of noised fake and real samples x_real [B, 2] (3.), at that
     forward's sigma (fake_score_sigmas)."""
     with t.autocast():
-        loss_fake, h_fake, h_real = fake_score_loss(t.D_fake, x_fake, t.sigma_grid, x_real, cfg.fake_score_lognormal)
+        loss_fake, h_fake, h_real = loss_fake_score(t.fake_score, x_fake, t.sigma_grid, x_real,
+                                                    cfg.fake_score_lognormal)
         loss = loss_fake
         log = {"loss_fake": loss_fake.item()}
         if cfg.fake_gan_weight > 0:
-            loss_d = gan_discriminator_loss(t.head(h_real).float(), t.head(h_fake).float())
+            loss_d = loss_gan_discriminator(t.gan_head(h_real).float(), t.gan_head(h_fake).float())
             loss = loss + cfg.fake_gan_weight * loss_d
             log["loss_d_gan"] = loss_d.item()
-    optimizer_step(t.opt_fake, loss, [*t.D_fake.parameters(), *t.head.parameters()], t.scaler, cfg.max_grad_norm)
+    params = [*t.fake_score.parameters(), *t.gan_head.parameters()]
+    optimiser_step(t.opt_fake, loss, params, t.scaler, cfg.max_grad_norm)
     return log
 
 
@@ -614,7 +620,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
     of losses and quick metrics.
 
     sigmas: the student's fixed noise levels; [s] is the one-step generator G(s z; s) (paper: s = sigma_max).
-    D_real: the real score (the teacher, or the exact denoiser). callback(it, G, D_fake, head, log), if
+    D_real: the real score (the teacher, or the exact denoiser). callback(it, G, fake_score, gan_head, log), if
     given (G: the generator being trained, not its EMA), runs after every iteration (the DM-field picture and the
     notebook's figures use it).
     position: the row of its progress bar (students trained side by side each get one).
@@ -631,7 +637,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
         t.opt_G.param_groups[0]["lr"] = cfg.generator_lr * decay(it)
         t.opt_fake.param_groups[0]["lr"] = fake_lr * decay(it)
         k = int(torch.randint(0, len(sigmas), ()))              # one step of the K-step chain per batch
-        t.D_fake.step = k                                        # used only with --fake_score_knows_step
+        t.fake_score.step = k                                        # used only with --fake_score_knows_step
         gen_turn = it % cfg.dfake_gen_update_ratio == 0          # TTUR (2.): the generator's turn is rarer
         n = gen_batch if gen_turn else cfg.batch_size
         x_in = generator_input(cfg, mix, t.G, torch.randn(n, 2, device=device), sigmas, k)
@@ -654,7 +660,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
                 log["energy"] = energy_distance(x, eval_real)
         history.append(log)
         if callback is not None:
-            callback(it, t.G, t.D_fake, t.head, log)
+            callback(it, t.G, t.fake_score, t.gan_head, log)
     return t.G_ema.eval().requires_grad_(False), history
 
 
@@ -664,14 +670,14 @@ def dm_field_recorder(at, D_real, sigmas, cfg, mix, n=1000):
     a forked RNG, so recording leaves the training run's random numbers, and so its result, unchanged."""
     record = {}
 
-    def callback(it, G, D_fake, head, log):
+    def callback(it, G, fake_score, gan_head, log):
         if it != at:
             return
         device = next(G.parameters()).device
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            sigma_grid = karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+            grid = sigma_grid(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
             samples = generate(G, torch.randn(n, 2, device=device), sigmas)
-            record.update(dm_field(D_real, D_fake, sigma_grid, *dm_index_range(cfg), samples, mix), iter=it)
+            record.update(dm_field(D_real, fake_score, grid, *dm_index_range(cfg), samples, mix), iter=it)
     return record, callback
 
 
@@ -862,14 +868,14 @@ def energy_ratio_redraws(cfg, mix, teacher, students, draws, device):
 
 
 @torch.no_grad()
-def dm_field(D_real, D_fake, sigma_grid, min_idx, max_idx, samples, mix, n=21, draws=64):
-    """The DM update direction -grad = (D_real - D_fake) / mean|x - D_real|, averaged over sigma and
+def dm_field(D_real, fake_score, sigma_grid, min_idx, max_idx, samples, mix, n=21, draws=64):
+    """The DM update direction -grad = (x0_real - x0_fake) / mean|x - x0_real|, averaged over sigma and
     noise, on an n x n grid of points covering the data: where DMD2 pushes a sample at each place."""
     lim = float(mix.means.abs().max()) + 1.0
     g = torch.linspace(-lim, lim, n, device=sigma_grid.device)
     pts = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)               # [n*n, 2]
     x = pts.repeat(draws, 1)                                                                 # [draws*n*n, 2]
-    _, grad = dm_loss(x, D_real, D_fake, sigma_grid, min_idx, max_idx)
+    _, grad = loss_distribution_matching(x, D_real, fake_score, sigma_grid, min_idx, max_idx)
     return {"points": pts.cpu(), "direction": -grad.reshape(draws, -1, 2).mean(0).cpu(), "samples": samples.cpu()}
 
 

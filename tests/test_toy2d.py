@@ -64,7 +64,7 @@ def test_exact_denoiser_is_tweedie_of_exact_log_density():
 
 
 def test_karras_grid_and_sigma_range():
-    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)
+    grid = toy2d.sigma_grid(1000, 0.002, 80.0, 7.0)
     assert grid[0] == pytest.approx(0.002) and grid[-1] == pytest.approx(80.0)
     assert (grid[1:] > grid[:-1]).all()
     # The DM gradient's range, grid indices 20..980 (dmd2.md lists sigma 0.00323 and 72.1 there).
@@ -77,7 +77,7 @@ def test_karras_grid_and_sigma_range():
     x = torch.randn(20000, 2, requires_grad=True)
     seen = []
     D = lambda x_t, sigma: seen.append(sigma) or x_t                                   # noqa: E731
-    toy2d.dm_loss(x, D, D, grid, lo, hi)
+    toy2d.loss_distribution_matching(x, D, D, grid, lo, hi)
     assert torch.isin(seen[0], grid[999]).any() and torch.isin(seen[0], grid[0]).any()
 
 
@@ -93,14 +93,15 @@ def gaussian_denoiser(mean, sigma_data=1.0):
 
 
 def test_dm_gradient_sign_and_scale():
-    """Real N(0, I) and fake N(m, I): D_fake - D_real = sigma^2 m / (1 + sigma^2) for every x_t,
+    """Real N(0, I) and fake N(m, I): fake_score - D_real = sigma^2 m / (1 + sigma^2) for every x_t,
     so the normalised grad is known in closed form, and descending the surrogate moves x toward the real mean."""
     m = torch.tensor([1.5, -0.5])
-    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)
+    grid = toy2d.sigma_grid(1000, 0.002, 80.0, 7.0)
     torch.manual_seed(0)
     x = (torch.randn(256, 2) + m).requires_grad_(True)       # generator samples, currently around m
     torch.manual_seed(1)
-    loss, grad = toy2d.dm_loss(x, gaussian_denoiser(torch.zeros(2)), gaussian_denoiser(m), grid, 20, 980)
+    real, fake = gaussian_denoiser(torch.zeros(2)), gaussian_denoiser(m)
+    loss, grad = toy2d.loss_distribution_matching(x, real, fake, grid, 20, 980)
     # Recompute with the same sigmas and noise: grad * mean|x - D_real| must equal sigma^2 m / (1 + sigma^2).
     torch.manual_seed(1)
     idx = torch.randint(20, 981, (256,))
@@ -114,7 +115,7 @@ def test_dm_gradient_sign_and_scale():
     # Sign: a gradient-descent step moves every sample toward the real mean (0), i.e. along -m.
     assert ((x.grad @ m) > 0).all()
     # Identical real and fake scores give no gradient at all.
-    _, zero = toy2d.dm_loss(x.detach(), gaussian_denoiser(m), gaussian_denoiser(m), grid, 20, 980)
+    _, zero = toy2d.loss_distribution_matching(x.detach(), gaussian_denoiser(m), gaussian_denoiser(m), grid, 20, 980)
     assert zero.abs().max() == 0
 
 
@@ -124,24 +125,24 @@ def test_fake_score_loss_goes_down():
     torch.manual_seed(0)
     fake_mix = toy2d.make_mixture("ring")
     fake_mix.means = fake_mix.means + torch.tensor([0.5, -0.3])
-    D_fake = toy2d.Denoiser(toy2d.mixture_std(fake_mix), width=64, depth=2)
-    opt = torch.optim.Adam(D_fake.parameters(), lr=3e-3)
-    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)
+    fake_score = toy2d.Denoiser(toy2d.mixture_std(fake_mix), width=64, depth=2)
+    opt = torch.optim.Adam(fake_score.parameters(), lr=3e-3)
+    grid = toy2d.sigma_grid(1000, 0.002, 80.0, 7.0)
     x_eval = toy2d.sample_mixture(fake_mix, 4096)
     sig_eval = grid[torch.randint(300, 900, (4096,))].unsqueeze(1)        # sigma ~ 0.05..20
     x_t = x_eval + sig_eval * torch.randn(4096, 2)
-    weight = 1 / sig_eval**2 + 1 / D_fake.sigma_data**2
+    weight = 1 / sig_eval**2 + 1 / fake_score.sigma_data**2
 
     def fixed_noise_loss_and_error():
         with torch.no_grad():
-            D = D_fake(x_t, sig_eval)
+            D = fake_score(x_t, sig_eval)
             loss = (weight * (D - x_eval) ** 2).mean()
             error = (weight * (D - toy2d.exact_denoiser(fake_mix, x_t, sig_eval)) ** 2).mean()
         return loss.item(), error.item()
 
     loss0, err0 = fixed_noise_loss_and_error()
     for _ in range(300):
-        loss, _, _ = toy2d.fake_score_loss(D_fake, toy2d.sample_mixture(fake_mix, 512), grid)
+        loss, _, _ = toy2d.loss_fake_score(fake_score, toy2d.sample_mixture(fake_mix, 512), grid)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -151,20 +152,20 @@ def test_fake_score_loss_goes_down():
 
 def test_gan_losses_and_head():
     """The discriminator loss is log 4 at chance and falls when the head separates real from fake."""
-    assert toy2d.gan_discriminator_loss(torch.zeros(8), torch.zeros(8)).item() == pytest.approx(2 * math.log(2))
-    assert toy2d.gan_generator_loss(torch.zeros(8)).item() == pytest.approx(math.log(2))
+    assert toy2d.loss_gan_discriminator(torch.zeros(8), torch.zeros(8)).item() == pytest.approx(2 * math.log(2))
+    assert toy2d.loss_gan_generator(torch.zeros(8)).item() == pytest.approx(math.log(2))
     torch.manual_seed(0)
     mix = toy2d.make_mixture("ring")
-    D_fake = toy2d.Denoiser(toy2d.mixture_std(mix), width=64, depth=2)
-    head = toy2d.make_head(64)
-    opt = torch.optim.Adam([*D_fake.parameters(), *head.parameters()], lr=3e-3)
-    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)[:500]     # sigma <= ~1: the two sets stay distinguishable
+    fake_score = toy2d.Denoiser(toy2d.mixture_std(mix), width=64, depth=2)
+    gan_head = toy2d.make_gan_head(64)
+    opt = torch.optim.Adam([*fake_score.parameters(), *gan_head.parameters()], lr=3e-3)
+    grid = toy2d.sigma_grid(1000, 0.002, 80.0, 7.0)[:500]     # sigma <= ~1: the two sets stay distinguishable
     losses = []
     for _ in range(200):
         real = toy2d.sample_mixture(mix, 256)
         fake = 0.3 * torch.randn(256, 2)                           # a collapsed "generator" at the origin
-        loss = toy2d.gan_discriminator_loss(toy2d.gan_logits(D_fake, head, real, grid),
-                                            toy2d.gan_logits(D_fake, head, fake, grid))
+        loss = toy2d.loss_gan_discriminator(toy2d.gan_logits(fake_score, gan_head, real, grid),
+                                            toy2d.gan_logits(fake_score, gan_head, fake, grid))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -189,18 +190,18 @@ def test_fake_score_that_knows_the_step_starts_as_the_teacher():
     teacher for every step, and a trained vector changes only its own step's output."""
     torch.manual_seed(0)
     teacher = toy2d.Denoiser(1.0, width=32, depth=2)
-    D_fake = copy.deepcopy(teacher)
-    D_fake.add_steps(4)
+    fake_score = copy.deepcopy(teacher)
+    fake_score.add_steps(4)
     x, sigma = torch.randn(64, 2), torch.rand(64) + 0.1
     for k in range(4):
-        D_fake.step = k
-        assert torch.equal(D_fake(x, sigma), teacher(x, sigma))
+        fake_score.step = k
+        assert torch.equal(fake_score(x, sigma), teacher(x, sigma))
     with torch.no_grad():
-        D_fake.step_emb[2] += 1.0
-    D_fake.step = 1
-    assert torch.equal(D_fake(x, sigma), teacher(x, sigma))
-    D_fake.step = 2
-    assert not torch.allclose(D_fake(x, sigma), teacher(x, sigma))
+        fake_score.step_emb[2] += 1.0
+    fake_score.step = 1
+    assert torch.equal(fake_score(x, sigma), teacher(x, sigma))
+    fake_score.step = 2
+    assert not torch.allclose(fake_score(x, sigma), teacher(x, sigma))
 
 
 def test_one_step_student_gets_extra_features_and_still_starts_as_the_teacher():
@@ -213,11 +214,11 @@ def test_one_step_student_gets_extra_features_and_still_starts_as_the_teacher():
     teacher = toy2d.Denoiser(1.0, width=32, depth=2, x_features=4).requires_grad_(False)
     t1 = toy2d.make_trainables(cfg, teacher, torch.device("cpu"), ksteps=1)
     t4 = toy2d.make_trainables(cfg, teacher, torch.device("cpu"), ksteps=4)
-    assert t4.D_fake.extra is None and t4.G.extra is None
-    assert t1.D_fake.extra_freqs.shape == (2, 8) and t1.G.extra_freqs.shape == (2, 6)
-    assert not torch.allclose(t1.D_fake.extra_freqs[:, :6], t1.G.extra_freqs)            # two different draws
+    assert t4.fake_score.extra is None and t4.G.extra is None
+    assert t1.fake_score.extra_freqs.shape == (2, 8) and t1.G.extra_freqs.shape == (2, 6)
+    assert not torch.allclose(t1.fake_score.extra_freqs[:, :6], t1.G.extra_freqs)            # two different draws
     x = torch.randn(64, 2)
-    for net, opt in ((t1.D_fake, t1.opt_fake), (t1.G, t1.opt_G)):
+    for net, opt in ((t1.fake_score, t1.opt_fake), (t1.G, t1.opt_G)):
         for sigma in (0.01, 0.3, 2.5, 40.0):
             assert torch.equal(net(x, sigma), teacher(x, sigma))
         trained = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -307,6 +308,33 @@ def test_distill_alternates_generator_and_fake_score_turns(monkeypatch):
             assert x.shape == (64, 2)
 
 
+def test_generator_turn_takes_another_dm_objective_and_keeps_the_rest_of_the_turn():
+    """generator_turn(..., dm_objective=f) uses f(x) where DMD2's DM loss would be (the neighbours notebook's other
+    objectives): given DMD2's own loss it makes the same update bit for bit; another objective makes another update
+    and still adds the GAN generator loss; the fake score and the GAN head take no gradient and stay trainable."""
+    cfg = toy2d.Config(width=32, depth=2, x_features=0, one_step_fake_features=0, one_step_generator_features=0)
+    torch.manual_seed(0)
+    teacher = toy2d.Denoiser(1.0, width=32, depth=2, x_features=0).requires_grad_(False)
+    x_in = 2.5 * torch.randn(128, 2)
+
+    def turn(dm_objective=None, gan_weight=2.0):
+        torch.manual_seed(1)
+        t = toy2d.make_trainables(cfg, teacher, torch.device("cpu"))
+        objective = None if dm_objective is None else (lambda x: dm_objective(x, t))
+        c = dataclasses.replace(cfg, gen_gan_weight=gan_weight)
+        x, log = toy2d.generator_turn(c, t, teacher, x_in, 2.5, dm_objective=objective)
+        assert all(p.requires_grad and p.grad is None for p in [*t.fake_score.parameters(), *t.gan_head.parameters()])
+        return torch.cat([p.detach().flatten() for p in t.G.parameters()]), log
+
+    dmd2 = lambda x, t: toy2d.loss_distribution_matching(x, teacher, t.fake_score, t.sigma_grid, *t.dm_range)[0]
+    pull = lambda x, t: 0.5 * (x - 1.0).pow(2).mean()                  # pulls every sample towards (1, 1)
+    default, log = turn()
+    assert torch.equal(turn(dmd2)[0], default)
+    other, other_log = turn(pull)
+    assert not torch.allclose(other, default) and other_log["loss_dm"] != log["loss_dm"]
+    assert "loss_g_gan" in other_log and not torch.equal(turn(pull, gan_weight=0.0)[0], other)
+
+
 def test_generator_batch_size_zero_is_the_fake_score_batch_and_more_changes_training():
     """--generator_batch_size 0 (the default) and --generator_batch_size equal to --batch_size train the same
     generator bit for bit (the paper's one batch); a larger generator batch trains a different one."""
@@ -385,7 +413,7 @@ def test_students_are_the_ema_of_the_generators_updates():
     for span in (0.5, 0.0):
         after_updates = []
 
-        def record(it, G, D_fake, head, log):
+        def record(it, G, fake_score, gan_head, log):
             if it % cfg.dfake_gen_update_ratio == 0:                     # this iteration's generator turn is done
                 after_updates.append(copy.deepcopy(G.state_dict()))
 
@@ -868,7 +896,7 @@ def test_teacher_grid_rows_draw_sigma_where_distillation_queries_the_teacher():
             seen.append(sigma.reshape(-1))
             return torch.zeros_like(x)
 
-    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)
+    grid = toy2d.sigma_grid(1000, 0.002, 80.0, 7.0)
     torch.manual_seed(0)
     toy2d.edm_loss(Probe(), torch.zeros(8192, 2), sigma_grid=grid, n_grid=2048)
     sigma = seen[0]
@@ -883,7 +911,7 @@ def test_teacher_grid_rows_draw_sigma_where_distillation_queries_the_teacher():
 def test_fake_score_sigmas_grid_and_lognormal_share():
     """--fake_score_lognormal: share 0 is DMD2's draw, uniform over the grid's indices, bit for bit as the loss drew it
     before the option; share p puts about p of the rows on EDM's lognormal (median 0.3), inside the grid's range."""
-    grid = toy2d.karras_sigmas(1000, 0.002, 80.0, 7.0)
+    grid = toy2d.sigma_grid(1000, 0.002, 80.0, 7.0)
     torch.manual_seed(0)
     paper = grid[torch.randint(0, len(grid), (20_000,))].unsqueeze(1)
     torch.manual_seed(0)
@@ -907,7 +935,7 @@ def test_fake_score_sigmas_grid_and_lognormal_share():
             return torch.zeros_like(x), torch.zeros(len(x), 4)
 
     torch.manual_seed(1)
-    toy2d.fake_score_loss(Probe(), torch.zeros(4096, 2), grid, torch.zeros(4096, 2), lognormal=0.75)
+    toy2d.loss_fake_score(Probe(), torch.zeros(4096, 2), grid, torch.zeros(4096, 2), lognormal=0.75)
     torch.manual_seed(1)
     assert torch.equal(seen[0], toy2d.fake_score_sigmas(grid, 8192, lognormal=0.75).reshape(-1))
 

@@ -102,25 +102,13 @@ def ttur_loop(cfg, t, generator_step, real):
 
 def dmd2(cfg, teacher, mix, real=None, D_real=None, t=None):
     """1. DMD2 (Yin et al. 2024b, Algorithm 1) with toy2d.py's own generator turn: DM gradient (DMD Eq. 7-8,
-    toy2d.dm_loss) + GAN generator loss (DMD2 Eq. 4). Conditional runs pass class-aware views t, a guided D_real
-    and a class-matched real(); by default the teacher, and fresh mixture samples."""
+    toy2d.loss_distribution_matching) + GAN generator loss (DMD2 Eq. 4). Conditional runs pass class-aware views t,
+    a guided D_real and a class-matched real(); by default the teacher, and fresh mixture samples."""
     t = toy2d.make_trainables(cfg, teacher, device) if t is None else t
     D_real = teacher if D_real is None else D_real
     real = (lambda: toy2d.sample_mixture(mix, cfg.batch_size)) if real is None else real
     turn = lambda x_in: toy2d.generator_turn(cfg, t, D_real, x_in, cfg.one_step_sigma)
     return one_step(t.G, cfg.one_step_sigma), ttur_loop(cfg, t, turn, real)
-
-
-def custom_generator_turn(cfg, t, x_in, dm_fn):
-    """toy2d.generator_turn with the DM loss replaced by dm_fn(x) (f-distill, Decoupled DMD); GAN term unchanged."""
-    t.D_fake.requires_grad_(False), t.head.requires_grad_(False)     # the GAN gradient flows into G only
-    x = t.G(x_in, cfg.one_step_sigma)                                 # [B, 2]
-    loss_dm = dm_fn(x)
-    loss_gan = toy2d.gan_generator_loss(toy2d.gan_logits(t.D_fake, t.head, x, t.sigma_grid))
-    toy2d.optimizer_step(t.opt_G, loss_dm + cfg.gen_gan_weight * loss_gan, t.G.parameters(), t.scaler,
-                         cfg.max_grad_norm)
-    t.D_fake.requires_grad_(True), t.head.requires_grad_(True)
-    return x.detach(), {"loss_dm": loss_dm.item(), "loss_g_gan": loss_gan.item()}
 
 
 def gan_only(cfg, teacher, mix):
@@ -134,15 +122,16 @@ def gan_only(cfg, teacher, mix):
 # ### The score-difference family: DMD, VSD/SwiftBrush, Diff-Instruct, SiD, f-distill
 #
 # All of them move a generated sample `x` along a difference of the teacher's and the fake score's denoisers at
-# `x_t = x + sigma * eps`; they differ in how they weight it over sigma and samples. In toy2d's names:
+# `x_t = x + sigma * eps`; they differ in how they weight it over sigma and samples. In toy2d's names, with
+# `x0_real = D_real(x_t; sigma)` and `x0_fake = fake_score(x_t; sigma)`:
 #
 # | objective | generator gradient on x (before the optimiser) | sigma drawn from |
 # |---|---|---|
-# | DMD / DMD2 | `(D_fake - D_real) / mean abs(x - D_real)` | grid indices 20..980 |
-# | VSD / SwiftBrush | `(eps_real - eps_fake) * alpha = (D_fake - D_real) / (sigma sqrt(1 + sigma^2))` | the same |
-# | Diff-Instruct | `w (s_fake - s_real) = (sigma^2 + sigma_data^2) / sigma_data^2 (D_fake - D_real)` | lognormal |
+# | DMD / DMD2 | `(x0_fake - x0_real) / mean abs(x - x0_real)` | grid indices 20..980 |
+# | VSD / SwiftBrush | `(eps_real - eps_fake) * alpha = (x0_fake - x0_real) / (sigma sqrt(1 + sigma^2))` | the same |
+# | Diff-Instruct | `w (s_fake - s_real) = (sigma^2 + sigma_data^2) / sigma_data^2 (x0_fake - x0_real)` | lognormal |
 # | f-distill (JS) | `h(r) * DMD's gradient`, `h(r) = r / (1 + r)` with `r = exp(head logit)` | grid indices 20..980 |
-# | SiD | autograd of `(1 - alpha) norm(D_real - D_fake)^2 + (D_real - D_fake) . (D_fake - x)` via x_t | the same |
+# | SiD | autograd of `(1 - alpha) norm(x0_real - x0_fake)^2 + (x0_real - x0_fake) . (x0_fake - x)` via x_t | the same |
 #
 # VSD's and Diff-Instruct's weights are choices the papers leave open (ProlificDreamer's `omega(t)`,
 # Diff-Instruct's `w(t)`): we take `omega = 1` in the variance-preserving epsilon space for VSD, and for
@@ -168,18 +157,15 @@ def score_family(cfg, teacher, mix, grad_fn, D_real=None, t=None):
     t = toy2d.make_trainables(cfg, teacher, device) if t is None else t
     D_real = teacher if D_real is None else D_real
 
-    def generator_step(x_in):
-        t.D_fake.requires_grad_(False)                     # no gradient into the fake score (SiD differentiates
-        x = t.G(x_in, cfg.one_step_sigma)                  # through it, into x only)
-        loss = grad_fn(x, t, D_real)
-        toy2d.optimizer_step(t.opt_G, loss, t.G.parameters(), t.scaler, cfg.max_grad_norm)
-        t.D_fake.requires_grad_(True)
-        return x.detach(), {"loss_g": loss.item()}
-    return one_step(t.G, cfg.one_step_sigma), ttur_loop(cfg, t, generator_step, None)
+    # toy2d's generator turn, its DM loss replaced; the fake score gets no gradient (SiD differentiates through it
+    # into x only), and no_gan's zero GAN weight leaves the GAN term out
+    turn = lambda x_in: toy2d.generator_turn(cfg, t, D_real, x_in, cfg.one_step_sigma,
+                                             dm_objective=lambda x: grad_fn(x, t, D_real))
+    return one_step(t.G, cfg.one_step_sigma), ttur_loop(cfg, t, turn, None)
 
 
 def surrogate(x, grad):
-    """A loss whose gradient with respect to x is grad / numel (toy2d.dm_loss's form)."""
+    """A loss whose gradient with respect to x is grad / numel (toy2d.loss_distribution_matching's form)."""
     return 0.5 * F.mse_loss(x, (x - torch.nan_to_num(grad)).detach())
 
 
@@ -192,23 +178,23 @@ def vsd_loss(x, t, D_real):
     """3. VSD (ProlificDreamer, Wang et al. 2023; SwiftBrush uses it for a one-step student): the VSD gradient
     omega(t) (eps_real - eps_fake) dx_t/dx.
     In EDM's sigma space eps = (x_t - D) / sigma, and the VP input is x_t / sqrt(1 + sigma^2), so with omega = 1
-    the gradient is (D_fake - D_real) / (sigma sqrt(1 + sigma^2)): no per-sample normaliser."""
+    the gradient is (x0_fake - x0_real) / (sigma sqrt(1 + sigma^2)): no per-sample normaliser."""
     sigma = grid_sigma(t, x.shape[0])
     with torch.no_grad():
         x_t = x + sigma * torch.randn_like(x)
-        grad = (t.D_fake(x_t, sigma) - D_real(x_t, sigma)) / (sigma * (1 + sigma**2).sqrt())
+        grad = (t.fake_score(x_t, sigma) - D_real(x_t, sigma)) / (sigma * (1 + sigma**2).sqrt())
     return surrogate(x, grad)
 
 
 def diff_instruct_loss(x, t, D_real, P_mean=-1.2, P_std=1.2):
     """4. Diff-Instruct (Luo et al. 2023), the gradient of its integral KL: w(t) (s_fake - s_real), s = (D - x_t) /
     sigma^2 and w = the teacher's EDM weight lambda(sigma) sigma^4 (Karras et al. 2022, Table 1) written for scores,
-    sigma ~ the teacher's lognormal: gradient (sigma^2 + sigma_data^2) / sigma_data^2 * (D_fake - D_real)."""
+    sigma ~ the teacher's lognormal: gradient (sigma^2 + sigma_data^2) / sigma_data^2 * (x0_fake - x0_real)."""
     sigma = (torch.randn(x.shape[0], 1) * P_std + P_mean).exp()
-    sd = t.D_fake.sigma_data
+    sd = t.fake_score.sigma_data
     with torch.no_grad():
         x_t = x + sigma * torch.randn_like(x)
-        grad = (sigma**2 + sd**2) / sd**2 * (t.D_fake(x_t, sigma) - D_real(x_t, sigma))
+        grad = (sigma**2 + sd**2) / sd**2 * (t.fake_score(x_t, sigma) - D_real(x_t, sigma))
     return surrogate(x, grad)
 
 
@@ -219,7 +205,7 @@ def sid_loss(x, t, D_real, alpha=1.2):
     is divided by mean|x - f_real| (DMD's normaliser; our choice of SiD's free weight omega(t) / sigma^4)."""
     sigma = grid_sigma(t, x.shape[0])
     x_t = x + sigma * torch.randn_like(x)                                          # keeps the graph to x
-    f_real, f_fake = D_real(x_t, sigma), t.D_fake(x_t, sigma)
+    f_real, f_fake = D_real(x_t, sigma), t.fake_score(x_t, sigma)
     w = 1 / (x - f_real).abs().mean(1, keepdim=True).detach().clamp(min=1e-6)
     per_sample = (1 - alpha) * (f_real - f_fake).pow(2).sum(1) + ((f_real - f_fake) * (f_fake - x)).sum(1)
     return (w.squeeze(1) * per_sample).mean()
@@ -251,10 +237,10 @@ def dmd(cfg, teacher, mix, reg_weight=0.25, num_pairs=4096):
     def step(u, updates):
         cosine_lr([t.opt_G, t.opt_fake], [cfg.generator_lr, cfg.fake_score_lr], u, updates)
         x = t.G(s * torch.randn(cfg.batch_size, 2), s)                                        # [B, 2]
-        loss_dm, _ = toy2d.dm_loss(x, teacher, t.D_fake, t.sigma_grid, *t.dm_range)
+        loss_dm, _ = toy2d.loss_distribution_matching(x, teacher, t.fake_score, t.sigma_grid, *t.dm_range)
         i = torch.randint(0, num_pairs, (cfg.batch_size,))
         loss_reg = F.mse_loss(t.G(s * z_pairs[i], s), x_pairs[i])
-        toy2d.optimizer_step(t.opt_G, loss_dm + reg_weight * loss_reg, t.G.parameters(), t.scaler, cfg.max_grad_norm)
+        toy2d.optimiser_step(t.opt_G, loss_dm + reg_weight * loss_reg, t.G.parameters(), t.scaler, cfg.max_grad_norm)
         return {"loss_dm": loss_dm.item(), "loss_reg": loss_reg.item(),
                 **toy2d.fake_score_turn(cfg, t, x.detach(), None)}
     return one_step(t.G, s), step
@@ -272,13 +258,14 @@ def f_distill(cfg, teacher, mix, h=torch.sigmoid):
         sigma = grid_sigma(t, x.shape[0])
         with torch.no_grad():
             x_t = x + sigma * torch.randn_like(x)
-            x0_real, (x0_fake, feats) = teacher(x_t, sigma), t.D_fake(x_t, sigma, features=True)
+            x0_real, (x0_fake, feats) = teacher(x_t, sigma), t.fake_score(x_t, sigma, features=True)
             grad = ((x - x0_real) - (x - x0_fake)) / (x - x0_real).abs().mean(1, keepdim=True)
-            w = h(t.head(feats).float()).unsqueeze(1)                                  # [B, 1]
+            w = h(t.gan_head(feats).float()).unsqueeze(1)                              # [B, 1]
         return surrogate(x, grad * w / w.mean())
 
     real = lambda: toy2d.sample_mixture(mix, cfg.batch_size)
-    step = ttur_loop(cfg, t, lambda x_in: custom_generator_turn(cfg, t, x_in, weighted_dm_loss), real)
+    turn = lambda x_in: toy2d.generator_turn(cfg, t, teacher, x_in, cfg.one_step_sigma, dm_objective=weighted_dm_loss)
+    step = ttur_loop(cfg, t, turn, real)
     return one_step(t.G, cfg.one_step_sigma), step
 
 
@@ -303,7 +290,7 @@ def consistency_distillation(cfg, teacher, mix, N=18, ema=0.95):
     G = copy.deepcopy(teacher).train().requires_grad_(True)
     G_ema = copy.deepcopy(teacher)
     opt = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, betas=(0.9, 0.999), weight_decay=0.01)
-    levels = toy2d.karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)                 # [N] ascending
+    levels = toy2d.sigma_grid(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)                 # [N] ascending
 
     def step(u, updates):
         cosine_lr([opt], [cfg.generator_lr], u, updates)
@@ -316,7 +303,7 @@ def consistency_distillation(cfg, teacher, mix, N=18, ema=0.95):
             x_lo = x_hi + (s_lo - s_hi) * (d + (x_eul - teacher(x_eul, s_lo)) / s_lo) / 2
             target = G_ema(x_lo, s_lo)
         loss = F.mse_loss(G(x_hi, s_hi), target)
-        toy2d.optimizer_step(opt, loss, G.parameters(), torch.amp.GradScaler("cpu", enabled=False), cfg.max_grad_norm)
+        toy2d.optimiser_step(opt, loss, G.parameters(), torch.amp.GradScaler("cpu", enabled=False), cfg.max_grad_norm)
         with torch.no_grad():
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.lerp_(p, 1 - ema)
@@ -350,7 +337,7 @@ def boot(cfg, teacher, mix, N=32):
     one teacher Euler step (DDIM in VE form) to s, and y(z, s) regresses onto that x_s - s z. Samples: y(z, s_min)."""
     G = BootGenerator(teacher, cfg.sigma_max)
     opt = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, betas=(0.9, 0.999), weight_decay=0.01)
-    levels = toy2d.karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)                 # [N] ascending
+    levels = toy2d.sigma_grid(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)                 # [N] ascending
     s_min = float(levels[0])
 
     def step(u, updates):
@@ -362,7 +349,7 @@ def boot(cfg, teacher, mix, N=32):
             x_t = y_t + s_t * z
             x_s = x_t + (s_s - s_t) * (x_t - teacher(x_t, s_t)) / s_t                        # one Euler step
         loss = F.mse_loss(G(z, s_s), x_s - s_s * z)
-        toy2d.optimizer_step(opt, loss, G.parameters(), torch.amp.GradScaler("cpu", enabled=False), cfg.max_grad_norm)
+        toy2d.optimiser_step(opt, loss, G.parameters(), torch.amp.GradScaler("cpu", enabled=False), cfg.max_grad_norm)
         return {"loss_boot": loss.item()}
     return (lambda z: G(z, s_min) + s_min * z), step
 
@@ -494,7 +481,7 @@ class ClassView(nn.Module):
         self.sigma_data = net.sigma_data
 
     def forward(self, x, sigma, features=False):
-        c = self.state.c                          # toy2d.fake_score_loss sends fake and real samples (drawn for
+        c = self.state.c                          # toy2d.loss_fake_score sends fake and real samples (drawn for
         c = c.repeat(x.shape[0] // len(c))        # the same classes) through one forward: [2B, 2] with c [B]
         return self.net(x, sigma, c, features)
 
@@ -539,8 +526,8 @@ def train_cond_teacher(cfg, mix, p_null=0.1):
 # The conditional students are copies of the conditional teacher; the fake score is conditional and unguided (as in
 # DMD2's code, whose fake guidance scale must be 1). Each batch draws classes from the class prior; the GAN's real
 # batch is drawn from the same classes. With `D_real = D_c + (w - 1) (D_c - D_u)`, DMD2's gradient splits into a
-# distribution-matching term `D_fake - D_c` and a CFG-augmentation term `(w - 1) (D_u - D_c)`. **Decoupled DMD** (Liu et
-# al. 2025) treats them as two losses with their own noise draws and schedules. Here each term gets its own
+# distribution-matching term `x0_fake - D_c` and a CFG-augmentation term `(w - 1) (D_u - D_c)`. **Decoupled DMD**
+# (Liu et al. 2025) treats them as two losses with their own noise draws and schedules. Here each term gets its own
 # sigma and noise, drawn from the same grid range (our choice for a one-step student), the DM term normalised by
 # `mean|x - D_c|` and the CA term by DMD2's `mean|x - D_w|`. Confining the CA term to the upper half of the grid
 # (indices 500..980, `CA_RANGE`) made our trial one-step students drift off the data (energy distance to the guided
@@ -555,13 +542,13 @@ CA_RANGE = (20, 980)
 
 
 def cond_trainables(cfg, cond_teacher, state):
-    """toy2d.Trainables whose G and D_fake are class-aware views of copies of the conditional teacher."""
+    """toy2d.Trainables whose G and fake_score are class-aware views of copies of the conditional teacher."""
     t = toy2d.make_trainables(cfg, cond_teacher, device)
-    return dataclasses.replace(t, G=ClassView(t.G, state), D_fake=ClassView(t.D_fake, state))
+    return dataclasses.replace(t, G=ClassView(t.G, state), fake_score=ClassView(t.fake_score, state))
 
 
 def decoupled_dm_loss(x, t, teacher_guided, ca_range=CA_RANGE):
-    """Decoupled DMD: DM term (D_fake - D_c) at one sigma, plus (w - 1) times the CA term (D_u - D_c) at another."""
+    """Decoupled DMD: DM term (x0_fake - D_c) at one sigma, plus (w - 1) times the CA term (D_u - D_c) at another."""
     state = teacher_guided.state
     null = torch.full_like(state.c, NUM_CLASSES)
     net = teacher_guided.net
@@ -570,7 +557,7 @@ def decoupled_dm_loss(x, t, teacher_guided, ca_range=CA_RANGE):
     with torch.no_grad():
         x_t = x + sigma_dm * torch.randn_like(x)
         D_c = net(x_t, sigma_dm, state.c)
-        g_dm = (t.D_fake(x_t, sigma_dm) - D_c) / (x - D_c).abs().mean(1, keepdim=True)
+        g_dm = (t.fake_score(x_t, sigma_dm) - D_c) / (x - D_c).abs().mean(1, keepdim=True)
         x_t = x + sigma_ca * torch.randn_like(x)
         D_c, D_u = net(x_t, sigma_ca, state.c), net(x_t, sigma_ca, null)
         D_w = D_u + state.w * (D_c - D_u)
@@ -594,8 +581,8 @@ def cond_objective(kind, cfg, cond_teacher, mix, w):
     if kind == "DMD2":
         _, inner = dmd2(cfg, None, mix, real=real, D_real=teacher_guided, t=t)
     elif kind == "Decoupled DMD":
-        inner = ttur_loop(cfg, t, lambda x_in: custom_generator_turn(
-            cfg, t, x_in, lambda x: decoupled_dm_loss(x, t, teacher_guided)), real)
+        inner = ttur_loop(cfg, t, lambda x_in: toy2d.generator_turn(
+            cfg, t, teacher_guided, x_in, cfg.one_step_sigma, lambda x: decoupled_dm_loss(x, t, teacher_guided)), real)
     else:
         _, inner = score_family(cfg, None, mix, vsd_loss, D_real=teacher_guided, t=t)
 

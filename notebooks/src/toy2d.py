@@ -193,24 +193,25 @@ display(Markdown(toy2d.format_table(metrics)))
 # DMD's generator loss is the KL divergence `KL(p_fake || p_real)` of the generator's distribution from the data's
 # (the "reverse" KL, which seeks modes). Its gradient
 # with respect to a generated sample `x` needs two scores of the noised distributions, and by Tweedie two
-# denoisers: the teacher's `D_real` and a *fake score* `D_fake` that denoises the generator's own samples
-# (`toy2d.dm_loss`, DMD Eq. 7-8 as the official code computes it):
+# denoisers: the teacher's `D_real` and a *fake score* `fake_score` that denoises the generator's own samples
+# (`toy2d.loss_distribution_matching`, DMD Eq. 7-8 as the official code computes it):
 #
 # ```
 # sigma   ~ grid[U{20..980}]                       (2%-98% of the 1000-point Karras grid)
 # x_t     = x + sigma * eps
-# p_real  = x - D_real(x_t; sigma),   p_fake = x - D_fake(x_t; sigma)
+# x0_real = D_real(x_t; sigma),       x0_fake = fake_score(x_t; sigma)
+# p_real  = x - x0_real,              p_fake  = x - x0_fake
 # grad    = (p_real - p_fake) / mean|p_real|       (per-sample normaliser)
 # ```
 #
-# A generated sample moves along `-grad = (D_real - D_fake) / mean|p_real|`: towards where the data's denoiser
+# A generated sample moves along `-grad = (x0_real - x0_fake) / mean|p_real|`: towards where the data's denoiser
 # points and away from where the generator's own denoiser points. To see it without any training, take exact
 # denoisers for both: the data's, and that of a "generator" whose samples all sit in a blob at the centre. For
 # the fake side we use a kernel density estimate of the samples: a mixture with one narrow component per sample,
 # whose exact denoiser *is* a perfect fake score for them.
 
 # %%
-sigma_grid = toy2d.karras_sigmas(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho)   # [1000], ascending
+sigma_grid = toy2d.sigma_grid(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho)   # [1000], ascending
 min_idx, max_idx = toy2d.dm_index_range(cfg)
 D_data = toy2d.ExactDenoiser(mix)
 
@@ -224,7 +225,7 @@ def kde(x, bandwidth=0.05):
 blob = 0.4 * torch.randn(256, 2)                                                # [256, 2] the "generator" samples
 field = toy2d.dm_field(D_data, kde(blob), sigma_grid, min_idx, max_idx, blob, mix, n=17, draws=32)
 toy2d.field_panel(mix, field["points"], field["direction"], field["samples"],
-                  "-grad, averaged over sigma and noise: exact D_real, exact D_fake of the red blob", lim)
+                  "-grad, averaged over sigma and noise: exact D_real, exact fake score of the red blob", lim)
 
 # %% [markdown]
 # Now move the samples along `-grad`, as a generator update would, with a step of 0.05. In the top row the fake
@@ -236,15 +237,15 @@ toy2d.field_panel(mix, field["points"], field["direction"], field["samples"],
 steps, lr_particles = int(200 * max(S, 0.5)), 0.05
 snap_at = (0, steps // 8, steps // 3, steps)
 fresh, frozen = blob.clone(), blob.clone()
-D_fake_frozen = kde(blob)
+fake_score_frozen = kde(blob)
 top, bottom = [], []
 for step in range(steps + 1):
     if step in snap_at:
         top.append(toy2d.scatter_panel(mix, fresh, f"refitted fake score, step {step}", lim, size=240))
         bottom.append(toy2d.scatter_panel(mix, frozen, f"frozen fake score, step {step}", lim, size=240))
-    _, grad = toy2d.dm_loss(fresh, D_data, kde(fresh), sigma_grid, min_idx, max_idx)
+    _, grad = toy2d.loss_distribution_matching(fresh, D_data, kde(fresh), sigma_grid, min_idx, max_idx)
     fresh = fresh - lr_particles * grad
-    _, grad = toy2d.dm_loss(frozen, D_data, D_fake_frozen, sigma_grid, min_idx, max_idx)
+    _, grad = toy2d.loss_distribution_matching(frozen, D_data, fake_score_frozen, sigma_grid, min_idx, max_idx)
     frozen = frozen - lr_particles * grad
 column(row(*top), row(*bottom))
 
@@ -258,11 +259,11 @@ column(row(*top), row(*bottom))
 # whose first-layer weights start at zero (`one_step_fake_features`, `one_step_generator_features`). Its loop is the
 # paper's Algorithm 1, printed below: every iteration the fake score takes a turn (`toy2d.fake_score_turn`), and every
 # `dfake_gen_update_ratio`-th iteration the generator takes one first (`toy2d.generator_turn`).
-# `callback(it, G, D_fake, head, log)`, called after every iteration, lets us watch: `toy2d.dm_field_recorder` is such a
-# callback, which stores the DM direction of the *learned* networks over the plane at one iteration, and the one below
-# keeps snapshots of the samples and of the GAN head. The callback sees the generator being trained; `distill` returns
-# the average of its weights over about the last fifth of its updates (an EMA, `toy2d.update_ema`, `cfg.ema_span`; the
-# paper keeps none, README says why the toy does).
+# `callback(it, G, fake_score, gan_head, log)`, called after every iteration, lets us watch: `toy2d.dm_field_recorder`
+# is such a callback, which stores the DM direction of the *learned* networks over the plane at one iteration, and the
+# one below keeps snapshots of the samples and of the GAN head. The callback sees the generator being trained;
+# `distill` returns the average of its weights over about the last fifth of its updates (an EMA, `toy2d.update_ema`,
+# `cfg.ema_span`; the paper keeps none, README says why the toy does).
 #
 # The callback also measures how far the fake score lags behind the generator (used in section 4): the relative
 # error of the DM direction it produces, against the direction given by an almost perfect fake score, the exact
@@ -275,15 +276,15 @@ z_show = torch.randn(2000, 2)
 
 
 @torch.no_grad()
-def dm_direction_error(G, D_fake, n=1000):
-    """mean |grad(D_fake) - grad(ideal D_fake)| / mean |grad(ideal D_fake)| on fresh generator samples."""
+def dm_direction_error(G, fake_score, n=1000):
+    """mean |grad(fake_score) - grad(ideal)| / mean |grad(ideal)| on fresh generator samples (ideal: a KDE's)."""
     D_ideal = kde(toy2d.generate(G, torch.randn(2000, 2), [cfg.one_step_sigma]), bandwidth=0.02)
     x = toy2d.generate(G, torch.randn(n, 2), [cfg.one_step_sigma])                         # [n, 2]
     sigma = sigma_grid[torch.randint(lo, max_idx + 1, (n,))].unsqueeze(1)             # [n, 1]
     x_t = x + sigma * torch.randn_like(x)
-    D_real = teacher(x_t, sigma)
-    norm = (x - D_real).abs().mean(1, keepdim=True)
-    used, ideal = (D_fake(x_t, sigma) - D_real) / norm, (D_ideal(x_t, sigma) - D_real) / norm
+    x0_real = teacher(x_t, sigma)
+    norm = (x - x0_real).abs().mean(1, keepdim=True)
+    used, ideal = (fake_score(x_t, sigma) - x0_real) / norm, (D_ideal(x_t, sigma) - x0_real) / norm
     return float((used - ideal).norm(dim=1).mean() / ideal.norm(dim=1).mean())
 
 
@@ -291,17 +292,17 @@ def watcher(ratio, snap_iters=(), head_iters=()):
     """A distill() callback that records samples, GAN-head copies and the DM-direction error."""
     rec = {"samples": {}, "heads": {}, "errors": ([], [])}
 
-    def callback(it, G, D_fake, head, log):
+    def callback(it, G, fake_score, gan_head, log):
         with torch.no_grad():
             if it in snap_iters:
                 rec["samples"][it] = toy2d.generate(G, z_show, [cfg.one_step_sigma])
             if it in head_iters:
                 x_show = toy2d.generate(G, z_show, [cfg.one_step_sigma])
-                rec["heads"][it] = (copy.deepcopy(D_fake), copy.deepcopy(head), x_show)
+                rec["heads"][it] = (copy.deepcopy(fake_score), copy.deepcopy(gan_head), x_show)
         updates = (it + 1) // ratio                     # generator updates so far; the next one comes at it + 1
         if (it + 1) % ratio == 0 and updates % 10 == 0:
             rec["errors"][0].append(updates)
-            rec["errors"][1].append(dm_direction_error(G, D_fake))
+            rec["errors"][1].append(dm_direction_error(G, fake_score))
     return rec, callback
 
 
@@ -322,16 +323,16 @@ t0 = time.time()
 G1, hist1 = toy2d.distill(cfg, mix, teacher, teacher, [cfg.one_step_sigma], device, False, callback=callback)
 print(f"{T} iterations ({T // cfg.dfake_gen_update_ratio} generator updates) in {time.time() - t0:.1f} s")
 display(toy2d.field_panel(mix, field1["points"], field1["direction"], field1["samples"],
-                          f"learned -grad at iteration {field1['iter']}: D_real = teacher, D_fake = MLP", lim))
+                          f"learned -grad at iteration {field1['iter']}: D_real = teacher, fake score = MLP", lim))
 row(*[toy2d.scatter_panel(mix, x, f"1-step generator, iteration {it}", lim, size=240)
       for it, x in sorted(ttur["samples"].items())])
 
 # %% [markdown]
 # ## 4. The fake score catching up, and the two time-scale rule
 #
-# The DM gradient is only as good as `D_fake`: it must be the denoiser of the generator's *current*
+# The DM gradient is only as good as `fake_score`: it must be the denoiser of the generator's *current*
 # distribution. DMD2 trains it on the generator's samples with the usual denoising loss
-# (`toy2d.fake_score_loss`; three quarters of its noise levels are drawn as EDM trains, `fake_score_lognormal`, and
+# (`toy2d.loss_fake_score`; three quarters of its noise levels are drawn as EDM trains, `fake_score_lognormal`, and
 # the rest uniformly over the grid as DMD2's code does; see README) and updates it `dfake_gen_update_ratio = 5`
 # times per generator update (TTUR, paper Sec. 4.2), so that it catches up after every generator step. Without TTUR
 # (ratio 1) it gets one update per generator update. Both runs below make the same number of generator updates, as
@@ -363,7 +364,7 @@ display(Markdown(toy2d.format_table({name: toy2d.evaluate(mix, x, reference) for
 # ## 5. The GAN head
 #
 # The DM gradient only knows the teacher. DMD2 adds a GAN whose discriminator is a small head on the fake
-# score's features (`toy2d.make_head`, on the MLP's last hidden layer, as the official code puts it on the UNet's
+# score's features (`toy2d.make_gan_head`, on the MLP's last hidden layer, as the official code puts it on the UNet's
 # bottleneck) and which sees *real data*, so the student can correct the teacher's mistakes. Both real and
 # generated samples are noised at a random grid sigma before the head classifies them (a diffusion GAN,
 # `toy2d.gan_logits`); its losses are the non-saturating softplus pair:
@@ -379,12 +380,12 @@ display(Markdown(toy2d.format_table({name: toy2d.evaluate(mix, x, reference) for
 
 # %%
 @torch.no_grad()
-def logit_panel(D_fake, head, sigma, samples, title, size=240):
+def logit_panel(fake_score, gan_head, sigma, samples, title, size=240):
     """P(real) from the GAN head at noise level sigma over the plane, with `samples` as black dots."""
     g = torch.linspace(-lim, lim, size)
     yy, xx = torch.meshgrid(-g, g, indexing="ij")
-    _, h = D_fake(torch.stack([xx, yy], -1).reshape(-1, 2), sigma, features=True)      # [size*size, width]
-    a = (2 * torch.sigmoid(head(h)) - 1).reshape(size, size, 1)                         # -1 fake .. +1 real
+    _, h = fake_score(torch.stack([xx, yy], -1).reshape(-1, 2), sigma, features=True)      # [size*size, width]
+    a = (2 * torch.sigmoid(gan_head(h)) - 1).reshape(size, size, 1)                     # -1 fake .. +1 real
     blue, red, white = torch.tensor([40., 90., 220.]), torch.tensor([220., 50., 40.]), torch.full((3,), 255.)
     rgb = white + a.clamp(min=0) * (blue - white) + (-a).clamp(min=0) * (red - white)
     img = Image.fromarray(rgb.round().byte().numpy(), "RGB")
@@ -399,8 +400,8 @@ def logit_panel(D_fake, head, sigma, samples, title, size=240):
     return img
 
 
-row(*[logit_panel(D, head, sigma, xs, f"iteration {it}, sigma = {sigma}")
-      for it, (D, head, xs) in sorted(ttur["heads"].items()) for sigma in (0.05, 0.5)])
+row(*[logit_panel(fs, gan_head, sigma, xs, f"iteration {it}, sigma = {sigma}")
+      for it, (fs, gan_head, xs) in sorted(ttur["heads"].items()) for sigma in (0.05, 0.5)])
 
 # %% [markdown]
 # ## 6. Backward simulation and the K-step chain

@@ -462,7 +462,7 @@ def generator_turn(run, batches, train_generator):
         fakes.append(x_fake.detach())
     run.fake_score.requires_grad_(True)
     if train_generator:
-        stats = optimizer_step(run, "generator", stats)
+        stats = optimiser_step(run, "generator", stats)
     return fakes, stats
 
 
@@ -481,7 +481,7 @@ def fake_score_turn(run, batches, fakes):
         ((loss_fake + cfg.fake_gan_weight * loss_d) / run.rounds).backward()
         add_stat(stats, "loss_fake", loss_fake, run.rounds)
         add_stat(stats, "loss_d", loss_d, run.rounds)
-    return optimizer_step(run, "fake_score", stats)
+    return optimiser_step(run, "fake_score", stats)
 
 
 def train(cfg):
@@ -792,7 +792,7 @@ def add_stat(stats, name, value, rounds):
     stats[name] = stats.get(name, 0) + value.detach().float() / rounds
 
 
-def optimizer_step(run, name, stats):
+def optimiser_step(run, name, stats):
     """Clip, stop every rank on a non-finite loss BEFORE the step and on non-finite weights AFTER it (a corrupted
     optimiser state turns finite gradients into NaN weights), so no save ever sees them. -> stats averaged over ranks"""
     module, opt = getattr(run, name), run.opt[name]

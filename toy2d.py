@@ -418,7 +418,7 @@ def loss_fake_score(fake_score, x_fake, sigma_grid, x_real=None, lognormal=0.0):
     B = x_fake.shape[0]
     x = x_fake if x_real is None else torch.cat([x_fake, x_real])                          # [B or 2B, 2]
     sigma = fake_score_sigmas(sigma_grid, x.shape[0], lognormal)                           # [B or 2B, 1]
-    x0_fake, h = fake_score(x + sigma * torch.randn_like(x), sigma, features=True)       # [B or 2B, 2], [.., width]
+    x0_fake, h = fake_score(x + sigma * torch.randn_like(x), sigma, features=True)         # [B or 2B, 2], [.., width]
     weight = 1 / sigma[:B] ** 2 + 1 / fake_score.sigma_data**2
     loss = (weight * (x0_fake[:B].float() - x_fake) ** 2).mean()
     return loss, h[:B], (None if x_real is None else h[B:])

@@ -93,7 +93,7 @@ def gaussian_denoiser(mean, sigma_data=1.0):
 
 
 def test_dm_gradient_sign_and_scale():
-    """Real N(0, I) and fake N(m, I): fake_score - D_real = sigma^2 m / (1 + sigma^2) for every x_t,
+    """Real N(0, I) and fake N(m, I): x0_fake - x0_real = sigma^2 m / (1 + sigma^2) for every x_t,
     so the normalised grad is known in closed form, and descending the surrogate moves x toward the real mean."""
     m = torch.tensor([1.5, -0.5])
     grid = toy2d.sigma_grid(1000, 0.002, 80.0, 7.0)

@@ -384,7 +384,7 @@ def logit_panel(fake_score, gan_head, sigma, samples, title, size=240):
     """P(real) from the GAN head at noise level sigma over the plane, with `samples` as black dots."""
     g = torch.linspace(-lim, lim, size)
     yy, xx = torch.meshgrid(-g, g, indexing="ij")
-    _, h = fake_score(torch.stack([xx, yy], -1).reshape(-1, 2), sigma, features=True)      # [size*size, width]
+    _, h = fake_score(torch.stack([xx, yy], -1).reshape(-1, 2), sigma, features=True)  # [size*size, width]
     a = (2 * torch.sigmoid(gan_head(h)) - 1).reshape(size, size, 1)                     # -1 fake .. +1 real
     blue, red, white = torch.tensor([40., 90., 220.]), torch.tensor([220., 50., 40.]), torch.full((3,), 255.)
     rgb = white + a.clamp(min=0) * (blue - white) + (-a).clamp(min=0) * (red - white)

@@ -332,7 +332,7 @@ class FakeScore(nn.Module):
 
     def forward(self, x, sigma, class_labels, classify=False):
         if not classify:
-            return self.unet(x, sigma, class_labels)                    # x0_fake = D_fake(x; sigma, y): [B, C, H, W]
+            return self.unet(x, sigma, class_labels)                    # x0_fake: [B, C, H, W]
         # The head needs only the encoder: bottleneck_only stops there (as the official code does), ~0.3 of a pass.
         rep = self.unet(x, sigma, class_labels, bottleneck_only=True)   # [B, 768, 8, 8]
         with torch.autocast(x.device.type, enabled=False):              # the head runs in fp32, as official

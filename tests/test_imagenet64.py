@@ -83,7 +83,7 @@ def test_karras_grid_matches_reference_values():
 
 
 def test_distribution_matching_gradient_closed_form():
-    """d loss_dm / dx = (D_fake - D_real) / mean|x - D_real| / numel(x), with sigma from grid indices 20..980."""
+    """d loss_dm / dx = (x0_fake - x0_real) / mean|x - x0_real| / numel(x), with sigma from grid indices 20..980."""
     cfg = m.Config()
     real, fake = m.GaussianTeacher(3, 4, seed=0), m.GaussianTeacher(3, 4, seed=5)
     karras = unet.karras_sigmas(1000).flip(0).float()
@@ -95,14 +95,14 @@ def test_distribution_matching_gradient_closed_form():
     idx = torch.randint(20, 981, (8,), generator=g)
     sigma = karras[idx].view(8, 1, 1, 1)
     x_t = x.detach() + sigma * torch.randn(x.shape, generator=g)
-    D_real, D_fake = real(x_t, sigma, y), fake(x_t, sigma, y)
-    w = (x.detach() - D_real).abs().mean(dim=[1, 2, 3], keepdim=True)
-    assert torch.allclose(grad, (D_fake - D_real) / w / x.numel(), atol=1e-9, rtol=1e-4)
+    x0_real, x0_fake = real(x_t, sigma, y), fake(x_t, sigma, y)
+    w = (x.detach() - x0_real).abs().mean(dim=[1, 2, 3], keepdim=True)
+    assert torch.allclose(grad, (x0_fake - x0_real) / w / x.numel(), atol=1e-9, rtol=1e-4)
     assert grad.abs().max() > 0
 
 
-def test_fake_score_loss_weighting():
-    """loss_fake = mean((1/sigma^2 + 1/sigma_data^2) (D_fake(x + sigma n) - x)^2) with sigma over the whole grid."""
+def test_loss_fake_score_weighting():
+    """loss_fake = mean((1/sigma^2 + 1/sigma_data^2) (fake_score(x + sigma n) - x)^2) with sigma over the whole grid."""
     fake = m.GaussianTeacher(2, 4, seed=3)
     karras = unet.karras_sigmas(1000).flip(0).float()
     x = m.GaussianTeacher(2, 4, seed=4).sample(5, torch.Generator().manual_seed(0))[0]

@@ -229,10 +229,12 @@ class ImageDataset:
     def _json_labels(self, names):
         where = f"{self.path}/dataset.json"
         raw = self._read("dataset.json")
-        # A few kB deflated can hold tens of millions of JSON values, which json.loads would all build: the labels need
-        # one list and two commas per file, so a file with far more of them (beyond those in file names) is refused.
+        # A few kB deflated can hold tens of millions of JSON values, which json.loads would all build (1.4 GB for 20
+        # million empty lists). The labels need one list and two commas per file, so a file with far more of them than
+        # the files here need (beyond those in file names) is refused, unless there are at most 2**22: ImageNet's full
+        # dataset.json (3.8 million), which a folder of a few of its images may keep; 2**22 empty lists take 150 MB.
         values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
-        allowed = 8 * (len(names) + 128) + sum(n.count(",") + n.count("[") + n.count("{") for n in names)
+        allowed = max(8 * (len(names) + 128), 2**22) + sum(n.count(",") + n.count("[") + n.count("{") for n in names)
         if values > allowed:
             raise ValueError(f"{where}: {values} commas and brackets, far more than labels for {len(names)} "
                              "files need")

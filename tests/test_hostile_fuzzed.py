@@ -696,12 +696,19 @@ def test_formats_pil_decodes_on_opening_or_renders_with_a_program_are_not_read(t
 
 
 def test_a_dataset_json_of_millions_of_values_is_refused_before_it_is_parsed(tmp_path):
-    """60 MB of '[],' deflate to 61 kB, and json.loads built 20 million lists (1.4 GB) before the labels were read."""
+    """60 MB of '[],' deflate to 61 kB, and json.loads built 20 million lists (1.4 GB) before the labels were read.
+    A json with the labels of a larger dataset than the files present (a subset of ImageNet keeping its dataset.json)
+    is read."""
     with zipfile.ZipFile(tmp_path / "data.zip", "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("a.png", png())
-        z.writestr("dataset.json", b'{"labels": [' + b"[]," * 100_000 + b'["a.png", 0]]}')
-    with pytest.raises(ValueError, match="dataset.json: 200004 commas and brackets, far more than labels for 2 files"):
+        z.writestr("dataset.json", b'{"labels": [' + b"[]," * 2_200_000 + b'["a.png", 0]]}')
+    with pytest.raises(ValueError, match="dataset.json: 4400004 commas and brackets, far more than labels for 2 files"):
         imagenet64.ImageDataset(str(tmp_path / "data.zip"), 8)
+    labels = [[f"{i // 1000:05d}/img{i:08d}.png", i % 1000] for i in range(300_000)] + [["a.png", 7]]
+    with zipfile.ZipFile(tmp_path / "subset.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.png", png())
+        z.writestr("dataset.json", json.dumps({"labels": labels}))
+    assert imagenet64.ImageDataset(str(tmp_path / "subset.zip"), 8).labels == [7]
 
 
 def test_duplicate_names_in_a_safetensors_header_are_found_in_linear_time(tmp_path):

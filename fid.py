@@ -50,11 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import (PickledOrderedDict, ZIP_ERRORS, check_dense_tensors, check_zip_inflation,  # hostile files
+from unet import (PickledOrderedDict, ZIP_ERRORS, check_dense_tensors, check_torch_file,  # hostile files
                   describe_value, legacy_storage_nbytes, load_legacy_storage, read_safetensors, scan_pickle,
                   torch_load_error)
 from unet import HelpFormatter, check_device, check_writable                           # options and paths
-from unet import IMAGE_FORMATS, check_regular_file                                       # image files
+from unet import IMAGE_FORMATS, check_jpeg_scans, check_regular_file                     # image files
 
 # ----------------------------------------------------------------------------
 # Defaults.
@@ -154,6 +154,7 @@ def _read_image(file, name, noted, any_mode=False):
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{image.width}x{image.height} pixels, more than fid.py reads "
                                  f"({MAX_IMAGE_PIXELS:,}); resize it first")
+            check_jpeg_scans(image, file)
             image.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
         raise ValueError(f"{name}: cannot read image ({e})") from e
@@ -795,7 +796,7 @@ def read_inception_weights(path):
                                                      archive, prefix)
                     sd = _flatten(unpickler.load())
                 else:  # a torch.save zip (e.g. a state dict)
-                    check_zip_inflation(path)
+                    check_torch_file(path)
                     sd = torch.load(path, map_location="cpu", weights_only=True)
         else:
             with open(path, "rb") as f:
@@ -1253,11 +1254,7 @@ def read_open_clip_weights(path):
         if path.endswith(".safetensors"):
             sd = read_safetensors(path)                 # unet.py section 8
         else:
-            if not zipfile.is_zipfile(path):
-                with open(path, "rb") as f:
-                    if legacy_storage_nbytes(f) > os.path.getsize(path):
-                        raise ValueError("its storages declare more bytes than the file holds")
-            check_zip_inflation(path)
+            check_torch_file(path)
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read open_clip weights ({torch_load_error(e)})") from None

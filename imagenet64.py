@@ -376,7 +376,14 @@ def load_teacher_network(cfg):
     if cfg.teacher == "random-tiny":                                 # untrained tiny net: CPU dry runs of the same code
         return unet.EDMPrecond(**dict(unet.EDM_IMAGENET64, img_resolution=8, label_dim=10, **TINY_UNET))
     if cfg.teacher:
-        return unet.load_edm_pickle(cfg.teacher, dropout=0.0)        # DMD2 rebuilds the nets with dropout 0
+        net = unet.load_edm_pickle(cfg.teacher, dropout=0.0)         # DMD2 rebuilds the nets with dropout 0
+        # load_edm_pickle keeps a tensor the file saved as an expanded view (one number at full shape) a view, but the
+        # generator and the fake score copy the teacher in full: 228 kB can declare a network of 19 GB
+        views = [k for k, p in net.state_dict().items() if p.numel() * p.element_size() > p.untyped_storage().nbytes()]
+        if views:
+            raise ValueError(f"{cfg.teacher}: {len(views)} of its tensors ({views[0]}, ...) are expanded views of "
+                             "fewer numbers than their shapes hold; a trained network stores every weight")
+        return net
     raise ValueError("--teacher is required (EDM pickle, e.g. edm-imagenet-64x64-cond-adm.pkl), "
                      "or use --preset gaussian")
 

@@ -813,6 +813,7 @@ def load_training_checkpoint(path):
     """checkpoint.pt, memory-mapped (every rank reads it without a private copy of tens of GB; unet.load_checkpoint
     reads it whole), weights_only: nothing is executed. Checked to be this script's training checkpoint."""
     try:
+        unet.check_torch_file(path)                  # no zip bomb, no pickle that is unsafe to unpickle
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from None
@@ -1523,12 +1524,23 @@ def word_ids(word, vocab_path=VOCAB_PATH):
     vocab, ranks = load_clip_vocab(vocab_path)
     if word in SPECIAL_TOKENS:
         return (vocab[word],)
-    return tuple(vocab[p] for p in bpe("".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8")), ranks))
+    return tuple(vocab[p] for p in bpe("".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8")[:MAX_WORD_BYTES]), ranks))
 
 
-def encode_text(text, vocab_path=VOCAB_PATH):
-    """Token ids of one string, without start/end tokens or padding."""
-    return [i for word in pre_tokenize(clean_text(text)) for i in word_ids(word, vocab_path)]
+# A prompt keeps 75 tokens of at most 32 bytes each, so no more than a word's first 2,400 bytes can reach it, and BPE's
+# time grows faster than a word's length (a 128 kB word took 99 s): words are cut at 2,560 bytes before BPE.
+MAX_WORD_BYTES = 2560
+
+
+def encode_text(text, vocab_path=VOCAB_PATH, max_ids=None):
+    """Token ids of one string, without start/end tokens or padding; with max_ids, only the first max_ids (the words
+    after them are not encoded)."""
+    ids = []
+    for word in pre_tokenize(clean_text(text)):
+        ids.extend(word_ids(word[:MAX_WORD_BYTES], vocab_path))
+        if max_ids is not None and len(ids) >= max_ids:
+            return ids[:max_ids]
+    return ids
 
 
 def tokenize(texts, pad_with="end", context_length=77, vocab_path=VOCAB_PATH):
@@ -1542,7 +1554,7 @@ def tokenize(texts, pad_with="end", context_length=77, vocab_path=VOCAB_PATH):
     pad = EOT if pad_with == "end" else 0
     rows = []
     for text in [texts] if isinstance(texts, str) else texts:
-        ids = [SOT] + encode_text(text, vocab_path)[:context_length - 2] + [EOT]  # long prompts keep their EOT
+        ids = [SOT] + encode_text(text, vocab_path, context_length - 2) + [EOT]  # long prompts keep their EOT
         rows.append(ids + [pad] * (context_length - len(ids)))
     return torch.tensor(rows, dtype=torch.long)
 
@@ -1847,9 +1859,12 @@ def image_caption_pairs(folder):
 def load_image(path, resolution):
     """RGB image -> [3, R, R] in [-1, 1]: shorter side resized to R (Lanczos), then the center R x R crop."""
     try:
-        with warnings.catch_warnings():
+        if os.path.getsize(unet.check_regular_file(path)) > fid.MAX_IMAGE_BYTES:    # PIL's WebP reads it whole
+            raise ValueError(f"{os.path.getsize(path)} bytes, more than an image may have ({fid.MAX_IMAGE_BYTES})")
+        with warnings.catch_warnings(), open(path, "rb") as file:
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(unet.check_regular_file(path), formats=unet.IMAGE_FORMATS) as f:   # not EPS, ICO, ...
+            with PIL.Image.open(file, formats=unet.IMAGE_FORMATS) as f:                   # not EPS, ICO, ...
+                unet.check_jpeg_scans(f, file)
                 image = f.convert("RGB")
     # PIL.UnidentifiedImageError and truncated files are OSErrors, a header declaring too many pixels is a bomb, and a
     # damaged file of a rarer format can raise nearly anything from its plugin (IndexError, TypeError, MemoryError, ...)

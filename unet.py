@@ -351,17 +351,83 @@ def scan_pickle(f):
     start = f.tell()
     end = f.seek(0, os.SEEK_END)
     f.seek(start)
+    tuples = _TupleSizes()
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(_BoundedReader(f, end))):
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg <= count:
                 raise pickle.UnpicklingError(f"memo index {arg} at opcode {count} (a pickler numbers them 0, 1, ...)")
             if op.name == "FRAME" and arg > end - f.tell():
                 raise pickle.UnpicklingError(f"a frame declares {arg} bytes, but only {end - f.tell()} are left")
+            tuples.step(op, arg)
     except ValueError as e:                                                        # genops: truncated, unknown opcode
         raise pickle.UnpicklingError(f"malformed pickle stream ({e})") from None
     stop = f.tell()
     f.seek(start)
     return stop
+
+
+class _TupleSizes:
+    """Follows a pickle's stack and memo as (depth, items counted with repeats) of each tuple, so that scan_pickle can
+    refuse a tuple that would be dangerous to hash, before the unpickler builds it and a dict key, a set or a
+    constructor hashes it: hashing recurses in C (200,000 nested tuples overflow its stack) and visits a shared child
+    once per reference (a tuple nesting one shared tuple twice, 60 deep, takes 2**60 steps). Weights files hold
+    shallow, small tuples (shapes, strides, arguments); everything but a tuple counts as one item."""
+    MAX_DEPTH, MAX_ITEMS = 1000, 1 << 20
+    LEAF = (0, 1)
+
+    def __init__(self):
+        self.stack, self.memo, self.marks = [], {}, []           # marks: the stack's length at each MARK
+
+    def free(self):
+        """How many items lie above the last mark."""
+        return len(self.stack) - (self.marks[-1] if self.marks else 0)
+
+    def pop(self, n):
+        if n > self.free():
+            raise pickle.UnpicklingError("an opcode finds too few items on the pickle's stack")
+        items = self.stack[len(self.stack) - n:]
+        del self.stack[len(self.stack) - n:]
+        return items
+
+    def pop_to_mark(self):
+        if not self.marks:
+            raise pickle.UnpicklingError("an opcode finds no mark on the pickle's stack")
+        i = self.marks.pop()
+        items = self.stack[i:]
+        del self.stack[i:]
+        return items
+
+    def step(self, op, arg):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):              # the top item, kept on the stack
+            if not self.free():
+                raise pickle.UnpicklingError("a memo opcode finds no item on the pickle's stack")
+            self.memo[len(self.memo) if op.name == "MEMOIZE" else arg] = self.stack[-1]
+            return
+        before, after = op.stack_before, op.stack_after
+        if pickletools.markobject in before:
+            items = self.pop_to_mark()
+            below = self.pop(before.index(pickletools.markobject))
+        else:
+            items, below = [], self.pop(len(before))
+        if op.name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+            parts = items if op.name == "TUPLE" else below
+            depth = 1 + max((d for d, _ in parts), default=0)
+            count = 1 + sum(n for _, n in parts)
+            if depth > self.MAX_DEPTH or count > self.MAX_ITEMS:
+                raise pickle.UnpicklingError(f"a tuple {depth} deep with {count} items counted with repeats (at most "
+                                             f"{self.MAX_DEPTH} deep and {self.MAX_ITEMS} items): weights files "
+                                             "hold small tuples, and hashing this one would not end or would crash")
+            self.stack.append((depth, count))
+        elif op.name in ("BINGET", "GET", "LONG_BINGET"):
+            self.stack.append(self.memo.get(arg, self.LEAF))
+        elif op.name == "DUP":
+            self.stack.extend(below * 2)
+        elif op.name == "MARK":
+            self.marks.append(len(self.stack))
+        elif after and after[0] in (pickletools.pydict, pickletools.pylist, pickletools.pyset) and below:
+            self.stack.append(below[0])                                 # SETITEM(S), APPEND(S), ADDITEMS: the container
+        else:
+            self.stack.extend([self.LEAF] * len(after))
 
 
 _STORAGE_ITEMSIZE = {"FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
@@ -761,12 +827,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"{path}: " + ("a folder; give a checkpoint file" if os.path.isdir(path) else
                                                "no such checkpoint file"))
     try:
-        check_zip_inflation(path)
-        if not zipfile.is_zipfile(path):             # a legacy torch.save file: torch allocates what it declares
-            with open(path, "rb") as f:
-                declared = legacy_storage_nbytes(f)
-            if declared > os.path.getsize(path):
-                raise ValueError(f"its storages declare {declared} bytes, more than the file's {os.path.getsize(path)}")
+        check_torch_file(path)
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a weights-only torch checkpoint (EDM .pkl files go through load_edm_pickle): "
@@ -778,6 +839,11 @@ SHORT_REPR = reprlib.Repr()              # a key read from a file, in an error m
 SHORT_REPR.maxlevel, SHORT_REPR.maxstring, SHORT_REPR.maxother = 3, 60, 60
 
 
+def shape_text(t):
+    """A tensor's shape for an error message; a nested tensor has none (its parts differ in shape)."""
+    return "(nested)" if t.is_nested else str(list(t.shape))
+
+
 def check_dense_tensors(obj, path, file_size=None):
     """obj, once every tensor in it (in dicts, lists and tuples, at any depth) is checked to hold as many elements as
     its storage: a file can save zeros(1).expand(10**9), a view of one number with a billion elements, and a network
@@ -785,29 +851,35 @@ def check_dense_tensors(obj, path, file_size=None):
     Each container is visited once: a pickle can hold a list that contains itself. With file_size, the storages
     together may not hold more than the file: a legacy torch.save record can size a tensor past its storage, which
     torch then grows (uninitialised memory, if the file never fills it)."""
-    # (item, its keys from the top): the keys are named only in an error, since a key's repr can be exponential (a
-    # tuple nesting one shared tuple twice, 30 deep); storages: {data pointer: bytes}, each storage counted once
-    todo, seen, storages = [(obj, ())], set(), {}
+    # (item, link): link = (key, the parent's link), so a path of keys is put together only for an error (copying it
+    # at every level would be quadratic in the depth, and a key's repr can be exponential: a tuple nesting one shared
+    # tuple twice, 30 deep); storages: {data pointer: bytes}, each storage counted once
+    todo, seen, storages = [(obj, None)], set(), {}
     while todo:
-        item, keys = todo.pop()
+        item, link = todo.pop()
         if id(item) in seen:
             continue
         seen.add(id(item))
         if isinstance(item, torch.Tensor):
-            problem = ("is not a dense tensor" if item.layout != torch.strided else
+            problem = ("is not a dense tensor" if item.layout != torch.strided or item.is_nested else
+                       f"holds {item.dtype} numbers, not real ones" if item.is_quantized or item.is_complex() else
                        "is on the meta device: it holds no numbers" if item.is_meta else
                        f"has more elements than its storage of {item.untyped_storage().nbytes()} bytes holds (an "
                        "expanded view)" if item.numel() * item.element_size() > item.untyped_storage().nbytes() else
                        None)
             if problem:
-                where = "".join(f"[{SHORT_REPR.repr(k)}]" for k in keys) or "(the whole file)"
-                raise ValueError(f"{path}: tensor {where} of shape {list(item.shape)} {problem}; checkpoints hold "
+                keys = []
+                while link is not None:
+                    keys.append(link[0])
+                    link = link[1]
+                where = "".join(f"[{SHORT_REPR.repr(k)}]" for k in reversed(keys)) or "(the whole file)"
+                raise ValueError(f"{path}: tensor {where} of shape {shape_text(item)} {problem}; checkpoints hold "
                                  "dense tensors")
             storages[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
         elif isinstance(item, dict):
-            todo.extend((v, (*keys, k)) for k, v in item.items())
+            todo.extend((v, (k, link)) for k, v in item.items())
         elif isinstance(item, (list, tuple)):
-            todo.extend((v, (*keys, i)) for i, v in enumerate(item))
+            todo.extend((v, (i, link)) for i, v in enumerate(item))
     if file_size is not None and sum(storages.values()) > file_size:
         raise ValueError(f"{path}: its tensors' storages hold {sum(storages.values())} bytes, more than the file's "
                          f"{file_size}")
@@ -825,6 +897,23 @@ ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, N
 # a program, to render), nor ICO (PIL decodes it whole on opening, before a reader can check its size), nor the rarer
 # plugins, whose damaged files raise nearly anything.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# A JPEG decodes each of its scans over the whole image: a progressive file repeating one 33-byte scan 30,000 times
+# (1 MB) took 28 s at 4096 x 4096. Photos hold 1 scan, or about 10 if progressive.
+MAX_JPEG_SCANS = 100
+
+
+def check_jpeg_scans(image, file):
+    """Raise ValueError if the opened PIL image is a JPEG of more than MAX_JPEG_SCANS scans, before it is decoded.
+    Counts the start-of-scan markers 0xFFDA in the file object it was opened from (the entropy-coded data cannot hold
+    one: it follows every 0xFF byte with a 0x00), leaving the file where it was."""
+    if image.format != "JPEG":
+        return
+    where = file.tell()
+    file.seek(0)
+    scans = file.read().count(b"\xff\xda")
+    file.seek(where)
+    if scans > MAX_JPEG_SCANS:
+        raise ValueError(f"a JPEG of {scans} scans (at most {MAX_JPEG_SCANS}); decoding it would take minutes")
 
 
 def check_regular_file(path):
@@ -844,6 +933,25 @@ def check_zip_inflation(path):
         if declared > os.path.getsize(path):
             raise ValueError(f"its zip members declare {declared} bytes, more than the file's "
                              f"{os.path.getsize(path)} (compressed members; torch.save stores them uncompressed)")
+
+
+def check_torch_file(path):
+    """Checks a torch.save file before torch.load(weights_only=True) reads it, raising ValueError or UnpicklingError
+    (the caller names the file). A zip (torch.save's format): its members may not inflate beyond the file
+    (check_zip_inflation), and its pickles are scanned (scan_pickle: declared lengths, memo indices, tuples unsafe to
+    hash, which torch's unpickler would hash as dict keys). A legacy file: its pickles are scanned too, and its
+    storages may not declare more bytes than the file holds (torch allocates what they declare before reading)."""
+    check_zip_inflation(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".pkl"):
+                    scan_pickle(io.BytesIO(archive.read(info)))
+        return
+    with open(path, "rb") as f:
+        declared = legacy_storage_nbytes(f)
+    if declared > os.path.getsize(path):
+        raise ValueError(f"its storages declare {declared} bytes, more than the file's {os.path.getsize(path)}")
 
 
 def torch_load_error(e):
@@ -1276,11 +1384,26 @@ def diffusers_to_sgm_unet(state_dict, cfg=SDXLUNetConfig(), source_name="diffuse
     return renamed
 
 
-def _transformer_depth(shapes, prefix):
-    """Number of transformer blocks under prefix (e.g. 'input_blocks.4.1.'), 0 without a SpatialTransformer."""
-    head = prefix + "transformer_blocks."
-    names = {k[len(head):].split(".", 1)[0] for k in shapes if k.startswith(head)}
+def _transformer_blocks(shapes):
+    """{prefix: the numbers of its transformer blocks}, e.g. 'input_blocks.4.1.': {'0', '1'}, in one pass."""
+    found = collections.defaultdict(set)
+    for k in shapes:
+        prefix, sep, rest = k.partition("transformer_blocks.")
+        if sep:
+            found[prefix].add(rest.split(".", 1)[0])
+    return found
+
+
+def _transformer_depth(blocks, prefix):
+    """Number of transformer blocks under prefix (e.g. 'input_blocks.4.1.'), 0 without a SpatialTransformer, -1 if
+    they are not numbered 0, 1, ... (blocks: _transformer_blocks(shapes))."""
+    names = blocks.get(prefix, set())
     return len(names) if names == {str(i) for i in range(len(names))} else -1
+
+
+# Bounds on a layout read from a file's names before a model of it is built (on the meta device, but every block is
+# still a Python module): SDXL has 3 levels of 2 ResBlocks and 10 transformer blocks at most; these allow far more.
+MAX_SDXL_LEVELS, MAX_SDXL_RES_BLOCKS, MAX_SDXL_TRANSFORMER_BLOCKS = 8, 16, 256
 
 
 def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=64):
@@ -1309,23 +1432,33 @@ def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=
     if len({len(level) for level in levels}) != 1 or not levels[0]:
         raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: ResBlocks per level "
                          f"{[len(level) for level in levels]} differ (SDXLUNetConfig has one num_res_blocks)")
+    if len(levels) > MAX_SDXL_LEVELS or len(levels[0]) > MAX_SDXL_RES_BLOCKS:
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: {len(levels)} levels of "
+                         f"{len(levels[0])} ResBlocks (at most {MAX_SDXL_LEVELS} of {MAX_SDXL_RES_BLOCKS})")
     widths = [dims(f"input_blocks.{level[0]}.0.in_layers.2.weight", 4)[0] for level in levels]
-    depths = [{_transformer_depth(shapes, f"input_blocks.{i}.1.") for i in level} for level in levels]
+    blocks = _transformer_blocks(shapes)
+    depths = [{_transformer_depth(blocks, f"input_blocks.{i}.1.") for i in level} for level in levels]
     if any(len(d) != 1 or -1 in d for d in depths) or any(w % C for w in widths):
         raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: transformer depths per block "
                          f"{[sorted(d) for d in depths]} or widths {widths} are not one value per level, "
                          f"a multiple of {C}")
     depths = [d.pop() for d in depths]
-    if _transformer_depth(shapes, "middle_block.1.") != depths[-1]:
+    if sum(depths) > MAX_SDXL_TRANSFORMER_BLOCKS:
+        raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: transformer depths {depths} (at most "
+                         f"{MAX_SDXL_TRANSFORMER_BLOCKS} blocks per ResBlock, summed over the levels)")
+    if _transformer_depth(blocks, "middle_block.1.") != depths[-1]:
         raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: the middle block's transformer depth "
-                         f"{_transformer_depth(shapes, 'middle_block.1.')} differs from the last level's {depths[-1]}")
+                         f"{_transformer_depth(blocks, 'middle_block.1.')} differs from the last level's {depths[-1]}")
     to_k = sorted(k for k in shapes if k.endswith("attn2.to_k.weight"))
     if not to_k:
         raise ValueError(f"{source_name}: cannot infer the SDXL UNet's config: no cross-attention (attn2.to_k) weights")
-    cfg = SDXLUNetConfig(in_channels=in_channels, out_channels=dims("out.2.weight", 4)[0], model_channels=C,
-                         channel_mult=tuple(w // C for w in widths), num_res_blocks=len(levels[0]),
-                         transformer_depth=tuple(depths), num_head_channels=math.gcd(head_channels, *widths),
-                         context_dim=dims(to_k[0], 2)[1], adm_in_channels=dims("label_emb.0.0.weight", 2)[1])
+    try:
+        cfg = SDXLUNetConfig(in_channels=in_channels, out_channels=dims("out.2.weight", 4)[0], model_channels=C,
+                             channel_mult=tuple(w // C for w in widths), num_res_blocks=len(levels[0]),
+                             transformer_depth=tuple(depths), num_head_channels=math.gcd(head_channels, *widths),
+                             context_dim=dims(to_k[0], 2)[1], adm_in_channels=dims("label_emb.0.0.weight", 2)[1])
+    except ValueError as e:
+        raise ValueError(e if str(e).startswith(source_name) else f"{source_name}: {e}") from None
     with torch.device("meta"):
         expected = {k: v.shape for k, v in SDXLUNet(cfg).state_dict().items()}
     problems = _state_problems({k: torch.empty(v, device="meta") for k, v in shapes.items()}, expected)

@@ -377,6 +377,16 @@ def test_object_typed_numpy_scalar_is_refused_not_dereferenced(tmp_path, reader,
     assert "plain numeric" in got["msg"], got
 
 
+def expand_every_tensor(module, dtype):
+    """module, each of its parameters and buffers replaced by the number 0.5 viewed at the tensor's shape (stride 0)."""
+    for m in module.modules():
+        for group in (m._parameters, m._buffers):
+            for k, t in group.items():
+                if t is not None:
+                    group[k] = torch.full([1], 0.5, dtype=dtype, device="cpu").expand(t.shape)
+    return module
+
+
 def test_stride0_views_stay_views_until_the_shapes_match(tmp_path):
     """An EDM pickle declaring a 16x wider network (4.7G parameters) whose fp16 tensors are each one number viewed
     at full shape. It is a valid file and loads, but as views: converting to float32 costs the storages (bytes), not
@@ -384,12 +394,7 @@ def test_stride0_views_stay_views_until_the_shapes_match(tmp_path):
     from test_unet_edm import write_edm_pickle
     kwargs = {**unet.EDM_IMAGENET64, "model_channels": 768}
     with torch.device("meta"):
-        src = unet.EDMPrecond(**kwargs)
-    for m in src.modules():
-        for group in (m._parameters, m._buffers):
-            for k, t in group.items():
-                if t is not None:
-                    group[k] = torch.full([1], 0.5, dtype=torch.float16).expand(t.shape)
+        src = expand_every_tensor(unet.EDMPrecond(**kwargs), torch.float16)
     path = tmp_path / "wide.pkl"
     write_edm_pickle(path, src, tmp_path / "marker", root_kwargs={**kwargs, "model_type": "DhariwalUNet"})
     assert path.stat().st_size < 10 << 20

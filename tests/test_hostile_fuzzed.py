@@ -24,7 +24,7 @@ import fid
 import imagenet64
 import sdxl
 import unet
-from test_hostile import torch_legacy
+from test_hostile import expand_every_tensor, torch_legacy
 
 
 def png(w=8, h=8):
@@ -392,13 +392,16 @@ def test_lora_numbers_that_would_spoil_the_weights_are_refused(tmp_path, kwargs,
 
 
 def test_a_complex_lora_alpha_is_refused_by_name(tmp_path):
-    """safetensors has no complex dtype, but a torch file does."""
-    state, _ = sdxl.read_lora(lora_file(tmp_path / "lora.safetensors"))
+    """safetensors has no complex dtype, but a torch file does: reading it refuses complex tensors, and the merge
+    refuses a complex alpha however it got into the state."""
+    state, metadata = sdxl.read_lora(lora_file(tmp_path / "lora.safetensors"))
     alpha_key = next(k for k in state if k.endswith(".lora_down.weight")).replace(".lora_down.weight", ".alpha")
     torch.save({**state, alpha_key: torch.tensor(1 + 2j)}, tmp_path / "lora.pt")
-    state, metadata = sdxl.read_lora(str(tmp_path / "lora.pt"))
+    with pytest.raises(ValueError, match=r"lora\.pt: tensor .*alpha'\] of shape \[\] holds torch.complex64 numbers"):
+        sdxl.read_lora(str(tmp_path / "lora.pt"))
     with pytest.raises(ValueError, match="lora.pt: .*alpha is not a real number"):
-        unet.lora_from_file_state(state, sdxl.TINY_UNET, str(tmp_path / "lora.pt"), metadata)
+        unet.lora_from_file_state({**state, alpha_key: torch.tensor(1 + 2j)}, sdxl.TINY_UNET, str(tmp_path / "lora.pt"),
+                                  metadata)
 
 
 # A third round, on the readers the second did not cover: tensors without dense data, dictionary keys whose repr is
@@ -431,9 +434,10 @@ def within(seconds, what, call):
 
 
 def test_a_key_whose_repr_is_exponential_is_named_briefly(tmp_path):
-    """A tuple nesting one shared tuple twice, 26 deep: 2 kB in the file, 2**26 leaves in its repr."""
+    """A tuple nesting one shared tuple twice, 19 deep: 2 kB in the file, 2**19 leaves in its repr (one 20 deep is
+    refused before it is unpickled: test_tuples_unsafe_to_hash_are_refused_before_they_are_unpickled)."""
     key = ()
-    for _ in range(26):
+    for _ in range(19):
         key = (key, key)
     torch.save({key: torch.zeros(1).expand(10)}, tmp_path / "key.pt")
     with pytest.raises(ValueError, match="key.pt: tensor .{0,300} of shape"):
@@ -853,3 +857,150 @@ def test_export_of_a_lora_refuses_what_a_merge_would_refuse(tmp_path, kwargs, dt
     with pytest.raises(ValueError, match=f"(?s)lora.safetensors: cannot export .*{words}"):
         sdxl.export_lora(types.SimpleNamespace(lora=path, format="kohya", dtype=dtype, out=str(out)))
     assert not out.exists()
+
+
+def torch_zip_with_pickle(path, data_pkl):
+    """A torch.save zip whose data.pkl is replaced by the given pickle bytes."""
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            out.writestr(info, data_pkl if info.filename.endswith("data.pkl") else src.read(info))
+
+
+# {key: 1} whose key nests 200,000 tuples (hashing it overflows the C stack: a segfault), and one whose key nests one
+# shared tuple twice, 60 deep (hashing it takes 2**60 steps)
+DEEP_KEY = b"\x80\x02}K\x00" + b"\x85" * 200_000 + b"K\x01s."
+SHARED_KEY = b"\x80\x02}K\x00" + b"q\x00h\x00\x86" * 60 + b"K\x01s."
+
+
+@pytest.mark.parametrize("data", [DEEP_KEY, SHARED_KEY], ids=["deep", "shared"])
+def test_tuples_unsafe_to_hash_are_refused_before_they_are_unpickled(tmp_path, data):
+    """A dict key, a set item or a constructor hashes a tuple in C: one 200,000 deep crashed the process (segfault),
+    one nesting a shared tuple twice at each of 60 levels would hash for ever. Every pickle reader refuses both."""
+    (tmp_path / "a.pkl").write_bytes(data)
+    torch_zip_with_pickle(tmp_path / "a.pt", data)
+    for call in (lambda: unet.load_edm_pickle(str(tmp_path / "a.pkl")),
+                 lambda: unet.load_checkpoint(str(tmp_path / "a.pt")),
+                 lambda: sdxl.load_training_checkpoint(str(tmp_path / "a.pt")),
+                 lambda: fid.read_inception_weights(str(tmp_path / "a.pt"))):
+        with pytest.raises((ValueError, pickle.UnpicklingError), match=r"a\.p.*a tuple \d+ deep with \d+ items"):
+            within(20, "hashing a hostile tuple", call)
+
+
+def test_weights_files_with_small_tuples_still_load(tmp_path):
+    """Shapes, strides and argument tuples, shared by memo references as a pickler writes them, pass the scan."""
+    shared = (3, 4)
+    obj = {"w": torch.ones(3, 4), "meta": {(shared, shared): [shared] * 100, ((1, 2), (3, (4, (5,)))): 1}}
+    unet.save_checkpoint(obj, tmp_path / "ok.pt")
+    assert unet.load_checkpoint(str(tmp_path / "ok.pt"))["meta"][(shared, shared)][0] == (3, 4)
+
+
+def test_deep_nesting_is_checked_in_linear_time():
+    """check_dense_tensors copied the path of keys at every level: 80,000 nested lists took 7.7 s, 1M for minutes."""
+    obj = [torch.zeros(1)]
+    for _ in range(300_000):
+        obj = [obj]
+    within(20, "a deep container", lambda: unet.check_dense_tensors({"a": obj}, "x.pt"))
+    obj[0] = torch.zeros(1).expand(10)
+    with pytest.raises(ValueError, match=r"x\.pt: tensor \['a'\]\[0\] of shape \[10\] .*expanded view"):
+        unet.check_dense_tensors({"a": obj}, "x.pt")
+
+
+def test_an_sdxl_training_checkpoint_of_deflated_members_is_refused(tmp_path):
+    """sdxl.py --resume read checkpoint.pt with torch.load directly: 1.5 MB of deflated zeros loaded as 3 GB."""
+    buf = io.BytesIO()
+    torch.save({"step": 0}, buf)
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(tmp_path / "checkpoint.pt", "w") as out:
+        for info in src.infolist():
+            data = src.read(info)
+            deflate = info.filename.endswith("data.pkl")
+            out.writestr(info, data + b"\0" * (50 << 20) if deflate else data,
+                         compress_type=zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: .*zip members declare \d+ bytes, more than the file"):
+        sdxl.load_training_checkpoint(str(tmp_path / "checkpoint.pt"))
+
+
+def test_nested_and_complex_tensors_are_refused(tmp_path):
+    """A nested tensor reports the strided layout, and export --unet then failed on its shape with a traceback."""
+    torch.save({"input_blocks.0.0.weight": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])},
+               tmp_path / "nested.pt")
+    torch.save({"w": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "complex.pt")
+    with pytest.raises(ValueError, match=r"nested\.pt: tensor \['input_blocks.0.0.weight'\] of shape \(nested\) is"):
+        unet.load_checkpoint(str(tmp_path / "nested.pt"))
+    with pytest.raises(ValueError, match=r"complex\.pt: tensor \['w'\] of shape \[2\] holds torch.complex64 numbers"):
+        unet.load_checkpoint(str(tmp_path / "complex.pt"))
+
+
+def test_an_edm_teacher_of_expanded_views_is_refused_before_it_is_copied(tmp_path):
+    """load_edm_pickle keeps a tensor saved as one number viewed at full shape a view (valid, and cheap), but the
+    generator and the fake score copy the teacher: a 228 kB file declaring a network 4x wider cost 19 GB per copy."""
+    from test_unet_edm import write_edm_pickle
+    kwargs = {**unet.EDM_IMAGENET64, "model_channels": 32, "img_resolution": 16, "label_dim": 10}
+    with torch.device("meta"):
+        src = expand_every_tensor(unet.EDMPrecond(**kwargs), torch.float32)
+    write_edm_pickle(tmp_path / "views.pkl", src, tmp_path / "marker",
+                     root_kwargs={**kwargs, "model_type": "DhariwalUNet"})
+    cfg = imagenet64.Config(teacher=str(tmp_path / "views.pkl"))
+    with pytest.raises(ValueError, match=r"views\.pkl: \d+ of its tensors .* are expanded views"):
+        imagenet64.load_teacher_network(cfg)
+
+
+def test_an_sdxl_layout_of_thousands_of_blocks_is_refused_before_a_model_is_built(tmp_path):
+    """Zero-size tensors named like 6,000 ResBlocks made infer_sdxl_unet_config build a 6,000-block UNet on the meta
+    device (2 GB, 41 s): a layout is bounded as a LoRA's is."""
+    shapes = {"input_blocks.0.0.weight": (32, 4, 3, 3), "input_blocks.1.0.in_layers.2.weight": (32, 32, 3, 3),
+              "out.2.weight": (4, 32, 3, 3), "label_emb.0.0.weight": (32, 8), "x.attn2.to_k.weight": (32, 8),
+              "middle_block.1.transformer_blocks.0.x": (0,), "input_blocks.1.1.transformer_blocks.0.x": (0,)}
+    for i in range(2, 6001):
+        shapes[f"input_blocks.{i}.0.x"] = shapes[f"input_blocks.{i}.1.transformer_blocks.0.x"] = (0,)
+    with pytest.raises(ValueError, match=r"blocks\.safetensors: .* 1 levels of 6000 ResBlocks \(at most 8 of 16\)"):
+        within(20, "a 6000-block layout", lambda: unet.infer_sdxl_unet_config(shapes, "blocks.safetensors"))
+
+
+def test_a_prompt_of_one_enormous_word_tokenizes_at_once():
+    """BPE's time grows faster than a word's length (a 128 kB word took 99 s): a word is cut at 2,560 bytes, and a
+    prompt's words after its 75th token are not encoded. The 75 tokens kept are those of the word's first bytes."""
+    rng = np.random.default_rng(0)
+    word = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, 1_000_000))
+    ids = within(20, "a 1 MB word", lambda: sdxl.tokenize([word, "a cat " * 100_000]))
+    assert ids.shape == (2, 77) and ids[0, 76] == sdxl.EOT and ids[1, 76] == sdxl.EOT
+    assert torch.equal(ids[0], sdxl.tokenize(word[:3000])[0])
+
+
+def progressive_jpeg_with_repeated_scans(path, repeats, side=64):
+    """A valid progressive JPEG whose second scan (an AC band) is repeated before the end marker."""
+    buf = io.BytesIO()
+    PIL.Image.new("L", (side, side), 128).save(buf, "JPEG", progressive=True, quality=90)
+    b, segments, i = buf.getvalue(), [], 2
+    while b[i + 1] != 0xD9:
+        j = i + 2 + int.from_bytes(b[i + 2:i + 4], "big")
+        if b[i + 1] == 0xDA:                                   # entropy-coded data runs to the next marker
+            while not (b[j] == 0xFF and b[j + 1] not in (0x00, *range(0xD0, 0xD8))):
+                j += 1
+        segments.append(b[i:j])
+        i = j
+    scans = [s for s in segments if s[1] == 0xDA]
+    path.write_bytes(b"\xff\xd8" + b"".join(segments) + scans[1] * repeats + b"\xff\xd9")
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    """Each scan is decoded over the whole image: 30,000 repeats of one scan (1 MB) took 28 s at 4096 x 4096."""
+    (tmp_path / "images").mkdir()
+    progressive_jpeg_with_repeated_scans(tmp_path / "images" / "a.jpg", 1000)
+    progressive_jpeg_with_repeated_scans(tmp_path / "ok.jpg", 0)
+    assert PIL.Image.open(tmp_path / "images" / "a.jpg").load() is not None          # PIL itself decodes it
+    _, batches = fid.image_batches(str(tmp_path / "images"))
+    with pytest.raises(ValueError, match=r"a\.jpg: cannot read image \(a JPEG of 100\d scans \(at most 100\)"):
+        next(batches)
+    with pytest.raises(ValueError, match=r"a\.jpg: cannot read the image .*a JPEG of 100\d scans"):
+        sdxl.load_image(str(tmp_path / "images" / "a.jpg"), 32)
+    assert sdxl.load_image(str(tmp_path / "ok.jpg"), 32).shape == (3, 32, 32)
+
+
+def test_sdxl_reads_no_image_file_over_the_size_limit(tmp_path):
+    """PIL's WebP plugin reads a whole file when it opens it: sdxl.py's images have fid.py's size limit."""
+    path = tmp_path / "big.png"
+    path.write_bytes(png() + b"\0" * fid.MAX_IMAGE_BYTES)
+    with pytest.raises(ValueError, match=r"big\.png: cannot read the image .*bytes, more than an image may have"):
+        sdxl.load_image(str(path), 8)

@@ -921,6 +921,7 @@ def test_an_sdxl_training_checkpoint_of_deflated_members_is_refused(tmp_path):
         sdxl.load_training_checkpoint(str(tmp_path / "checkpoint.pt"))
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_nested_and_complex_tensors_are_refused(tmp_path):
     """A nested tensor reports the strided layout, and export --unet then failed on its shape with a traceback."""
     torch.save({"input_blocks.0.0.weight": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])},

@@ -50,9 +50,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import (PickledOrderedDict, ZIP_ERRORS, check_dense_tensors, check_torch_file,  # hostile files
-                  describe_value, legacy_storage_nbytes, load_legacy_storage, read_safetensors, scan_pickle,
-                  torch_load_error)
+from unet import (NumpyDtypeRecord, PickledOrderedDict, ZIP_ERRORS, _rebuild_parameter,             # hostile files
+                  check_dense_tensors, check_torch_file, describe_value, legacy_storage_nbytes, load_legacy_storage,
+                  read_safetensors, scan_pickle, torch_load_error)
 from unet import HelpFormatter, check_device, check_writable                           # options and paths
 from unet import IMAGE_FORMATS, check_jpeg_scans, check_regular_file                     # image files
 
@@ -555,23 +555,15 @@ def _persistent_obj(meta):
     return node
 
 
-_NUMPY_NAMES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")
-
-
 def _numpy_dtype(name, align=False, copy=False):
-    if not isinstance(name, str) or name not in _NUMPY_NAMES:
-        raise pickle.UnpicklingError(f"numpy dtype {describe_value(name)} is not a plain numeric type")
-    return np.dtype(name, False, True)  # a copy: the BUILD that follows calls its __setstate__
+    return NumpyDtypeRecord(name)          # the type string and byte order only (unet.NumpyDtypeRecord says why)
 
 
 def _numpy_scalar(dtype, data):
-    """numpy's scalar(dtype, bytes) for plain numbers only. The dtype's state comes from the file, and that state can
-    give an 'f8' object-typed fields while hasobject stays False (numpy would then read a pointer from the file's
-    bytes), so neither hasobject nor the object itself is trusted: only kind, fields and subdtype are checked, and the
-    bytes are decoded with a fresh dtype built from its type string."""
-    if not (isinstance(dtype, np.dtype) and dtype.kind in "biuf" and dtype.fields is None and dtype.subdtype is None):
+    """numpy's scalar(dtype, bytes) for plain numbers only, decoded with a fresh dtype built from the record."""
+    if not isinstance(dtype, NumpyDtypeRecord):
         raise pickle.UnpicklingError("numpy scalars must have a plain numeric dtype (no fields, subarrays or objects)")
-    plain = np.dtype(dtype.str)
+    plain = dtype.dtype()
     if not (isinstance(data, bytes) and len(data) == plain.itemsize):
         raise pickle.UnpicklingError(f"a numpy {plain} scalar needs {plain.itemsize} bytes")
     return np.frombuffer(data, dtype=plain)[0]
@@ -599,8 +591,8 @@ _SAFE_GLOBALS = {
     ("__builtin__", "frozenset"): frozenset,
     ("_codecs", "encode"): "encode",
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): lambda data, *unused: data,
-    ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *unused: data,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): "load_storage",
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_obj,
     ("torch.jit._pickle", "build_intlist"): list,

@@ -516,6 +516,8 @@ def load_legacy_storage(data):
     in the bytes given (torch would allocate them first)."""
     if not isinstance(data, bytes):
         raise pickle.UnpicklingError("a tensor storage record does not hold bytes")
+    if data[:4] == b"PK\x03\x04":       # torch.load would read it as a zip, which the scan below reads as pickles
+        raise pickle.UnpicklingError("a tensor storage record holds a zip, not torch's legacy storage format")
     declared = legacy_storage_nbytes(io.BytesIO(data))
     if declared > len(data):
         raise pickle.UnpicklingError(f"a storage record declares {declared} bytes but holds only {len(data)}")
@@ -588,22 +590,48 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    return data                                                                    # we only need the values
+    """The parameter's values. Only a tensor passes: a callable that hands back its argument would let a tuple reach
+    a dict key unseen by scan_pickle, which counts every call's result as one item."""
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError(f"a parameter record holds {describe_value(data)}, not a tensor")
+    return data
+
+
+NUMPY_NAMES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")
+
+
+class NumpyDtypeRecord:
+    """numpy.dtype(name) as the restricted unpicklers build it: the type string, and the byte order the BUILD that
+    follows gives it; nothing else. A real np.dtype takes any state from that BUILD, such as fields whose dtypes
+    hold earlier ones: numpy's hash walks them again at every reference (40 shared levels hash for ever), and a
+    field of object type makes numpy read a pointer from the file's bytes."""
+
+    def __init__(self, name):
+        if not isinstance(name, str) or name not in NUMPY_NAMES:
+            raise pickle.UnpicklingError(f"numpy dtype {describe_value(name)} is not a plain numeric type")
+        self.name, self.order = name, "="
+
+    def __setstate__(self, state):
+        # np.dtype's state: (version, byte order, subarray, names, fields, itemsize, alignment, flags)
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "|", "=")
+                and all(part is None for part in state[2:5])):
+            raise pickle.UnpicklingError("a numpy dtype with fields or subarrays: not a plain numeric type")
+        self.order = state[1]
+
+    def dtype(self):
+        return np.dtype(self.order + self.name)
 
 
 def _numpy_dtype(name, align=False, copy=False):
-    if not isinstance(name, str) or name not in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1"):
-        raise pickle.UnpicklingError(f"numpy dtype {describe_value(name)} is not a plain numeric type")
-    return np.dtype(name, False, True)                                             # a copy: BUILD then calls its __setstate__
+    return NumpyDtypeRecord(name)
 
 
 def _numpy_scalar(dtype, data):
-    """numpy scalars (EDM's init kwargs hold np.sqrt(1/3)) decoded from their raw bytes into a Python number. The
-    dtype's state comes from the file and can give an 'f8' fields of any dtype while hasobject reads False, so only
-    kind, fields and subdtype are trusted, and the bytes are decoded with a fresh dtype built from its type string."""
-    if not (isinstance(dtype, np.dtype) and dtype.kind in "biuf" and dtype.fields is None and dtype.subdtype is None):
+    """numpy scalars (EDM's init kwargs hold np.sqrt(1/3)) decoded from their raw bytes into a Python number, with a
+    fresh dtype built from the record's type string and byte order."""
+    if not isinstance(dtype, NumpyDtypeRecord):
         raise pickle.UnpicklingError("numpy scalars must have a plain numeric dtype (no fields, subarrays or objects)")
-    plain = np.dtype(dtype.str)
+    plain = dtype.dtype()
     if not (isinstance(data, bytes) and len(data) == plain.itemsize):
         raise pickle.UnpicklingError("malformed numpy scalar")
     return np.frombuffer(data, dtype=plain)[0].item()
@@ -941,17 +969,36 @@ def check_torch_file(path):
     (check_zip_inflation), and its pickles are scanned (scan_pickle: declared lengths, memo indices, tuples unsafe to
     hash, which torch's unpickler would hash as dict keys). A legacy file: its pickles are scanned too, and its
     storages may not declare more bytes than the file holds (torch allocates what they declare before reading)."""
-    check_zip_inflation(path)
-    if zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"       # torch's own test: a legacy file may end with a zip's end record
+    if is_zip:
+        check_zip_inflation(path)
+        check_zip_directory(path)
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if info.filename.endswith(".pkl"):
+                if info.filename.lower().endswith(".pkl"):           # torch's zip reader finds names in any case
                     scan_pickle(io.BytesIO(archive.read(info)))
         return
     with open(path, "rb") as f:
         declared = legacy_storage_nbytes(f)
     if declared > os.path.getsize(path):
         raise ValueError(f"its storages declare {declared} bytes, more than the file's {os.path.getsize(path)}")
+
+
+def check_zip_directory(path):
+    """Raise ValueError unless the zip's central directory lies where its end record says. Python's zipfile reads
+    the directory just before the end record and shifts every offset by any bytes in front of the archive; torch's
+    reader takes the recorded offset as it is: a file holding two directories shows each reader other members."""
+    with open(path, "rb") as f:
+        end = zipfile._EndRecData(f)
+    if end is None:
+        raise ValueError("no zip end record")
+    shift = end[zipfile._ECD_LOCATION] - end[zipfile._ECD_SIZE] - end[zipfile._ECD_OFFSET]
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+        shift -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    if shift:
+        raise ValueError(f"its zip directory is {shift} bytes away from where its end record puts it (torch.save "
+                         "writes no bytes before the archive)")
 
 
 def torch_load_error(e):

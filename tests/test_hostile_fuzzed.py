@@ -1005,3 +1005,59 @@ def test_sdxl_reads_no_image_file_over_the_size_limit(tmp_path):
     path.write_bytes(png() + b"\0" * fid.MAX_IMAGE_BYTES)
     with pytest.raises(ValueError, match=r"big\.png: cannot read the image .*bytes, more than an image may have"):
         sdxl.load_image(str(path), 8)
+
+
+# A seventh round went around the pickle scan: each reader must scan the bytes that torch then unpickles, and no
+# allowed global may hand an unscanned tuple (or a numpy dtype that hashes for ever) to a dict key.
+
+def test_a_pickle_torch_finds_under_another_case_is_scanned(tmp_path):
+    """torch's zip reader finds archive/DATA.PKL when it looks for data.pkl; the scan looked for '.pkl' only."""
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(tmp_path / "a.pt", "w") as out:
+        for info in src.infolist():
+            if info.filename.endswith("data.pkl"):
+                out.writestr(info.filename.replace("data.pkl", "DATA.PKL"), SHARED_KEY)
+            else:
+                out.writestr(info, src.read(info))
+    with pytest.raises(ValueError, match=r"a\.pt: .*a tuple 20 deep"):
+        within(20, "an unscanned pickle", lambda: unet.load_checkpoint(str(tmp_path / "a.pt")))
+
+
+def test_a_zip_whose_directory_is_not_where_its_end_record_says_is_refused(tmp_path):
+    """Python's zipfile shifts offsets by the bytes it finds in front of the directory, torch's reader does not: a
+    file with two directories showed Python a harmless data.pkl and torch another (or a zip bomb)."""
+    buf = io.BytesIO()
+    torch.save({"a": 1}, buf)
+    raw = buf.getvalue()
+    start = zipfile._EndRecData(io.BytesIO(raw))[zipfile._ECD_OFFSET]
+    (tmp_path / "two.pt").write_bytes(raw[:start] + bytes(64) + raw[start:])
+    with pytest.raises(ValueError, match=r"two\.pt: .*zip directory is 64 bytes away from where its end record"):
+        unet.load_checkpoint(str(tmp_path / "two.pt"))
+
+
+def test_a_legacy_file_ending_in_a_zip_end_record_is_scanned_as_torch_reads_it(tmp_path):
+    """zipfile.is_zipfile finds an end record anywhere near the end; torch decides by the first four bytes, so a
+    legacy file with an empty zip's end record appended went unscanned."""
+    legacy = torch_legacy({"a": 1})
+    main = legacy.index(b"\x80\x02}", len(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)) + 8)  # after 3 headers
+    header = legacy[:main]
+    (tmp_path / "a.pt").write_bytes(header + SHARED_KEY + pickle.dumps([], protocol=2) + b"PK\x05\x06" + bytes(18))
+    with pytest.raises(ValueError, match=r"a\.pt: .*a tuple 20 deep"):
+        within(20, "an unscanned legacy file", lambda: unet.load_checkpoint(str(tmp_path / "a.pt")))
+
+
+def test_callables_cannot_hand_a_pickle_unscanned_tuples_or_dtypes():
+    """scan_pickle counts every call's result as one item, so no allowed global may return its argument (a tuple
+    built one level at a time) or a numpy dtype a BUILD can give fields (numpy hashes them again at every
+    reference); and a legacy storage record is refused if torch would read it as a zip, which the scan cannot see."""
+    for rebuild in (unet._rebuild_parameter, fid._rebuild_parameter):
+        with pytest.raises(pickle.UnpicklingError, match="holds a tuple, not a tensor"):
+            rebuild(((),))
+    record = unet._numpy_dtype("f8")
+    with pytest.raises(pickle.UnpicklingError, match="fields or subarrays"):
+        record.__setstate__((3, "<", None, ("x",), {"x": (record, 0)}, 8, 1, 16))
+    record.__setstate__(np.dtype("f8").__reduce__()[2])
+    assert unet._numpy_scalar(record, np.float64(0.5).tobytes()) == 0.5 and hash(record) is not None
+    with pytest.raises(pickle.UnpicklingError, match="holds a zip, not torch's legacy storage format"):
+        unet.load_legacy_storage(b"PK\x03\x04" + bytes(100))

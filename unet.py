@@ -965,15 +965,17 @@ def check_zip_inflation(path):
 
 def check_torch_file(path):
     """Checks a torch.save file before torch.load(weights_only=True) reads it, raising ValueError or UnpicklingError
-    (the caller names the file). A zip (torch.save's format): its members may not inflate beyond the file
-    (check_zip_inflation), and its pickles are scanned (scan_pickle: declared lengths, memo indices, tuples unsafe to
-    hash, which torch's unpickler would hash as dict keys). A legacy file: its pickles are scanned too, and its
-    storages may not declare more bytes than the file holds (torch allocates what they declare before reading)."""
+    (the caller names the file). Zip or legacy is decided as torch decides, by the first four bytes. A zip
+    (torch.save's format): its directory must be where its end record says (check_zip_directory: Python and torch
+    then see the same members), its members may not inflate beyond the file (check_zip_inflation), and its pickles
+    are scanned (scan_pickle: declared lengths, memo indices, tuples unsafe to hash, which torch's unpickler would hash
+    as dict keys). A legacy file: its pickles are scanned too, and its storages may not declare more bytes than the
+    file holds (torch allocates what they declare before reading)."""
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"       # torch's own test: a legacy file may end with a zip's end record
     if is_zip:
-        check_zip_inflation(path)
         check_zip_directory(path)
+        check_zip_inflation(path)
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 if info.filename.lower().endswith(".pkl"):           # torch's zip reader finds names in any case

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet import (NumpyDtypeRecord, PickledOrderedDict, ZIP_ERRORS, _rebuild_parameter,             # hostile files
+from unet import (NumpyDtypeRecord, PickledOrderedDict, ZIP_ERRORS, _numpy_dtype, _rebuild_parameter,  # hostile files
                   check_dense_tensors, check_torch_file, describe_value, legacy_storage_nbytes, load_legacy_storage,
                   read_safetensors, scan_pickle, torch_load_error)
 from unet import HelpFormatter, check_device, check_writable                           # options and paths
@@ -553,10 +553,6 @@ def _persistent_obj(meta):
     node = _Node()
     node.class_name, node.state = meta.get("class_name"), meta.get("state")
     return node
-
-
-def _numpy_dtype(name, align=False, copy=False):
-    return NumpyDtypeRecord(name)          # the type string and byte order only (unet.NumpyDtypeRecord says why)
 
 
 def _numpy_scalar(dtype, data):

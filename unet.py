@@ -319,9 +319,12 @@ class EDMPrecond(nn.Module):
 # unpickler allocates a string's or frame's declared length before reading it and grows its memo table to any index
 # the file names; torch's legacy loader allocates each storage's declared size before reading its bytes; a memo
 # reference hands one object to any number of calls (nested, 2**n copies: "billion laughs"); a stride-0 view can
-# declare any shape. So: scan_pickle checks lengths and memo indices before the C unpickler runs, storages are
-# checked against their bytes, copying calls are charged to a budget tied to the file's size, nothing from the
-# file is stringified or compared in depth, and tensors stay views until their shapes match the model.
+# declare any shape; a tuple can nest too deep for C's hash to return (a segfault), or repeat a shared child until
+# hashing it never ends, and a dict key, a set or a constructor hashes it. So: scan_pickle checks lengths, memo
+# indices and tuples before the C unpickler runs (on the bytes torch will unpickle: check_torch_file), no allowed
+# global returns its argument or a numpy dtype the file can extend, storages are checked against their bytes,
+# copying calls are charged to a budget tied to the file's size, nothing from the file is stringified or compared in
+# depth, and tensors stay views until their shapes match the model.
 
 class _BoundedReader:
     """File wrapper for pickletools.genops that refuses any read longer than what is left of the stream."""
@@ -346,8 +349,9 @@ def scan_pickle(f):
     """Walk one pickle's opcodes (pickletools.genops decodes them and builds nothing) and return the offset just past
     its STOP, leaving f where it was. A declared length may not exceed the bytes left, and a memo index may not exceed
     the number of opcodes read so far (picklers number memo entries 0, 1, 2, ..., one per object of at least one
-    opcode), so both stay below the file's size. Overriding the memo opcodes instead would need the slow pure-Python
-    unpickler; a pre-scan keeps the C one and checks the stream exactly as it will be read."""
+    opcode), so both stay below the file's size; and no tuple may be unsafe to hash (_TupleSizes). Overriding the
+    memo opcodes instead would need the slow pure-Python unpickler; a pre-scan keeps the C one and checks the stream
+    exactly as it will be read."""
     start = f.tell()
     end = f.seek(0, os.SEEK_END)
     f.seek(start)
@@ -890,7 +894,8 @@ def check_dense_tensors(obj, path, file_size=None):
         seen.add(id(item))
         if isinstance(item, torch.Tensor):
             problem = ("is not a dense tensor" if item.layout != torch.strided or item.is_nested else
-                       f"holds {item.dtype} numbers, not real ones" if item.is_quantized or item.is_complex() else
+                       f"holds {item.dtype} numbers (complex or quantized)"
+                       if item.is_complex() or item.is_quantized else
                        "is on the meta device: it holds no numbers" if item.is_meta else
                        f"has more elements than its storage of {item.untyped_storage().nbytes()} bytes holds (an "
                        "expanded view)" if item.numel() * item.element_size() > item.untyped_storage().nbytes() else

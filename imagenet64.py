@@ -886,17 +886,26 @@ def file_stamp(path):
     return [st.st_size, st.st_mtime_ns]
 
 
+MAX_FID_RECORD_BYTES = 2 ** 24     # fid.json: a score and a stamp per file, about 200 bytes each
+
+
 def previous_scores(path, protocol, stamps):
     """({file: FID}, {file: file_stamp}) from an earlier evaluate of the same folder with the same protocol, without
     the files that have changed since (stamps: each file's stamp now). A file since removed keeps its score."""
     try:
-        with open(unet.check_regular_file(path)) as f:      # not a pipe or a device, which would block or never end
-            old = json.load(f)
+        with open(unet.check_regular_file(path), "rb") as f:  # not a pipe or a device, which would block or never end
+            raw = f.read(MAX_FID_RECORD_BYTES + 1)
+        if len(raw) > MAX_FID_RECORD_BYTES:                 # json.load would take about 25x its size in memory
+            return {}, {}
+        old = json.loads(raw)
         if old.get("protocol") != protocol:
             return {}, {}
         scores, scored = dict(old["scores"]), dict(old.get("files", {}))
-        if not all(type(v) in (int, float) for v in scores.values()):    # a record edited by hand: score again
+        # A record edited by hand: score again. An FID is a finite number from 0; NaN would make min() pick by
+        # order, and an integer of 400 digits has no float to print.
+        if not all(isinstance(f, str) and type(v) in (int, float) and 0 <= v < 1e6 for f, v in scores.items()):
             return {}, {}
+        scores = {f: float(v) for f, v in scores.items()}
         changed = [f for f in scores if f in stamps and scored.get(f) != stamps[f]]
         for f in changed:
             del scores[f]
@@ -1215,6 +1224,8 @@ def repair_generator_file(run, step):
         written = unet.load_checkpoint(run.gen_path).get("step")
     except (FileNotFoundError, ValueError, AttributeError):
         written = None
+    if not (type(written) is int and 0 <= written < 2 ** 62):   # it is printed below
+        written = None
     if written != step:
         unet.save_checkpoint(generator_record(run, step), run.gen_path)
         print(f"{run.gen_path}: was at step {written}, rewritten at step {step} from {run.ckpt_path}")
@@ -1233,11 +1244,18 @@ def init_from(run, path):
     load_state(run.generator, ckpt["generator"], path, "the generator")
     fake_unet = {k[len("unet."):]: v for k, v in ckpt["fake_score"].items() if str(k).startswith("unet.")}
     load_state(run.fake_score.unet, fake_unet, path, "the fake score")
+    for what, module in (("the generator", run.generator), ("the fake score", run.fake_score.unet)):
+        bad = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:                            # else training would stop at its first step, naming no file
+            raise ValueError(f"{path}: {what} has non-finite weights (NaN or inf) in {len(bad)} tensors, "
+                             f"e.g. {bad[0]}")
     if run.generator_ema is not None:
         run.generator_ema.load_state_dict(run.generator.state_dict())
+    step = ckpt.get("step")                 # printed only: a hostile value (a list sharing itself) would never end
     if run.rank == 0:
-        print(f"initialised generator and fake score from {path} (step {ckpt.get('step')}); optimisers, warm-up "
-              f"and GAN head start fresh")
+        print(f"initialised generator and fake score from {path} "
+              f"(step {step if type(step) is int and 0 <= step < 2 ** 62 else 'unknown'}); optimisers, warm-up and "
+              f"GAN head start fresh")
 
 
 def rng_state():

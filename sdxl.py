@@ -152,10 +152,32 @@ PRESETS = {
 # and the N captions as JSON in the metadata. Generator prompts: the captions of a batch of those latents (the
 # official 4-step run), or a text file, one per line.
 
+# A prompt or caption longer than this is refused: CLIP reads its first 77 tokens (a few hundred characters), and
+# cleaning and tokenising an 80 MB line took 20 s and 0.7 GB each time a batch drew it.
+MAX_CAPTION_CHARS = 2 ** 14
+
+
+def caption_problem(text):
+    """Why a prompt or caption cannot be used, or None: too long, or not encodable as UTF-8 (a lone surrogate)."""
+    if len(text) > MAX_CAPTION_CHARS:
+        return f"{len(text)} characters, more than {MAX_CAPTION_CHARS} (CLIP reads its first 77 tokens)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not encodable as UTF-8 ({e.reason} at character {e.start})"
+    return None
+
+
 def read_prompts(path):
     try:
         with open(unet.check_regular_file(path), encoding="utf-8-sig") as f:   # -sig: a byte-order mark is not text
-            prompts = [line.strip() for line in f if line.strip()]
+            prompts = []
+            for number, line in enumerate(f, 1):
+                problem = line.strip() and caption_problem(line.strip())
+                if problem:
+                    raise ValueError(f"{path}: line {number}: {problem}")
+                if line.strip():
+                    prompts.append(line.strip())
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the prompts ({e})") from None
     if not prompts:
@@ -171,7 +193,7 @@ class LatentDataset:
         paths = sorted(glob.glob(os.path.join(glob.escape(folder), "latents_*.safetensors")))
         if not paths:
             raise ValueError(f"{folder}: no latents_*.safetensors shards (write them with `python sdxl.py encode`)")
-        side, self.shards, self.captions, self.rows = resolution // 8, [], [], []
+        side, self.shards, self.captions, self.rows, self.paths = resolution // 8, [], [], [], paths
         for path in paths:
             latents, metadata = read_safetensors(path).get("latents"), read_safetensors_header(path)[1]
             if latents is None or latents.ndim != 4 or tuple(latents.shape[1:]) != (4, side, side):
@@ -185,6 +207,12 @@ class LatentDataset:
             if not (isinstance(captions, list) and len(captions) == len(latents)
                     and all(isinstance(c, str) for c in captions)):
                 raise ValueError(f"{path}: metadata 'captions' must be a JSON list of {len(latents)} strings")
+            for i, caption in enumerate(captions):           # else a caption would fail when a batch drew it
+                if caption_problem(caption):
+                    raise ValueError(f"{path}: caption {i}: {caption_problem(caption)}")
+            if latents.dtype not in (torch.float16, torch.bfloat16, torch.float32):   # encode writes float16
+                raise ValueError(f"{path}: 'latents' are {str(latents.dtype).removeprefix('torch.')}, not float16, "
+                                 "bfloat16 or float32")
             self.rows += [(len(self.shards), i) for i in range(len(latents))]
             self.shards.append(latents)
             self.captions += captions
@@ -194,8 +222,13 @@ class LatentDataset:
     def sample(self, n, g):
         """n latents drawn uniformly with replacement: a pure function of g, so resuming needs no loader position."""
         idx = torch.randint(len(self.rows), (n,), generator=g, device=g.device).tolist()
-        latents = torch.stack([self.shards[s][i] for s, i in (self.rows[j] for j in idx)]).to(g.device, torch.float32)
-        return latents, [self.captions[j] for j in idx]
+        rows = [self.rows[j] for j in idx]
+        latents = torch.stack([self.shards[s][i] for s, i in rows]).float()             # [n, 4, h, w], on the CPU
+        finite = torch.isfinite(latents).flatten(1).all(1).tolist()
+        if not all(finite):                           # name the shard: a NaN loss later would name none
+            s, i = rows[finite.index(False)]
+            raise ValueError(f"{self.paths[s]}: latent {i} holds NaN or infinite values")
+        return latents.to(g.device), [self.captions[j] for j in idx]
 
 
 @torch.no_grad()
@@ -986,6 +1019,8 @@ def lora_unet_config(metadata, path):
     """The UNet layout a LoRA run stored in its generator.safetensors (write_generator)."""
     try:
         fields = json.loads(metadata["unet_config"])
+        if not isinstance(fields, dict):
+            raise ValueError(f"unet_config is not a JSON object ({unet.describe_value(fields)})")
         cfg = SDXLUNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         positive = [cfg.in_channels, cfg.out_channels, cfg.model_channels, cfg.num_res_blocks, cfg.num_head_channels,
                     cfg.context_dim, cfg.adm_in_channels, *cfg.channel_mult]
@@ -994,7 +1029,7 @@ def lora_unet_config(metadata, path):
                 and all(type(n) is int and n >= 0 for n in cfg.transformer_depth)
                 and cfg.num_res_blocks <= 16 and sum(cfg.transformer_depth) <= 256 and len(cfg.channel_mult) <= 8):
             raise ValueError(f"implausible UNet layout {cfg}")
-        return cfg
+        return unet.check_sdxl_layout_size(cfg, "its unet_config")
     except (KeyError, TypeError, ValueError, RecursionError, ArithmeticError) as e:
         raise ValueError(f"{path}: no UNet layout in the metadata ({type(e).__name__}: {e}); --format kohya "
                          "exports the generator.safetensors of a `train --lora_rank` run") from None
@@ -1446,9 +1481,8 @@ def clean_text(text):
     """CLIP's clean-up without ftfy: unescape HTML twice, NFC-normalise, collapse whitespace, lowercase.
 
     ftfy.fix_text (upstream; not a dependency here) would also repair mojibake, uncurl quotes and fold some
-    compatibility
-    characters; Hugging Face's fast CLIP tokenizer (used by diffusers and DMD2) skips ftfy too. ASCII prompts are
-    unaffected either way."""
+    compatibility characters; Hugging Face's fast CLIP tokenizer (used by diffusers and DMD2) skips ftfy too. ASCII
+    prompts are unaffected either way."""
     text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
     return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -1847,11 +1881,13 @@ def image_caption_pairs(folder):
             raise ValueError(f"{image}: no caption (expected the text file {txt})")
         try:
             with open(unet.check_regular_file(txt), encoding="utf-8-sig") as f:
-                caption = f.read().strip()
+                caption = f.read(MAX_CAPTION_CHARS + 1).strip()          # a longer caption is refused below
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{txt}: cannot read the caption ({e})") from None
         if not caption:
             raise ValueError(f"{txt}: empty caption")
+        if caption_problem(caption):
+            raise ValueError(f"{txt}: the caption has {caption_problem(caption)}")
         pairs.append((image, caption))
     return pairs
 
@@ -1908,7 +1944,8 @@ def encode_shards(vae, pairs, out, resolution, batch, shard_size, seed):
             latents.append(vae.encode(images, sample=True, generator=g).float().cpu())
         write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"),
                           {"latents": torch.cat(latents).half()},
-                          {"captions": json.dumps([c for _, c in chunk]), "resolution": str(resolution)})
+                          {"captions": json.dumps([c for _, c in chunk], ensure_ascii=False),   # UTF-8, not 12-byte escapes
+                           "resolution": str(resolution)})
 
 
 # ----------------------------------------------------------------------------------------------------------------------

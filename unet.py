@@ -1083,6 +1083,8 @@ class SDXLUNetConfig:
     adm_in_channels: int = 2816                # width of y: pooled bigG 1280 + 6 size embeddings x 256
 
     def __post_init__(self):
+        if not self.channel_mult:
+            raise ValueError("SDXLUNetConfig: channel_mult needs at least one level")
         widths = [self.model_channels * m for m in self.channel_mult]
         if len(self.transformer_depth) != len(widths):
             raise ValueError(f"SDXLUNetConfig: transformer_depth {self.transformer_depth} needs one entry "
@@ -1458,6 +1460,22 @@ def _transformer_depth(blocks, prefix):
 # Bounds on a layout read from a file's names before a model of it is built (on the meta device, but every block is
 # still a Python module): SDXL has 3 levels of 2 ResBlocks and 10 transformer blocks at most; these allow far more.
 MAX_SDXL_LEVELS, MAX_SDXL_RES_BLOCKS, MAX_SDXL_TRANSFORMER_BLOCKS = 8, 16, 256
+MAX_SDXL_ALL_TRANSFORMER_BLOCKS = 1024     # in the whole UNet (SDXL: 70); each bound alone allows about 8,500
+MAX_SDXL_WIDTH = 2 ** 14                   # any channel count (SDXL's widest: 2816); larger overflows meta sizes
+
+
+def check_sdxl_layout_size(cfg, source_name):
+    """Refuse a layout from a file whose UNet would have more than MAX_SDXL_ALL_TRANSFORMER_BLOCKS transformer blocks
+    in all (each level's depth counts once per ResBlock: num_res_blocks going down, one more going up; and once in
+    the middle block) or a channel count above MAX_SDXL_WIDTH, before a model of it is built. -> cfg"""
+    total = sum(cfg.transformer_depth) * (2 * cfg.num_res_blocks + 1) + cfg.transformer_depth[-1]
+    widths = [cfg.in_channels, cfg.out_channels, cfg.context_dim, cfg.adm_in_channels,
+              *(cfg.model_channels * m for m in cfg.channel_mult)]
+    if total > MAX_SDXL_ALL_TRANSFORMER_BLOCKS or max(widths) > MAX_SDXL_WIDTH:
+        raise ValueError(f"{source_name}: a UNet layout of {total} transformer blocks and channel counts up to "
+                         f"{max(widths)} (at most {MAX_SDXL_ALL_TRANSFORMER_BLOCKS} and {MAX_SDXL_WIDTH}; SDXL: 70 "
+                         f"and 2816)")
+    return cfg
 
 
 def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=64):
@@ -1511,6 +1529,7 @@ def infer_sdxl_unet_config(shapes, source_name="UNet state dict", head_channels=
                              channel_mult=tuple(w // C for w in widths), num_res_blocks=len(levels[0]),
                              transformer_depth=tuple(depths), num_head_channels=math.gcd(head_channels, *widths),
                              context_dim=dims(to_k[0], 2)[1], adm_in_channels=dims("label_emb.0.0.weight", 2)[1])
+        check_sdxl_layout_size(cfg, source_name)
     except ValueError as e:
         raise ValueError(e if str(e).startswith(source_name) else f"{source_name}: {e}") from None
     with torch.device("meta"):
@@ -1961,8 +1980,9 @@ def _lora_shape_problem(weight, down, up):
     return None
 
 
-def _lora_delta(layer, down, up, alpha, scale):
-    """scale * (alpha / rank) * up @ down in the layer's weight shape (float32), or a string saying why not."""
+def _lora_merged(layer, down, up, alpha, scale):
+    """The layer's weight plus scale * (alpha / rank) * up @ down (summed in float32, then in the weight's dtype), or
+    a string saying why not: factors finite in fp16 can still make a sum that overflows fp16."""
     rank, weight = down.shape[0], layer.weight
     problem = _lora_shape_problem(weight, down, up)
     if problem:
@@ -1970,29 +1990,32 @@ def _lora_delta(layer, down, up, alpha, scale):
     delta = up.flatten(1).float().to(weight.device) @ down.flatten(1).float().to(weight.device)      # [out, in * k * k]
     if not torch.isfinite(delta).all():
         return "its factors hold NaN or infinite values"
-    return (scale * alpha / rank) * delta.reshape(weight.shape)
+    merged = weight.float() + (scale * alpha / rank) * delta.reshape(weight.shape)
+    if not torch.isfinite(merged.to(weight.dtype)).all():
+        return (f"merged into its {str(weight.dtype).removeprefix('torch.')} weight it is not finite (largest "
+                f"|value| {merged.abs().max().item():.3g})")
+    return merged.to(weight.dtype)
 
 
 @torch.no_grad()
 def merge_lora(model, factors, scale=1.0, source_name="LoRA"):
     """W <- W + scale * (alpha / rank) * up @ down for every module of factors ({name: (down, up, alpha)}), in place.
     Everything is checked first: on any problem nothing is changed and the ValueError lists every module concerned."""
-    modules, deltas, problems = dict(model.named_modules()), {}, []
+    modules, weights, problems = dict(model.named_modules()), {}, []
     for name, (down, up, alpha) in factors.items():
         layer = modules.get(name)
         if not isinstance(layer, (nn.Linear, nn.Conv2d, LoRALayer)):
             problems.append(f"{name}: no Linear/Conv2d of that name in the model")
             continue
-        delta = _lora_delta(layer, down, up, alpha, scale)
-        if isinstance(delta, str):
-            problems.append(f"{name}: {delta}")
+        merged = _lora_merged(layer, down, up, alpha, scale)
+        if isinstance(merged, str):
+            problems.append(f"{name}: {merged}")
         else:
-            deltas[name] = delta
+            weights[name] = merged
     if problems:
         raise ValueError(f"{source_name}: cannot merge into SDXLUNet({model.cfg}):\n" + _listing("problems", problems))
-    for name, delta in deltas.items():
-        weight = modules[name].weight
-        weight.copy_((weight.float() + delta).to(weight.dtype))
+    for name, merged in weights.items():
+        modules[name].weight.copy_(merged)
     return model
 
 
@@ -2166,6 +2189,9 @@ def write_safetensors(path, tensors, metadata=None):
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad with spaces so the data section starts 8-byte aligned
+    if len(raw) > MAX_HEADER_BYTES:  # refused here, not when the file is read back (e.g. at train time)
+        raise ValueError(f"{path}: its header would be {len(raw)} bytes, more than safetensors readers accept "
+                         f"({MAX_HEADER_BYTES})")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

@@ -180,6 +180,17 @@ def lora_file(path, alpha=None, rank=4, down=0.0, **metadata):
     (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), num_head_channels=0))), "no UNet layout"),
     (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), model_channels=-32))), "no UNet layout"),
     (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), num_res_blocks=10 ** 7))), "no UNet layout"),
+    # these raised AttributeError, IndexError, TypeError and RuntimeError, and the largest layout that the bounds
+    # on each number allowed built two meta UNets of 8,500 transformer blocks (33 s, 0.9 GB) before it was refused
+    (dict(unet_config="[1, 2]"), "no UNet layout .*not a JSON object"),
+    (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), channel_mult=[], transformer_depth=[]))),
+     "channel_mult needs at least one level"),
+    (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), model_channels=2 ** 62))),
+     "channel counts up to"),
+    (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), in_channels=2 ** 62))),
+     "channel counts up to"),
+    (dict(unet_config=json.dumps(dict(dataclasses.asdict(sdxl.TINY_UNET), num_res_blocks=16, channel_mult=[1] * 8,
+                                      transformer_depth=[32] * 8))), "8480 transformer blocks"),
     (dict(lora_adapter_metadata=DEEP), "lora_adapter_metadata"),
     (dict(alpha=torch.ones(3)), "not one"),
     (dict(rank=0), "rank >= 1")])
@@ -190,6 +201,60 @@ def test_malformed_lora_files_are_refused_by_name(tmp_path, kwargs, words):
         cfg = sdxl.lora_unet_config(metadata, path)
         factors = unet.lora_from_file_state(state, cfg, path, metadata)
         unet.merge_lora(unet.SDXLUNet(cfg), factors, 1.0, path)
+
+
+def latent_shard(folder, latents, captions):
+    folder.mkdir(exist_ok=True)
+    unet.write_safetensors(str(folder / "latents_00000.safetensors"), {"latents": latents},
+                           {"captions": json.dumps(captions)})
+
+
+@pytest.mark.parametrize("captions, words", [
+    (["a cat", "\udcff a lone surrogate"], "caption 1: not encodable as UTF-8"),
+    (["a cat", "x" * (sdxl.MAX_CAPTION_CHARS + 1)], f"caption 1: {sdxl.MAX_CAPTION_CHARS + 1} characters, more than")],
+    ids=["lone surrogate", "too long"])
+def test_latent_shard_captions_that_could_not_be_tokenised_are_refused_when_read(tmp_path, captions, words):
+    """A lone surrogate was accepted and raised UnicodeEncodeError when a training batch first drew it, hours in."""
+    latent_shard(tmp_path / "lat", torch.zeros(2, 4, 8, 8).half(), captions)
+    with pytest.raises(ValueError, match=f"latents_00000.safetensors: {words}"):
+        sdxl.LatentDataset(str(tmp_path / "lat"), 64)
+
+
+def test_latents_of_other_dtypes_are_refused_and_non_finite_ones_are_named_when_drawn(tmp_path):
+    """float8 latents beside float16 ones crashed the first batch with a RuntimeError that named no file."""
+    latent_shard(tmp_path / "f8", torch.zeros(2, 4, 8, 8).to(torch.float8_e5m2), ["a", "b"])
+    with pytest.raises(ValueError, match="latents_00000.safetensors: 'latents' are float8_e5m2, not float16"):
+        sdxl.LatentDataset(str(tmp_path / "f8"), 64)
+    latents = torch.zeros(2, 4, 8, 8).half()
+    latents[1, 0, 3, 3] = float("nan")
+    latent_shard(tmp_path / "nan", latents, ["a", "b"])
+    data = sdxl.LatentDataset(str(tmp_path / "nan"), 64)
+    with pytest.raises(ValueError, match="latents_00000.safetensors: latent 1 holds NaN or infinite values"):
+        for seed in range(20):                                  # each draw takes row 1 with probability 3/4
+            data.sample(2, torch.Generator().manual_seed(seed))
+
+
+def test_prompts_and_captions_too_long_for_clip_are_refused_by_name(tmp_path, monkeypatch):
+    """An 80 MB prompt line took 20 s and 0.7 GB to clean and tokenise, each time a batch used it; a 36 MB caption
+    file made a shard whose header the reader refused, but only at train time."""
+    monkeypatch.setattr(sdxl, "MAX_CAPTION_CHARS", 50)
+    (tmp_path / "prompts.txt").write_text("a cat\n" + "a dog " * 20 + "\n")
+    with pytest.raises(ValueError, match="prompts.txt: line 2: 119 characters, more than 50"):
+        sdxl.read_prompts(str(tmp_path / "prompts.txt"))
+    (tmp_path / "a.png").write_bytes(png())
+    (tmp_path / "a.txt").write_text("a dog " * 20)
+    with pytest.raises(ValueError, match="a.txt: the caption has 51 characters, more than 50"):
+        sdxl.image_caption_pairs(str(tmp_path))
+    (tmp_path / "a.txt").write_text("a dog " * 8)
+    assert sdxl.image_caption_pairs(str(tmp_path)) == [(str(tmp_path / "a.png"), ("a dog " * 8).strip())]
+
+
+def test_a_safetensors_header_too_large_to_read_back_is_not_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(unet, "MAX_HEADER_BYTES", 200)
+    unet.write_safetensors(str(tmp_path / "ok.safetensors"), {"x": torch.zeros(2)}, {"m": "y" * 100})
+    with pytest.raises(ValueError, match="big.safetensors: its header would be 2.. bytes, more than"):
+        unet.write_safetensors(str(tmp_path / "big.safetensors"), {"x": torch.zeros(2)}, {"m": "y" * 200})
+    assert sorted(os.listdir(tmp_path)) == ["ok.safetensors"]
 
 
 def test_encode_inputs_name_the_file(tmp_path):
@@ -391,6 +456,22 @@ def test_lora_numbers_that_would_spoil_the_weights_are_refused(tmp_path, kwargs,
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # nothing was changed
 
 
+def test_a_lora_whose_merge_overflows_an_fp16_unet_is_refused(tmp_path):
+    """Factors of 100 and an alpha of 60,000 are finite in fp16, and so is their product in float32, but the merged
+    fp16 weights were inf, with no error (generate --dtype fp16 merges into an fp16 UNet)."""
+    path = lora_file(tmp_path / "lora.safetensors", down=100.0, alpha=torch.tensor(60000.0, dtype=torch.float16))
+    state, metadata = sdxl.read_lora(path)
+    cfg = sdxl.lora_unet_config(metadata, path)
+    factors = unet.lora_from_file_state(state, cfg, path, metadata)
+    model = unet.SDXLUNet(cfg).half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="(?s)lora.safetensors: cannot merge.*merged into its float16 weight it is not "
+                                         "finite"):
+        unet.merge_lora(model, factors, 1.0, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # nothing was changed
+    unet.merge_lora(unet.SDXLUNet(cfg), factors, 1.0, path)                       # float32 holds the sum
+
+
 def test_a_complex_lora_alpha_is_refused_by_name(tmp_path):
     """safetensors has no complex dtype, but a torch file does: reading it refuses complex tensors, and the merge
     refuses a complex alpha however it got into the state."""
@@ -464,6 +545,30 @@ def test_a_fid_record_that_is_not_ours_is_scored_again(tmp_path):
     assert imagenet64.previous_scores(str(tmp_path / "deep.json"), {}, {}) == ({}, {})
     (tmp_path / "text.json").write_text(json.dumps({"protocol": {}, "scores": {"g.pt": "1.0"}, "files": {}}))
     assert imagenet64.previous_scores(str(tmp_path / "text.json"), {}, {}) == ({}, {})
+
+
+@pytest.mark.parametrize("score", ["-" + "9" * 400, "NaN", "-Infinity", "1e999", "-1"],
+                         ids=["400-digit integer", "NaN", "-inf", "1e999", "negative"])
+def test_a_fid_record_whose_score_is_no_fid_is_scored_again(tmp_path, score):
+    """A 400-digit integer score crashed evaluate's report (OverflowError) after it had been written back, so every
+    later evaluate crashed too; NaN or -inf made min() pick that file as the best."""
+    path = tmp_path / "fid.json"
+    path.write_text('{"protocol": {}, "scores": {"a.pt": %s, "b.pt": 3.0}, "files": {}}' % score)
+    assert imagenet64.previous_scores(str(path), {}, {}) == ({}, {})
+    path.write_text('{"protocol": {}, "scores": {"a.pt": 2, "b.pt": 3.0}, "files": {}}')
+    scores, _ = imagenet64.previous_scores(str(path), {}, {})
+    assert scores == {"a.pt": 2.0, "b.pt": 3.0} and type(scores["a.pt"]) is float
+
+
+def test_a_fid_record_too_large_to_be_ours_is_not_parsed(tmp_path, monkeypatch):
+    """30 MB of empty lists took about 1 GB to parse."""
+    path = tmp_path / "fid.json"
+    record = json.dumps({"protocol": {}, "scores": {"a.pt": 2.0}, "files": {}})
+    path.write_text(record + " " * 100)
+    monkeypatch.setattr(imagenet64, "MAX_FID_RECORD_BYTES", len(record) + 100)
+    assert imagenet64.previous_scores(str(path), {}, {})[0] == {"a.pt": 2.0}
+    path.write_text(record + " " * 101)
+    assert imagenet64.previous_scores(str(path), {}, {}) == ({}, {})
 
 
 def test_a_generate_json_that_is_not_an_object_is_refused_by_name(tmp_path):
@@ -808,6 +913,39 @@ def test_init_from_a_fake_score_with_a_key_that_is_not_a_string(tmp_path):
                                 generator_ema=None, rank=1)
     with pytest.raises(ValueError, match="i.pt: the fake score does not fit"):
         imagenet64.init_from(run, str(tmp_path / "i.pt"))
+
+
+def init_from_run(kw):
+    """A stand-in for imagenet64's Run with what init_from reads: fresh networks, rank 0 (it prints)."""
+    return types.SimpleNamespace(net_kwargs=kw, generator=unet.EDMPrecond(**kw),
+                                 fake_score=types.SimpleNamespace(unet=unet.EDMPrecond(**kw)), generator_ema=None, rank=0)
+
+
+def test_init_from_prints_only_a_step_that_is_an_integer(tmp_path, capsys):
+    """--init_from printed the file's step whole: a list nesting one shared list twice, 40 deep, took a few bytes
+    and never finished printing (memory grew without bound)."""
+    kw = dict(TINY_KW, label_dim=3)
+    net = unet.EDMPrecond(**kw).state_dict()
+    for step, shown in ((shared_list(40), "step unknown"), (1234, "step 1234")):
+        torch.save({"net_kwargs": kw, "generator": net, "fake_score": {f"unet.{k}": v for k, v in net.items()},
+                    "step": step}, tmp_path / "i.pt")
+        within(30, "the step was printed whole", lambda: imagenet64.init_from(init_from_run(kw), str(tmp_path / "i.pt")))
+        assert shown in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", ["generator", "fake_score"])
+def test_init_from_refuses_non_finite_weights_by_name(tmp_path, which):
+    """NaN weights were taken, and training then stopped at its first step with an error that named no file."""
+    kw = dict(TINY_KW, label_dim=3)
+    net = unet.EDMPrecond(**kw).state_dict()
+    ckpt = {"net_kwargs": kw, "generator": dict(net), "fake_score": {f"unet.{k}": v.clone() for k, v in net.items()}}
+    state = ckpt[which]
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name] = state[name].clone().fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "i.pt")
+    what = "the generator" if which == "generator" else "the fake score"
+    with pytest.raises(ValueError, match=f"i.pt: {what} has non-finite weights"):
+        imagenet64.init_from(init_from_run(kw), str(tmp_path / "i.pt"))
 
 
 @pytest.mark.parametrize("name", ["get", "items", "__class__"])

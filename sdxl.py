@@ -173,11 +173,12 @@ def read_prompts(path):
         with open(unet.check_regular_file(path), encoding="utf-8-sig") as f:   # -sig: a byte-order mark is not text
             prompts = []
             for number, line in enumerate(f, 1):
-                problem = line.strip() and caption_problem(line.strip())
+                prompt = line.strip()
+                problem = caption_problem(prompt) if prompt else None
                 if problem:
                     raise ValueError(f"{path}: line {number}: {problem}")
-                if line.strip():
-                    prompts.append(line.strip())
+                if prompt:
+                    prompts.append(prompt)
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the prompts ({e})") from None
     if not prompts:
@@ -207,9 +208,9 @@ class LatentDataset:
             if not (isinstance(captions, list) and len(captions) == len(latents)
                     and all(isinstance(c, str) for c in captions)):
                 raise ValueError(f"{path}: metadata 'captions' must be a JSON list of {len(latents)} strings")
-            for i, caption in enumerate(captions):           # else a caption would fail when a batch drew it
-                if caption_problem(caption):
-                    raise ValueError(f"{path}: caption {i}: {caption_problem(caption)}")
+            for i, problem in enumerate(map(caption_problem, captions)):   # else it would fail when a batch drew it
+                if problem:
+                    raise ValueError(f"{path}: caption {i}: {problem}")
             if latents.dtype not in (torch.float16, torch.bfloat16, torch.float32):   # encode writes float16
                 raise ValueError(f"{path}: 'latents' are {str(latents.dtype).removeprefix('torch.')}, not float16, "
                                  "bfloat16 or float32")
@@ -220,7 +221,8 @@ class LatentDataset:
             raise ValueError(f"{folder}: its shards hold no latents")
 
     def sample(self, n, g):
-        """n latents drawn uniformly with replacement: a pure function of g, so resuming needs no loader position."""
+        """n latents drawn uniformly with replacement: a pure function of g, so resuming needs no loader position.
+        A drawn latent that holds NaN or inf raises ValueError naming its shard."""
         idx = torch.randint(len(self.rows), (n,), generator=g, device=g.device).tolist()
         rows = [self.rows[j] for j in idx]
         latents = torch.stack([self.shards[s][i] for s, i in rows]).float()             # [n, 4, h, w], on the CPU
@@ -1886,8 +1888,9 @@ def image_caption_pairs(folder):
             raise ValueError(f"{txt}: cannot read the caption ({e})") from None
         if not caption:
             raise ValueError(f"{txt}: empty caption")
-        if caption_problem(caption):
-            raise ValueError(f"{txt}: the caption has {caption_problem(caption)}")
+        problem = caption_problem(caption)
+        if problem:
+            raise ValueError(f"{txt}: the caption has {problem}")
         pairs.append((image, caption))
     return pairs
 
@@ -1944,7 +1947,7 @@ def encode_shards(vae, pairs, out, resolution, batch, shard_size, seed):
             latents.append(vae.encode(images, sample=True, generator=g).float().cpu())
         write_safetensors(os.path.join(out, f"latents_{s // shard_size:05d}.safetensors"),
                           {"latents": torch.cat(latents).half()},
-                          {"captions": json.dumps([c for _, c in chunk], ensure_ascii=False),   # UTF-8, not 12-byte escapes
+                          {"captions": json.dumps([c for _, c in chunk], ensure_ascii=False),  # not 12-byte escapes
                            "resolution": str(resolution)})
 
 

@@ -1991,10 +1991,11 @@ def _lora_merged(layer, down, up, alpha, scale):
     if not torch.isfinite(delta).all():
         return "its factors hold NaN or infinite values"
     merged = weight.float() + (scale * alpha / rank) * delta.reshape(weight.shape)
-    if not torch.isfinite(merged.to(weight.dtype)).all():
+    cast = merged.to(weight.dtype)
+    if not torch.isfinite(cast).all():
         return (f"merged into its {str(weight.dtype).removeprefix('torch.')} weight it is not finite (largest "
                 f"|value| {merged.abs().max().item():.3g})")
-    return merged.to(weight.dtype)
+    return cast
 
 
 @torch.no_grad()

@@ -1079,6 +1079,9 @@ def folder_settings(args):
                 width=width, quantize=args.quantize)
 
 
+MAX_SETTINGS_BYTES = 2 ** 20     # generate.json holds a few settings and a hash of the prompts
+
+
 def check_image_folder(args):
     """A stopped `generate --prompts` continues where it stopped, keeping the images it wrote: only with the same
     settings (generate.json). Images from other settings would be kept as if they were this run's, and eval would pair
@@ -1086,8 +1089,11 @@ def check_image_folder(args):
     path = os.path.join(args.outdir, "generate.json")
     written = glob.glob(os.path.join(glob.escape(args.outdir), "[0-9][0-9][0-9][0-9][0-9].png"))
     try:
-        with open(unet.check_regular_file(path)) as f:
-            before = json.load(f)
+        with open(unet.check_regular_file(path), "rb") as f:
+            raw = f.read(MAX_SETTINGS_BYTES + 1)
+        if len(raw) > MAX_SETTINGS_BYTES:             # json.loads takes about 25x a file's size in memory
+            raise ValueError(f"more than {MAX_SETTINGS_BYTES} bytes")
+        before = json.loads(raw)
     except FileNotFoundError:
         before = None
     except (OSError, ValueError, RecursionError) as e:

@@ -579,6 +579,9 @@ def test_a_generate_json_that_is_not_an_object_is_refused_by_name(tmp_path):
                                               "--outdir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="generate.json: not the settings object"):
         sdxl.check_image_folder(args)
+    (tmp_path / "out" / "generate.json").write_text("[]," * (sdxl.MAX_SETTINGS_BYTES // 3 + 1))
+    with pytest.raises(ValueError, match=f"generate.json: cannot read it \\(more than {sdxl.MAX_SETTINGS_BYTES} bytes"):
+        sdxl.check_image_folder(args)
 
 
 def shared_list(depth):

@@ -66,6 +66,7 @@ class Config:
     width: int = 128                 # hidden width of every MLP (teacher, fake score, generator)
     depth: int = 3                   # hidden layers of every MLP
     noise_freq_max: float = 128 * math.pi  # highest frequency of the Fourier features of c_noise (EDM's: 1; README)
+    center_data: bool = False        # the networks work on data centred at its mean, as EDM assumes (an option); README
     x_features: int = 16             # random Fourier features of the input c_in*x (0: a plain MLP); README
     x_feature_scale: float = 10.0    # standard deviation of their random frequencies
     x_feature_sigma: float = 1.0     # they fade in above this sigma, so small-sigma steps stay smooth; README
@@ -176,11 +177,15 @@ def exact_denoiser(mix, x, sigma):
     return (w[..., None] * post_mean).sum(1)                                                 # [n, 2]
 
 
+def mixture_mean(mix):
+    """The data's mean [2]: the ring's weights pull it towards its heavy side, to (-0.17, -0.41)."""
+    return (mix.weights[:, None] * mix.means).sum(0)
+
+
 def mixture_std(mix):
     """Per-coordinate standard deviation of the data: EDM's sigma_data for this dataset."""
     second = (mix.weights[:, None] * (mix.means**2 + mix.stds[:, None] ** 2)).sum(0)          # [2]
-    mean = (mix.weights[:, None] * mix.means).sum(0)
-    return float(torch.sqrt((second - mean**2).mean()))
+    return float(torch.sqrt((second - mixture_mean(mix) ** 2).mean()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,17 +201,22 @@ def sigma_grid(n, sigma_min, sigma_max, rho):
 
 
 class Denoiser(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Table 1), with F an MLP that also sees x_features
-    random Fourier features of c_in x, faded in above sigma = x_sigma.
+    """D(x; sigma) = mu + c_skip x' + c_out F(c_in x', c_noise) with x' = x - mu (EDM Table 1; mu is the data's mean
+    with --center_data, else 0), with F an MLP that also sees x_features random Fourier features of c_in x', faded
+    in above sigma = x_sigma.
 
     forward(x [B, 2], sigma [B] or float, features=False) -> D [B, 2] (and the last hidden layer
     [B, width] when features=True: the GAN head of DMD2 reads the fake score's features).
     """
 
     def __init__(self, sigma_data, width=128, depth=3, num_freqs=8, max_freq=128 * math.pi,
-                 x_features=0, x_scale=10.0, x_sigma=1.0):
+                 x_features=0, x_scale=10.0, x_sigma=1.0, data_mean=None):
         super().__init__()
         self.sigma_data = sigma_data
+        # EDM's preconditioning assumes data of mean 0 (images in [-1, 1]); the ring's is not. With --center_data the
+        # network works on x - data_mean: at large sigma D is about the data's mean, which F alone learns short of,
+        # but the students were not better for it on seeds 0-9 (README).
+        self.register_buffer("data_mean", torch.zeros(2) if data_mean is None else data_mean.float().clone())
         # Fourier features of c_noise at max_freq, max_freq/2, ..., max_freq/2^(num_freqs-1). c_noise spans about
         # 2.7 over the grid; EDM's positional embedding stays <= 1, but here 1 made both students worse (README).
         self.register_buffer("freqs", max_freq * 2.0 ** -torch.arange(num_freqs - 1, -1, -1.0))
@@ -241,6 +251,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x, sigma, features=False):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+        x = x - self.data_mean                                                 # centred data, [B, 2]
         sd = self.sigma_data
         c_skip = sd**2 / (sigma**2 + sd**2)                                    # EDM Eq. 7
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
@@ -259,7 +270,7 @@ class Denoiser(nn.Module):
         for layer in self.hidden:
             h = h + F.silu(layer(h))                                           # residual MLP
         F_x = self.out(h)
-        D_x = c_skip * x + c_out * F_x.float()
+        D_x = self.data_mean + c_skip * x + c_out * F_x.float()
         return (D_x, h) if features else D_x
 
 
@@ -327,7 +338,8 @@ def edm_loss(D, x0, sigma_grid=None, n_grid=0):
 def make_denoiser(cfg, mix):
     """The teacher's network, untrained; the generator and the fake score are copies of the trained teacher."""
     return Denoiser(mixture_std(mix), cfg.width, cfg.depth, max_freq=cfg.noise_freq_max, x_features=cfg.x_features,
-                    x_scale=cfg.x_feature_scale, x_sigma=cfg.x_feature_sigma)
+                    x_scale=cfg.x_feature_scale, x_sigma=cfg.x_feature_sigma,
+                    data_mean=mixture_mean(mix) if cfg.center_data else None)
 
 
 def teacher_lr(cfg):

@@ -611,6 +611,25 @@ def test_input_fourier_features_fade_out_at_small_sigma():
     assert plain.x_freqs.shape == (2, 0) and plain.inp.in_features == 2 + 16
 
 
+def test_networks_work_on_data_centred_at_its_mean():
+    """--center_data: D(x; sigma) = mu + D0(x - mu; sigma), with D0 the same weights on uncentred coordinates, and
+    mu the mixture's mean (checked against samples); the copies that become the generator and the fake score keep
+    it, and without it (the default) mu = 0."""
+    mix = toy2d.make_mixture("ring")
+    mu = toy2d.mixture_mean(mix)
+    x = toy2d.sample_mixture(mix, 400_000, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x.mean(0), mu, atol=5 * 2.0 / math.sqrt(len(x)))          # 5 standard errors
+    net = toy2d.make_denoiser(toy2d.Config(width=32, depth=2, center_data=True), mix)
+    assert torch.equal(net.data_mean, mu) and torch.equal(copy.deepcopy(net).data_mean, mu)
+    plain = toy2d.make_denoiser(toy2d.Config(width=32, depth=2, center_data=False), mix)
+    assert torch.equal(plain.data_mean, torch.zeros(2))
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "data_mean"}, strict=False)
+    with torch.no_grad():
+        for sigma in (0.01, 0.5, 2.5, 40.0):
+            z = torch.randn(64, 2)
+            assert torch.allclose(net(z, sigma), mu + plain(z - mu, sigma), atol=1e-5), sigma
+
+
 def test_seed_makes_runs_bit_for_bit_repeatable(tmp_path):
     """Also: --eval_redraws draws its fresh evaluations after everything else, so the run is otherwise unchanged."""
     def run(seed, name, *extra):

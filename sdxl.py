@@ -1885,7 +1885,7 @@ def image_caption_pairs(folder):
     pairs = []
     for name in names:
         image, txt = os.path.join(folder, name), os.path.join(folder, os.path.splitext(name)[0] + ".txt")
-        if not os.path.isfile(txt):
+        if not os.path.exists(unet.check_regular_file(txt)):        # a folder or a pipe is named as such
             raise ValueError(f"{image}: no caption (expected the text file {txt})")
         try:
             with open(unet.check_regular_file(txt), encoding="utf-8-sig") as f:

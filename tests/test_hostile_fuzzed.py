@@ -984,6 +984,11 @@ def test_the_runs_small_files_refuse_pipes_and_devices(tmp_path):
     os.mkfifo(tmp_path / "log.txt")
     with pytest.raises(ValueError, match="log.txt: not a regular file"):
         within(20, "log.txt was opened", lambda: unet.open_run_log(str(tmp_path), 0))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(png())
+    os.mkfifo(tmp_path / "images" / "a.txt")                    # was reported as a missing caption
+    with pytest.raises(ValueError, match="a.txt: not a regular file"):
+        sdxl.image_caption_pairs(str(tmp_path / "images"))
 
 
 @pytest.mark.parametrize("kwargs, dtype, words", [

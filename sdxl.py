@@ -1888,7 +1888,7 @@ def image_caption_pairs(folder):
         if not os.path.exists(unet.check_regular_file(txt)):        # a folder or a pipe is named as such
             raise ValueError(f"{image}: no caption (expected the text file {txt})")
         try:
-            with open(unet.check_regular_file(txt), encoding="utf-8-sig") as f:
+            with open(txt, encoding="utf-8-sig") as f:                  # a regular file: checked above
                 caption = f.read(MAX_CAPTION_CHARS + 1).strip()          # a longer caption is refused below
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{txt}: cannot read the caption ({e})") from None

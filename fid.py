@@ -829,6 +829,10 @@ def load_inception(path=None, device="cpu"):
     bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in wanted.items() if sd[k].shape != v.shape]
     if bad:
         raise ValueError(f"{path}: wrong tensor shapes, e.g. {bad[:2]}")
+    bad = [k for k in wanted if not sd[k].is_floating_point() or not torch.isfinite(sd[k]).all()]
+    if bad:                             # else every statistic comes out NaN, or wrong from integer weights
+        raise ValueError(f"{path}: {len(bad)} tensors are not finite floating-point numbers, e.g. {bad[0]} "
+                         f"({str(sd[bad[0]].dtype).removeprefix('torch.')})")
     model.load_state_dict({k: sd[k].float() for k in wanted}, assign=True)
     return model.eval().requires_grad_(False).to(device)
 
@@ -936,7 +940,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="sqrtm"):
         trace_covmean = np.trace(covmean)
     else:
         raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
-    return float(np.real(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean))
+    fid = float(np.real(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean))
+    # Round-off can make the FID of identical statistics about -1e-9 of their trace; more means a sigma is no covariance
+    if not np.isfinite(fid) or fid < -1e-6 * max(1.0, np.trace(sigma1) + np.trace(sigma2)):
+        raise ValueError(f"the Frechet distance came out as {fid}: is each sigma a covariance (symmetric, positive "
+                         f"semi-definite)?")
+    return fid
 
 
 def save_stats(path, mu, sigma, **more):
@@ -944,6 +953,8 @@ def save_stats(path, mu, sigma, **more):
     pairs under other names, e.g. patch_mu=..., patch_sigma=... (read with load_stats(path, prefix="patch_"))."""
     arrays = {"mu": mu, "sigma": sigma, **more}
     arrays = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+    if not all(np.isfinite(a).all() for a in arrays.values()):     # a reference that every later FID would refuse
+        raise ValueError(f"{path}: the statistics are not finite (NaN or inf); not written")
     for prefix in {k[:-2] for k in arrays if k.endswith("mu")}:
         m, c = arrays[f"{prefix}mu"], arrays.get(f"{prefix}sigma")
         if m.ndim != 1 or c is None or c.shape != (len(m), len(m)):
@@ -1031,7 +1042,23 @@ def load_stats(path, prefix=""):
     mu, sigma = _npz_load(path, mu_key).astype(np.float64), _npz_load(path, sigma_key).astype(np.float64)
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: the statistics must be finite (this file has NaN or inf)")
+    problem = covariance_problem(sigma)
+    if problem:
+        raise ValueError(f"{path}: '{sigma_key}' is not a covariance matrix: {problem}")
     return mu, sigma
+
+
+def covariance_problem(sigma):
+    """Why sigma [D, D] cannot be a covariance, or None: not symmetric, a negative variance, or numbers so large that
+    the distance overflows (a feature covariance of Inception is of order 1). Any of these made FID negative or inf."""
+    scale = np.abs(sigma).max()
+    if scale > 1e100:
+        return f"its largest entry is {scale:.3g}"
+    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9 * max(scale, 1e-300)):
+        return "it is not symmetric"
+    if (np.diag(sigma) < 0).any():
+        return f"{int((np.diag(sigma) < 0).sum())} variances on its diagonal are negative"
+    return None
 
 
 def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device="cpu", progress=True, seed=0, method="sqrtm",

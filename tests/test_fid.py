@@ -576,7 +576,7 @@ def test_cli_checks_device_destination_and_reference_before_any_features(tmp_pat
     monkeypatch.setattr(fid, "load_inception", lambda *a, **k: None)                 # no weights needed here
     monkeypatch.setattr(fid, "iterate_features", lambda *a, **k: pytest.fail("computed features before the checks"))
     fid.save_stats(tmp_path / "small.npz", np.zeros(10), np.eye(10))
-    fid.save_stats(tmp_path / "nan.npz", np.full(2048, np.nan), np.eye(2048))
+    np.savez(tmp_path / "nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))       # save_stats refuses NaN
     for argv, problem in ((["bench", "--device", "foo"], "--device 'foo' is not a torch device"),
                           (["bench", "--res", "0"], "--res must be at least 1"),
                           (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "0.png")], "not an image file"),
@@ -589,6 +589,49 @@ def test_cli_checks_device_destination_and_reference_before_any_features(tmp_pat
     with pytest.raises(OSError):                                  # the rename onto a folder fails
         fid.save_stats(tmp_path, np.zeros(2), np.eye(2))
     assert not [n for n in os.listdir(tmp_path.parent) if ".tmp" in n]                # and leaves no temporary file
+
+
+@pytest.mark.parametrize("sigma, words", [
+    (-1000 * np.eye(64), "64 variances on its diagonal are negative"),
+    (np.eye(64) + np.triu(np.ones((64, 64)), 1), "it is not symmetric"),
+    (1e300 * np.eye(64), "its largest entry is 1e\\+300")], ids=["negative", "asymmetric", "huge"])
+def test_reference_statistics_that_are_no_covariance_are_refused(tmp_path, sigma, words):
+    """A reference sigma of -1000 I gave an FID of -2e6 (exit 0); an asymmetric one a negative FID that differed
+    between sqrtm and eigh; 1e300 I an FID of inf with only a warning."""
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=sigma)
+    with pytest.raises(ValueError, match=f"ref.npz: 'sigma' is not a covariance matrix: {words}"):
+        fid.load_stats(tmp_path / "ref.npz")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")          # the inf case, on purpose
+def test_a_negative_or_infinite_frechet_distance_is_an_error():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 16))
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    for method in ("sqrtm", "eigh"):
+        assert abs(fid.frechet_distance(mu, sigma, mu, sigma, method=method)) < 1e-6     # round-off is allowed
+        with pytest.raises(ValueError, match="the Frechet distance came out as -"):
+            fid.frechet_distance(mu, sigma, mu, -1000 * np.eye(16), method=method)
+    with pytest.raises(ValueError, match="came out as inf"):
+        fid.frechet_distance(mu + 1e200, sigma, mu, sigma)
+
+
+def test_statistics_that_are_not_finite_are_not_written(tmp_path):
+    with pytest.raises(ValueError, match="s.npz: the statistics are not finite"):
+        fid.save_stats(tmp_path / "s.npz", np.full(4, np.nan), np.eye(4))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("edit, words", [(lambda t: t.fill_(float("nan")), "float32"),
+                                         (lambda t: t.to(torch.int8), "int8")], ids=["NaN", "int8"])
+def test_inception_weights_that_are_not_finite_floats_are_refused(tmp_path, edit, words):
+    """One NaN weight made every statistic NaN (a NaN reference file was written with exit 0); int8 weights were cast."""
+    sd = fid.InceptionV3().state_dict()
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)
+    sd[key] = edit(sd[key].clone())
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=f"w.pth: 1 tensors are not finite floating-point numbers, e.g. .*{words}"):
+        fid.load_inception(tmp_path / "w.pth")
 
 
 def test_too_few_images_and_a_folder_as_statistics_are_named(tmp_path):

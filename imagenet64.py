@@ -817,6 +817,9 @@ def evaluate_fid(generator, num_classes, detector, ref, num=50_000, device="cpu"
     return fid.frechet_distance(mu.cpu().numpy(), sigma.cpu().numpy(), *ref)
 
 
+MAX_RESOLUTION = 1024          # of a generator read from a file (EDM's ImageNet: 64)
+
+
 def load_generator(path, device="cpu"):
     """A generator from our checkpoint.pt / generator*.pt, or a bare EDMPrecond state dict such as the official DMD2
     ImageNet release (pytorch_model.bin), which has the full-size EDM_IMAGENET64 config. -> (net, net_kwargs)"""
@@ -832,6 +835,13 @@ def load_generator(path, device="cpu"):
     if not (type(net_kwargs.get("label_dim")) is int and net_kwargs["label_dim"] >= 1):
         raise ValueError(f"{path}: net_kwargs has label_dim {unet.describe_value(net_kwargs.get('label_dim'))}; "
                          "a class-conditional generator needs an integer of at least 1")
+    # The weights do not depend on the resolution, so a small file may ask for any: 32768 wanted 12.9 GB per image.
+    # Samples are written as grey or RGB images.
+    resolution, channels = net_kwargs.get("img_resolution"), net_kwargs.get("img_channels")
+    if not (type(resolution) is int and 1 <= resolution <= MAX_RESOLUTION and channels in (1, 3)):
+        raise ValueError(f"{path}: net_kwargs has img_resolution {unet.describe_value(resolution)} and img_channels "
+                         f"{unet.describe_value(channels)}; a generator here makes images of at most "
+                         f"{MAX_RESOLUTION} pixels a side with 1 or 3 channels")
     try:                                    # the sizes come from the file: checked on meta before any allocation
         with torch.device("meta"):
             probe = unet.EDMPrecond(**net_kwargs)
@@ -843,6 +853,10 @@ def load_generator(path, device="cpu"):
         load_state(probe, state, path, "the generator")
     net = unet.EDMPrecond(**net_kwargs)
     load_state(net, state, path, "the generator")
+    bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
+    if bad:                                       # it would write black images, with no error
+        raise ValueError(f"{path}: the generator has non-finite weights (NaN or inf) in {len(bad)} tensors, "
+                         f"e.g. {bad[0]}")
     return net.to(device).eval().requires_grad_(False), net_kwargs
 
 

@@ -128,7 +128,11 @@ TINY_KW = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult
 
 
 @pytest.mark.parametrize("change, words", [(dict(label_dim=3, model_channels=-5), "negative dimension"),
-                                           (dict(), "label_dim None"), (dict(label_dim=0), "label_dim 0")])
+                                           (dict(), "label_dim None"), (dict(label_dim=0), "label_dim 0"),
+                                           # the weights do not depend on img_resolution: 32768 asked for 12.9 GB
+                                           # per image; 5 channels crashed in PIL after all the sampling
+                                           (dict(label_dim=3, img_resolution=32768), "img_resolution 32768"),
+                                           (dict(label_dim=3, img_channels=5), "img_channels 5")])
 def test_generator_arguments_are_checked_before_a_network_is_built(tmp_path, change, words):
     kw = {**TINY_KW, **change}
     state = unet.EDMPrecond(**{**kw, "model_channels": 16}).state_dict()
@@ -136,6 +140,17 @@ def test_generator_arguments_are_checked_before_a_network_is_built(tmp_path, cha
     unet.save_checkpoint({"net_kwargs": kw, "generator": state}, path)
     with pytest.raises(ValueError, match=words):
         imagenet64.load_generator(str(path))
+
+
+def test_a_generator_with_non_finite_weights_is_refused_by_name(tmp_path):
+    """It loaded and sampled black images, with no error."""
+    kw = dict(TINY_KW, label_dim=3)
+    state = unet.EDMPrecond(**kw).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name] = torch.full_like(state[name], float("nan"))
+    unet.save_checkpoint({"net_kwargs": kw, "generator": state}, tmp_path / "gen.pt")
+    with pytest.raises(ValueError, match="gen.pt: the generator has non-finite weights"):
+        imagenet64.load_generator(str(tmp_path / "gen.pt"))
 
 
 def test_generator_loads_as_before(tmp_path):

@@ -995,6 +995,7 @@ def load_for_inference(args):
     if args.unet:                      # its own config, read from its shapes: it may differ from --ckpt's UNet
         state, source = load_unet_state(args.unet, cfg), args.unet
         cfg = unet.infer_sdxl_unet_config({k: v.shape for k, v in state.items()}, args.unet)
+        check_parts_fit(parts, cfg, args.unet)
     net = build_unet(state, cfg, device, dtype, source)
     if args.lora:                      # merged into the weights: sampling costs what the plain UNet costs
         lora_state, metadata = read_lora(args.lora)
@@ -1981,8 +1982,26 @@ def load_part(module_fn, path, prefix, what, device, dtype):
         module = module_fn()
     state = {k: v for k, v in read_safetensors(path, prefix).items() if prefix + k not in UNUSED_KEYS}
     check_state(module, state, path, what)
-    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in check_float_tensors(state, path, what).items()}
+    check_finite_tensors(state, path, what)
+    module.load_state_dict(state, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def check_float_tensors(state, path, what):
+    """Weights must be stored as floating-point numbers: integer or bool tensors were cast and gave a black image."""
+    bad = [k for k, v in state.items() if not v.is_floating_point()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} of the {what}'s tensors are not floating point, e.g. {bad[0]} "
+                         f"({str(state[bad[0]].dtype).removeprefix('torch.')})")
+    return state
+
+
+def check_finite_tensors(state, path, what):
+    """After conversion to the run's dtype: a NaN, or a number too large for fp16, gave a black image, with no error."""
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} of the {what}'s tensors hold NaN or inf in the run's dtype, e.g. {bad[0]}")
 
 
 def infer_configs(path, parts=("clip_l", "clip_g", "vae", "unet")):
@@ -2004,6 +2023,9 @@ def infer_configs(path, parts=("clip_l", "clip_g", "vae", "unet")):
     return {name: infer[name]() for name in parts}
 
 
+MAX_TEXT_LAYERS, MAX_VAE_BLOCKS = 64, 16     # bounds on a layout read from a file's names (SDXL: 32 and 2)
+
+
 def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_in, projection):
     """TextConfig from one text tower's shapes: vocab and width from the token embedding, positions, numbered layers,
     heads of 64 channels (CLIP-L 768 = 12 x 64, bigG 1280 = 20 x 64), the projection width (bigG only)."""
@@ -2017,6 +2039,10 @@ def infer_text_config(shapes, path, what, tokens, positions, layer_prefix, mlp_i
 
     vocab, width = dims(tokens)
     layers = len({k[len(layer_prefix):].split(".", 1)[0] for k in shapes if k.startswith(layer_prefix)})
+    if vocab < TextConfig.vocab or layers > MAX_TEXT_LAYERS:     # checked before a model of it is built
+        raise ValueError(f"{path}: cannot infer the {what}'s config: {vocab} tokens and {layers} layers (the "
+                         f"tokenizer needs {TextConfig.vocab} tokens, and at most {MAX_TEXT_LAYERS} layers are read; "
+                         "bigG has 32)")
     if width % 64 or dims(f"{layer_prefix}0.{mlp_in}") != (4 * width, width):
         raise ValueError(f"{path}: cannot infer the {what}'s config: width {width} is not a multiple of CLIP's "
                          f"64-channel heads, or its MLP is not 4x wider ({list(dims(f'{layer_prefix}0.{mlp_in}'))})")
@@ -2037,8 +2063,13 @@ def infer_vae_config(shapes, path):
 
     ch = dims("encoder.conv_in.weight")[0]
     levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
-    widths = [dims(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
     blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
+    # generate and encode take latents 8x smaller than the images: 4 levels, 3 of them halving the resolution
+    if levels != 4 or blocks > MAX_VAE_BLOCKS or ch % 32:
+        raise ValueError(f"{path}: cannot infer the VAE's config: {levels} levels of {blocks} ResnetBlocks and width "
+                         f"{ch} (sdxl.py needs 4 levels, for latents 8x smaller than the images, at most "
+                         f"{MAX_VAE_BLOCKS} blocks, and a width that is a multiple of 32 for GroupNorm)")
+    widths = [dims(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
     if any(w % ch for w in widths):
         raise ValueError(f"{path}: cannot infer the VAE's config: level widths {widths} are not multiples of {ch}")
     return VAEConfig(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks,
@@ -2089,8 +2120,26 @@ def build_unet(state, cfg, device, dtype, source):
     """A frozen SDXLUNet holding state, built on the meta device: only the (device, dtype) copy is ever allocated."""
     with torch.device("meta"):
         net = SDXLUNet(cfg)
-    load_sdxl_unet_state(net, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, source, assign=True)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in check_float_tensors(state, source, "UNet").items()}
+    check_finite_tensors(state, source, "UNet")
+    load_sdxl_unet_state(net, state, source, assign=True)
     return net.eval().requires_grad_(False)
+
+
+def check_parts_fit(parts, cfg, source):
+    """The UNet cfg (of source) must take what the text encoders and the VAE of parts give it: cross-attention of
+    CLIP-L's width plus bigG's, y of bigG's projection plus the size embeddings, and the VAE's latent channels in and
+    out. Otherwise generate failed on its first step with torch's shape error."""
+    width_l = parts["clip_l"].final_layer_norm.normalized_shape[0]
+    width_g, embed_g = parts["clip_g"].text_projection.shape
+    z = parts["vae"].post_quant_conv.in_channels
+    problems = [f"{name} {got}, but the text encoders and VAE of {parts['source']} give {want}"
+                for name, got, want in (("context_dim", cfg.context_dim, width_l + width_g),
+                                        ("adm_in_channels", cfg.adm_in_channels, embed_g + SIZE_COND_DIM),
+                                        ("in_channels", cfg.in_channels, z), ("out_channels", cfg.out_channels, z))
+                if got != want]
+    if problems:
+        raise ValueError(f"{source}: the UNet does not fit: " + "; ".join(problems))
 
 
 # --preset tiny: the real tokenizer (hence CLIP's 49,408 tokens and 77 positions), everything else small and random.
@@ -2123,8 +2172,10 @@ def load_parts(preset, ckpt, device, dtype=torch.float32, vae_dtype=torch.float3
     configs = infer_configs(ckpt)
     clip_l, clip_g, vae = load_sdxl_parts(ckpt, device, dtype, vae_dtype, configs["clip_l"], configs["clip_g"],
                                           configs["vae"])
-    return dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
-                unet_cfg=configs["unet"], vae_cfg=configs["vae"], source=ckpt)
+    parts = dict(clip_l=clip_l, clip_g=clip_g, vae=vae, unet_state=read_safetensors(ckpt, PREFIX_UNET),
+                 unet_cfg=configs["unet"], vae_cfg=configs["vae"], source=ckpt)
+    check_parts_fit(parts, configs["unet"], ckpt)
+    return parts
 
 
 def random_full_size_parts(device, dtype, vae_dtype):

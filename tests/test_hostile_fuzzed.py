@@ -399,8 +399,8 @@ def test_a_zip_member_with_an_absolute_name_is_reported_inside_the_zip(tmp_path)
 
 
 L, G, V, U = sdxl.PREFIX_CLIP_L, sdxl.PREFIX_CLIP_G, sdxl.PREFIX_VAE, sdxl.PREFIX_UNET
-CLIP_L_OK = {L + "embeddings.token_embedding.weight": [4, 64], L + "encoder.layers.0.mlp.fc1.weight": [256, 64]}
-CLIP_G_OK = {G + "token_embedding.weight": [4, 64], G + "transformer.resblocks.0.mlp.c_fc.weight": [256, 64],
+CLIP_L_OK = {L + "embeddings.token_embedding.weight": [49408, 64], L + "encoder.layers.0.mlp.fc1.weight": [256, 64]}
+CLIP_G_OK = {G + "token_embedding.weight": [49408, 64], G + "transformer.resblocks.0.mlp.c_fc.weight": [256, 64],
              G + "positional_embedding": [3, 64]}
 
 
@@ -421,6 +421,50 @@ def test_config_inference_refuses_shapes_of_the_wrong_rank_by_name(tmp_path, par
     unet.write_safetensors(path, {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()})
     with pytest.raises(ValueError, match="model.safetensors.*: cannot infer"):
         sdxl.infer_configs(path, [part])
+
+
+@pytest.mark.parametrize("part, shapes, words", [
+    ("clip_l", {**CLIP_L_OK, **{f"{L}encoder.layers.{i}.x": [0] for i in range(1, 20_000)}}, "20000 layers"),
+    ("clip_l", {**CLIP_L_OK, L + "embeddings.token_embedding.weight": [60, 64]}, "60 tokens"),
+    ("vae", {V + "encoder.conv_in.weight": [32, 3, 3, 3],
+             **{f"{V}encoder.down.{i}.block.0.conv2.weight": [32, 32, 3, 3] for i in range(11)}}, "11 levels"),
+    ("vae", {V + "encoder.conv_in.weight": [48, 3, 3, 3],
+             **{f"{V}encoder.down.{i}.block.0.conv2.weight": [48, 48, 3, 3] for i in range(4)}}, "width 48")],
+    ids=["20,000 CLIP layers", "60 tokens", "11 VAE levels", "VAE width 48"])
+def test_text_encoder_and_vae_layouts_are_bounded_before_a_model_is_built(tmp_path, part, shapes, words):
+    """20,000 zero-size CLIP layers built a meta model of 1.3 GB in 22 s before the missing weights were named; a
+    VAE of 11 levels decoded 64 px latents to 8192 px (out of memory) and one of 2 levels wrote 16 px images; 60
+    tokens failed at the first prompt with IndexError; a width of 48 failed in GroupNorm without the file's name."""
+    path = str(tmp_path / "model.safetensors")
+    unet.write_safetensors(path, {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()})
+    with pytest.raises(ValueError, match=f"model.safetensors: cannot infer .*{words}"):
+        within(20, "a model was built first", lambda: sdxl.infer_configs(path, [part]))
+
+
+def test_sdxl_weights_that_are_not_finite_floats_are_refused_by_name(tmp_path):
+    """NaN UNet weights gave a black image with exit status 0; int and bool tensors were cast."""
+    parts = sdxl.load_parts("tiny", "", "cpu")
+    state = dict(parts["unet_state"])
+    state["out.2.weight"] = torch.full_like(state["out.2.weight"], float("nan"))
+    with pytest.raises(ValueError, match="u.safetensors: 1 of the UNet's tensors hold NaN or inf"):
+        sdxl.build_unet(state, sdxl.TINY_UNET, "cpu", torch.float32, "u.safetensors")
+    state["out.2.weight"] = torch.full_like(state["out.2.weight"], 7e4)              # finite, but not in fp16
+    with pytest.raises(ValueError, match="hold NaN or inf in the run's dtype, e.g. out.2.weight"):
+        sdxl.build_unet(state, sdxl.TINY_UNET, "cpu", torch.float16, "u.safetensors")
+    state["out.2.weight"] = state["out.2.weight"].to(torch.int16)
+    with pytest.raises(ValueError, match=r"u.safetensors: 1 of the UNet's tensors are not floating point, e.g. "
+                                         r"out.2.weight \(int16\)"):
+        sdxl.build_unet(state, sdxl.TINY_UNET, "cpu", torch.float32, "u.safetensors")
+
+
+def test_a_unet_that_does_not_fit_the_text_encoders_and_vae_is_refused_by_name():
+    """An 8-channel UNet, or one whose cross-attention is not the text encoders' width, failed at the first step."""
+    parts = sdxl.load_parts("tiny", "", "cpu")
+    sdxl.check_parts_fit(parts, sdxl.TINY_UNET, "u.safetensors")
+    wrong = dataclasses.replace(sdxl.TINY_UNET, in_channels=8, context_dim=128)
+    with pytest.raises(ValueError, match="u.safetensors: the UNet does not fit: context_dim 128, but the text encoders "
+                                         "and VAE of the tiny random UNet give 64; in_channels 8, .* give 4"):
+        sdxl.check_parts_fit(parts, wrong, "u.safetensors")
 
 
 def test_a_generator_ema_that_is_a_tensor_is_refused_by_name(tmp_path):

@@ -144,6 +144,17 @@ def _subset(total, num, seed, path):
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
+def check_tiff_samples(image):
+    """PIL names a TIFF of 16-bit RGB samples stored plane by plane mode 'RGB' and reads wrong 8-bit pixels from it,
+    with no error; it is refused (stored pixel by pixel, the same samples are read right)."""
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(258, (8,))                                   # BitsPerSample, one per channel
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        if image.tag_v2.get(284, 1) != 1 and any(b != 8 for b in bits):     # PlanarConfiguration 2: plane by plane
+            raise ValueError(f"a TIFF of {'/'.join(map(str, bits))}-bit samples stored plane by plane, which PIL "
+                             "misreads; convert it first")
+
+
 def _read_image(file, name, noted, any_mode=False):
     """One image file -> uint8 [H, W, 3]. Grayscale and palette images are converted with a note; others are refused,
     or with any_mode converted by PIL's convert("RGB"), as clean-fid's reader does."""
@@ -155,6 +166,7 @@ def _read_image(file, name, noted, any_mode=False):
                 raise ValueError(f"{image.width}x{image.height} pixels, more than fid.py reads "
                                  f"({MAX_IMAGE_PIXELS:,}); resize it first")
             check_jpeg_scans(image, file)
+            check_tiff_samples(image)
             image.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
         raise ValueError(f"{name}: cannot read image ({e})") from e

@@ -8,10 +8,12 @@ closed forms, the data sources against each other, and `ref` then `calc` against
 import copy
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import pickle
 import re
+import struct
 import subprocess
 import sys
 import types
@@ -632,6 +634,30 @@ def test_inception_weights_that_are_not_finite_floats_are_refused(tmp_path, edit
     torch.save(sd, tmp_path / "w.pth")
     with pytest.raises(ValueError, match=f"w.pth: 1 tensors are not finite floating-point numbers, e.g. .*{words}"):
         fid.load_inception(tmp_path / "w.pth")
+
+
+def planar_tiff16(w=4, h=4, value=0x8001):
+    """A minimal little-endian TIFF, written by hand (PIL cannot write one): RGB of 16-bit samples, every one
+    `value`, stored plane by plane (PlanarConfiguration 2, one strip per plane)."""
+    plane = struct.pack(f"<{w * h}H", *([value] * (w * h)))
+    entries, ifd_at = 10, 8
+    extra_at = ifd_at + 2 + 12 * entries + 4             # then BitsPerSample [3], StripOffsets [3], StripByteCounts [3]
+    data_at = extra_at + 6 + 12 + 12
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, extra_at), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 3, extra_at + 6), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 3, extra_at + 18), (284, 3, 1, 2)]
+    ifd = struct.pack("<H", entries) + b"".join(struct.pack("<HHII", *tag) for tag in tags) + b"\0" * 4
+    arrays = (struct.pack("<3H", 16, 16, 16) + struct.pack("<3I", *(data_at + k * len(plane) for k in range(3)))
+              + struct.pack("<3I", *[len(plane)] * 3))
+    return b"II*\0" + struct.pack("<I", ifd_at) + ifd + arrays + plane * 3
+
+
+def test_a_16_bit_tiff_stored_plane_by_plane_is_refused(monkeypatch):
+    """PIL calls it mode RGB and gives wrong 8-bit pixels (1 and 128 where every sample is about 128)."""
+    data = planar_tiff16()
+    with pytest.raises(ValueError, match="a.tif: cannot read image .*16/16/16-bit samples stored plane by plane"):
+        fid._read_image(io.BytesIO(data), "a.tif", set())
+    monkeypatch.setattr(fid, "check_tiff_samples", lambda image: None)
+    assert set(np.unique(fid._read_image(io.BytesIO(data), "a.tif", set()))) != {128}    # what it would read
 
 
 def test_too_few_images_and_a_folder_as_statistics_are_named(tmp_path):

@@ -2001,7 +2001,8 @@ def check_finite_tensors(state, path, what):
     """After conversion to the run's dtype: a NaN, or a number too large for fp16, gave a black image, with no error."""
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{path}: {len(bad)} of the {what}'s tensors hold NaN or inf in the run's dtype, e.g. {bad[0]}")
+        raise ValueError(f"{path}: {len(bad)} of the {what}'s tensors hold NaN or inf in the run's dtype, "
+                         f"e.g. {bad[0]}")
 
 
 def infer_configs(path, parts=("clip_l", "clip_g", "vae", "unet")):

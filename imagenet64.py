@@ -853,11 +853,15 @@ def load_generator(path, device="cpu"):
         load_state(probe, state, path, "the generator")
     net = unet.EDMPrecond(**net_kwargs)
     load_state(net, state, path, "the generator")
-    bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
-    if bad:                                       # it would write black images, with no error
-        raise ValueError(f"{path}: the generator has non-finite weights (NaN or inf) in {len(bad)} tensors, "
-                         f"e.g. {bad[0]}")
+    check_finite_weights(net, path, "the generator")          # else it would write black images, with no error
     return net.to(device).eval().requires_grad_(False), net_kwargs
+
+
+def check_finite_weights(module, path, what):
+    """ValueError naming path and what if any of module's weights is NaN or inf (a file's, before they are used)."""
+    bad = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{path}: {what} has non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. {bad[0]}")
 
 
 def evaluate_folder(folder, detector, ref, extra=(), num=50_000, device="cpu", rank=0, world=1, batch=64,
@@ -1258,11 +1262,8 @@ def init_from(run, path):
     load_state(run.generator, ckpt["generator"], path, "the generator")
     fake_unet = {k[len("unet."):]: v for k, v in ckpt["fake_score"].items() if str(k).startswith("unet.")}
     load_state(run.fake_score.unet, fake_unet, path, "the fake score")
-    for what, module in (("the generator", run.generator), ("the fake score", run.fake_score.unet)):
-        bad = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
-        if bad:                            # else training would stop at its first step, naming no file
-            raise ValueError(f"{path}: {what} has non-finite weights (NaN or inf) in {len(bad)} tensors, "
-                             f"e.g. {bad[0]}")
+    check_finite_weights(run.generator, path, "the generator")   # else training would stop at its first step,
+    check_finite_weights(run.fake_score.unet, path, "the fake score")   # naming no file
     if run.generator_ema is not None:
         run.generator_ema.load_state_dict(run.generator.state_dict())
     step = ckpt.get("step")                 # printed only: a hostile value (a list sharing itself) would never end

@@ -801,6 +801,9 @@ def build_models(run, frozen_dtype, text_dtype):
     if cfg.generator_init and not resuming:
         generator_state = load_unet_state(cfg.generator_init, run.unet_cfg)
         check_state(generator, generator_state, cfg.generator_init, "--generator_init UNet")
+        # the teacher's own UNet is checked in build_unet; a NaN here stopped the run at step 0 naming no file
+        check_finite_tensors(check_float_tensors(generator_state, cfg.generator_init, "--generator_init UNet"),
+                             cfg.generator_init, "--generator_init UNet")
     if cfg.lora_rank:  # DMD2's LoRA generator (README model zoo): the base stays frozen, the low-rank updates train
         unet.add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         generator_state = {**state, **unet.lora_init_state(generator, cfg.seed)}

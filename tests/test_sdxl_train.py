@@ -634,6 +634,14 @@ def test_generator_init_starts_the_generator_from_its_file_and_the_teacher_from_
     with pytest.raises(ValueError, match="(?s)wrong.safetensors: the --generator_init UNet weights do not match.*out.2"):
         sdxl.setup_training(tiny_config(latents=tiny_run["latents"], outdir=str(tmp_path / "run2"),
                                         generator_init=wrong, device="cpu"))
+    nan = {**init, "out.2.weight": init["out.2.weight"].clone().fill_(float("nan"))}
+    ints = {**init, "out.2.bias": init["out.2.bias"].round().to(torch.int32)}
+    for name, state, words in (("nan", nan, "hold NaN or inf.*e.g. out.2.weight"),
+                               ("ints", ints, "not floating point, e.g. out.2.bias")):
+        unet.write_safetensors(str(tmp_path / f"{name}.safetensors"), state)
+        with pytest.raises(ValueError, match=f"{name}.safetensors: 1 of the --generator_init UNet's tensors.*{words}"):
+            sdxl.setup_training(tiny_config(latents=tiny_run["latents"], outdir=str(tmp_path / f"run_{name}"),
+                                            generator_init=str(tmp_path / f"{name}.safetensors"), device="cpu"))
     for kw, words in ((dict(generator_init=str(tmp_path / "none.bin")), "none.bin: no such file"),
                       (dict(generator_init=path, lora_rank=4), "--generator_init with --lora_rank")):
         with pytest.raises(ValueError, match=words):

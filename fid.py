@@ -1029,6 +1029,7 @@ def check_folder(path):
 # The most features statistics may have: Inception's are 2048 (sigma: 32 MB in float64). A small file of small
 # integers could otherwise declare a sigma of gigabytes once it is turned into float64.
 MAX_STATS_DIM = 4096
+FEATURE_DIM = 2048                # Inception's pool features: what every FID here compares
 
 
 def load_stats(path, prefix=""):
@@ -1060,6 +1061,18 @@ def load_stats(path, prefix=""):
     return mu, sigma
 
 
+def load_reference(path, prefix=""):
+    """load_stats for the reference of an FID: D must be the 2048 of Inception's pool features. Read before any
+    features are computed, so that another file (a 64-d test file, another detector's statistics) fails in seconds,
+    not in frechet_distance after hours."""
+    mu, sigma = load_stats(path, prefix)
+    if mu.shape != (FEATURE_DIM,):
+        raise ValueError(f"{os.fspath(path)}: reference statistics must be {prefix}mu [{FEATURE_DIM}] and {prefix}sigma "
+                         f"[{FEATURE_DIM}, {FEATURE_DIM}] (Inception's pool features); this file has {prefix}mu "
+                         f"{list(mu.shape)}")
+    return mu, sigma
+
+
 def covariance_problem(sigma):
     """Why sigma [D, D] cannot be a covariance, or None: not symmetric, a negative variance, or numbers so large that
     the distance overflows (a feature covariance of Inception is of order 1). Any of these made FID negative or inf."""
@@ -1076,7 +1089,7 @@ def covariance_problem(sigma):
 def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device="cpu", progress=True, seed=0, method="sqrtm",
                     resize="edm"):
     """FID of num images from any source (folder, zip, .npz, tensor, generator of uint8 batches) against a stats file."""
-    mu_ref, sigma_ref = load_stats(ref_path)  # read first, so that a bad file fails before hours of features
+    mu_ref, sigma_ref = load_reference(ref_path)  # read first, so that a bad file fails before hours of features
     mu, sigma = source_statistics(source, detector, batch_size, num, device, progress, seed, resize)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)
 
@@ -1150,7 +1163,7 @@ def coco_statistics(source, detector, batch_size=64, device="cpu", progress=True
 def coco_reference(ref, detector, batch_size=64, device="cpu", progress=True):
     """The reference statistics from a stats .npz (coco_statistics' layout) or from a folder of real images."""
     if os.fspath(ref).endswith(".npz"):
-        (mu, sigma), (patch_mu, patch_sigma) = load_stats(ref), load_stats(ref, prefix="patch_")
+        (mu, sigma), (patch_mu, patch_sigma) = load_reference(ref), load_reference(ref, prefix="patch_")
         return dict(mu=mu, sigma=sigma, patch_mu=patch_mu, patch_sigma=patch_sigma)
     return coco_statistics(ref, detector, batch_size, device, progress)
 
@@ -1475,10 +1488,7 @@ def run(args):
         print(f"wrote {args.dest}: mu [{len(mu)}], sigma [{len(mu)}, {len(mu)}]")
     elif args.command == "calc":
         detector = load_inception(args.weights, args.device)
-        mu_ref = load_stats(args.ref)[0]         # before the features: the Inception detector's pool features
-        if mu_ref.shape != (2048,):
-            raise ValueError(f"{args.ref}: reference statistics must be mu [2048] and sigma [2048, 2048] (Inception's "
-                             f"pool features); this file has mu {list(mu_ref.shape)}")
+        load_reference(args.ref)                 # before the features: the Inception detector's pool features
         value = fid_from_source(args.images, args.ref, detector, args.num, args.batch, args.device, True, args.seed, args.method)
         print(f"{value:g}")
 

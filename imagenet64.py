@@ -689,7 +689,7 @@ def start(run):
         start_step = 0
     wrap(run)
     if cfg.fid_every:  # load the detector and the reference statistics now, so that a bad path fails before training
-        run.fid_tools = (fid.load_inception(cfg.inception or None, run.device), fid.load_stats(cfg.fid_ref))
+        run.fid_tools = (fid.load_inception(cfg.inception or None, run.device), fid.load_reference(cfg.fid_ref))
     run.log = unet.open_run_log(cfg.outdir, start_step) if run.rank == 0 and not cfg.bench else None
     run.t_log, run.step_log = time.time(), start_step
     if cfg.preset == "gaussian" and run.rank == 0 and start_step == 0 and cfg.sample_every:
@@ -957,7 +957,8 @@ def evaluate_main(argv):
     if a.num < 2 or a.batch < 1:                # a covariance needs two samples
         raise ValueError(f"need --num >= 2 and --batch >= 1, got {a.num} and {a.batch}")
     rank, world, device = unet.init_distributed(a.device)
-    detector, ref = fid.load_inception(a.inception or None, device), fid.load_stats(a.fid_ref)
+    ref = fid.load_reference(a.fid_ref)         # before the detector: a wrong file fails in seconds
+    detector = fid.load_inception(a.inception or None, device)
     return evaluate_folder(a.folder, detector, ref, a.ckpt, a.num, device, rank, world, a.batch, a.quantize,
                            os.path.basename(a.fid_ref))
 

@@ -1240,8 +1240,11 @@ def cmd_eval(args):
     if count != len(prompts):
         raise ValueError(f"{args.images}: {count} images but {len(prompts)} prompts in {args.prompts} (blank lines "
                          f"skipped); they are paired in order")
+    # an .npz of reference statistics is read before any features too (fid.load_reference: D must be 2048)
+    ref = fid.coco_reference(args.ref, None) if args.ref.endswith(".npz") else None
     detector = fid.load_inception(args.inception or None, device)
-    ref = fid.coco_reference(args.ref, detector, args.batch, device)
+    if ref is None:
+        ref = fid.coco_reference(args.ref, detector, args.batch, device)
     if args.save_ref:
         fid.save_stats(args.save_ref, **ref)
         print(f"wrote {args.save_ref}")

@@ -446,7 +446,7 @@ def test_a_kill_while_keeping_a_generator_is_redone_on_resume(tmp_path, monkeypa
 def test_resume_keeps_the_best_fid_so_far(tmp_path, monkeypatch):
     """generator_best.pt is replaced only by a lower FID than any before it, across --resume too."""
     monkeypatch.setattr(m.fid, "load_inception", lambda *a: None)
-    monkeypatch.setattr(m.fid, "load_stats", lambda *a: None)
+    monkeypatch.setattr(m.fid, "load_reference", lambda *a: None)
     scores = {2: 5.0, 4: 3.0, 6: 4.0}                                      # the best is step 4's, before the resume
     order = iter(scores.values())
     monkeypatch.setattr(m, "evaluate_fid", lambda *a, **k: next(order))
@@ -707,6 +707,9 @@ def test_evaluate_and_sample_refuse_impossible_counts_before_any_work(tmp_path, 
         with pytest.raises(ValueError, match=problem):
             m.main(argv)
     assert not os.path.exists(tmp_path / "x.jpg")
+    fid.save_stats(tmp_path / "small.npz", np.zeros(64), np.eye(64))      # statistics, but not Inception's 2048
+    with pytest.raises(ValueError, match=r"small.npz: reference statistics must be mu \[2048\].* has mu \[64\]"):
+        m.main(["evaluate", "--folder", str(tmp_path), "--fid_ref", str(tmp_path / "small.npz"), "--num", "2"])
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation as DMD2 reports it.

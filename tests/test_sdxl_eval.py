@@ -266,6 +266,12 @@ def test_sdxl_eval_checks_its_inputs_before_any_features(tmp_path, capsys, monke
         with pytest.raises(SystemExit):
             sdxl.main(args + more)
         assert words in capsys.readouterr().err
+    # reference statistics of another size (a 64-d file): refused before Inception, not after the features
+    fid.save_stats(tmp_path / "ref64.npz", np.zeros(64), np.eye(64), patch_mu=np.zeros(64), patch_sigma=np.eye(64))
+    with pytest.raises(SystemExit):
+        sdxl.main(args[:4] + [str(tmp_path / "ref64.npz"), "--device", "cpu", "--prompts", str(tmp_path / "two.txt"),
+                              "--clip", str(tmp_path / "clip.bin")])
+    assert "ref64.npz: reference statistics must be mu [2048]" in capsys.readouterr().err
 
 
 def test_open_clip_head_counts_that_do_not_divide_the_width_are_refused(open_clip, tmp_path):

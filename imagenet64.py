@@ -817,7 +817,6 @@ def evaluate_fid(generator, num_classes, detector, ref, num=50_000, device="cpu"
     return fid.frechet_distance(mu.cpu().numpy(), sigma.cpu().numpy(), *ref)
 
 
-MAX_RESOLUTION = 1024          # of a generator read from a file (EDM's ImageNet: 64)
 
 
 def load_generator(path, device="cpu"):
@@ -835,19 +834,20 @@ def load_generator(path, device="cpu"):
     if not (type(net_kwargs.get("label_dim")) is int and net_kwargs["label_dim"] >= 1):
         raise ValueError(f"{path}: net_kwargs has label_dim {unet.describe_value(net_kwargs.get('label_dim'))}; "
                          "a class-conditional generator needs an integer of at least 1")
-    # The weights do not depend on the resolution, so a small file may ask for any: 32768 wanted 12.9 GB per image.
     # Samples are written as grey or RGB images.
-    resolution, channels = net_kwargs.get("img_resolution"), net_kwargs.get("img_channels")
-    if not (type(resolution) is int and 1 <= resolution <= MAX_RESOLUTION and channels in (1, 3)):
-        raise ValueError(f"{path}: net_kwargs has img_resolution {unet.describe_value(resolution)} and img_channels "
-                         f"{unet.describe_value(channels)}; a generator here makes images of at most "
-                         f"{MAX_RESOLUTION} pixels a side with 1 or 3 channels")
+    channels = net_kwargs.get("img_channels")
+    if channels not in (1, 3):
+        raise ValueError(f"{path}: net_kwargs has img_channels {unet.describe_value(channels)}; a generator here makes "
+                         f"images with 1 or 3 channels")
     try:                                    # the sizes come from the file: checked on meta before any allocation
         with torch.device("meta"):
             probe = unet.EDMPrecond(**net_kwargs)
     except Exception as e:
         raise ValueError(f"{path}: net_kwargs do not describe an EDMPrecond: {type(e).__name__}: "
                          f"{str(e)[:300]}") from None
+    problem = unet.edm_size_problem(net_kwargs, probe)    # 32768 pixels a side wanted 12.9 GB per image
+    if problem:
+        raise ValueError(f"{path}: the generator is too large to use: {problem}")
     with warnings.catch_warnings():       # keys and shapes checked on meta: torch warns that it copies nothing
         warnings.simplefilter("ignore", UserWarning)
         load_state(probe, state, path, "the generator")

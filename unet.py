@@ -74,6 +74,27 @@ EDM_IMAGENET64 = dict(
     augment_dim=0,              # no augmentation conditioning, so no map_augment weights
 )
 
+# The most an EDM network read from a file may declare. Its weights do not depend on the resolution, and a tensor stored
+# as a stride-0 view of one number can declare any shape, so a small file could otherwise ask for terabytes once the
+# network is trained (a copy and AdamW's moments are real tensors) or sampled (a one-hot class label is [B, label_dim]).
+MAX_RESOLUTION = 1024           # pixels a side (EDM's ImageNet: 64)
+MAX_LABEL_DIM = 1 << 17         # classes (EDM's ImageNet: 1,000; ImageNet-21k has 21,841)
+MAX_EDM_PARAMS = 1 << 31        # weights (EDM's ImageNet-64 ADM: 296 M)
+
+
+def edm_size_problem(kwargs, net):
+    """Why an EDMPrecond built from a file's kwargs (net: on the meta device, so it holds no memory) is too large to
+    use, or None: the bounds above."""
+    res, label_dim = kwargs.get("img_resolution"), kwargs.get("label_dim", 0)
+    if not (type(res) is int and 1 <= res <= MAX_RESOLUTION):
+        return f"img_resolution {describe_value(res)}: at most {MAX_RESOLUTION} pixels a side"
+    if not (type(label_dim) is int and 0 <= label_dim <= MAX_LABEL_DIM):
+        return f"label_dim {describe_value(label_dim)}: at most {MAX_LABEL_DIM:,} classes"
+    n = sum(t.numel() for t in net.state_dict().values())
+    if n > MAX_EDM_PARAMS:
+        return f"{n:,} weights: at most {MAX_EDM_PARAMS:,}"
+    return None
+
 
 def _uniform(shape, fan_in, zero=False):
     """EDM's init for DhariwalUNet: kaiming_uniform * sqrt(1/3) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), or zeros (init_zero)."""
@@ -805,6 +826,9 @@ def load_edm_pickle(path, device="cpu", dropout=None):
     except Exception as e:                                         # any failure here means arguments we cannot use
         raise ValueError(f"{path}: cannot build EDMPrecond from the pickle's arguments ({described}): "
                          f"{type(e).__name__}: {str(e)[:200]}") from None
+    problem = edm_size_problem(kwargs, net)
+    if problem:
+        raise ValueError(f"{path}: the pickle's EDMPrecond is too large to use: {problem}")
 
     expected = net.state_dict()
     missing = [k for k in expected if k not in sd]

@@ -754,3 +754,33 @@ def test_command_line_errors_are_one_line_and_come_before_the_work(tmp_path, cap
         err = capsys.readouterr().err
         assert exit_.value.code == 1 and err.startswith("unet.py: error:") and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "ran").exists() and not (tmp_path / "g1").exists()        # no folder made for a failed run
+
+
+def stride0_net(**kwargs):
+    """An EDMPrecond built on meta whose every tensor is a stride-0 view of one number: a file of a few KB that declares
+    a network of any size (its weights do not need to exist)."""
+    with torch.device("meta"):
+        net = unet.EDMPrecond(**kwargs)
+    for m in net.modules():
+        for group in (m._parameters, m._buffers):
+            for k, t in group.items():
+                if t is not None:
+                    group[k] = torch.full([1], 0.25).expand(t.shape)
+    return net
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(label_dim=131_073), "label_dim 131073: at most 131,072 classes"),
+    (dict(model_channels=16384), "47,246,753,795 weights: at most 2,147,483,648"),
+    (dict(img_resolution=4096), "img_resolution 4096: at most 1024")], ids=["classes", "weights", "resolution"])
+def test_edm_networks_too_large_to_use_are_refused_before_anything_is_allocated(tmp_path, change, words):
+    """A stride-0 pickle of a few KB loaded in a moment, and training or sampling then asked for terabytes (a real copy
+    and AdamW's moments, the one-hot labels [B, label_dim], the images). (imagenet64.py's own checkpoints must hold
+    dense tensors, so their size bounds their weights; their resolution goes through the same check.)"""
+    kw = {**dict(img_resolution=8, img_channels=3, label_dim=3, model_channels=16, channel_mult=[1], num_blocks=1,
+                 attn_resolutions=[]), **change}
+    net = stride0_net(**kw)
+    write_edm_pickle(tmp_path / "big.pkl", net, tmp_path / "marker",
+                     root_kwargs=dict(kw, model_type="DhariwalUNet", use_fp16=False))
+    with pytest.raises(ValueError, match=f"big.pkl: the pickle's EDMPrecond is too large to use: {words}"):
+        unet.load_edm_pickle(tmp_path / "big.pkl")

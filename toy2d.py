@@ -98,6 +98,7 @@ class Config:
     kstep_sigmas: str = "2.5,0.6,0.3,0.12"  # its fixed noise levels; the first acts on s z (paper: 80); README
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
+    gan_head_per_step: bool = False  # K-step: a GAN head per step (paper: one head; an option); README
     one_step_fake_features: int = 32  # 1-step: its fake score gets this many more input features, at all sigma; README
     one_step_generator_features: int = 32  # 1-step: its generator gets this many more, another draw; README
     fake_score_lognormal: float = 0.75  # share of fake-score sigmas drawn as EDM trains (paper: 0, the grid); README
@@ -285,9 +286,22 @@ class ExactDenoiser(nn.Module):
         return exact_denoiser(self.mix, x.float(), sigma)
 
 
-def make_gan_head(width):
-    """DMD2's GAN classifier, on the fake score's last hidden layer: features [B, width] -> logit [B]."""
+def make_gan_head(width, ksteps=1):
+    """DMD2's GAN classifier, on the fake score's last hidden layer: features [B, width] -> logit [B]. With ksteps > 1,
+    one such head per step of a K-step chain (StepHeads)."""
+    if ksteps > 1:
+        return StepHeads([make_gan_head(width) for _ in range(ksteps)])
     return nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1), nn.Flatten(0))
+
+
+class StepHeads(nn.ModuleList):
+    """A GAN head per step of a K-step chain (--gan_head_per_step, an option): self.step, set with the fake score's,
+    picks the head, so each step's samples are judged by a head that has seen that step's samples alone. One shared
+    head pushes every step away from what tells step 0's samples from real data (README)."""
+    step = 0
+
+    def forward(self, h):
+        return self[self.step](h)
 
 
 def generate(G, z, sigmas, generator=None):
@@ -539,7 +553,7 @@ def make_trainables(cfg, teacher, device, ksteps=1):
         fake_score.add_steps(ksteps)
     if cfg.one_step_fake_features and ksteps == 1:
         fake_score.add_input_features(cfg.one_step_fake_features, cfg.x_feature_scale)
-    gan_head = make_gan_head(cfg.width).to(device)
+    gan_head = make_gan_head(cfg.width, ksteps if cfg.gan_head_per_step else 1).to(device)
     G_ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema_span > 0 else G
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
@@ -649,7 +663,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
         t.opt_G.param_groups[0]["lr"] = cfg.generator_lr * decay(it)
         t.opt_fake.param_groups[0]["lr"] = fake_lr * decay(it)
         k = int(torch.randint(0, len(sigmas), ()))              # one step of the K-step chain per batch
-        t.fake_score.step = k                                        # used only with --fake_score_knows_step
+        t.fake_score.step = t.gan_head.step = k      # used only with --fake_score_knows_step, --gan_head_per_step
         gen_turn = it % cfg.dfake_gen_update_ratio == 0          # TTUR (2.): the generator's turn is rarer
         n = gen_batch if gen_turn else cfg.batch_size
         x_in = generator_input(cfg, mix, t.G, torch.randn(n, 2, device=device), sigmas, k)

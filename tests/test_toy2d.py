@@ -204,6 +204,24 @@ def test_fake_score_that_knows_the_step_starts_as_the_teacher():
     assert not torch.allclose(fake_score(x, sigma), teacher(x, sigma))
 
 
+def test_a_gan_head_per_step():
+    """--gan_head_per_step: the K-step student gets K GAN heads, the loop's step picks one, and a discriminator update
+    trains that head alone; the 1-step student keeps one head."""
+    cfg = toy2d.Config(width=32, depth=2, gan_head_per_step=True)
+    torch.manual_seed(0)
+    teacher = toy2d.Denoiser(1.0, width=32, depth=2).requires_grad_(False)
+    t = toy2d.make_trainables(cfg, teacher, torch.device("cpu"), ksteps=4)
+    assert isinstance(t.gan_head, toy2d.StepHeads) and len(t.gan_head) == 4
+    before = copy.deepcopy(t.gan_head.state_dict())
+    t.fake_score.step = t.gan_head.step = 2
+    toy2d.fake_score_turn(cfg, t, torch.randn(32, 2), torch.randn(32, 2))
+    changed = {k.split(".")[0] for k, v in t.gan_head.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"2"}
+    h = torch.randn(8, 32)
+    assert torch.equal(t.gan_head(h), t.gan_head[2](h)) and not torch.equal(t.gan_head(h), t.gan_head[1](h))
+    assert isinstance(toy2d.make_trainables(cfg, teacher, torch.device("cpu"), ksteps=1).gan_head, nn.Sequential)
+
+
 def test_one_step_student_gets_extra_features_and_still_starts_as_the_teacher():
     """--one_step_fake_features and --one_step_generator_features: only the 1-step student's fake score and generator
     get them, each its own draw of frequencies; their first-layer weights start at zero (each network equals the
@@ -1013,3 +1031,42 @@ def test_ablation_writes_every_row(tmp_path):
     assert "DMD2, 4-step" in table and "4-step without backward simulation" in table
     assert [n for n, _, _ in toy2d.ablation_rows(toy2d.Config(ksteps=3))][4:] == [
         "DMD2, 3-step", "3-step without backward simulation"]
+
+
+def _toy_trials():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("toy_trials", os.path.join(os.path.dirname(__file__), "toy_trials.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_trials_score_and_cache(tmp_path):
+    """tests/toy_trials.py (README's trials): exact samples score about 0; a tiny trial writes a record per teacher and
+    student, reads its cached teacher back, repeats bit for bit, and refuses an option toy2d.py does not have."""
+    trials = _toy_trials()
+    ring = toy2d.make_mixture("ring")
+    exact = trials.score(ring, toy2d.sample_mixture(ring, 100_000, generator=torch.Generator().manual_seed(0)))
+    assert abs(exact["exact"]) < 1.0 and exact["weights"] > -0.3 and exact["tv"] < 0.01 and exact["shape"] < 0.01
+    off = torch.tensor([0.3, 0.0])                                   # every sample moved: a distance far above the noise
+    moved = trials.score(ring, toy2d.sample_mixture(ring, 100_000, generator=torch.Generator().manual_seed(0)) + off)
+    assert moved["exact"] > 100 and moved["shape"] > 0.1
+    exact_short = trials.mean_shortfall(toy2d.ExactDenoiser(ring), ring, 100_000)    # Tweedie: E[D] is the mean
+    assert all(abs(v) < 0.02 for v in exact_short), exact_short
+    half = trials.mean_shortfall(lambda x, s: 0.5 * toy2d.ExactDenoiser(ring)(x, s), ring, 100_000)
+    assert all(abs(v - 0.5) < 0.02 for v in half), half
+    tiny = ["teacher_iters=150", "total_steps=60", "batch_size=128", "width=32", "depth=2", "heun_steps=8"]
+    argv = ["t", *tiny, "--seeds", "0", "--num", "20000", "--outdir", str(tmp_path), "--cache", str(tmp_path / "c"),
+            "--teacher_threads", "1"]
+    first = trials.main(argv)
+    assert [r["student"] for r in first] == ["teacher", "1-step", "4-step"]
+    assert len(first[2]["dw_steps"]) == 4 and all(len(dw) == 8 for dw in first[2]["dw_steps"])
+    assert abs(sum(first[2]["dw"])) < 0.5 and "dw_steps" not in first[1]       # shares minus weights sum to 0
+    cached = sorted(os.listdir(tmp_path / "c"))                       # the teacher, and its scores
+    assert [n.split("_")[0] for n in cached] == ["scores", "teacher"]
+    assert (tmp_path / "t.jsonl").read_text().count("\n") == 3
+    assert trials.main(argv) == first                                # the cached teacher, the same students
+    assert sorted(os.listdir(tmp_path / "c")) == cached
+    with pytest.raises(SystemExit, match="no_such_option"):
+        trials.main(["t", "no_such_option=1"])
+    assert trials.parse_seeds("0-2,6") == [0, 1, 2, 6]

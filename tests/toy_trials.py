@@ -9,8 +9,9 @@ mixture itself (run from the repository root; CPU):
 NAME=VALUE arguments are toy2d.py's options (`python toy2d.py --help`). Each seed's teacher is trained once, with
 toy2d's defaults and the options given, on --teacher_threads threads, and kept in --cache for every later trial with
 the same teacher options. Each student trains in a worker process on one thread, with the student seed
-`toy2d.student_seed(seed, steps, row)`: row 0 is the seed of `python toy2d.py --seed S`'s own students, and each
-other row is another set of student seeds. A set of ten 4-step students takes about 4 minutes on 2 cores.
+`toy2d.student_seed(seed, steps, row)`: row 0 gives the student seeds of `python toy2d.py --seed S`, and each other
+row another set of student seeds. Ten 4-step students take 3 to 4 minutes on 2 cores once their
+teachers are cached.
 
 Each student's record, one JSON line printed and appended to --outdir/NAME.jsonl:
   exact     the exact energy distance of its first 20,000 samples (toy2d.energy_to_mixture), in 1e-4
@@ -18,15 +19,17 @@ Each student's record, one JSON line printed and appended to --outdir/NAME.jsonl
   shape     the mode shape KL averaged over the modes, and shape_worst, its worst mode; tv: the weight TV
   dw        each mode's share minus its weight, in 1e-3 (modes in toy2d.make_mixture's order: the k-th at 45k degrees)
   dw_steps  K-step students: dw of the x0 that each step predicts on its backward-simulation input (the same --num)
-The teacher of each seed is scored the same way, and its record adds mean_shortfall: at sigma = 20, 40 and 70, how
-much of the mixture's mean E[D(x_sigma; sigma)] falls short of, along it, as a fraction of its length (by Tweedie's
-formula the exact denoiser's average is the mean itself; EDM's preconditioning assumes data of mean 0, and the ring's
-is not: README). Last, a summary per student: mean, median and worst over the seeds.
+The teacher of each seed is scored the same way, and its record adds mean_shortfall: at sigma = 20, 40 and 70, by
+how much its average denoised value E[D(x_sigma; sigma)] falls short of the mixture's mean along the mean's direction,
+as a fraction of the mean's length (by Tweedie's formula the exact denoiser's average is the mean itself; EDM's
+preconditioning assumes data of mean 0, and the ring's is not: README). Last, a summary per student: mean, median and
+worst over the seeds.
 Not a test: the figures are the trials' own; a run repeats bit for bit on the same machine.
 """
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -71,7 +74,7 @@ def teacher_state(cfg, cache, threads):
     """The seed's teacher (a state_dict), trained as `python toy2d.py` trains it, or read back from the cache."""
     key = json.dumps({f: getattr(cfg, f) for f in TEACHER_FIELDS} | {"seed": cfg.seed, "threads": threads},
                      sort_keys=True)
-    path = os.path.join(cache, f"teacher_{hash_text(key):016x}.pt")
+    path = os.path.join(cache, f"teacher_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
     if os.path.exists(path):
         saved = torch.load(path, weights_only=True)
         if saved["key"] == key:
@@ -83,14 +86,6 @@ def teacher_state(cfg, cache, threads):
     torch.save({"key": key, "state": state}, path + ".tmp")
     os.replace(path + ".tmp", path)                       # atomic: a half-written teacher is never read back
     return state
-
-
-def hash_text(text):
-    """A hash of text that is the same in every process (Python's hash() of a str is salted per process)."""
-    h = 1469598103934665603
-    for byte in text.encode():
-        h = ((h ^ byte) * 1099511628211) % (1 << 64)
-    return h
 
 
 @torch.no_grad()
@@ -158,7 +153,7 @@ def teacher_scores(cfg, mix, state, a):
     """The teacher's part of its record, computed once per cached teacher and --num (every trial shares them)."""
     key = json.dumps({f: getattr(cfg, f) for f in TEACHER_FIELDS + ("heun_steps",)} |
                      {"seed": cfg.seed, "threads": a.teacher_threads, "num": a.num}, sort_keys=True)
-    path = os.path.join(a.cache, f"scores_{hash_text(key):016x}.json")
+    path = os.path.join(a.cache, f"scores_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)

@@ -1089,7 +1089,7 @@ def covariance_problem(sigma):
 def fid_from_source(source, ref_path, detector, num=50000, batch_size=64, device="cpu", progress=True, seed=0, method="sqrtm",
                     resize="edm"):
     """FID of num images from any source (folder, zip, .npz, tensor, generator of uint8 batches) against a stats file."""
-    mu_ref, sigma_ref = load_reference(ref_path)  # read first, so that a bad file fails before hours of features
+    mu_ref, sigma_ref = load_stats(ref_path)  # read first, so that a bad file fails before hours of features
     mu, sigma = source_statistics(source, detector, batch_size, num, device, progress, seed, resize)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)
 

@@ -388,18 +388,19 @@ def expand_every_tensor(module, dtype):
 
 
 def test_stride0_views_stay_views_until_the_shapes_match(tmp_path):
-    """An EDM pickle declaring a 16x wider network (4.7G parameters) whose fp16 tensors are each one number viewed
+    """An EDM pickle declaring a 4x larger network (1.2G parameters) whose fp16 tensors are each one number viewed
     at full shape. It is a valid file and loads, but as views: converting to float32 costs the storages (bytes), not
-    the 19 GB of the declared shapes. The same stride-0 views carry the full-size meta test in test_unet_edm.py."""
+    the 4.7 GB of the declared shapes. The same stride-0 views carry the full-size meta test in test_unet_edm.py (and
+    one of over 2^31 weights is refused: test_edm_networks_too_large_to_use_are_refused_before_anything_is_allocated)."""
     from test_unet_edm import write_edm_pickle
-    kwargs = {**unet.EDM_IMAGENET64, "model_channels": 768}
+    kwargs = {**unet.EDM_IMAGENET64, "model_channels": 384}
     with torch.device("meta"):
         src = expand_every_tensor(unet.EDMPrecond(**kwargs), torch.float16)
     path = tmp_path / "wide.pkl"
     write_edm_pickle(path, src, tmp_path / "marker", root_kwargs={**kwargs, "model_type": "DhariwalUNet"})
     assert path.stat().st_size < 10 << 20
     check = ("net = unet.load_edm_pickle(P)\n"
-             "assert sum(p.numel() for p in net.parameters()) > 4 * 10 ** 9\n"
+             "assert sum(p.numel() for p in net.parameters()) > 10 ** 9\n"
              "assert all(p.dtype == torch.float32 and p.untyped_storage().nbytes() == 4 for p in net.parameters())\n"
              "assert all(p[(0,) * p.dim()].item() == 0.5 for p in net.parameters())")
     results, code, output = run_child(tmp_path, {"wide": f"P = {str(path)!r}\n{check}"})

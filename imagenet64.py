@@ -817,8 +817,6 @@ def evaluate_fid(generator, num_classes, detector, ref, num=50_000, device="cpu"
     return fid.frechet_distance(mu.cpu().numpy(), sigma.cpu().numpy(), *ref)
 
 
-
-
 def load_generator(path, device="cpu"):
     """A generator from our checkpoint.pt / generator*.pt, or a bare EDMPrecond state dict such as the official DMD2
     ImageNet release (pytorch_model.bin), which has the full-size EDM_IMAGENET64 config. -> (net, net_kwargs)"""

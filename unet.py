@@ -2085,6 +2085,9 @@ SAFETENSORS_DTYPES = {
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit; a real header is ~200 KB
 MAX_DIMS = 64  # a generous bound (real tensors have <= 5 dims); without one a 100 MB header could list 50M zero dims
+# JSON values a header may hold: json.loads builds them all, and 100 MB of empty lists make 2 GB of Python objects. A
+# tensor's entry takes about ten (SDXL's 2,515 tensors: about 25,000); 2**22 of them take about 150 MB.
+MAX_HEADER_VALUES = 1 << 22
 
 
 def _reject_duplicates(pairs):
@@ -2099,7 +2102,12 @@ def _reject_duplicates(pairs):
 
 
 def _parse_header_json(path, raw):
-    """The header's JSON object; a clear error for bad UTF-8/JSON, nesting too deep to parse, or a non-object."""
+    """The header's JSON object; a clear error for bad UTF-8/JSON, nesting too deep to parse, too many values (counted
+    before parsing: commas and brackets), or a non-object."""
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > MAX_HEADER_VALUES:
+        raise ValueError(f"{path}: header holds {values:,} commas and brackets, more than the {MAX_HEADER_VALUES:,} "
+                         "that the entries of 400,000 tensors would need")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors

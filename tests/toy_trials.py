@@ -70,11 +70,17 @@ def parse_options(pairs):
     return options
 
 
+def cache_path(cache, kind, key, ext):
+    """The cache file of `kind` for a key (the JSON text of what made it); the file holds the key too, and is used
+    only when it matches."""
+    return os.path.join(cache, f"{kind}_{hashlib.sha256(key.encode()).hexdigest()[:16]}{ext}")
+
+
 def teacher_state(cfg, cache, threads):
     """The seed's teacher (a state_dict), trained as `python toy2d.py` trains it, or read back from the cache."""
     key = json.dumps({f: getattr(cfg, f) for f in TEACHER_FIELDS} | {"seed": cfg.seed, "threads": threads},
                      sort_keys=True)
-    path = os.path.join(cache, f"teacher_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
+    path = cache_path(cache, "teacher", key, ".pt")
     if os.path.exists(path):
         saved = torch.load(path, weights_only=True)
         if saved["key"] == key:
@@ -105,6 +111,8 @@ def score(mix, x):
 
 @torch.no_grad()
 def sample_student(cfg, mix, state, sigmas, n):
+    """n samples [n, 2] of the student whose generator state is `state`, drawn as toy2d.generate draws them (latents and
+    chain noise from EVAL_SEED), and for a K-step student dw_steps (the module docstring); None for a 1-step one."""
     G = toy2d.make_denoiser(cfg, mix)
     extra = state.get("extra.weight")
     if extra is not None:                                 # the 1-step student's generator features (toy2d.py)
@@ -125,6 +133,7 @@ def sample_student(cfg, mix, state, sigmas, n):
 
 
 def load_teacher(cfg, mix, state):
+    """The teacher's Denoiser from its state_dict, frozen."""
     D = toy2d.make_denoiser(cfg, mix)
     D.load_state_dict(state)
     return D.eval().requires_grad_(False)
@@ -132,6 +141,7 @@ def load_teacher(cfg, mix, state):
 
 @torch.no_grad()
 def sample_teacher(cfg, D, n):
+    """n teacher samples [n, 2]: EDM's Heun sampler, as toy2d.py samples its teacher, from latents of EVAL_SEED."""
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(EVAL_SEED))
     return toy2d.heun_sampler(D, z, cfg.heun_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).float()
 
@@ -153,7 +163,7 @@ def teacher_scores(cfg, mix, state, a):
     """The teacher's part of its record, computed once per cached teacher and --num (every trial shares them)."""
     key = json.dumps({f: getattr(cfg, f) for f in TEACHER_FIELDS + ("heun_steps",)} |
                      {"seed": cfg.seed, "threads": a.teacher_threads, "num": a.num}, sort_keys=True)
-    path = os.path.join(a.cache, f"scores_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+    path = cache_path(a.cache, "scores", key, ".json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)

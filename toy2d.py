@@ -78,6 +78,7 @@ class Config:
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
     total_steps: int = 6000          # fake-score updates; generator updates = total_steps / dfake_gen_update_ratio
+    one_step_steps_ratio: float = 1.0  # 1-step student: total_steps times this (it runs beside the K-step one); README
     batch_size: int = 192            # fake-score and generator batch (the same number of real samples for the GAN)
     generator_batch_size: int = 0    # samples per generator update if more than batch_size (0: batch_size); README
     generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
@@ -535,6 +536,14 @@ def student_settings(cfg, ksteps):
     return gen_batch, fake_lr
 
 
+def student_steps(cfg, ksteps):
+    """The fake-score updates of a student with ksteps steps: --total_steps, times --one_step_steps_ratio for the 1-step
+    student. The two students train side by side, and a 1-step update costs about three quarters of a K-step one (a
+    smaller generator batch, no backward simulation), so a ratio of 1.25 ends both at about the same time; in the
+    trials it brought the 1-step student nearer the data (an option, not a default; README)."""
+    return cfg.total_steps if ksteps > 1 else max(1, round(cfg.total_steps * cfg.one_step_steps_ratio))
+
+
 def dm_index_range(cfg):
     """The grid indices (lowest, highest; both drawn) the DM gradient takes sigma from: 20 and 980 of 0..999 by
     default. As DMD2's code, the highest is int(max_step_percent * 1000) but at most the grid's last index."""
@@ -574,11 +583,11 @@ def optimiser_step(opt, loss, params, scaler, max_grad_norm):
     scaler.update()
 
 
-def ema_decay(cfg):
+def ema_decay(cfg, total_steps=None):
     """The per-update decay of G's EMA: a time constant of --ema_span of the run's generator updates (1,200 by default:
     decay 1 - 1/240), so a shorter run averages a shorter stretch. The teacher's weights, where G_ema starts, keep
-    a share of about exp(-1/ema_span) at the end (0.7% by default)."""
-    updates = math.ceil(cfg.total_steps / cfg.dfake_gen_update_ratio)
+    a share of about exp(-1/ema_span) at the end (0.7% by default). total_steps: the student's own (student_steps)."""
+    updates = math.ceil((total_steps or cfg.total_steps) / cfg.dfake_gen_update_ratio)
     return max(0.0, 1 - 1 / (cfg.ema_span * updates)) if cfg.ema_span > 0 else 0.0
 
 
@@ -652,12 +661,13 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
     position: the row of its progress bar (students trained side by side each get one).
     """
     t = make_trainables(cfg, teacher, device, len(sigmas))
-    decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.total_steps))) if cfg.lr_decay else (lambda it: 1.0)
+    steps = student_steps(cfg, len(sigmas))
+    decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / steps))) if cfg.lr_decay else (lambda it: 1.0)
     gen_batch, fake_lr = student_settings(cfg, len(sigmas))
-    ema = ema_decay(cfg)
+    ema = ema_decay(cfg, steps)
     eval_real = sample_mixture(mix, 2000)
     history = []
-    bar = tqdm(range(cfg.total_steps), desc=f"DMD2 {len(sigmas)}-step", disable=not progress, leave=False,
+    bar = tqdm(range(steps), desc=f"DMD2 {len(sigmas)}-step", disable=not progress, leave=False,
                position=position)
     for it in bar:
         t.opt_G.param_groups[0]["lr"] = cfg.generator_lr * decay(it)
@@ -680,7 +690,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
         log.update(fake_score_turn(cfg, t, x_fake, x_real))
         if not all(math.isfinite(v) for v in log.values()):
             raise FloatingPointError(f"non-finite loss at iteration {it}: {log}")
-        if it % cfg.eval_every == 0 or it == cfg.total_steps - 1:
+        if it % cfg.eval_every == 0 or it == steps - 1:
             with torch.no_grad():
                 x = generate(t.G_ema, torch.randn(2000, 2, device=device), sigmas).cpu()
                 log["energy"] = energy_distance(x, eval_real)
@@ -1056,7 +1066,7 @@ def run(cfg):
             metrics[name] = evaluate(mix, rows[name], ref["x"], ref["self"])
 
     (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [
-        dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=cfg.total_steps // 10),
+        dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=student_steps(cfg, 1) // 10),
         dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))], pool, measure_data_and_teacher)
     with torch.no_grad():
         rows["student_1step"] = generate(G1, z["one"], one).cpu()
@@ -1459,6 +1469,8 @@ def value_errors(cfg):
         errors.append(f"--rho must be positive (EDM: 7), got {cfg.rho}")
     if cfg.max_grad_norm <= 0:
         errors.append(f"--max_grad_norm must be positive (0 would zero every gradient), got {cfg.max_grad_norm}")
+    if not cfg.one_step_steps_ratio > 0:
+        errors.append(f"--one_step_steps_ratio must be positive (1: --total_steps), got {cfg.one_step_steps_ratio}")
     if cfg.gen_gan_weight < 0 or cfg.fake_gan_weight < 0:
         errors.append(f"--gen_gan_weight and --fake_gan_weight must be 0 (no GAN) or more, got {cfg.gen_gan_weight} "
                       f"and {cfg.fake_gan_weight}")

@@ -415,6 +415,36 @@ def test_kstep_student_takes_its_own_generator_batch_and_fake_score_lr(monkeypat
             assert lrs == pytest.approx([lr * decay] * len(lrs))
 
 
+def test_one_step_student_takes_its_own_number_of_updates(monkeypatch):
+    """--one_step_steps_ratio acts on the 1-step student alone: it makes total_steps times that many iterations, with
+    its learning rates cosine-decayed over them and its EMA's time constant a share of its own generator updates; the
+    K-step student keeps --total_steps, and 1 (the default) gives both --total_steps."""
+    assert toy2d.student_steps(toy2d.Config(), 1) == toy2d.student_steps(toy2d.Config(), 4) == 6000
+    cfg = toy2d.Config(width=32, depth=2, total_steps=6, batch_size=64, kstep_generator_batch_size=64,
+                       dfake_gen_update_ratio=2, eval_every=1000, quiet=True, one_step_steps_ratio=1.5)
+    assert (toy2d.student_steps(cfg, 1), toy2d.student_steps(cfg, 4)) == (9, 6)
+    assert toy2d.student_steps(dataclasses.replace(cfg, one_step_steps_ratio=0.01), 1) == 1     # never 0 iterations
+    assert toy2d.ema_decay(cfg, 9) == pytest.approx(1 - 1 / (cfg.ema_span * 5))                 # 5 generator updates
+    lrs = []
+    real_fake = toy2d.fake_score_turn
+
+    def fake_spy(cfg, t, x_fake, x_real):
+        lrs.append(t.opt_fake.param_groups[0]["lr"])
+        return real_fake(cfg, t, x_fake, x_real)
+
+    monkeypatch.setattr(toy2d, "fake_score_turn", fake_spy)
+    mix = toy2d.make_mixture("ring")
+    teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
+    for sigmas, steps in (([2.5], 9), ([2.5, 0.6, 0.3, 0.12], 6)):
+        lrs.clear()
+        torch.manual_seed(0)
+        _, history = toy2d.distill(cfg, mix, teacher, teacher, sigmas, torch.device("cpu"), progress=False)
+        assert len(history) == len(lrs) == steps
+        assert "energy" in history[-1]                                     # the last iteration's quick metric
+        fake_lr = toy2d.student_settings(cfg, len(sigmas))[1]
+        assert lrs == pytest.approx([fake_lr * 0.5 * (1 + math.cos(math.pi * it / steps)) for it in range(steps)])
+
+
 def test_students_are_the_ema_of_the_generators_updates():
     """--ema_span: distill returns G_ema <- d G_ema + (1 - d) G after each generator update, starting from the teacher,
     with d = 1 - 1/(ema_span * number of generator updates); --ema_span 0 returns the last G itself."""
@@ -868,6 +898,10 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--eval_redraws", "-1"])
     with pytest.raises(SystemExit, match=r"--fake_score_lognormal must be between 0 \(DMD2's\) and 1, got 1.5"):
         toy2d.main(["--fake_score_lognormal", "1.5"])
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit, match=rf"--one_step_steps_ratio must be positive \(1: --total_steps\), "
+                           rf"got {bad}"):
+            toy2d.main(["--one_step_steps_ratio", bad])
     # every mode expects 20 samples: at --num_eval 100 the ring's lightest mode got 5 and every shape KL was inf
     with pytest.raises(SystemExit, match=r"--num_eval must be at least 400 for the ring, .* got 100"):
         toy2d.main(["--num_eval", "100"])

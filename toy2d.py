@@ -538,9 +538,9 @@ def student_settings(cfg, ksteps):
 
 def student_steps(cfg, ksteps):
     """The fake-score updates of a student with ksteps steps: --total_steps, times --one_step_steps_ratio for the 1-step
-    student. The two students train side by side, and a 1-step update costs about three quarters of a K-step one (a
-    smaller generator batch, no backward simulation), so a ratio of 1.25 ends both at about the same time; in the
-    trials it brought the 1-step student nearer the data (an option, not a default; README)."""
+    student. The two students train side by side, and a 1-step update costs less than a K-step one (a smaller
+    generator batch, no backward simulation), so with a ratio of 1.25 both end at about the same time; in the trials
+    it brought the 1-step student nearer the data (an option, not a default; README)."""
     return cfg.total_steps if ksteps > 1 else max(1, round(cfg.total_steps * cfg.one_step_steps_ratio))
 
 
@@ -659,6 +659,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
     given (G: the generator being trained, not its EMA), runs after every iteration (the DM-field picture and the
     notebook's figures use it).
     position: the row of its progress bar (students trained side by side each get one).
+    It runs student_steps(cfg, len(sigmas)) iterations: --total_steps, or more for the 1-step student.
     """
     t = make_trainables(cfg, teacher, device, len(sigmas))
     steps = student_steps(cfg, len(sigmas))

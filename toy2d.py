@@ -41,7 +41,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -77,15 +77,17 @@ class Config:
     heun_steps: int = 32             # teacher sampler: EDM Heun steps (2 * steps - 1 network calls)
     real_score: str = "teacher"      # D_real for distillation: "teacher" (the trained MLP) or "exact" (closed form)
     # DMD2 distillation
-    total_steps: int = 6000          # fake-score updates; generator updates = total_steps / dfake_gen_update_ratio
-    one_step_steps_ratio: float = 1.0  # 1-step student: total_steps times this (it runs beside the K-step one); README
+    total_steps: int = 5000          # fake-score updates; generator updates = total_steps / dfake_gen_update_ratio
+    one_step_steps_ratio: float = 1.5  # 1-step student: total_steps times this (it runs beside the K-step one); README
     batch_size: int = 192            # fake-score and generator batch (the same number of real samples for the GAN)
     generator_batch_size: int = 0    # samples per generator update if more than batch_size (0: batch_size); README
     generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
     fake_score_lr: float = 1e-3      # AdamW learning rate of the fake score and the GAN head
     kstep_generator_batch_size: int = 768  # K-step student: at least this many samples per generator update; README
     kstep_fake_score_lr: float = 2e-3  # K-step student: its fake score's learning rate (0: as above); README
+    kstep_batch_size: int = 384      # K-step student: its fake-score batch (0: --batch_size); README
     ema_span: float = 0.2            # students are an EMA of G over about this fraction of its updates (0: off); README
+    kstep_ema_span: float = 0.3      # K-step student: its own EMA span (negative: --ema_span); README
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
     min_step_percent: float = 0.02   # DM gradient draws sigma from grid indices 20..980 of 1000 (paper Sec. 3)
@@ -99,7 +101,7 @@ class Config:
     kstep_sigmas: str = "2.5,0.6,0.3,0.12"  # its fixed noise levels; the first acts on s z (paper: 80); README
     backward_simulation: bool = True # K-step inputs from the generator's own chain (False: noised real data)
     fake_score_knows_step: bool = True  # K-step: the fake score is told which step made each sample (paper: no)
-    gan_head_per_step: bool = False  # K-step: a GAN head per step (paper: one head; an option); README
+    gan_head_per_step: bool = True   # K-step: a GAN head per step (paper: one head); README
     one_step_fake_features: int = 32  # 1-step: its fake score gets this many more input features, at all sigma; README
     one_step_generator_features: int = 32  # 1-step: its generator gets this many more, another draw; README
     fake_score_lognormal: float = 0.75  # share of fake-score sigmas drawn as EDM trains (paper: 0, the grid); README
@@ -523,25 +525,20 @@ class Trainables:
     dm_range: tuple               # grid indices (min, max) the DM gradient draws sigma from
 
 
-def student_settings(cfg, ksteps):
-    """(samples per generator update, fake-score learning rate) of a student with ksteps steps. A K-step student
-    spreads its updates over K steps: each step gets 1/K of the generator's turns and of the fake score's updates on
-    its samples. --kstep_generator_batch_size and --kstep_fake_score_lr can give it alone a larger generator batch
-    and a faster fake score (options, not defaults; README)."""
-    gen_batch = cfg.generator_batch_size or cfg.batch_size
-    fake_lr = cfg.fake_score_lr
-    if ksteps > 1:
-        gen_batch = max(cfg.kstep_generator_batch_size, gen_batch)
-        fake_lr = cfg.kstep_fake_score_lr or fake_lr
-    return gen_batch, fake_lr
-
-
-def student_steps(cfg, ksteps):
-    """The fake-score updates of a student with ksteps steps: --total_steps, times --one_step_steps_ratio for the 1-step
-    student. The two students train side by side, and a 1-step update costs less than a K-step one (a smaller
-    generator batch, no backward simulation), so with a ratio of 1.25 both end at about the same time; in the trials
-    it brought the 1-step student nearer the data (an option, not a default; README)."""
-    return cfg.total_steps if ksteps > 1 else max(1, round(cfg.total_steps * cfg.one_step_steps_ratio))
+def student_config(cfg, ksteps):
+    """The options as the student with ksteps steps sees them. The 1-step student makes --total_steps times
+    --one_step_steps_ratio iterations: the two train side by side and its updates cost less (a smaller batch, no
+    backward simulation), so its 7,500 by default still end before the K-step student's 5,000. The K-step student
+    spreads its updates over K steps, so each step gets 1/K of them; it takes its own fake-score batch, generator batch
+    (at least --kstep_generator_batch_size), fake-score learning rate and EMA span (--kstep_*). Why each: README."""
+    if ksteps == 1:
+        return replace(cfg, total_steps=max(1, round(cfg.total_steps * cfg.one_step_steps_ratio)),
+                       one_step_steps_ratio=1.0)
+    batch = cfg.kstep_batch_size or cfg.batch_size
+    return replace(cfg, batch_size=batch,
+                   generator_batch_size=max(cfg.kstep_generator_batch_size, cfg.generator_batch_size, batch),
+                   fake_score_lr=cfg.kstep_fake_score_lr or cfg.fake_score_lr,
+                   ema_span=cfg.kstep_ema_span if cfg.kstep_ema_span >= 0 else cfg.ema_span)
 
 
 def dm_index_range(cfg):
@@ -554,6 +551,7 @@ def make_trainables(cfg, teacher, device, ksteps=1):
     """The generator and the fake score both start as copies of the teacher (paper Sec. 5); the head is new. The
     1-step student's generator and fake score each get extra input features whose weights start at zero, so they
     still compute the teacher's function at the start."""
+    cfg = student_config(cfg, ksteps)                        # the same options again if cfg is already the student's
     G = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
     if cfg.one_step_generator_features and ksteps == 1:      # another draw of frequencies than the fake score's (99)
@@ -566,8 +564,7 @@ def make_trainables(cfg, teacher, device, ksteps=1):
     G_ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema_span > 0 else G
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.generator_lr, **adamw)
-    opt_fake = torch.optim.AdamW([*fake_score.parameters(), *gan_head.parameters()],
-                                 lr=student_settings(cfg, ksteps)[1], **adamw)
+    opt_fake = torch.optim.AdamW([*fake_score.parameters(), *gan_head.parameters()], lr=cfg.fake_score_lr, **adamw)
     grid = sigma_grid(1000, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
     return Trainables(G, fake_score, gan_head, G_ema, opt_G, opt_fake, *amp_settings(cfg, device), grid,
                       dm_index_range(cfg))
@@ -583,11 +580,12 @@ def optimiser_step(opt, loss, params, scaler, max_grad_norm):
     scaler.update()
 
 
-def ema_decay(cfg, total_steps=None):
-    """The per-update decay of G's EMA: a time constant of --ema_span of the run's generator updates (1,200 by default:
-    decay 1 - 1/240), so a shorter run averages a shorter stretch. The teacher's weights, where G_ema starts, keep
-    a share of about exp(-1/ema_span) at the end (0.7% by default). total_steps: the student's own (student_steps)."""
-    updates = math.ceil((total_steps or cfg.total_steps) / cfg.dfake_gen_update_ratio)
+def ema_decay(cfg):
+    """The per-update decay of G's EMA: a time constant of --ema_span of the run's generator updates (the 1-step
+    student's 1,500 by default at 0.2: decay 1 - 1/300), so a shorter run averages a shorter stretch. The teacher's
+    weights, where G_ema starts, keep a share of about exp(-1/ema_span) at the end (0.7% at 0.2). cfg: a student's
+    options (student_config)."""
+    updates = math.ceil(cfg.total_steps / cfg.dfake_gen_update_ratio)
     return max(0.0, 1 - 1 / (cfg.ema_span * updates)) if cfg.ema_span > 0 else 0.0
 
 
@@ -659,13 +657,15 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
     given (G: the generator being trained, not its EMA), runs after every iteration (the DM-field picture and the
     notebook's figures use it).
     position: the row of its progress bar (students trained side by side each get one).
-    It runs student_steps(cfg, len(sigmas)) iterations: --total_steps, or more for the 1-step student.
+    The options are the student's own (student_config): --total_steps, or more for the 1-step student, and the K-step
+    student's batches, fake-score rate and EMA span.
     """
+    cfg = student_config(cfg, len(sigmas))
     t = make_trainables(cfg, teacher, device, len(sigmas))
-    steps = student_steps(cfg, len(sigmas))
+    steps = cfg.total_steps
     decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / steps))) if cfg.lr_decay else (lambda it: 1.0)
-    gen_batch, fake_lr = student_settings(cfg, len(sigmas))
-    ema = ema_decay(cfg, steps)
+    gen_batch, fake_lr = cfg.generator_batch_size or cfg.batch_size, cfg.fake_score_lr
+    ema = ema_decay(cfg)
     eval_real = sample_mixture(mix, 2000)
     history = []
     bar = tqdm(range(steps), desc=f"DMD2 {len(sigmas)}-step", disable=not progress, leave=False,
@@ -1036,20 +1036,13 @@ def run(cfg):
     device = setup(cfg)
     start = time.time()
     mix = make_mixture(cfg.dataset)
-    progress = not cfg.quiet
-    pool = student_pool(cfg, device, 2)             # its workers start up while the teacher trains
-    try:
-        teacher = train_teacher(cfg, mix, device, progress)
-    except BaseException:                           # Ctrl-C or an error: do not leave the workers behind
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        raise
+    pool, teacher = start_run(cfg, mix, device)
     one = [cfg.one_step_sigma]
     many = parse_sigmas(cfg.kstep_sigmas)
     n = cfg.num_eval
     rows, metrics, z, rng, ref = {}, {}, {}, {}, {}   # samples [n, 2] per row, metrics per row, noise, RNG, reference
 
-    def measure_data_and_teacher():        # runs while the K-step student still trains (after it, with --workers 1)
+    def measure_meanwhile(done):           # runs while the K-step student still trains (after it, with --workers 1)
         torch.manual_seed(cfg.seed + 1)    # evaluation noise: the same whichever way the students were trained
         rows["data"] = sample_mixture(mix, n)                                                # [n, 2]
         z.update({name: torch.randn(n, 2, device=device) for name in ("teacher", "one", "many")})   # [n, 2] each
@@ -1065,32 +1058,50 @@ def run(cfg):
         ref["self"] = mean_distance(ref["x"])          # E|Y - Y'|, shared by every row
         for name in ("data", "teacher"):
             metrics[name] = evaluate(mix, rows[name], ref["x"], ref["self"])
+        if 0 in done:                      # the 1-step student, usually done first: its row draws no noise
+            measure_one_step(done[0][0])
 
+    def measure_one_step(G1):
+        with torch.no_grad():
+            rows["student_1step"] = generate(G1, z["one"], one).cpu()
+        metrics["student_1step"] = evaluate(mix, rows["student_1step"], ref["x"], ref["self"])
+
+    K = f"student_{cfg.ksteps}step"                  # the K-step student's row
     (G1, hist1, field), (GK, histK, _) = train_students(cfg, mix, teacher, device, [
-        dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=student_steps(cfg, 1) // 10),
-        dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))], pool, measure_data_and_teacher)
+        dict(sigmas=one, seed=student_seed(cfg.seed, 1), record_field_at=student_config(cfg, 1).total_steps // 10),
+        dict(sigmas=many, seed=student_seed(cfg.seed, cfg.ksteps))], pool, measure_meanwhile)
+    if "student_1step" not in rows:
+        measure_one_step(G1)
     with torch.no_grad():
-        rows["student_1step"] = generate(G1, z["one"], one).cpu()
         rng["chain"]()
-        rows[f"student_{cfg.ksteps}step"] = generate(GK, z["many"], many).cpu()
+        rows[K] = generate(GK, z["many"], many).cpu()
     rng["after"]()
-    for name in ("student_1step", f"student_{cfg.ksteps}step"):
-        metrics[name] = evaluate(mix, rows[name], ref["x"], ref["self"])
-    metrics["teacher"]["nfe"] = 2 * cfg.heun_steps - 1
-    metrics["student_1step"]["nfe"] = 1
-    metrics[f"student_{cfg.ksteps}step"]["nfe"] = cfg.ksteps
+    metrics[K] = evaluate(mix, rows[K], ref["x"], ref["self"])
+    for name, nfe in (("teacher", 2 * cfg.heun_steps - 1), ("student_1step", 1), (K, cfg.ksteps)):
+        metrics[name]["nfe"] = nfe
     shapes, weights = per_step_metrics(mix, GK, z["steps"], many)
-    metrics[f"student_{cfg.ksteps}step"]["mode_shape_kl_per_step"] = shapes
-    metrics[f"student_{cfg.ksteps}step"]["energy_exact_weights_per_step"] = weights
+    metrics[K]["mode_shape_kl_per_step"] = shapes
+    metrics[K]["energy_exact_weights_per_step"] = weights
     if cfg.eval_redraws:                   # after everything else, so that the rest of the run is unchanged
         torch.manual_seed(cfg.seed + 2)
-        students = {"student_1step": (G1, one), f"student_{cfg.ksteps}step": (GK, many)}
+        students = {"student_1step": (G1, one), K: (GK, many)}
         for name, r in energy_ratio_redraws(cfg, mix, teacher, students, cfg.eval_redraws, device).items():
             metrics[name]["energy_ratio_redraws"] = r
     config = {**asdict(cfg), "teacher_lr": teacher_lr(cfg)}      # the rate used, not 0 ("the dataset's own")
     result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": config}
     save_outputs(cfg, mix, rows, field, {"1-step": hist1, f"{cfg.ksteps}-step": histK}, result)
     return result
+
+
+def start_run(cfg, mix, device):
+    """The student workers, which start up while the teacher trains, and the trained teacher -> (pool, teacher)."""
+    pool = student_pool(cfg, device, 2)
+    try:
+        return pool, train_teacher(cfg, mix, device, not cfg.quiet)
+    except BaseException:                           # Ctrl-C or an error: do not leave the workers behind
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        raise
 
 
 def save_outputs(cfg, mix, rows, field, histories, result):
@@ -1204,8 +1215,9 @@ def ablation_rows(cfg):
 def run_ablation(cfg):
     """The paper's ablations (DMD2 Table 3 and Table 4) at toy scale, averaged over seeds.
 
-    Every row keeps the same number of generator updates, so "without TTUR" trains the fake score
-    dfake_gen_update_ratio times less, which is exactly what the rule is about.
+    Every row of a student keeps the same number of generator updates (the 1-step rows --one_step_steps_ratio times
+    the K-step rows'), so "without TTUR" trains the fake score dfake_gen_update_ratio times less, which is exactly
+    what the rule is about.
     """
     device = setup(cfg)
     mix = make_mixture(cfg.dataset)
@@ -1230,8 +1242,10 @@ def run_ablation(cfg):
             results.setdefault((name, "samples"), x.cpu())
     summary, table = ablation_summary(results)
     os.makedirs(cfg.outdir, exist_ok=True)
-    text = (f"Ablation on '{cfg.dataset}', real score '{cfg.real_score}', {gen_updates} generator updates per run, "
-            f"mean ± std over {cfg.ablation_seeds} seeds, {cfg.num_eval} samples each.\n\n" + table + "\n")
+    one_step_updates = student_config(cfg, 1).total_steps // cfg.dfake_gen_update_ratio
+    text = (f"Ablation on '{cfg.dataset}', real score '{cfg.real_score}', {one_step_updates} generator updates per "
+            f"1-step run and {gen_updates} per {cfg.ksteps}-step run, mean ± std over {cfg.ablation_seeds} seeds, "
+            f"{cfg.num_eval} samples each.\n\n" + table + "\n")
     with open(os.path.join(cfg.outdir, "ablation.md"), "w") as f:
         f.write(text)
     with open(os.path.join(cfg.outdir, "ablation.json"), "w") as f:
@@ -1342,32 +1356,41 @@ def _warm_worker():
 def train_students(cfg, mix, teacher, device, jobs, pool=None, meanwhile=None):
     """jobs: [dict(sigmas, seed, ...) per student, with optional "cfg"] -> [(G, history, field), ...].
     With --workers > 1 on a CPU, the jobs run in that many spawned processes of one thread each: in `pool`, from
-    student_pool, which this shuts down, or in one started here. meanwhile(), if given, runs in this process once
-    the first job is done (a core is free then), or after all of them when they run in turn."""
+    student_pool, which this shuts down, or in one started here. meanwhile(done), if given, runs in this process once
+    the first job is done (a core is free then), or after all of them when they run in turn; done: {job index:
+    (G, history, field)} of the jobs finished by then."""
     state = {k: v.cpu() for k, v in teacher.state_dict().items()}
     kwargs = [{"cfg": cfg, "mix": mix, "teacher_state": state, "progress": not cfg.quiet, **job} for job in jobs]
     pool = pool or student_pool(cfg, device, len(jobs))
     if pool is None:
-        results = [student_job(**kw) for kw in kwargs]
+        out = [as_generator(teacher, student_job(**kw)) for kw in kwargs]
         if meanwhile is not None:
-            meanwhile()
-    else:
-        with pool:
-            for i, kw in enumerate(kwargs):
-                kw["position"] = i % min(cfg.workers, len(jobs))     # a progress-bar row per worker
-            futures = [pool.submit(_student_job, kw) for kw in kwargs]
-            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
-            if meanwhile is not None:
-                meanwhile()
-            results = [f.result() for f in futures]
-    out = []
-    for kw, (state_G, history, field) in zip(kwargs, results):
-        G = copy.deepcopy(teacher)
-        if "extra_freqs" in state_G:      # the 1-step generator's own input features (their values come from state_G)
-            G.add_input_features(state_G["extra_freqs"].shape[1], 1.0)
-        G.load_state_dict(state_G)
-        out.append((G.eval().requires_grad_(False), history, field))
-    return out
+            meanwhile(dict(enumerate(out)))
+        return out
+    with pool:
+        for i, kw in enumerate(kwargs):
+            kw["position"] = i % min(cfg.workers, len(jobs))     # a progress-bar row per worker
+        futures = [pool.submit(_student_job, kw) for kw in kwargs]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        done = {i: as_generator(teacher, f.result()) for i, f in enumerate(futures) if f.done()}
+        if meanwhile is not None:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)              # one core is free: leave the others to the students still training
+            try:
+                meanwhile(done)
+            finally:
+                torch.set_num_threads(threads)
+        return [done[i] if i in done else as_generator(teacher, f.result()) for i, f in enumerate(futures)]
+
+
+def as_generator(teacher, result):
+    """A worker's (generator state_dict, history, field) -> (G, history, field), G frozen on the teacher's device."""
+    state_G, history, field = result
+    G = copy.deepcopy(teacher)
+    if "extra_freqs" in state_G:      # the 1-step generator's own input features (their values come from state_G)
+        G.add_input_features(state_G["extra_freqs"].shape[1], 1.0)
+    G.load_state_dict(state_G)
+    return G.eval().requires_grad_(False), history, field
 
 
 def pick_device(cfg):
@@ -1427,9 +1450,6 @@ def check_config(cfg):
     if cfg.generator_batch_size and cfg.generator_batch_size < cfg.batch_size:
         errors.append(f"--generator_batch_size must be 0 (the same as --batch_size) or at least "
                       f"--batch_size={cfg.batch_size}, got {cfg.generator_batch_size}")
-    if cfg.kstep_generator_batch_size < 0:
-        errors.append(f"--kstep_generator_batch_size must be 0 (as the 1-step student) or more, "
-                      f"got {cfg.kstep_generator_batch_size}")
     if cfg.kstep_fake_score_lr < 0 or cfg.fake_score_lr <= 0 or cfg.generator_lr <= 0:
         errors.append(f"need --generator_lr > 0, --fake_score_lr > 0 and --kstep_fake_score_lr >= 0 (0: the same as "
                       f"--fake_score_lr), got {cfg.generator_lr}, {cfg.fake_score_lr} and {cfg.kstep_fake_score_lr}")
@@ -1482,8 +1502,13 @@ def value_errors(cfg):
 
 
 def kstep_errors(cfg):
-    """check_config's part for the K-step student: --ksteps and --kstep_sigmas. -> [messages]"""
-    errors = []
+    """check_config's part for the K-step student: --ksteps, --kstep_sigmas and its own batches and EMA span.
+    -> [messages]"""
+    errors = [f"--{name} must be 0 (as the 1-step student) or more, got {getattr(cfg, name)}"
+              for name in ("kstep_generator_batch_size", "kstep_batch_size") if getattr(cfg, name) < 0]
+    if cfg.kstep_ema_span > 1:
+        errors.append(f"--kstep_ema_span must be at most 1 (the whole run; negative: --ema_span), "
+                      f"got {cfg.kstep_ema_span}")
     if cfg.ksteps < 2:
         errors.append(f"--ksteps must be at least 2 (the 1-step student always trains beside the K-step one), "
                       f"got {cfg.ksteps}")

@@ -311,7 +311,7 @@ def test_distill_alternates_generator_and_fake_score_turns(monkeypatch):
     monkeypatch.setattr(toy2d, "generator_turn", gen_spy)
     monkeypatch.setattr(toy2d, "fake_score_turn", fake_spy)
     cfg = toy2d.Config(width=32, depth=2, total_steps=11, batch_size=64, generator_batch_size=96, eval_every=1000,
-                       dfake_gen_update_ratio=5, quiet=True)
+                       dfake_gen_update_ratio=5, quiet=True, one_step_steps_ratio=1.0)
     mix = toy2d.make_mixture("ring")
     teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
     torch.manual_seed(0)
@@ -371,21 +371,39 @@ def test_generator_batch_size_zero_is_the_fake_score_batch_and_more_changes_trai
     assert not torch.allclose(outs[0], outs[2])
 
 
-def test_kstep_student_takes_its_own_generator_batch_and_fake_score_lr(monkeypatch):
-    """--kstep_generator_batch_size and --kstep_fake_score_lr act on the K-step student alone: its generator turns
-    see at least that many samples, its fake score (and GAN head) trains at that rate, cosine-decayed like the
-    generator's, and 0 gives it the 1-step student's settings. The 1-step student keeps --generator_batch_size and
-    --fake_score_lr."""
-    cfg = toy2d.Config(batch_size=64, generator_batch_size=0, kstep_generator_batch_size=96, kstep_fake_score_lr=3e-3)
-    assert toy2d.student_settings(cfg, 1) == (64, cfg.fake_score_lr)
-    assert toy2d.student_settings(cfg, 4) == (96, 3e-3)
-    off = dataclasses.replace(cfg, generator_batch_size=80, kstep_generator_batch_size=0, kstep_fake_score_lr=0)
-    assert toy2d.student_settings(off, 4) == toy2d.student_settings(off, 1) == (80, off.fake_score_lr)
-    # never below --generator_batch_size: the K-step value is a floor
-    assert toy2d.student_settings(dataclasses.replace(cfg, generator_batch_size=128), 4)[0] == 128
-    # the defaults: the K-step student's larger generator batch and faster fake score (README)
-    assert toy2d.student_settings(toy2d.Config(), 4) == (768, 2e-3)
-    assert toy2d.student_settings(toy2d.Config(), 1) == (toy2d.Config().batch_size, toy2d.Config().fake_score_lr)
+def test_kstep_student_takes_its_own_batches_fake_score_lr_and_ema_span(monkeypatch):
+    """--kstep_batch_size, --kstep_generator_batch_size, --kstep_fake_score_lr and --kstep_ema_span act on the K-step
+    student alone: its fake-score turns see that batch, its generator turns at least that many samples, its fake score
+    (and GAN head) trains at that rate, cosine-decayed like the generator's, and 0 (negative for the EMA span) gives
+    it the 1-step student's settings. The 1-step student keeps --batch_size, --generator_batch_size, --fake_score_lr
+    and --ema_span."""
+    cfg = toy2d.Config(batch_size=64, generator_batch_size=0, kstep_generator_batch_size=96, kstep_fake_score_lr=3e-3,
+                       kstep_batch_size=48, ema_span=0.2, kstep_ema_span=0.4, one_step_steps_ratio=1.0)
+
+    def settings(c):
+        return c.batch_size, c.generator_batch_size or c.batch_size, c.fake_score_lr, c.ema_span
+
+    assert settings(toy2d.student_config(cfg, 1)) == (64, 64, cfg.fake_score_lr, 0.2)
+    assert settings(toy2d.student_config(cfg, 4)) == (48, 96, 3e-3, 0.4)
+    off = dataclasses.replace(cfg, generator_batch_size=80, kstep_generator_batch_size=0, kstep_fake_score_lr=0,
+                              kstep_batch_size=0, kstep_ema_span=-1)
+    assert settings(toy2d.student_config(off, 4)) == settings(toy2d.student_config(off, 1)) == \
+        (64, 80, off.fake_score_lr, 0.2)
+    assert toy2d.student_config(dataclasses.replace(cfg, kstep_ema_span=0), 4).ema_span == 0     # 0: no EMA
+    # never below --generator_batch_size or its own batch: the K-step value is a floor
+    assert toy2d.student_config(dataclasses.replace(cfg, generator_batch_size=128), 4).generator_batch_size == 128
+    assert toy2d.student_config(dataclasses.replace(cfg, kstep_batch_size=160), 4).generator_batch_size == 160
+    # applying it twice changes nothing (make_trainables applies it to distill's already-student options)
+    for k in (1, 4):
+        assert toy2d.student_config(toy2d.student_config(cfg, k), k) == toy2d.student_config(cfg, k)
+    # the defaults: the K-step student's larger batches, faster fake score and longer EMA (README)
+    assert settings(toy2d.student_config(toy2d.Config(), 4)) == (384, 768, 2e-3, 0.3)
+    default = toy2d.Config()
+    assert settings(toy2d.student_config(default, 1)) == (default.batch_size, default.batch_size,
+                                                          default.fake_score_lr, default.ema_span)
+    t4 = toy2d.make_trainables(dataclasses.replace(cfg, width=32, depth=2), toy2d.Denoiser(1.0, 32, 2),
+                               torch.device("cpu"), ksteps=4)
+    assert t4.opt_fake.param_groups[0]["lr"] == 3e-3       # make_trainables takes the student's own options too
 
     seen = []
     real_gen, real_fake = toy2d.generator_turn, toy2d.fake_score_turn
@@ -403,13 +421,13 @@ def test_kstep_student_takes_its_own_generator_batch_and_fake_score_lr(monkeypat
     mix = toy2d.make_mixture("ring")
     teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
     run = dataclasses.replace(cfg, width=32, depth=2, total_steps=6, eval_every=1000, quiet=True)
-    for sigmas, gen_batch, lr in (([2.5], 64, run.fake_score_lr), ([2.5, 0.6, 0.3, 0.12], 96, 3e-3)):
+    for sigmas, batch, gen_batch, lr in (([2.5], 64, 64, run.fake_score_lr), ([2.5, 0.6, 0.3, 0.12], 48, 96, 3e-3)):
         seen.clear()
         torch.manual_seed(0)
         toy2d.distill(run, mix, teacher, teacher, sigmas, torch.device("cpu"), progress=False)
         assert [s[1] for s in seen if s[0] == "G"] == [gen_batch, gen_batch]
         fakes = [s for s in seen if s[0] == "fake"]
-        assert all(n == 64 for _, n, _ in fakes)
+        assert all(n == batch for _, n, _ in fakes)
         for it, (_, _, lrs) in enumerate(fakes):
             decay = 0.5 * (1 + math.cos(math.pi * it / run.total_steps))
             assert lrs == pytest.approx([lr * decay] * len(lrs))
@@ -419,12 +437,17 @@ def test_one_step_student_takes_its_own_number_of_updates(monkeypatch):
     """--one_step_steps_ratio acts on the 1-step student alone: it makes total_steps times that many iterations, with
     its learning rates cosine-decayed over them and its EMA's time constant a share of its own generator updates; the
     K-step student keeps --total_steps, and 1 (the default) gives both --total_steps."""
-    assert toy2d.student_steps(toy2d.Config(), 1) == toy2d.student_steps(toy2d.Config(), 4) == 6000
+    def steps(c, k):
+        return toy2d.student_config(c, k).total_steps
+
+    assert (steps(toy2d.Config(), 1), steps(toy2d.Config(), 4)) == (7500, 5000)      # the defaults: ratio 1.5
+    assert steps(toy2d.Config(one_step_steps_ratio=1.0), 1) == 5000
     cfg = toy2d.Config(width=32, depth=2, total_steps=6, batch_size=64, kstep_generator_batch_size=64,
-                       dfake_gen_update_ratio=2, eval_every=1000, quiet=True, one_step_steps_ratio=1.5)
-    assert (toy2d.student_steps(cfg, 1), toy2d.student_steps(cfg, 4)) == (9, 6)
-    assert toy2d.student_steps(dataclasses.replace(cfg, one_step_steps_ratio=0.01), 1) == 1     # never 0 iterations
-    assert toy2d.ema_decay(cfg, 9) == pytest.approx(1 - 1 / (cfg.ema_span * 5))                 # 5 generator updates
+                       kstep_batch_size=64, dfake_gen_update_ratio=2, eval_every=1000, quiet=True,
+                       one_step_steps_ratio=1.5)
+    assert (steps(cfg, 1), steps(cfg, 4)) == (9, 6)
+    assert steps(dataclasses.replace(cfg, one_step_steps_ratio=0.01), 1) == 1     # never 0 iterations
+    assert toy2d.ema_decay(toy2d.student_config(cfg, 1)) == pytest.approx(1 - 1 / (cfg.ema_span * 5))  # 5 updates
     lrs = []
     real_fake = toy2d.fake_score_turn
 
@@ -441,7 +464,7 @@ def test_one_step_student_takes_its_own_number_of_updates(monkeypatch):
         _, history = toy2d.distill(cfg, mix, teacher, teacher, sigmas, torch.device("cpu"), progress=False)
         assert len(history) == len(lrs) == steps
         assert "energy" in history[-1]                                     # the last iteration's quick metric
-        fake_lr = toy2d.student_settings(cfg, len(sigmas))[1]
+        fake_lr = toy2d.student_config(cfg, len(sigmas)).fake_score_lr
         assert lrs == pytest.approx([fake_lr * 0.5 * (1 + math.cos(math.pi * it / steps)) for it in range(steps)])
 
 
@@ -452,10 +475,13 @@ def test_students_are_the_ema_of_the_generators_updates():
     torch.manual_seed(0)
     teacher = toy2d.Denoiser(toy2d.mixture_std(mix), 32, 2)
     cfg = toy2d.Config(width=32, depth=2, total_steps=12, batch_size=64, dfake_gen_update_ratio=3, eval_every=1000,
-                       quiet=True, ema_span=0.5)
+                       quiet=True, ema_span=0.5, one_step_steps_ratio=1.0)
     assert toy2d.ema_decay(cfg) == pytest.approx(0.5)                       # 4 generator updates, time constant 2
     assert toy2d.ema_decay(dataclasses.replace(cfg, ema_span=0)) == 0
-    assert toy2d.ema_decay(toy2d.Config()) == pytest.approx(1 - 1 / 240)   # the default run: 1,200 updates
+    assert toy2d.ema_decay(toy2d.Config()) == pytest.approx(1 - 1 / 200)   # 1,000 updates at span 0.2
+    # the default students: the 1-step one's 1,500 updates at span 0.2, the K-step one's 1,000 at span 0.3
+    assert toy2d.ema_decay(toy2d.student_config(toy2d.Config(), 1)) == pytest.approx(1 - 1 / 300)
+    assert toy2d.ema_decay(toy2d.student_config(toy2d.Config(), 4)) == pytest.approx(1 - 1 / 300)
     z = torch.randn(16, 2, generator=torch.Generator().manual_seed(2)) * 2.5
     outs = {}
     for span in (0.5, 0.0):
@@ -888,6 +914,10 @@ def test_bad_options_get_clear_errors():
         toy2d.main(["--generator_batch_size", "100"])
     with pytest.raises(SystemExit, match=r"--kstep_generator_batch_size must be 0 \(as the 1-step student\) or more"):
         toy2d.main(["--kstep_generator_batch_size", "-1"])
+    with pytest.raises(SystemExit, match=r"--kstep_batch_size must be 0 \(as the 1-step student\) or more"):
+        toy2d.main(["--kstep_batch_size", "-1"])
+    with pytest.raises(SystemExit, match=r"--kstep_ema_span must be at most 1"):
+        toy2d.main(["--kstep_ema_span", "1.5"])
     with pytest.raises(SystemExit, match=r"--kstep_fake_score_lr >= 0 .* got 0.001, 0.001 and -0.1"):
         toy2d.main(["--kstep_fake_score_lr", "-0.1"])
     with pytest.raises(SystemExit, match=r"need --generator_lr > 0, .* got 0.0, 0.001 and 0.002"):

@@ -665,9 +665,9 @@ def compare_with(mix, x, ref):
 # does (`fake_score_lognormal=0`; toy2d.py draws three quarters of them from EDM's lognormal), the GAN weights are 0.3
 # (toy2d.py's are 2) and the teacher trains 1,500 steps (toy2d.py: 3,000) at EDM's σ only (`teacher_grid_batch=0`;
 # toy2d.py adds 128 samples at the distillation grid's σ); this notebook was measured with those, and every row shares
-# them. The last exception is the number of generator updates, UPDATES below (toy2d.py makes 1,200) so that 9 objectives
-# x 3 seeds and 7 guided rows x 3 seeds fit in about ten minutes on a shared 2-core machine; every row is therefore less
-# converged than `python toy2d.py`'s students. Seeds change the students' initial noise draws and data; the teacher is
+# them. The last exception is the number of generator updates, UPDATES below (toy2d.py's 1-step student makes 1,500)
+# so that 9 objectives x 3 seeds and 7 guided rows x 3 seeds fit in about ten minutes on a shared 2-core machine; every
+# row is therefore less converged than `python toy2d.py`'s students. Seeds change the students' initial noise draws and data; the teacher is
 # one and the same for all rows.
 
 # %%

@@ -79,14 +79,14 @@ class Config:
     # DMD2 distillation
     total_steps: int = 5000          # fake-score updates; generator updates = total_steps / dfake_gen_update_ratio
     one_step_steps_ratio: float = 1.5  # 1-step student: total_steps times this (it runs beside the K-step one); README
-    batch_size: int = 192            # fake-score and generator batch (the same number of real samples for the GAN)
+    batch_size: int = 192            # fake-score and generator batch, and the GAN's real samples (K-step: below)
     generator_batch_size: int = 0    # samples per generator update if more than batch_size (0: batch_size); README
     generator_lr: float = 1e-3       # AdamW learning rate of the generator (paper: equal to the fake score's)
     fake_score_lr: float = 1e-3      # AdamW learning rate of the fake score and the GAN head
     kstep_generator_batch_size: int = 768  # K-step student: at least this many samples per generator update; README
     kstep_fake_score_lr: float = 2e-3  # K-step student: its fake score's learning rate (0: as above); README
     kstep_batch_size: int = 384      # K-step student: its fake-score batch (0: --batch_size); README
-    ema_span: float = 0.2            # students are an EMA of G over about this fraction of its updates (0: off); README
+    ema_span: float = 0.2            # a student is an EMA of G over about this fraction of its updates (0: off); README
     kstep_ema_span: float = 0.3      # K-step student: its own EMA span (negative: --ema_span); README
     lr_decay: bool = True            # cosine-decay both learning rates to 0 (the toy's short run; paper: constant)
     dfake_gen_update_ratio: int = 5  # TTUR: fake-score updates per generator update (paper: 5)
@@ -664,7 +664,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
     t = make_trainables(cfg, teacher, device, len(sigmas))
     steps = cfg.total_steps
     decay = (lambda it: 0.5 * (1 + math.cos(math.pi * it / steps))) if cfg.lr_decay else (lambda it: 1.0)
-    gen_batch, fake_lr = cfg.generator_batch_size or cfg.batch_size, cfg.fake_score_lr
+    gen_batch = cfg.generator_batch_size or cfg.batch_size
     ema = ema_decay(cfg)
     eval_real = sample_mixture(mix, 2000)
     history = []
@@ -672,7 +672,7 @@ def distill(cfg, mix, teacher, D_real, sigmas, device, progress=True, callback=N
                position=position)
     for it in bar:
         t.opt_G.param_groups[0]["lr"] = cfg.generator_lr * decay(it)
-        t.opt_fake.param_groups[0]["lr"] = fake_lr * decay(it)
+        t.opt_fake.param_groups[0]["lr"] = cfg.fake_score_lr * decay(it)
         k = int(torch.randint(0, len(sigmas), ()))              # one step of the K-step chain per batch
         t.fake_score.step = t.gan_head.step = k      # used only with --fake_score_knows_step, --gan_head_per_step
         gen_turn = it % cfg.dfake_gen_update_ratio == 0          # TTUR (2.): the generator's turn is rarer

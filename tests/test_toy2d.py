@@ -436,7 +436,7 @@ def test_kstep_student_takes_its_own_batches_fake_score_lr_and_ema_span(monkeypa
 def test_one_step_student_takes_its_own_number_of_updates(monkeypatch):
     """--one_step_steps_ratio acts on the 1-step student alone: it makes total_steps times that many iterations, with
     its learning rates cosine-decayed over them and its EMA's time constant a share of its own generator updates; the
-    K-step student keeps --total_steps, and 1 (the default) gives both --total_steps."""
+    K-step student keeps --total_steps, and 1 gives both --total_steps (the default is 1.5)."""
     def steps(c, k):
         return toy2d.student_config(c, k).total_steps
 

@@ -21,7 +21,8 @@ Run it:
   python toy2d.py --ablation          # the paper's ablations at toy scale (minutes): table + figure
   python toy2d.py --seeds 10 --quiet  # seeds 0..9: one table of both students, median and worst (seeds.md)
   python toy2d.py --eval_redraws 20   # then the energy ratios on 20 fresh evaluation draws: how noisy they are,
-                                      # and how often a second teacher sample itself fails the 2x bar
+                                      # how often a second teacher sample itself fails the 2x bar, and the bar on
+                                      # the mean distance over the draws
   python toy2d.py --help              # every option
 Outputs go to --outdir (default out/toy2d): samples.npz, metrics.json, samples.png, dm_field.png, curves.png.
 The same code runs under bf16 autocast when CUDA is present (--device cuda); the CPU path is fp32.
@@ -881,27 +882,88 @@ def evaluate(mix, x, reference, reference_self=None):
 def energy_ratio_redraws(cfg, mix, teacher, students, draws, device):
     """How much of the energy bar (a student's energy distance <= 2x the teacher's) is the luck of the draw: the
     ratio again for `draws` fresh evaluations, each with new reference, data, teacher and student samples from the
-    same networks. students: {name: (G, sigmas)} -> {"data", "teacher" and each name: [ratio per draw]}; the "data"
-    ratios are what exact samples score against the teacher, the "teacher" ratios what a second sample of the teacher
-    itself scores: a student as good as its teacher fails the bar as often. That second sample's noise comes from a
-    generator of its own (seeded by --seed), so the other draws are those of a run without it."""
+    same networks. students: {name: (G, sigmas)} -> {"data", "teacher" and each name: {"energy_ratio_redraws":
+    [ratio per draw], "energy_redraws": [energy distance per draw], "energy_exact_redraws": [energy_to_mixture per
+    draw]}}. The "data" ratios are what exact samples score against the teacher, the "teacher" ratios what a second
+    sample of the teacher itself scores: a student as good as its teacher fails the bar as often. The teacher's
+    distances are those of its first sample, which each ratio divides by; its second sample's are
+    "energy_again_redraws" and "energy_exact_again_redraws". That second sample's noise comes from a generator of
+    its own (seeded by --seed), so the other draws are those of a run without it."""
     n = cfg.num_eval
-    ratios = {name: [] for name in ("data", "teacher", *students)}
+    M = mode_distances(mix)                                                                  # [K, K]
+    out = {name: {"energy_ratio_redraws": [], "energy_redraws": [], "energy_exact_redraws": []}
+           for name in ("data", "teacher", *students)}
+    out["teacher"].update(energy_again_redraws=[], energy_exact_again_redraws=[])
     again = torch.Generator(device).manual_seed(cfg.seed + 3)
+
+    def distances(x, ref, ref_self):     # x [n, 2] -> (energy distance to ref, to the mixture itself)
+        xx = self_distances(x)[0]
+        return energy_distance(x, ref, ref_self, xx), energy_to_mixture(mix, x, xx, M)
 
     def sample_teacher(z):                                                                   # [n, 2] -> [n, 2]
         return heun_sampler(teacher, z, cfg.heun_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).cpu()
     for _ in range(draws):
         ref = sample_mixture(mix, n)                                                         # [n, 2]
         ref_self = mean_distance(ref)
-        e_teacher = energy_distance(sample_teacher(torch.randn(n, 2, device=device)), ref, ref_self)
-        ratios["data"].append(energy_distance(sample_mixture(mix, n), ref, ref_self) / e_teacher)
+        e_teacher, exact_teacher = distances(sample_teacher(torch.randn(n, 2, device=device)), ref, ref_self)
+        rows = {"data": sample_mixture(mix, n)}                                             # [n, 2]
         x_again = sample_teacher(torch.randn(n, 2, device=device, generator=again))         # [n, 2]
-        ratios["teacher"].append(energy_distance(x_again, ref, ref_self) / e_teacher)
         for name, (G, sigmas) in students.items():
-            x = generate(G, torch.randn(n, 2, device=device), sigmas).cpu()                  # [n, 2]
-            ratios[name].append(energy_distance(x, ref, ref_self) / e_teacher)
-    return ratios
+            rows[name] = generate(G, torch.randn(n, 2, device=device), sigmas).cpu()         # [n, 2]
+        e_again, exact_again = distances(x_again, ref, ref_self)
+        out["teacher"]["energy_again_redraws"].append(e_again)
+        out["teacher"]["energy_exact_again_redraws"].append(exact_again)
+        out["teacher"]["energy_ratio_redraws"].append(e_again / e_teacher)
+        out["teacher"]["energy_redraws"].append(e_teacher)
+        out["teacher"]["energy_exact_redraws"].append(exact_teacher)
+        for name, x in rows.items():
+            e, exact = distances(x, ref, ref_self)
+            out[name]["energy_ratio_redraws"].append(e / e_teacher)
+            out[name]["energy_redraws"].append(e)
+            out[name]["energy_exact_redraws"].append(exact)
+    return out
+
+
+def redraws_summary(metrics):
+    """The energy bar over a run's fresh draws (energy_ratio_redraws) -> {row: {"median", "lowest", "highest",
+    "above_2", "draws": of its ratios per draw; "mean_ratio": its mean energy distance over the draws / the
+    teacher's, the bar on the expected distance of num_eval samples, with 1/sqrt(draws) of one draw's noise (a ratio
+    of means: a mean of ratios would weigh the draws where the teacher is lucky most); "mean_exact": its mean exact
+    energy distance (energy_to_mixture)}} for the rows "data", "teacher again" (the teacher's second sample) and the
+    students, and {"mean_energy", "mean_exact"} for "teacher" (its first sample, the ratios' denominators)."""
+    t = metrics["teacher"]
+    if "energy_redraws" not in t:
+        return {}
+    lists = {"data": metrics["data"],
+             "teacher again": {"energy_ratio_redraws": t["energy_ratio_redraws"],
+                               "energy_redraws": t["energy_again_redraws"],
+                               "energy_exact_redraws": t["energy_exact_again_redraws"]},
+             **{name: m for name, m in metrics.items() if name not in ("data", "teacher") and "energy_redraws" in m}}
+    mean_teacher = float(np.mean(t["energy_redraws"]))
+    summary = {"teacher": {"mean_energy": mean_teacher, "mean_exact": float(np.mean(t["energy_exact_redraws"]))}}
+    for name, m in lists.items():
+        r = m["energy_ratio_redraws"]
+        summary[name] = {"median": float(np.median(r)), "lowest": min(r), "highest": max(r), "draws": len(r),
+                         "above_2": sum(v > 2 for v in r),
+                         "mean_ratio": float(np.mean(m["energy_redraws"])) / mean_teacher,
+                         "mean_exact": float(np.mean(m["energy_exact_redraws"]))}
+    return summary
+
+
+def redraws_lines(summary, draws):
+    """redraws_summary as printed lines of text."""
+    if not summary:
+        return []
+    summary = dict(summary)
+    t = summary.pop("teacher")
+    lines = [f"teacher: over {draws} fresh draws, a mean energy distance of {t['mean_energy']:.5f} and a mean exact "
+             f"one of {1e4 * t['mean_exact']:.2f}e-4"]
+    for name, s in summary.items():
+        label = {"data": "data (fresh samples)", "teacher again": "teacher (another sample)"}.get(name, name)
+        lines.append(f"{label}: energy distance / teacher's over {draws} fresh draws: median {s['median']:.2f}, "
+                     f"range {s['lowest']:.2f}-{s['highest']:.2f}, above 2 in {s['above_2']}; mean / teacher's "
+                     f"mean {s['mean_ratio']:.2f}; mean exact {1e4 * s['mean_exact']:.2f}e-4")
+    return lines
 
 
 @torch.no_grad()
@@ -1085,8 +1147,8 @@ def run(cfg):
     if cfg.eval_redraws:                   # after everything else, so that the rest of the run is unchanged
         torch.manual_seed(cfg.seed + 2)
         students = {"student_1step": (G1, one), K: (GK, many)}
-        for name, r in energy_ratio_redraws(cfg, mix, teacher, students, cfg.eval_redraws, device).items():
-            metrics[name]["energy_ratio_redraws"] = r
+        for name, lists in energy_ratio_redraws(cfg, mix, teacher, students, cfg.eval_redraws, device).items():
+            metrics[name].update(lists)
     config = {**asdict(cfg), "teacher_lr": teacher_lr(cfg)}      # the rate used, not 0 ("the dataset's own")
     result = {"metrics": metrics, "wall_time_s": round(time.time() - start, 2), "config": config}
     save_outputs(cfg, mix, rows, field, {"1-step": hist1, f"{cfg.ksteps}-step": histK}, result)
@@ -1155,6 +1217,9 @@ def run_seeds(cfg):
         per_seed[seed] = run(c)["metrics"]
         text = f"Seeds {cfg.seed}..{seed} of {cfg.seed}..{cfg.seed + cfg.seeds - 1}; {options_text(cfg)}.\n\n" + \
             seeds_table(per_seed, ["student_1step", f"student_{cfg.ksteps}step"]) + "\n"
+        if cfg.eval_redraws:
+            text += f"\nThe energy bar on {cfg.eval_redraws} fresh draws per seed (redraws_summary).\n\n" + \
+                redraws_table({s: redraws_summary(m) for s, m in per_seed.items()}) + "\n"
         with open(os.path.join(cfg.outdir, "seeds.md"), "w") as f:
             f.write(text)
     return text
@@ -1183,6 +1248,31 @@ def seeds_table(per_seed, students):
         cols = list(zip(*values[s]))
         lines.append(f"| median | {s} | " + " | ".join(f"{float(np.median(c)):.3g}" for c in cols) + " |")
         lines.append(f"| worst | {s} | " + " | ".join(f"{w(c):.3g}" for c, (_, _, w) in zip(cols, SEED_COLUMNS)) + " |")
+    return "\n".join(lines)
+
+
+def redraws_table(per_seed):
+    """per_seed: {seed: redraws_summary} -> markdown: a row per seed and sample row, then per sample row the worst
+    over seeds (the highest ratio, mean ratio and mean exact distance) with its draws above 2 over all seeds."""
+    lines = ["| seed | samples | energy / teacher's: median (range) | draws above 2 | mean / teacher's mean "
+             "| mean exact energy (1e-4) |", "|---|---|---|---|---|---|"]
+    worst = {}
+    for seed, summary in per_seed.items():
+        for name, s in summary.items():
+            if name == "teacher":
+                lines.append(f"| {seed} | teacher | - | - | - | {1e4 * s['mean_exact']:.2f} |")
+                continue
+            lines.append(f"| {seed} | {name} | {s['median']:.2f} ({s['lowest']:.2f}-{s['highest']:.2f}) | "
+                         f"{s['above_2']} | {s['mean_ratio']:.2f} | {1e4 * s['mean_exact']:.2f} |")
+            w = worst.setdefault(name, {"highest": 0.0, "mean_ratio": 0.0, "mean_exact": -math.inf,
+                                        "above_2": 0, "draws": 0})
+            for key in ("highest", "mean_ratio", "mean_exact"):
+                w[key] = max(w[key], s[key])
+            for key in ("above_2", "draws"):                  # summed over the seeds
+                w[key] += s[key]
+    for name, w in worst.items():
+        lines.append(f"| worst | {name} | highest {w['highest']:.2f} | {w['above_2']} of {w['draws']} | "
+                     f"{w['mean_ratio']:.2f} | {1e4 * w['mean_exact']:.2f} |")
     return "\n".join(lines)
 
 
@@ -1567,12 +1657,8 @@ def main(argv=None):
         return
     result = run(cfg)
     print(format_table(result["metrics"]))
-    for name, m in result["metrics"].items():
-        if "energy_ratio_redraws" in m:
-            r = m["energy_ratio_redraws"]
-            label = {"data": "data (fresh samples)", "teacher": "teacher (another sample)"}.get(name, name)
-            print(f"{label}: energy distance / teacher's over {len(r)} fresh draws: median {np.median(r):.2f}, "
-                  f"range {min(r):.2f}-{max(r):.2f}, above 2 in {sum(v > 2 for v in r)}")
+    for line in redraws_lines(redraws_summary(result["metrics"]), cfg.eval_redraws):
+        print(line)
     print(f"wall time {result['wall_time_s']} s; wrote {cfg.outdir}/samples.npz, metrics.json, samples.png, "
           f"dm_field.png, curves.png")
 

@@ -715,7 +715,8 @@ def test_seed_makes_runs_bit_for_bit_repeatable(tmp_path):
         assert not np.array_equal(a[key], c[key])
     ma, mb = (json.load(open(tmp_path / name / "metrics.json"))["metrics"] for name in ("a", "b"))
     for name in ("data", "teacher", "student_1step", "student_4step"):
-        assert len(mb[name].pop("energy_ratio_redraws")) == 2
+        for key in [k for k in mb[name] if k.endswith("_redraws")]:
+            assert len(mb[name].pop(key)) == 2, key
     assert ma == mb
 
 
@@ -729,10 +730,19 @@ def test_energy_ratio_redraws_are_fresh_evaluations_of_the_bar():
     G = toy2d.make_denoiser(cfg, mix).eval().requires_grad_(False)    # untrained: far from the data
     torch.manual_seed(5)
     got = toy2d.energy_ratio_redraws(cfg, mix, teacher, {"G": (G, [2.5])}, 2, torch.device("cpu"))
+    ratio, energy, exact = ({k: v[key] for k, v in got.items()} for key in
+                            ("energy_ratio_redraws", "energy_redraws", "energy_exact_redraws"))
 
     def brute_energy(x, y):                     # all pairs, float64, diagonals included as in the table
         x, y = x.double(), y.double()
         return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+    def brute_exact(x):                         # to the mixture: E|X - Y| in closed form (tested on its own),
+        x = x.double()                          # E|X - X'| over all distinct pairs at once
+        xx = float(torch.cdist(x, x).sum()) / (len(x) * (len(x) - 1))
+        xy = (toy2d.mean_distance_to_gaussian(torch.cdist(x, mix.means.double()), mix.stds.double())
+              * mix.weights.double()).sum(1).mean()
+        return float(2 * xy - xx - mix.weights.double() @ toy2d.mode_distances(mix) @ mix.weights.double())
     torch.manual_seed(5)
     again = torch.Generator().manual_seed(cfg.seed + 3)
     for i in range(2):
@@ -744,12 +754,56 @@ def test_energy_ratio_redraws_are_fresh_evaluations_of_the_bar():
         with torch.no_grad():
             x_G = toy2d.generate(G, torch.randn(300, 2), [2.5])
         e_teacher = brute_energy(x_teacher, ref)
-        assert got["data"][i] == pytest.approx(brute_energy(data, ref) / e_teacher, rel=1e-9)
-        assert got["teacher"][i] == pytest.approx(brute_energy(x_again, ref) / e_teacher, rel=1e-9)
-        assert got["G"][i] == pytest.approx(brute_energy(x_G, ref) / e_teacher, rel=1e-9)
+        assert ratio["data"][i] == pytest.approx(brute_energy(data, ref) / e_teacher, rel=1e-9)
+        assert ratio["teacher"][i] == pytest.approx(brute_energy(x_again, ref) / e_teacher, rel=1e-9)
+        assert ratio["G"][i] == pytest.approx(brute_energy(x_G, ref) / e_teacher, rel=1e-9)
+        # The distances themselves: the teacher's row keeps its first sample's (each ratio's denominator), and its
+        # second sample's apart; each row's exact distance is to the mixture itself.
+        assert energy["teacher"][i] == pytest.approx(e_teacher, rel=1e-9)
+        assert got["teacher"]["energy_again_redraws"][i] == pytest.approx(brute_energy(x_again, ref), rel=1e-9)
+        assert energy["G"][i] == pytest.approx(brute_energy(x_G, ref), rel=1e-9)
+        assert exact["teacher"][i] == pytest.approx(brute_exact(x_teacher), rel=1e-6)
+        assert got["teacher"]["energy_exact_again_redraws"][i] == pytest.approx(brute_exact(x_again), rel=1e-6)
+        assert exact["data"][i] == pytest.approx(brute_exact(data), rel=1e-6, abs=1e-9)
+        assert exact["G"][i] == pytest.approx(brute_exact(x_G), rel=1e-6)
     assert not torch.equal(x_again, x_teacher)
-    assert all(got[k][0] != got[k][1] for k in ("data", "teacher", "G"))
-    assert min(got["G"]) > 2 * max(got["data"] + got["teacher"])
+    assert all(ratio[k][0] != ratio[k][1] for k in ("data", "teacher", "G"))
+    assert min(ratio["G"]) > 2 * max(ratio["data"] + ratio["teacher"])
+    assert min(exact["G"]) > 10 * max(abs(v) for v in exact["data"])     # far from the data, exact samples near 0
+
+
+def test_redraws_summary_takes_the_bar_on_mean_distances():
+    """redraws_summary: per row the median, range and count above 2 of the ratios, and the bar on the mean distance
+    over the draws (a ratio of means, not a mean of ratios); redraws_table adds the draws above 2 over all seeds."""
+    def row(ratios, energies, exact):
+        return {"energy_ratio_redraws": ratios, "energy_redraws": energies, "energy_exact_redraws": exact}
+    metrics = {"data": row([0.5, 0.25, 0.5], [2.0, 1.0, 0.5], [0.0, 0.1, -0.1]),
+               "teacher": {**row([1.0, 3.0, 0.5], [4.0, 4.0, 1.0], [1.0, 2.0, 3.0]),
+                           "energy_again_redraws": [4.0, 12.0, 0.5], "energy_exact_redraws": [1.0, 2.0, 3.0],
+                           "energy_exact_again_redraws": [2.0, 2.0, 5.0]},
+               "student_1step": row([2.5, 0.5, 4.0], [10.0, 2.0, 4.0], [3.0, 3.0, 6.0]),
+               "student_4step": {"log_likelihood": -2.4}}          # a row without redraws: left out
+    s = toy2d.redraws_summary(metrics)
+    assert list(s) == ["teacher", "data", "teacher again", "student_1step"]
+    assert s["teacher"] == {"mean_energy": 3.0, "mean_exact": 2.0}
+    assert s["student_1step"] == {"median": 2.5, "lowest": 0.5, "highest": 4.0, "draws": 3, "above_2": 2,
+                                  "mean_ratio": pytest.approx(16 / 9), "mean_exact": 4.0}
+    assert s["teacher again"]["mean_ratio"] == pytest.approx(16.5 / 9)         # not the mean ratio, 1.5
+    assert s["teacher again"]["above_2"] == 1 and s["teacher again"]["mean_exact"] == 3.0
+    assert s["data"]["mean_ratio"] == pytest.approx(3.5 / 9) and s["data"]["mean_exact"] == pytest.approx(0.0)
+    assert toy2d.redraws_summary({"data": {}, "teacher": {"energy_distance": 1.0}}) == {}
+    lines = toy2d.redraws_lines(s, 3)
+    assert "teacher" in s and len(lines) == 4
+    assert lines[-1] == ("student_1step: energy distance / teacher's over 3 fresh draws: median 2.50, range "
+                         "0.50-4.00, above 2 in 2; mean / teacher's mean 1.78; mean exact 40000.00e-4")
+    # A second seed: the same lists but the student's ratios, with 1 draw above 2 (its distances stay: the table
+    # shows what the summary says, and a mean ratio from the distances).
+    other = {**metrics["student_1step"], "energy_ratio_redraws": [0.5, 0.5, 3.0]}
+    table = toy2d.redraws_table({0: toy2d.redraws_summary({**metrics, "student_1step": other}), 1: s})
+    assert "| 0 | student_1step | 0.50 (0.50-3.00) | 1 | 1.78 | 40000.00 |" in table
+    assert "| 1 | student_1step | 2.50 (0.50-4.00) | 2 | 1.78 | 40000.00 |" in table
+    assert "| worst | student_1step | highest 4.00 | 3 of 6 | 1.78 | 40000.00 |" in table   # 2 + 1 draws above 2
+    assert "| worst | teacher again | highest 3.00 | 2 of 6 | 1.83 | 30000.00 |" in table
 
 
 def test_students_in_worker_processes_match_students_in_turn(tmp_path):
@@ -882,6 +936,7 @@ def test_seeds_table_has_every_seed_median_and_worst(tmp_path):
     worst_tv = max(m["student_1step"]["weight_tv"] for m in per_seed)
     worst_row = next(line for line in table.splitlines() if line.startswith("| worst | student_1step |"))
     assert float(worst_row.split("|")[4]) == pytest.approx(worst_tv, rel=1e-2)
+    assert "fresh draws" not in table                       # the redraws table only with --eval_redraws
 
 
 def test_metrics_files_are_strict_json():
@@ -1099,7 +1154,8 @@ def test_ablation_writes_every_row(tmp_path):
 
 def _toy_trials():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("toy_trials", os.path.join(os.path.dirname(__file__), "toy_trials.py"))
+    path = os.path.join(os.path.dirname(__file__), "toy_trials.py")
+    spec = importlib.util.spec_from_file_location("toy_trials", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -1112,7 +1168,7 @@ def test_toy_trials_score_and_cache(tmp_path):
     ring = toy2d.make_mixture("ring")
     exact = trials.score(ring, toy2d.sample_mixture(ring, 100_000, generator=torch.Generator().manual_seed(0)))
     assert abs(exact["exact"]) < 1.0 and exact["weights"] > -0.3 and exact["tv"] < 0.01 and exact["shape"] < 0.01
-    off = torch.tensor([0.3, 0.0])                                   # every sample moved: a distance far above the noise
+    off = torch.tensor([0.3, 0.0])                          # every sample moved: a distance far above the noise
     moved = trials.score(ring, toy2d.sample_mixture(ring, 100_000, generator=torch.Generator().manual_seed(0)) + off)
     assert moved["exact"] > 100 and moved["shape"] > 0.1
     exact_short = trials.mean_shortfall(toy2d.ExactDenoiser(ring), ring, 100_000)    # Tweedie: E[D] is the mean

@@ -779,8 +779,7 @@ def test_redraws_summary_takes_the_bar_on_mean_distances():
         return {"energy_ratio_redraws": ratios, "energy_redraws": energies, "energy_exact_redraws": exact}
     metrics = {"data": row([0.5, 0.25, 0.5], [2.0, 1.0, 0.5], [0.0, 0.1, -0.1]),
                "teacher": {**row([1.0, 3.0, 0.5], [4.0, 4.0, 1.0], [1.0, 2.0, 3.0]),
-                           "energy_again_redraws": [4.0, 12.0, 0.5], "energy_exact_redraws": [1.0, 2.0, 3.0],
-                           "energy_exact_again_redraws": [2.0, 2.0, 5.0]},
+                           "energy_again_redraws": [4.0, 12.0, 0.5], "energy_exact_again_redraws": [2.0, 2.0, 5.0]},
                "student_1step": row([2.5, 0.5, 4.0], [10.0, 2.0, 4.0], [3.0, 3.0, 6.0]),
                "student_4step": {"log_likelihood": -2.4}}          # a row without redraws: left out
     s = toy2d.redraws_summary(metrics)
@@ -792,12 +791,12 @@ def test_redraws_summary_takes_the_bar_on_mean_distances():
     assert s["teacher again"]["above_2"] == 1 and s["teacher again"]["mean_exact"] == 3.0
     assert s["data"]["mean_ratio"] == pytest.approx(3.5 / 9) and s["data"]["mean_exact"] == pytest.approx(0.0)
     assert toy2d.redraws_summary({"data": {}, "teacher": {"energy_distance": 1.0}}) == {}
-    lines = toy2d.redraws_lines(s, 3)
+    lines = toy2d.redraws_lines(s)
     assert "teacher" in s and len(lines) == 4
     assert lines[-1] == ("student_1step: energy distance / teacher's over 3 fresh draws: median 2.50, range "
                          "0.50-4.00, above 2 in 2; mean / teacher's mean 1.78; mean exact 40000.00e-4")
-    # A second seed: the same lists but the student's ratios, with 1 draw above 2 (its distances stay: the table
-    # shows what the summary says, and a mean ratio from the distances).
+    # A second seed, where only the student's ratios differ (1 draw above 2 instead of 2; its distances, and so its
+    # mean ratio, stay the same).
     other = {**metrics["student_1step"], "energy_ratio_redraws": [0.5, 0.5, 3.0]}
     table = toy2d.redraws_table({0: toy2d.redraws_summary({**metrics, "student_1step": other}), 1: s})
     assert "| 0 | student_1step | 0.50 (0.50-3.00) | 1 | 1.78 | 40000.00 |" in table
